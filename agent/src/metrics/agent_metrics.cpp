@@ -1,0 +1,120 @@
+#include "metrics/agent_metrics.hpp"
+
+#include <cmath>
+
+namespace hsm::agent {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+// Roughly 1-2.5-5 steps from 50 µs to 10 s: fine where a local token lives (tens of µs) and
+// wide enough for a network HSM under failover.
+Histogram::BucketBoundaries make_latency_buckets() {
+  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+          0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,   5.0,  10.0};
+}
+
+}  // namespace
+
+const Histogram::BucketBoundaries& latency_buckets() {
+  static const Histogram::BucketBoundaries buckets = make_latency_buckets();
+  return buckets;
+}
+
+AgentMetrics::AgentMetrics(prometheus::Registry& registry)
+    : requests_total(BuildCounter()
+                         .Name("hsm_agent_requests_total")
+                         .Help("Requests answered, by method and result code (ok or an error)")
+                         .Register(registry)),
+      request_duration_seconds(BuildHistogram()
+                                   .Name("hsm_agent_request_duration_seconds")
+                                   .Help("Time from a request's decoding to its answer, by method")
+                                   .Register(registry)),
+      requests_in_flight(BuildGauge()
+                             .Name("hsm_agent_requests_in_flight")
+                             .Help("Requests received and not yet answered")
+                             .Register(registry)
+                             .Add({})),
+      pkcs11_call_duration_seconds(BuildHistogram()
+                                       .Name("hsm_agent_pkcs11_call_duration_seconds")
+                                       .Help("Duration of PKCS#11 calls, by function")
+                                       .Register(registry)),
+      pkcs11_errors_total(BuildCounter()
+                              .Name("hsm_agent_pkcs11_errors_total")
+                              .Help("PKCS#11 calls that returned an error, by function and CKR")
+                              .Register(registry)),
+      sessions(BuildGauge()
+                   .Name("hsm_agent_sessions")
+                   .Help("PKCS#11 sessions in the pool, by state")
+                   .Register(registry)),
+      sessions_idle(sessions.Add({{"state", "idle"}})),
+      sessions_busy(sessions.Add({{"state", "busy"}})),
+      session_wait_seconds(BuildHistogram()
+                               .Name("hsm_agent_session_wait_seconds")
+                               .Help("Time a request waited for a pooled session")
+                               .Register(registry)
+                               .Add({}, latency_buckets())),
+      hsm_up(BuildGauge()
+                 .Name("hsm_agent_hsm_up")
+                 .Help("1 when the last token probe succeeded, else 0")
+                 .Register(registry)
+                 .Add({})),
+      hsm_probe_duration_seconds(BuildHistogram()
+                                     .Name("hsm_agent_hsm_probe_duration_seconds")
+                                     .Help("Duration of the background token probe")
+                                     .Register(registry)
+                                     .Add({}, latency_buckets())),
+      logins_total(BuildCounter()
+                       .Name("hsm_agent_logins_total")
+                       .Help("C_Login attempts, by result (ok or the CKR name)")
+                       .Register(registry)),
+      connections(BuildGauge()
+                      .Name("hsm_agent_connections")
+                      .Help("Client connections open now")
+                      .Register(registry)
+                      .Add({})),
+      connections_total(BuildCounter()
+                            .Name("hsm_agent_connections_total")
+                            .Help("Client connections accepted")
+                            .Register(registry)
+                            .Add({})),
+      connections_rejected_total(BuildCounter()
+                                     .Name("hsm_agent_connections_rejected_total")
+                                     .Help("Connections closed at accept, by reason")
+                                     .Register(registry)),
+      protocol_errors_total(BuildCounter()
+                                .Name("hsm_agent_protocol_errors_total")
+                                .Help("Connections closed for protocol violations, by reason")
+                                .Register(registry)),
+      build_info(BuildGauge()
+                     .Name("hsm_agent_build_info")
+                     .Help("Always 1; labels tell the agent version, PKCS#11 module and token")
+                     .Register(registry)) {
+  for (const auto method : protocol::all_methods()) {
+    request_histograms_.at(static_cast<std::size_t>(method)) = &request_duration_seconds.Add(
+        {{"method", std::string(protocol::to_string(method))}}, latency_buckets());
+  }
+}
+
+prometheus::Counter& AgentMetrics::request_counter(protocol::Method method,
+                                                   std::optional<protocol::ErrorCode> code) {
+  const auto m = static_cast<std::size_t>(method);
+  const std::size_t c = code ? static_cast<std::size_t>(*code) + 1 : 0;
+  auto& slot = request_counters_.at(m).at(c);
+  if (auto* counter = slot.load(std::memory_order_acquire)) return *counter;
+  // Family::Add returns the same metric for the same labels, so a race here is harmless.
+  auto& counter = requests_total.Add({{"method", std::string(protocol::to_string(method))},
+                                      {"code", code ? std::string(protocol::to_string(*code))
+                                                    : std::string("ok")}});
+  slot.store(&counter, std::memory_order_release);
+  return counter;
+}
+
+prometheus::Histogram& AgentMetrics::request_histogram(protocol::Method method) {
+  return *request_histograms_.at(static_cast<std::size_t>(method));
+}
+
+}  // namespace hsm::agent

@@ -1,0 +1,74 @@
+// Every metric of hsm-agent, declared once against a registry passed in from outside
+// (docs/metrics.md is the catalogue). Components keep a reference to AgentMetrics and update
+// the families they own; tests read the same registry.
+//
+// Thread-safety: prometheus-cpp metrics are thread-safe; Family::Add is internally locked but
+// not free, so hot paths cache the metric references they use (see the *_for helpers).
+#pragma once
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+
+#include <array>
+#include <atomic>
+#include <optional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "hsm/protocol/types.hpp"
+
+namespace hsm::agent {
+
+/// Request latency buckets: 50 µs to 10 s.
+[[nodiscard]] const prometheus::Histogram::BucketBoundaries& latency_buckets();
+
+class AgentMetrics {
+ public:
+  explicit AgentMetrics(prometheus::Registry& registry);
+
+  // requests
+  prometheus::Family<prometheus::Counter>& requests_total;             // {method,code}
+  prometheus::Family<prometheus::Histogram>& request_duration_seconds;  // {method}
+  prometheus::Gauge& requests_in_flight;
+
+  // PKCS#11
+  prometheus::Family<prometheus::Histogram>& pkcs11_call_duration_seconds;  // {function}
+  prometheus::Family<prometheus::Counter>& pkcs11_errors_total;             // {function,ckr}
+
+  // sessions
+  prometheus::Family<prometheus::Gauge>& sessions;  // {state}
+  prometheus::Gauge& sessions_idle;
+  prometheus::Gauge& sessions_busy;
+  prometheus::Histogram& session_wait_seconds;
+
+  // token health
+  prometheus::Gauge& hsm_up;
+  prometheus::Histogram& hsm_probe_duration_seconds;
+  prometheus::Family<prometheus::Counter>& logins_total;  // {result}
+
+  // connections
+  prometheus::Gauge& connections;
+  prometheus::Counter& connections_total;
+  prometheus::Family<prometheus::Counter>& connections_rejected_total;  // {reason}
+  prometheus::Family<prometheus::Counter>& protocol_errors_total;       // {reason}
+
+  prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
+
+  /// The counter for one (method, code) pair; nullopt is success (code="ok"). Cached: a lookup
+  /// in a fixed table after the first use; safe from any thread.
+  prometheus::Counter& request_counter(protocol::Method method,
+                                       std::optional<protocol::ErrorCode> code);
+  prometheus::Histogram& request_histogram(protocol::Method method);
+
+ private:
+  static constexpr std::size_t kMethods = 11;
+  static constexpr std::size_t kCodes = 15;  // every ErrorCode + "ok"
+  std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, kMethods> request_counters_{};
+  std::array<prometheus::Histogram*, kMethods> request_histograms_{};
+};
+
+}  // namespace hsm::agent

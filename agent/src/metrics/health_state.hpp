@@ -1,0 +1,51 @@
+// HealthState: what /healthz and /readyz answer. Written by the loop thread (heartbeat) and the
+// token probe / recovery code (readiness); read by the HTTP threads. Thread-safe.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <optional>
+#include <string>
+
+namespace hsm::agent {
+
+class HealthState {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  HealthState() : last_heartbeat_ns_(now_ns()) {}
+
+  /// Called by a timer on the event loop: proves the loop is turning.
+  void heartbeat() noexcept { last_heartbeat_ns_.store(now_ns(), std::memory_order_relaxed); }
+  /// Liveness: the loop ticked within `max_silence`.
+  [[nodiscard]] bool loop_alive(std::chrono::milliseconds max_silence) const noexcept {
+    const auto silence = now_ns() - last_heartbeat_ns_.load(std::memory_order_relaxed);
+    return silence <= std::chrono::duration_cast<std::chrono::nanoseconds>(max_silence).count();
+  }
+
+  /// Readiness: nullopt when ready, else a one-line reason ("token probe failed: CKR_...").
+  void set_ready() {
+    std::lock_guard lock(mutex_);
+    not_ready_reason_.reset();
+  }
+  void set_not_ready(std::string reason) {
+    std::lock_guard lock(mutex_);
+    not_ready_reason_ = std::move(reason);
+  }
+  [[nodiscard]] std::optional<std::string> not_ready_reason() const {
+    std::lock_guard lock(mutex_);
+    return not_ready_reason_;
+  }
+
+ private:
+  static long long now_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+        .count();
+  }
+  std::atomic<long long> last_heartbeat_ns_;
+  mutable std::mutex mutex_;
+  std::optional<std::string> not_ready_reason_{"starting"};
+};
+
+}  // namespace hsm::agent

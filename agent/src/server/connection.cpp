@@ -1,0 +1,227 @@
+#include "server/connection.hpp"
+
+#include <sys/socket.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+namespace hsm::agent {
+namespace {
+
+// Bytes offered to each read. Small on purpose: 1,000 idle connections must stay cheap, and a
+// request is typically ~100 bytes; a large message is assembled over several reads.
+constexpr std::size_t kReadChunkBytes = 8 * 1024;
+
+// One uv_write in progress: owns its bytes until the write callback.
+struct WriteRequest {
+  uv_write_t req{};
+  std::string data;
+};
+
+}  // namespace
+
+Connection::Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits)
+    : id_(id),
+      events_(events),
+      limits_(limits),
+      reader_(limits.frame, 1024),
+      last_activity_(std::chrono::steady_clock::now()) {
+  pipe_.data = this;
+}
+
+Connection* Connection::accept(uv_stream_t* listener, std::uint64_t id, ConnectionEvents& events,
+                               const ConnectionLimits& limits) {
+  auto* connection = new Connection(id, events, limits);  // freed in on_close
+  if (uv_pipe_init(listener->loop, &connection->pipe_, 0) != 0) {
+    delete connection;
+    return nullptr;
+  }
+  if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&connection->pipe_)) != 0) {
+    connection->closing_ = true;
+    // Not yet known to the owner: close without telling it.
+    uv_close(reinterpret_cast<uv_handle_t*>(&connection->pipe_),
+             [](uv_handle_t* handle) { delete static_cast<Connection*>(handle->data); });
+    return nullptr;
+  }
+  connection->read_peer_credentials();
+  return connection;
+}
+
+void Connection::read_peer_credentials() {
+  uv_os_fd_t fd = -1;
+  if (uv_fileno(reinterpret_cast<uv_handle_t*>(&pipe_), &fd) != 0) return;
+  ucred credentials{};
+  socklen_t size = sizeof(credentials);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &size) == 0) {
+    caller_ = Caller{credentials.pid, credentials.uid, credentials.gid};
+  }
+}
+
+bool Connection::start() {
+  if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) != 0) {
+    close();
+    return false;
+  }
+  reading_ = true;
+  return true;
+}
+
+void Connection::pause() {
+  paused_ = true;
+  if (reading_) {
+    uv_read_stop(reinterpret_cast<uv_stream_t*>(&pipe_));
+    reading_ = false;
+  }
+}
+
+void Connection::resume() {
+  if (closing_ || !paused_) return;
+  paused_ = false;
+  deliver_messages();  // may pause again
+  if (!paused_ && !closing_ && !reading_) {
+    if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) == 0) {
+      reading_ = true;
+    } else {
+      close();
+    }
+  }
+}
+
+void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
+  auto* self = static_cast<Connection*>(handle->data);
+  try {
+    const auto span = self->reader_.prepare(kReadChunkBytes);
+    *buf = uv_buf_init(span.data(), static_cast<unsigned>(span.size()));
+  } catch (const std::exception&) {
+    *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS to on_read
+  }
+}
+
+void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
+  auto* self = static_cast<Connection*>(stream->data);
+  if (nread < 0) {
+    self->close();  // EOF or error: the client is gone
+    return;
+  }
+  if (nread == 0) return;
+  self->last_activity_ = std::chrono::steady_clock::now();
+  try {
+    self->reader_.commit(static_cast<std::size_t>(nread));
+  } catch (const protocol::FrameError& error) {
+    self->events_.on_frame_error(*self, error);
+    self->close();
+    return;
+  }
+  self->deliver_messages();
+}
+
+void Connection::deliver_messages() {
+  while (!paused_ && !closing_) {
+    std::optional<msgpack::object_handle> message;
+    try {
+      message = reader_.next();
+    } catch (const protocol::FrameError& error) {
+      events_.on_frame_error(*this, error);
+      close();
+      return;
+    }
+    if (!message) return;
+    events_.on_message(*this, message->get());
+  }
+}
+
+std::size_t Connection::queued_bytes() const noexcept { return outgoing_.size() + writing_bytes_; }
+
+void Connection::send(std::string_view bytes) {
+  if (closing_) return;
+  if (queued_bytes() + bytes.size() > limits_.max_write_buffer_bytes) {
+    // The client does not read its answers: drop it rather than buffer without bound.
+    close();
+    return;
+  }
+  const bool was_empty = outgoing_.empty();
+  outgoing_.append(bytes);
+  if (was_empty) events_.on_output_pending(*this);
+}
+
+void Connection::flush() {
+  if (closing_ || write_in_progress_ || outgoing_.empty()) return;
+  auto* stream = reinterpret_cast<uv_stream_t*>(&pipe_);
+  uv_buf_t buf = uv_buf_init(outgoing_.data(), static_cast<unsigned>(outgoing_.size()));
+  const int written = uv_try_write(stream, &buf, 1);
+  std::size_t done = 0;
+  if (written > 0) {
+    done = static_cast<std::size_t>(written);
+  } else if (written != UV_EAGAIN && written != UV_ENOSYS) {
+    close();
+    return;
+  }
+  if (done == outgoing_.size()) {
+    outgoing_.clear();
+  } else {
+    auto request = std::make_unique<WriteRequest>();
+    request->data.assign(outgoing_, done);
+    outgoing_.clear();
+    request->req.data = this;
+    uv_buf_t rest = uv_buf_init(request->data.data(), static_cast<unsigned>(request->data.size()));
+    if (uv_write(&request->req, stream, &rest, 1, on_write) != 0) {
+      close();
+      return;
+    }
+    writing_bytes_ = request->data.size();
+    write_in_progress_ = true;
+    request.release();  // owned by libuv until on_write
+  }
+  if (close_when_flushed_ && !write_in_progress_) close_after_flush();
+}
+
+void Connection::on_write(uv_write_t* req, int status) {
+  std::unique_ptr<WriteRequest> request(reinterpret_cast<WriteRequest*>(req));
+  auto* self = static_cast<Connection*>(req->data);
+  self->write_in_progress_ = false;
+  self->writing_bytes_ = 0;
+  if (status != 0) {
+    self->close();
+    return;
+  }
+  if (!self->outgoing_.empty()) {
+    self->flush();
+  } else if (self->close_when_flushed_) {
+    self->close_after_flush();
+  }
+}
+
+void Connection::close_after_flush() {
+  if (closing_) return;
+  close_when_flushed_ = true;
+  pause();
+  if (!outgoing_.empty()) {
+    flush();
+    return;
+  }
+  if (write_in_progress_) return;  // on_write comes back here
+  auto* request = new uv_shutdown_t{};  // freed in on_shutdown
+  request->data = this;
+  if (uv_shutdown(request, reinterpret_cast<uv_stream_t*>(&pipe_), on_shutdown) != 0) {
+    delete request;
+    close();
+  }
+}
+
+void Connection::on_shutdown(uv_shutdown_t* req, int) {
+  auto* self = static_cast<Connection*>(req->data);
+  delete req;
+  self->close();
+}
+
+void Connection::close() {
+  if (closing_) return;
+  closing_ = true;
+  events_.on_closed(*this);
+  uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), on_close);
+}
+
+void Connection::on_close(uv_handle_t* handle) { delete static_cast<Connection*>(handle->data); }
+
+}  // namespace hsm::agent

@@ -1,0 +1,112 @@
+// Connection: one accepted client socket on the libuv loop. Owns its uv_pipe_t, its bounded
+// FrameReader and its outgoing bytes; knows nothing of methods or the HSM. Messages go to the
+// ConnectionEvents it was given; answers come back through send().
+//
+// Lifetime: created by accept(), destroyed in the uv_close callback after close(). The owner is
+// told through ConnectionEvents::on_closed before the memory goes away.
+// Thread-safety: loop thread only.
+#pragma once
+
+#include <uv.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "hsm/protocol/codec.hpp"
+#include "policy/caller.hpp"
+
+namespace hsm::agent {
+
+class Connection;
+
+class ConnectionEvents {
+ public:
+  /// A complete MessagePack message arrived. Called only while the connection is not paused.
+  virtual void on_message(Connection& connection, const msgpack::object& message) = 0;
+  /// The stream was abandoned for a protocol violation (bytes, size or limits).
+  virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
+  /// The connection is closing; it must not be used after this returns.
+  virtual void on_closed(Connection& connection) = 0;
+  /// The connection has bytes to write; the owner calls flush() once per loop iteration.
+  virtual void on_output_pending(Connection& connection) = 0;
+
+ protected:
+  ~ConnectionEvents() = default;
+};
+
+struct ConnectionLimits {
+  protocol::Limits frame;
+  std::size_t max_write_buffer_bytes = 4 * 1024 * 1024;
+};
+
+class Connection {
+ public:
+  /// Accepts one pending connection from `listener`. Returns nullptr when accept fails.
+  static Connection* accept(uv_stream_t* listener, std::uint64_t id, ConnectionEvents& events,
+                            const ConnectionLimits& limits);
+
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+  [[nodiscard]] const Caller& caller() const noexcept { return caller_; }
+  [[nodiscard]] bool closing() const noexcept { return closing_; }
+  [[nodiscard]] std::chrono::steady_clock::time_point last_activity() const noexcept {
+    return last_activity_;
+  }
+
+  /// Starts reading. Returns false (and closes) when libuv refuses.
+  bool start();
+  /// Stops delivering messages (backpressure); bytes already buffered wait.
+  void pause();
+  /// Delivers buffered messages, then resumes reading.
+  void resume();
+  [[nodiscard]] bool paused() const noexcept { return paused_; }
+
+  /// Queues bytes of one or more encoded responses. Closes the connection when the reader is
+  /// too slow (more than max_write_buffer_bytes would be queued).
+  void send(std::string_view bytes);
+  /// Writes what send() queued: uv_try_write first, the rest through one uv_write.
+  void flush();
+  /// Flushes queued answers, then shuts the write side and closes. Idempotent.
+  void close_after_flush();
+  /// Closes now; queued answers are dropped. Idempotent.
+  void close();
+
+  /// Requests of this connection being served (maintained by the owner).
+  std::size_t in_flight = 0;
+  /// Whether the owner admitted it (counted in the connections gauge).
+  bool admitted = false;
+
+ private:
+  Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits);
+  ~Connection() = default;
+
+  static void on_alloc(uv_handle_t* handle, std::size_t suggested, uv_buf_t* buf);
+  static void on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf);
+  static void on_write(uv_write_t* req, int status);
+  static void on_shutdown(uv_shutdown_t* req, int status);
+  static void on_close(uv_handle_t* handle);
+  void deliver_messages();
+  void read_peer_credentials();
+  [[nodiscard]] std::size_t queued_bytes() const noexcept;
+
+  uv_pipe_t pipe_{};  // pipe_.data == this
+  std::uint64_t id_;
+  ConnectionEvents& events_;
+  ConnectionLimits limits_;
+  protocol::FrameReader reader_;
+  Caller caller_;
+  std::chrono::steady_clock::time_point last_activity_;
+  std::string outgoing_;       // answers waiting for flush()
+  std::size_t writing_bytes_ = 0;  // bytes inside the one uv_write in progress
+  bool write_in_progress_ = false;
+  bool paused_ = false;
+  bool reading_ = false;
+  bool closing_ = false;
+  bool close_when_flushed_ = false;
+};
+
+}  // namespace hsm::agent

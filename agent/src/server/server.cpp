@@ -1,0 +1,486 @@
+#include "server/server.hpp"
+
+#include <openssl/sha.h>
+#include <spdlog/spdlog.h>
+
+#include <csignal>
+#include <stdexcept>
+#include <utility>
+
+#include "log/audit_log.hpp"
+#include "policy/access_control.hpp"
+#include "server/socket_path.hpp"
+
+namespace hsm::agent {
+namespace {
+
+using protocol::ErrorCode;
+using protocol::Method;
+
+constexpr std::uint64_t kTickMs = 1000;
+
+template <typename Handle>
+uv_handle_t* as_handle(Handle* handle) {
+  return reinterpret_cast<uv_handle_t*>(handle);
+}
+
+std::string encode(const protocol::Response& response) {
+  msgpack::sbuffer buffer;
+  protocol::encode_response(response, buffer);
+  return {buffer.data(), buffer.size()};
+}
+
+protocol::Response error_response(std::uint32_t msgid, ErrorCode code, std::string message) {
+  return {msgid, protocol::Error{code, std::move(message), std::nullopt}};
+}
+
+std::optional<ErrorCode> code_of(const Outcome& outcome) {
+  if (const auto* error = std::get_if<protocol::Error>(&outcome)) return error->code;
+  return std::nullopt;
+}
+
+const std::string* kid_of(const protocol::Request& request) {
+  return std::visit(
+      [](const auto& params) -> const std::string* {
+        if constexpr (requires { params.kid; }) {
+          return &params.kid;
+        } else {
+          return nullptr;
+        }
+      },
+      request.params);
+}
+
+// The audit line of a call: what was asked, by whom, and the SHA-256 of what was signed.
+AuditRecord audit_record(const Call& call, const Outcome& outcome) {
+  AuditRecord record;
+  record.method = call.request.method;
+  record.caller = call.caller;
+  record.code = code_of(outcome);
+  if (const auto* kid = kid_of(call.request)) record.kid = *kid;
+  if (const auto* result = std::get_if<protocol::Result>(&outcome)) {
+    std::visit(
+        [&record](const auto& value) {
+          if constexpr (requires { value.alg; }) record.alg = value.alg;
+        },
+        *result);
+  }
+  if (const auto* sign = std::get_if<protocol::SignParams>(&call.request.params)) {
+    const auto& input = sign->input.digest ? *sign->input.digest : sign->input.data.value();
+    std::array<std::uint8_t, 32> digest{};
+    SHA256(input.data(), input.size(), digest.data());
+    record.input_sha256 = digest;
+  }
+  return record;
+}
+
+}  // namespace
+
+Server::Server(Dependencies deps) : deps_(deps) {
+  const auto& limits = deps_.config.limits;
+  connection_limits_.frame.max_message_bytes = limits.max_message_bytes;
+  connection_limits_.frame.max_bin_bytes = limits.max_message_bytes;
+  connection_limits_.max_write_buffer_bytes = limits.max_write_buffer_bytes;
+  if (uv_loop_init(&loop_) != 0) throw std::runtime_error("cannot initialise the event loop");
+  loop_.data = this;
+}
+
+Server::~Server() {
+  if (workers_) workers_->abandon();
+  // Every handle was closed by finish_shutdown(); run once more so close callbacks complete.
+  uv_run(&loop_, UV_RUN_NOWAIT);
+  if (uv_loop_close(&loop_) != 0) {
+    spdlog::debug("event loop closed with handles still open");
+  }
+}
+
+void Server::request_shutdown() { uv_async_send(&shutdown_async_); }
+
+void Server::run(const std::function<void()>& on_listening,
+                 const std::function<void()>& on_reload) {
+  on_reload_ = on_reload;
+  workers_ = std::make_unique<WorkerPool>(deps_.config.hsm.sessions, deps_.config.limits.max_queue,
+                                          [this](const auto& call) { run_on_worker(call); });
+
+  uv_async_init(&loop_, &completions_async_, [](uv_async_t* async) {
+    static_cast<Server*>(async->loop->data)->drain_completions();
+  });
+  uv_async_init(&loop_, &shutdown_async_, [](uv_async_t* async) {
+    static_cast<Server*>(async->loop->data)->begin_shutdown();
+  });
+  uv_timer_init(&loop_, &deadline_timer_);
+  uv_timer_init(&loop_, &drain_timer_);
+  uv_timer_init(&loop_, &tick_timer_);
+  uv_timer_start(
+      &tick_timer_,
+      [](uv_timer_t* timer) {
+        auto* self = static_cast<Server*>(timer->loop->data);
+        self->deps_.health.heartbeat();
+        self->sweep_idle();
+      },
+      0, kTickMs);
+  uv_check_init(&loop_, &flush_check_);
+  uv_check_start(&flush_check_, [](uv_check_t* check) {
+    static_cast<Server*>(check->loop->data)->flush_dirty();
+  });
+  for (auto [signal, handle] : {std::pair{SIGTERM, &sigterm_}, std::pair{SIGINT, &sigint_},
+                                std::pair{SIGHUP, &sighup_}}) {
+    uv_signal_init(&loop_, handle);
+    uv_signal_start(
+        handle,
+        [](uv_signal_t* signal_handle, int signum) {
+          static_cast<Server*>(signal_handle->loop->data)->on_signal(signum);
+        },
+        signal);
+  }
+
+  listen();
+  if (on_listening) on_listening();
+  uv_run(&loop_, UV_RUN_DEFAULT);
+}
+
+void Server::listen() {
+  const auto& path = deps_.config.socket_path;
+  prepare_socket_path(path);
+  uv_pipe_init(&loop_, &listener_, 0);
+  int rc = 0;
+  {
+    // No window in which the socket exists with looser permissions than asked for.
+    ScopedUmask umask(0177);
+    rc = uv_pipe_bind(&listener_, path.c_str());
+  }
+  if (rc != 0) {
+    uv_close(as_handle(&listener_), nullptr);
+    throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
+  }
+  apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
+  rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511, [](uv_stream_t* server, int status) {
+    auto* self = static_cast<Server*>(server->loop->data);
+    if (status < 0) {
+      spdlog::warn("accept failed: {}", uv_strerror(status));
+      return;
+    }
+    self->accept_one();
+  });
+  if (rc != 0) throw SocketSetupError("cannot listen on " + path + ": " + uv_strerror(rc));
+  listening_ = true;
+  spdlog::info("listening on {}", path);
+}
+
+void Server::accept_one() {
+  auto* connection = Connection::accept(reinterpret_cast<uv_stream_t*>(&listener_),
+                                        next_connection_id_++, *this, connection_limits_);
+  if (connection == nullptr) return;
+  const Caller& caller = connection->caller();
+  std::string_view reject_reason;
+  if (shutting_down_) {
+    reject_reason = "shutting_down";
+  } else if (connections_.size() >= deps_.config.limits.max_connections) {
+    reject_reason = "max_connections";
+  } else if (!deps_.access.admits(caller)) {
+    reject_reason = "policy";
+  }
+  connections_.emplace(connection->id(), connection);
+  if (!reject_reason.empty()) {
+    deps_.metrics.connections_rejected_total.Add({{"reason", std::string(reject_reason)}})
+        .Increment();
+    spdlog::warn("connection refused ({}): pid {} uid {} gid {}", reject_reason, caller.pid,
+                 caller.uid, caller.gid);
+    if (reject_reason == "policy") deps_.audit.record_refused_connection(caller);
+    connection->close();
+    return;
+  }
+  connection->admitted = true;
+  deps_.metrics.connections_total.Increment();
+  deps_.metrics.connections.Increment();
+  spdlog::debug("connection {} from pid {} uid {} gid {}", connection->id(), caller.pid,
+                caller.uid, caller.gid);
+  connection->start();
+}
+
+void Server::on_closed(Connection& connection) {
+  connections_.erase(connection.id());
+  if (connection.admitted) deps_.metrics.connections.Decrement();
+}
+
+void Server::on_output_pending(Connection& connection) { dirty_.push_back(&connection); }
+
+void Server::flush_dirty() {
+  for (auto* connection : dirty_) connection->flush();
+  dirty_.clear();
+}
+
+void Server::on_frame_error(Connection& connection, const protocol::FrameError& error) {
+  deps_.metrics.protocol_errors_total.Add({{"reason", std::string(to_string(error.reason()))}})
+      .Increment();
+  spdlog::warn("connection {} closed: {}", connection.id(), error.what());
+}
+
+void Server::on_message(Connection& connection, const msgpack::object& message) {
+  auto decoded = protocol::decode_request(message);
+  if (auto* failure = std::get_if<protocol::RequestDecodeError>(&decoded)) {
+    deps_.metrics.protocol_errors_total
+        .Add({{"reason", std::string(to_string(failure->error.code))}})
+        .Increment();
+    if (!failure->msgid) {
+      spdlog::warn("connection {} closed: {}", connection.id(), failure->error.message);
+      connection.close_after_flush();
+      return;
+    }
+    connection.send(encode({*failure->msgid, std::move(failure->error)}));
+    return;
+  }
+  dispatch(connection, std::get<protocol::Request>(std::move(decoded)));
+}
+
+void Server::dispatch(Connection& connection, protocol::Request&& request) {
+  const auto received = SteadyClock::now();
+  if (shutting_down_) {
+    answer_now(connection, request,
+               error_response(request.msgid, ErrorCode::kShuttingDown, "the agent is shutting down"),
+               received);
+    return;
+  }
+  if (auto denied = deps_.access.authorize(connection.caller(), request)) {
+    answer_now(connection, request, {request.msgid, std::move(*denied)}, received);
+    return;
+  }
+  if (request.method == Method::kCapabilities) {
+    answer_now(connection, request, {request.msgid, deps_.keys.capabilities()}, received);
+    return;
+  }
+
+  auto call = std::make_shared<Call>();
+  call->connection_id = connection.id();
+  call->caller = connection.caller();
+  call->received = received;
+  call->deadline = received + (request.timeout_ms
+                                   ? std::chrono::milliseconds(*request.timeout_ms)
+                                   : deps_.config.limits.request_timeout);
+  call->request = std::move(request);
+  const auto deadline = call->deadline;
+  std::weak_ptr<Call> weak = call;
+  if (!workers_->submit(call)) {
+    answer_now(connection, call->request,
+               error_response(call->request.msgid, ErrorCode::kOverloaded,
+                              "the agent's queue is full; retry later"),
+               received);
+    return;
+  }
+  ++connection.in_flight;
+  ++in_flight_;
+  deps_.metrics.requests_in_flight.Increment();
+  deadlines_.emplace(deadline, std::move(weak));
+  if (deadline < deadline_timer_due_) arm_deadline_timer();
+  if (connection.in_flight >= deps_.config.limits.max_inflight_per_connection) {
+    connection.pause();  // backpressure: read no more until answers drain
+  }
+}
+
+void Server::answer_now(Connection& connection, const protocol::Request& request,
+                        protocol::Response&& response, SteadyClock::time_point received) {
+  std::optional<ErrorCode> code;
+  if (const auto* error = std::get_if<protocol::Error>(&response.body)) code = error->code;
+  connection.send(encode(response));
+  const auto elapsed = std::chrono::duration<double>(SteadyClock::now() - received).count();
+  deps_.metrics.request_counter(request.method, code).Increment();
+  deps_.metrics.request_histogram(request.method).Observe(elapsed);
+  if (AuditLog::audited(request.method, code)) {
+    const auto* kid = kid_of(request);
+    deps_.audit.record({request.method, kid ? *kid : std::string(), std::string(), code, elapsed,
+                        connection.caller(), std::nullopt});
+  }
+}
+
+void Server::run_on_worker(const std::shared_ptr<Call>& call) {
+  if (!call->begin_running()) return;  // already answered (deadline)
+  running_calls_.fetch_add(1, std::memory_order_relaxed);
+  Outcome outcome;
+  if (SteadyClock::now() >= call->deadline) {
+    outcome = protocol::Error{ErrorCode::kDeadlineExceeded,
+                              "the request waited past its deadline", std::nullopt};
+  } else {
+    outcome = deps_.keys.execute(call->request);
+  }
+  if (!call->claim_answer()) {  // the loop answered deadline_exceeded meanwhile
+    running_calls_.fetch_sub(1, std::memory_order_relaxed);
+    return;
+  }
+  const auto code = code_of(outcome);
+  std::optional<AuditRecord> audit;
+  if (AuditLog::audited(call->request.method, code)) audit = audit_record(*call, outcome);
+  Completion completion{call, encode({call->request.msgid, std::move(outcome)}), code,
+                        std::move(audit)};
+  {
+    std::lock_guard lock(completions_mutex_);
+    completions_.push_back(std::move(completion));
+  }
+  uv_async_send(&completions_async_);
+  // Counted until after the send, so shutdown never closes the async handle under us.
+  running_calls_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void Server::drain_completions() {
+  {
+    std::lock_guard lock(completions_mutex_);
+    completions_spare_.swap(completions_);
+  }
+  for (auto& completion : completions_spare_) {
+    answer_call(*completion.call, completion.bytes, completion.code, std::move(completion.audit));
+  }
+  completions_spare_.clear();
+  if (shutting_down_ && in_flight_ == 0) finish_shutdown();
+}
+
+void Server::answer_call(Call& call, std::string_view bytes, std::optional<ErrorCode> code,
+                         std::optional<AuditRecord> audit) {
+  --in_flight_;
+  deps_.metrics.requests_in_flight.Decrement();
+  const auto elapsed = std::chrono::duration<double>(SteadyClock::now() - call.received).count();
+  deps_.metrics.request_counter(call.request.method, code).Increment();
+  deps_.metrics.request_histogram(call.request.method).Observe(elapsed);
+  if (!audit && code && AuditLog::audited(call.request.method, code)) {
+    audit = audit_record(call, protocol::Error{*code, {}, std::nullopt});
+  }
+  if (audit) {
+    audit->duration_seconds = elapsed;
+    deps_.audit.record(*audit);
+  }
+
+  const auto it = connections_.find(call.connection_id);
+  if (it == connections_.end()) return;  // the client left; the answer has nowhere to go
+  Connection& connection = *it->second;
+  connection.send(bytes);
+  if (connection.in_flight > 0) --connection.in_flight;
+  if (connection.paused() && !shutting_down_ &&
+      connection.in_flight < deps_.config.limits.max_inflight_per_connection) {
+    connection.resume();
+  }
+}
+
+void Server::arm_deadline_timer() {
+  if (deadlines_.empty()) {
+    uv_timer_stop(&deadline_timer_);
+    deadline_timer_due_ = SteadyClock::time_point::max();
+    return;
+  }
+  const auto due = deadlines_.top().first;
+  const auto now = SteadyClock::now();
+  const auto wait = due > now ? std::chrono::ceil<std::chrono::milliseconds>(due - now).count() : 0;
+  deadline_timer_due_ = due;
+  uv_timer_start(
+      &deadline_timer_,
+      [](uv_timer_t* timer) { static_cast<Server*>(timer->loop->data)->expire_deadlines(); },
+      static_cast<std::uint64_t>(wait), 0);
+}
+
+void Server::expire_deadlines() {
+  deadline_timer_due_ = SteadyClock::time_point::max();
+  const auto now = SteadyClock::now();
+  while (!deadlines_.empty() && deadlines_.top().first <= now) {
+    auto call = deadlines_.top().second.lock();
+    deadlines_.pop();
+    if (!call || !call->claim_answer()) continue;  // answered already
+    // Queued calls are dropped unrun (begin_running fails); a running one's result is dropped.
+    answer_call(*call,
+                encode(error_response(call->request.msgid, ErrorCode::kDeadlineExceeded,
+                                      "no answer from the token within the deadline")),
+                ErrorCode::kDeadlineExceeded, std::nullopt);
+  }
+  arm_deadline_timer();
+  if (shutting_down_ && in_flight_ == 0) finish_shutdown();
+}
+
+void Server::sweep_idle() {
+  const auto idle = deps_.config.limits.idle_timeout;
+  if (idle.count() == 0) return;
+  const auto cutoff = SteadyClock::now() - idle;
+  std::vector<Connection*> idle_connections;
+  for (auto& [id, connection] : connections_) {
+    if (connection->in_flight == 0 && connection->last_activity() < cutoff) {
+      idle_connections.push_back(connection);
+    }
+  }
+  for (auto* connection : idle_connections) {
+    spdlog::debug("connection {} closed after {}s idle", connection->id(), idle.count());
+    connection->close_after_flush();
+  }
+}
+
+void Server::on_signal(int signum) {
+  if (signum == SIGHUP) {
+    spdlog::info("SIGHUP: reloading");
+    if (on_reload_) on_reload_();
+    return;
+  }
+  if (shutting_down_) {
+    // A second SIGTERM/SIGINT: the operator wants out now.
+    spdlog::warn("second termination signal: exiting at once");
+    ::unlink(deps_.config.socket_path.c_str());
+    std::_Exit(1);
+  }
+  spdlog::info("{}: shutting down, draining {} requests (at most {}s)",
+               signum == SIGTERM ? "SIGTERM" : "SIGINT", in_flight_,
+               deps_.config.limits.shutdown_timeout.count());
+  begin_shutdown();
+}
+
+void Server::begin_shutdown() {
+  if (shutting_down_) return;
+  shutting_down_ = true;
+  if (listening_) {
+    uv_close(as_handle(&listener_), nullptr);
+    listening_ = false;
+    ::unlink(deps_.config.socket_path.c_str());
+  }
+  for (auto& [id, connection] : connections_) connection->pause();
+  if (in_flight_ == 0) {
+    finish_shutdown();
+    return;
+  }
+  uv_timer_start(
+      &drain_timer_,
+      [](uv_timer_t* timer) {
+        auto* self = static_cast<Server*>(timer->loop->data);
+        spdlog::warn("drain deadline passed with {} requests unanswered", self->in_flight_);
+        self->finish_shutdown();
+      },
+      static_cast<std::uint64_t>(deps_.config.limits.shutdown_timeout.count()) * 1000, 0);
+}
+
+void Server::finish_shutdown() {
+  if (finished_) return;
+  finished_ = true;
+  // Whatever is still in flight gets a clear answer before its connection closes.
+  while (!deadlines_.empty()) {
+    auto call = deadlines_.top().second.lock();
+    deadlines_.pop();
+    if (!call || !call->claim_answer()) continue;
+    answer_call(*call,
+                encode(error_response(call->request.msgid, ErrorCode::kShuttingDown,
+                                      "the agent shut down before answering")),
+                ErrorCode::kShuttingDown, std::nullopt);
+  }
+  std::vector<Connection*> open;
+  open.reserve(connections_.size());
+  for (auto& [id, connection] : connections_) open.push_back(connection);
+  for (auto* connection : open) connection->close_after_flush();
+
+  if (running_calls_.load() == 0) {
+    workers_->stop();
+  } else {
+    // A worker is stuck inside the token; joining would hang the exit.
+    spdlog::warn("{} PKCS#11 calls still running; not waiting for them", running_calls_.load());
+    workers_->abandon();
+    abandoned_workers_ = true;
+  }
+  for (auto* handle : {as_handle(&completions_async_), as_handle(&shutdown_async_),
+                       as_handle(&deadline_timer_), as_handle(&tick_timer_),
+                       as_handle(&drain_timer_), as_handle(&flush_check_), as_handle(&sigterm_),
+                       as_handle(&sigint_), as_handle(&sighup_)}) {
+    if (!uv_is_closing(handle)) uv_close(handle, nullptr);
+  }
+  // Connections finish flushing and close; then uv_run returns.
+}
+
+}  // namespace hsm::agent

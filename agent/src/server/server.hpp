@@ -1,0 +1,135 @@
+// Server: the agent's event loop. Listens on the Unix socket, turns messages into calls,
+// answers what needs no token on the loop, hands the rest to the worker pool, enforces the
+// bounds (connections, in-flight per connection, queue, deadlines, idle time), writes answers
+// once per loop iteration per connection, and shuts down gracefully on SIGTERM/SIGINT.
+//
+// Thread-safety: run() owns the calling thread as the loop thread. Workers talk to the loop only
+// through the completion queue (a mutex and a uv_async_t).
+#pragma once
+
+#include <uv.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <queue>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "config/agent_config.hpp"
+#include "log/audit_log.hpp"
+#include "metrics/agent_metrics.hpp"
+#include "metrics/health_state.hpp"
+#include "server/call.hpp"
+#include "server/connection.hpp"
+#include "server/worker_pool.hpp"
+#include "service/key_service.hpp"
+
+namespace hsm::agent {
+
+class AccessControl;
+
+class Server final : public ConnectionEvents {
+ public:
+  /// Everything the server works with; all must outlive it.
+  struct Dependencies {
+    const AgentConfig& config;
+    KeyService& keys;
+    AgentMetrics& metrics;
+    HealthState& health;
+    AccessControl& access;
+    AuditLog& audit;
+  };
+
+  explicit Server(Dependencies deps);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  /// Binds the socket (throws SocketSetupError), then runs the loop until shutdown completes.
+  /// `on_listening` is called once the socket accepts connections; `on_reload` on SIGHUP.
+  void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
+
+  /// Asks the loop to shut down as on SIGTERM. Thread-safe.
+  void request_shutdown();
+
+  // ConnectionEvents (loop thread)
+  void on_message(Connection& connection, const msgpack::object& message) override;
+  void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
+  void on_closed(Connection& connection) override;
+  void on_output_pending(Connection& connection) override;
+
+ private:
+  struct Completion {
+    std::shared_ptr<Call> call;
+    std::string bytes;  // the encoded response
+    std::optional<protocol::ErrorCode> code;
+    std::optional<AuditRecord> audit;  // built on the worker; duration added on the loop
+  };
+
+  void listen();
+  void accept_one();
+  void dispatch(Connection& connection, protocol::Request&& request);
+  void answer_now(Connection& connection, const protocol::Request& request,
+                  protocol::Response&& response, SteadyClock::time_point received);
+  void answer_call(Call& call, std::string_view bytes, std::optional<protocol::ErrorCode> code,
+                   std::optional<AuditRecord> audit);
+  void run_on_worker(const std::shared_ptr<Call>& call);
+  void drain_completions();
+  void expire_deadlines();
+  void arm_deadline_timer();
+  void sweep_idle();
+  void flush_dirty();
+  void begin_shutdown();
+  void finish_shutdown();
+  void on_signal(int signum);
+
+ public:
+  /// True when shutdown left workers inside hung PKCS#11 calls: the token must not be
+  /// finalised under them, and the process should exit without destructors.
+  [[nodiscard]] bool abandoned_workers() const noexcept { return abandoned_workers_; }
+
+ private:
+  Dependencies deps_;
+  ConnectionLimits connection_limits_;
+  uv_loop_t loop_{};
+  uv_pipe_t listener_{};
+  uv_async_t completions_async_{};
+  uv_async_t shutdown_async_{};
+  uv_timer_t deadline_timer_{};
+  uv_timer_t tick_timer_{};
+  uv_timer_t drain_timer_{};
+  uv_check_t flush_check_{};
+  uv_signal_t sigterm_{}, sigint_{}, sighup_{};
+  std::function<void()> on_reload_;
+
+  std::unordered_map<std::uint64_t, Connection*> connections_;
+  std::uint64_t next_connection_id_ = 1;
+  std::vector<Connection*> dirty_;
+  std::size_t in_flight_ = 0;
+
+  using DeadlineEntry = std::pair<SteadyClock::time_point, std::weak_ptr<Call>>;
+  struct LaterFirst {
+    bool operator()(const DeadlineEntry& a, const DeadlineEntry& b) const {
+      return a.first > b.first;
+    }
+  };
+  std::priority_queue<DeadlineEntry, std::vector<DeadlineEntry>, LaterFirst> deadlines_;
+  SteadyClock::time_point deadline_timer_due_ = SteadyClock::time_point::max();
+
+  std::mutex completions_mutex_;
+  std::vector<Completion> completions_;
+  std::vector<Completion> completions_spare_;  // swapped in, to keep the capacity
+
+  std::atomic<std::size_t> running_calls_{0};
+  bool listening_ = false;
+  bool shutting_down_ = false;
+  bool finished_ = false;
+  bool abandoned_workers_ = false;
+  std::unique_ptr<WorkerPool> workers_;
+};
+
+}  // namespace hsm::agent

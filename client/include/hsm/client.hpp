@@ -1,0 +1,318 @@
+// hsm::Client: the library application containers link to sign with keys held by hsm-agent.
+//
+//   #include <hsm/client.hpp>
+//   hsm::Client client{"/run/hsm-agent/agent.sock"};
+//   auto sig = client.sign("jwt-key", payload);  // JOSE r||s for ES256
+//
+// Thread-safety: every member function is safe to call from many threads at once. Concurrent
+// calls share a small pool of pipelined connections (ClientOptions::connections, default 1);
+// requests are matched to answers by msgid, so one slow call does not hold up the others.
+//
+// Blocking: every synchronous call blocks the calling thread until the answer arrives or the
+// call's deadline (now + ClientOptions::timeout) passes; it never blocks longer than that.
+// Asynchronous calls (`*_async`) never block on the agent: they encode and write the request
+// (a write into the socket buffer, bounded by the deadline) and return.
+//
+// Errors: every failure is reported as hsm::Error, carrying the protocol's error code
+// ("not_found", "hsm_unavailable", ...), or "connection_failed" / "timeout" / "protocol_error" /
+// "invalid_params" (a request rejected before it was sent) for failures on this side of the
+// socket. Synchronous calls throw it; futures rethrow it from get(); callbacks receive it in
+// their Outcome.
+//
+// Resilience: connections open lazily (the first call connects) and are reopened on demand
+// after the agent goes away, with capped exponential backoff and jitter between attempts
+// (ClientOptions::retry). Idempotent calls (sign, verify, get_public_key, list_keys, get_jwks,
+// health, capabilities) are retried within their deadline when the connection is lost or the
+// agent answers hsm_unavailable, overloaded or shutting_down. generate_key and delete_key are
+// retried only when the request certainly never left this process (the connect failed).
+//
+// Threads: a Client owns one reader thread per open connection and one timer thread (started
+// by the first retry or asynchronous call). Callbacks run on one of those internal threads,
+// never on the thread that made the call: on the reader thread of the connection that carried
+// the answer, or on the timer thread for timeouts and failures found before sending. A callback
+// must not block (it holds up every answer on its connection), must not call synchronous
+// methods of the same Client, and must not destroy the Client; it may start asynchronous calls.
+// Exceptions thrown by a callback are caught and dropped.
+//
+// Destruction: ~Client closes the connections and completes every call still pending with
+// connection_failed ("client closed") before it returns; callbacks still pending run then,
+// possibly on the destroying thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+namespace hsm {
+
+using Bytes = std::vector<std::uint8_t>;
+using Jwk = std::map<std::string, std::string>;
+
+/// Client-side error codes that are not protocol codes.
+inline constexpr std::string_view kConnectionFailed = "connection_failed";
+inline constexpr std::string_view kTimeout = "timeout";
+inline constexpr std::string_view kProtocolError = "protocol_error";
+/// A request this client refused to send (bad option, larger than the agent's limit). Same
+/// spelling as the protocol code the agent would have answered with.
+inline constexpr std::string_view kInvalidParams = "invalid_params";
+
+class Error : public std::runtime_error {
+ public:
+  /// what() reads "code: message" (plus " (CKR_...)" when there is a ckr).
+  Error(std::string code, const std::string& message, std::optional<std::string> ckr = {});
+  /// The protocol error code ("not_found", ...) or one of the client-side codes above.
+  [[nodiscard]] const std::string& code() const noexcept { return code_; }
+  /// The message alone, without the code.
+  [[nodiscard]] const std::string& message() const noexcept { return message_; }
+  /// The PKCS#11 return value's name ("CKR_DEVICE_ERROR") when a PKCS#11 call failed.
+  [[nodiscard]] const std::optional<std::string>& ckr() const noexcept { return ckr_; }
+
+ private:
+  std::string code_;
+  std::string message_;
+  std::optional<std::string> ckr_;
+};
+
+/// The socket path from HSM_AGENT_SOCKET, else the agent's default path.
+[[nodiscard]] std::string default_socket_path();
+
+/// How failed calls are retried and how a lost connection is reopened. Delays grow as
+/// initial_backoff * 2^(n-1), capped at max_backoff; each one is drawn uniformly from
+/// [delay/2, delay] (jitter) so that many clients do not reconnect in lockstep. A call is never
+/// retried past its deadline: when the next attempt would start after it, the call fails with
+/// the last error.
+struct RetryPolicy {
+  /// Attempts per call, the first included; 1 disables retries (the connection is still
+  /// reopened on demand by the next call).
+  std::uint32_t max_attempts = 16;
+  std::chrono::milliseconds initial_backoff{10};
+  std::chrono::milliseconds max_backoff{1000};
+};
+
+struct ClientOptions {
+  std::string socket_path = default_socket_path();
+  /// Per call: the deadline is the start of the call plus this. It is also sent to the agent
+  /// (the request's remaining time) so that work nobody waits for any more is dropped there.
+  std::chrono::milliseconds timeout{5000};
+  /// Connections in the pool (>= 1); calls are spread over them round-robin. Two fully use a
+  /// two-core agent; more help with a slow (network) HSM only when the agent's session pool
+  /// is larger than what one connection keeps busy.
+  std::size_t connections = 1;
+  RetryPolicy retry;
+  /// Largest request this client sends (bigger ones fail with invalid_params before they are
+  /// written, because the agent would close the connection and fail every call on it). Keep
+  /// it at the agent's --max-message-bytes.
+  std::size_t max_request_bytes = 1024 * 1024;
+  /// Largest response accepted; a bigger one closes the connection with protocol_error.
+  std::size_t max_response_bytes = 16 * 1024 * 1024;
+};
+
+struct Capabilities {
+  std::uint32_t protocol = 0;
+  std::string agent_version;
+  bool can_create = false;
+  bool can_import = false;
+  bool can_delete = false;
+  std::vector<std::string> supported_algs;
+  std::string default_alg;
+  std::uint64_t max_message_bytes = 0;
+};
+
+struct TokenInfo {
+  std::string label, manufacturer, model, serial;
+};
+
+struct Health {
+  bool ok = false;
+  double latency_ms = 0;
+  std::optional<std::string> error;
+  TokenInfo token;
+};
+
+struct KeyInfo {
+  std::string kid;
+  std::string alg;
+  Jwk jwk;
+};
+
+struct PublicKey {
+  std::string kid;
+  std::string alg;
+  Jwk jwk;
+  Bytes spki;  // DER SubjectPublicKeyInfo
+};
+
+struct Signature {
+  std::string kid;
+  std::string alg;
+  Bytes signature;
+};
+
+/// Options of one sign or verify call.
+struct SignOptions {
+  std::optional<std::string> alg;     // default: the key's alg
+  std::optional<std::string> format;  // "raw" (JOSE, default) or "der" (ECDSA only)
+};
+
+/// The result of an asynchronous call handed to a callback: a value or an hsm::Error.
+template <class T>
+class Outcome {
+ public:
+  Outcome(T value) : state_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit
+  Outcome(Error error) : state_(std::in_place_index<1>, std::move(error)) {}  // NOLINT: implicit
+
+  [[nodiscard]] bool ok() const noexcept { return state_.index() == 0; }
+  explicit operator bool() const noexcept { return ok(); }
+
+  /// The value; throws the hsm::Error when the call failed.
+  [[nodiscard]] T& value() & {
+    check();
+    return std::get<0>(state_);
+  }
+  [[nodiscard]] const T& value() const& {
+    check();
+    return std::get<0>(state_);
+  }
+  [[nodiscard]] T&& value() && {
+    check();
+    return std::get<0>(std::move(state_));
+  }
+
+  /// The error; throws std::logic_error when the call succeeded.
+  [[nodiscard]] const Error& error() const {
+    if (ok()) throw std::logic_error("hsm::Outcome::error() called on a success");
+    return std::get<1>(state_);
+  }
+
+ private:
+  void check() const {
+    if (!ok()) throw std::get<1>(state_);
+  }
+  std::variant<T, Error> state_;
+};
+
+/// Called exactly once per asynchronous call, on a client thread (see the top of this file).
+template <class T>
+using Callback = std::function<void(Outcome<T>)>;
+
+class Client {
+ public:
+  /// Connects lazily: the first call opens the connection. Does not block.
+  explicit Client(std::string socket_path);
+  explicit Client(ClientOptions options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  /// A moved-from Client may only be destroyed or assigned to; its calls throw
+  /// std::logic_error.
+  Client(Client&&) noexcept;
+  Client& operator=(Client&&) noexcept;
+
+  [[nodiscard]] const ClientOptions& options() const;
+
+  // ---- Synchronous calls: block until the answer or the deadline; throw hsm::Error. -------
+
+  [[nodiscard]] Capabilities capabilities();
+  [[nodiscard]] Health health();
+  /// Generates a key pair inside the token. `rsa_bits` applies to RSA algs only.
+  KeyInfo generate_key(std::string_view kid, std::optional<std::string> alg = {},
+                       std::optional<std::uint32_t> rsa_bits = {});
+
+  /// Signs `data` (hashed by the agent as the alg requires). Returns the signature bytes.
+  [[nodiscard]] Bytes sign(std::string_view kid, std::span<const std::uint8_t> data);
+  [[nodiscard]] Bytes sign(std::string_view kid, std::string_view data);
+  /// Signs a digest the caller computed (its length must match the alg's hash).
+  [[nodiscard]] Bytes sign_digest(std::string_view kid, std::span<const std::uint8_t> digest);
+  /// The full form: kid and alg of the answer too, with options.
+  [[nodiscard]] Signature sign_detailed(std::string_view kid, std::span<const std::uint8_t> data,
+                                        const SignOptions& options = {});
+  [[nodiscard]] Signature sign_digest_detailed(std::string_view kid,
+                                               std::span<const std::uint8_t> digest,
+                                               const SignOptions& options = {});
+
+  /// True when `signature` is valid for `data`; false when it is not (not an exception).
+  [[nodiscard]] bool verify(std::string_view kid, std::span<const std::uint8_t> data,
+                            std::span<const std::uint8_t> signature,
+                            const SignOptions& options = {});
+  [[nodiscard]] bool verify(std::string_view kid, std::string_view data,
+                            std::span<const std::uint8_t> signature);
+  [[nodiscard]] bool verify_digest(std::string_view kid, std::span<const std::uint8_t> digest,
+                                   std::span<const std::uint8_t> signature,
+                                   const SignOptions& options = {});
+
+  [[nodiscard]] PublicKey get_public_key(std::string_view kid);
+  [[nodiscard]] std::vector<KeyInfo> list_keys();
+  /// Every public key as JWKs (the "keys" of a JWKS document).
+  [[nodiscard]] std::vector<Jwk> get_jwks();
+  /// True when a key was deleted, false when there was no such key.
+  bool delete_key(std::string_view kid);
+
+  // ---- Asynchronous calls: the future form returns at once (the future rethrows
+  // hsm::Error from get()); the callback form calls `done` exactly once, on a client thread.
+  // Arguments are copied before the call returns. An argument rejected before anything starts
+  // (an unknown SignOptions::format) throws hsm::Error(invalid_params) from the call itself,
+  // in the synchronous and asynchronous forms alike. ----------------------------------------
+
+  [[nodiscard]] std::future<Capabilities> capabilities_async();
+  void capabilities_async(Callback<Capabilities> done);
+  [[nodiscard]] std::future<Health> health_async();
+  void health_async(Callback<Health> done);
+  [[nodiscard]] std::future<KeyInfo> generate_key_async(std::string_view kid,
+                                                        std::optional<std::string> alg = {},
+                                                        std::optional<std::uint32_t> rsa_bits = {});
+  void generate_key_async(std::string_view kid, std::optional<std::string> alg,
+                          std::optional<std::uint32_t> rsa_bits, Callback<KeyInfo> done);
+
+  [[nodiscard]] std::future<Signature> sign_async(std::string_view kid,
+                                                  std::span<const std::uint8_t> data,
+                                                  const SignOptions& options = {});
+  void sign_async(std::string_view kid, std::span<const std::uint8_t> data,
+                  Callback<Signature> done, const SignOptions& options = {});
+  [[nodiscard]] std::future<Signature> sign_digest_async(std::string_view kid,
+                                                         std::span<const std::uint8_t> digest,
+                                                         const SignOptions& options = {});
+  void sign_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
+                         Callback<Signature> done, const SignOptions& options = {});
+
+  [[nodiscard]] std::future<bool> verify_async(std::string_view kid,
+                                               std::span<const std::uint8_t> data,
+                                               std::span<const std::uint8_t> signature,
+                                               const SignOptions& options = {});
+  void verify_async(std::string_view kid, std::span<const std::uint8_t> data,
+                    std::span<const std::uint8_t> signature, Callback<bool> done,
+                    const SignOptions& options = {});
+  [[nodiscard]] std::future<bool> verify_digest_async(std::string_view kid,
+                                                      std::span<const std::uint8_t> digest,
+                                                      std::span<const std::uint8_t> signature,
+                                                      const SignOptions& options = {});
+  void verify_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
+                           std::span<const std::uint8_t> signature, Callback<bool> done,
+                           const SignOptions& options = {});
+
+  [[nodiscard]] std::future<PublicKey> get_public_key_async(std::string_view kid);
+  void get_public_key_async(std::string_view kid, Callback<PublicKey> done);
+  [[nodiscard]] std::future<std::vector<KeyInfo>> list_keys_async();
+  void list_keys_async(Callback<std::vector<KeyInfo>> done);
+  [[nodiscard]] std::future<std::vector<Jwk>> get_jwks_async();
+  void get_jwks_async(Callback<std::vector<Jwk>> done);
+  [[nodiscard]] std::future<bool> delete_key_async(std::string_view kid);
+  void delete_key_async(std::string_view kid, Callback<bool> done);
+
+ private:
+  class Impl;
+  Impl& impl() const;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hsm

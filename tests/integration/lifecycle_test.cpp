@@ -1,0 +1,193 @@
+// Start-up and shutdown behaviour of the real binary: one clear line and a non-zero exit for
+// every operator mistake, the socket's safety rules, the PIN kept out of argv and environ.
+#include <catch2/catch.hpp>
+
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "integration/running_agent.hpp"
+
+using namespace hsm::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+std::vector<std::string> base_args(const SoftHsmToken& token, const std::string& socket) {
+  return {"--module",    kSoftHsmModule, "--token-label",    token.label(),
+          "--pin-file",  token.write_pin_file().string(), "--socket", socket,
+          "--metrics-listen", ""};
+}
+
+std::map<std::string, std::string> token_env(const SoftHsmToken& token) {
+  return {{"SOFTHSM2_CONF", token.config_path().string()}};
+}
+
+// The agent's own failure line: "hsm-agent: <problem>". Informational log lines may precede it.
+int count_failure_lines(const std::string& text) {
+  int lines = 0;
+  for (std::size_t at = 0; at < text.size();) {
+    const auto end = text.find('\n', at);
+    if (text.compare(at, 11, "hsm-agent: ") == 0) ++lines;
+    if (end == std::string::npos) break;
+    at = end + 1;
+  }
+  return lines;
+}
+
+std::string read_proc(pid_t pid, const char* what) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + what, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+TEST_CASE("--help documents every flag", "[lifecycle]") {
+  const auto result = run_agent({"--help"});
+  CHECK(result.status.exited);
+  CHECK(result.status.code == 0);
+  for (const char* flag : {"--module", "--token-label", "--slot-index", "--pin-file", "--socket",
+                           "--socket-mode", "--metrics-listen", "--read-only", "--sessions",
+                           "--max-message-bytes", "--log-level"}) {
+    CHECK(result.out.find(flag) != std::string::npos);
+  }
+  CHECK(result.out.find("HSM_AGENT_MODULE") != std::string::npos);
+}
+
+TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycle]") {
+  SoftHsmToken token;
+  const auto dir = make_temp_dir("hsm-lifecycle");
+  const auto socket = (dir / "agent.sock").string();
+  auto args = base_args(token, socket);
+  std::string expect;
+
+  SECTION("module not found") {
+    args[1] = "/nonexistent/libvendor-pkcs11.so";
+    expect = "/nonexistent/libvendor-pkcs11.so";
+  }
+  SECTION("token not found") {
+    args[3] = "no-such-token";
+    expect = "no-such-token";
+  }
+  SECTION("wrong PIN") {
+    const auto pin = dir / "wrong-pin";
+    std::ofstream(pin) << "99999999";
+    ::chmod(pin.c_str(), 0600);
+    args[5] = pin.string();
+    expect = "PIN";
+  }
+  SECTION("socket directory not writable") {
+    args[7] = "/proc/hsm-agent.sock";
+    expect = "/proc";
+  }
+  SECTION("unknown flag") {
+    args.push_back("--frobnicate");
+    expect = "frobnicate";
+  }
+  SECTION("no PIN") {
+    args.erase(args.begin() + 4, args.begin() + 6);
+    expect = "PIN";
+  }
+  const auto result = run_agent(args, token_env(token));
+  CHECK(result.status.exited);
+  CHECK(result.status.code != 0);
+  CHECK(result.err.find(expect) != std::string::npos);
+  CHECK(count_failure_lines(result.err) == 1);
+  CHECK(result.err.find(token.user_pin()) == std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("wrong PIN is tried once, never retried", "[lifecycle]") {
+  SoftHsmToken token;
+  const auto dir = make_temp_dir("hsm-pin");
+  const auto pin = dir / "wrong-pin";
+  std::ofstream(pin) << "00000000";
+  ::chmod(pin.c_str(), 0600);
+  auto args = base_args(token, (dir / "s.sock").string());
+  args[5] = pin.string();
+  // SoftHSMv2 locks the user PIN after repeated failures; three runs with one try each must
+  // leave the right PIN working.
+  for (int i = 0; i < 3; ++i) CHECK(run_agent(args, token_env(token)).status.code != 0);
+  AgentProcess agent(token);
+  CHECK(hsm::Client(agent.socket_path()).health().ok);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("a stale socket is replaced; a live agent's socket is not stolen", "[lifecycle]") {
+  SoftHsmToken token;
+  const auto dir = make_temp_dir("hsm-sock");
+  const auto socket = dir / "agent.sock";
+  {
+    // A socket file nobody listens on, as a killed agent leaves behind.
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+    ::close(fd);
+  }
+  REQUIRE(std::filesystem::is_socket(socket));
+  AgentProcess agent(token, AgentOptions{.socket = socket});
+  CHECK(hsm::Client(socket.string()).health().ok);
+
+  const auto second = run_agent(base_args(token, socket.string()), token_env(token));
+  CHECK(second.status.code != 0);
+  CHECK(second.err.find("already") != std::string::npos);
+  CHECK(hsm::Client(socket.string()).health().ok);  // the first one still serves
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the socket path is never a symlink, and others cannot write the directory",
+          "[lifecycle]") {
+  SoftHsmToken token;
+  const auto dir = make_temp_dir("hsm-sock");
+  SECTION("symlink at the socket path") {
+    const auto target = dir / "elsewhere";
+    std::ofstream(target) << "x";
+    std::filesystem::create_symlink(target, dir / "agent.sock");
+    const auto result = run_agent(base_args(token, (dir / "agent.sock").string()), token_env(token));
+    CHECK(result.status.code != 0);
+    CHECK(result.err.find("symbolic link") != std::string::npos);
+    CHECK(std::filesystem::exists(target));
+  }
+  SECTION("world-writable directory without the sticky bit") {
+    const auto open_dir = dir / "open";
+    std::filesystem::create_directory(open_dir);
+    ::chmod(open_dir.c_str(), 0777);
+    const auto result = run_agent(base_args(token, (open_dir / "a.sock").string()), token_env(token));
+    CHECK(result.status.code != 0);
+    CHECK(result.err.find("writable by others") != std::string::npos);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the socket gets the requested mode", "[lifecycle]") {
+  SoftHsmToken token;
+  AgentProcess agent(token, AgentOptions{.extra_args = {"--socket-mode", "0600"}});
+  struct stat st {};
+  REQUIRE(::stat(agent.socket_path().c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0600);
+  AgentProcess other(token, AgentOptions{});
+  REQUIRE(::stat(other.socket_path().c_str(), &st) == 0);
+  CHECK((st.st_mode & 07777) == 0660);
+}
+
+TEST_CASE("the PIN is not in argv, the environment or the logs", "[lifecycle][security]") {
+  SoftHsmToken token("pin-test", "73915286");
+  for (bool from_env : {false, true}) {
+    AgentProcess agent(token, AgentOptions{.pin_from_env = from_env});
+    hsm::Client client(agent.socket_path());
+    client.generate_key("k");
+    (void)client.sign("k", std::string_view("data"));
+    CHECK(read_proc(agent.pid(), "cmdline").find("73915286") == std::string::npos);
+    CHECK(read_proc(agent.pid(), "environ").find("73915286") == std::string::npos);
+    CHECK(read_proc(agent.pid(), "environ").find("HSM_AGENT_PIN=") == std::string::npos);
+    agent.stop();
+    CHECK(agent.stderr_text().find("73915286") == std::string::npos);  // debug level logs
+    CHECK(agent.stdout_text().find("73915286") == std::string::npos);  // audit log
+  }
+}

@@ -1,0 +1,65 @@
+// /metrics, /healthz and /readyz of the real agent: counters and histograms move as requests
+// succeed and fail, and promtool accepts the exposition.
+#include <catch2/catch.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <regex>
+
+#include "integration/running_agent.hpp"
+
+using namespace hsm::test;
+
+namespace {
+
+// The value of one sample line, e.g. sample(text, R"(hsm_agent_requests_total{code="ok",method="sign"})").
+double sample(const std::string& text, const std::string& series) {
+  const auto at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return 0;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+}  // namespace
+
+TEST_CASE("request metrics move with successes and failures", "[metrics]") {
+  RunningAgent env;
+  const auto before = env.agent.http_get("/metrics");
+  REQUIRE(before.first == 200);
+  env.client.generate_key("m");
+  for (int i = 0; i < 5; ++i) (void)env.client.sign("m", std::string_view("x"));
+  try {
+    (void)env.client.sign("missing", std::string_view("x"));
+  } catch (const hsm::Error&) {
+  }
+  const auto [status, text] = env.agent.http_get("/metrics");
+  REQUIRE(status == 200);
+  CHECK(sample(text, R"(hsm_agent_requests_total{code="ok",method="sign"})") == 5);
+  CHECK(sample(text, R"(hsm_agent_requests_total{code="not_found",method="sign"})") == 1);
+  CHECK(sample(text, R"(hsm_agent_requests_total{code="ok",method="generate_key"})") == 1);
+  CHECK(sample(text, R"(hsm_agent_request_duration_seconds_count{method="sign"})") == 6);
+  CHECK(sample(text, R"(hsm_agent_connections)") >= 1);
+  CHECK(text.find("hsm_agent_build_info{") != std::string::npos);
+  CHECK(text.find("process_resident_memory_bytes") != std::string::npos);
+
+  // promtool is the judge of the exposition format.
+  const auto file = env.agent.directory() / "metrics.txt";
+  std::ofstream(file) << text;
+  const std::string command = "promtool check metrics < '" + file.string() + "' 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::string output;
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), pipe) != nullptr) output += buf;
+  const int rc = ::pclose(pipe);
+  INFO(output);
+  CHECK(WEXITSTATUS(rc) == 0);
+}
+
+TEST_CASE("liveness and readiness probes", "[metrics]") {
+  RunningAgent env;
+  const auto health = env.agent.http_get("/healthz");
+  CHECK(health.first == 200);
+  const auto ready = env.agent.http_get("/readyz");
+  CHECK(ready.first == 200);
+  CHECK(ready.second.find("ready") != std::string::npos);
+}
