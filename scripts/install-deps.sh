@@ -12,8 +12,8 @@ PACKAGES=(
   # tokens and PKCS#11 tools
   softhsm2 opensc p11-kit
   # tests: Catch2, promtool, a third-party msgpack/JOSE client, fuzzing and sanitizers
-  catch2 prometheus python3 python3-msgpack python3-jwcrypto clang libfuzzer-14-dev
-  libclang-rt-14-dev procps
+  catch2 prometheus python3 python3-msgpack python3-jwcrypto python3-yaml clang libfuzzer-14-dev
+  libclang-rt-14-dev procps systemd
   # deploy tests: helm/kubectl come from an npm package; node validates the rendered objects
   nodejs npm unzip
 )

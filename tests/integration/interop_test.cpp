@@ -75,7 +75,7 @@ TEST_CASE("keys made by the agent are sensitive and never extractable", "[intero
 TEST_CASE("a third-party client from protocol/README.md verifies a JWS with jwcrypto",
           "[interop]") {
   RunningAgent env;
-  const auto result = run("python3 '" HSM_SOURCE_DIR
+  const auto result = run("/usr/bin/python3 '" HSM_SOURCE_DIR
                           "/tests/integration/third_party_client.py' '" +
                           env.agent.socket_path() + "'");
   INFO(result.output);

@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """A MessagePack-RPC client written only from protocol/README.md, with no code of this
 project: generates a key, signs a JWS signing input, and verifies the compact JWS with a
 standard JOSE library (jwcrypto) against the JWK the agent returned.

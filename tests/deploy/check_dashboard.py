@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Checks deploy/grafana/dashboard.json.
+
+- well-formed JSON, schemaVersion, the ${DS_PROMETHEUS} datasource variable and the job/pod
+  variables, unique panel ids, panels inside the 24-column grid and not overlapping;
+- every PromQL expression parses (each is handed to `promtool check rules` as a recording rule,
+  after the Grafana variables are replaced) and histogram_quantile keeps `le`;
+- every metric an expression names is in the catalogue of issue 5 (below), so a typo or a
+  renamed metric fails here, and every catalogue metric is shown somewhere.
+
+Usage: check_dashboard.py [DASHBOARD_JSON]   (exit 0 when every check passes)
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+DEFAULT = os.path.join(ROOT, "deploy", "grafana", "dashboard.json")
+
+# The metric catalogue of issue 5 (docs/metrics.md): name -> type.
+CATALOGUE = {
+    "hsm_agent_requests_total": "counter",
+    "hsm_agent_request_duration_seconds": "histogram",
+    "hsm_agent_requests_in_flight": "gauge",
+    "hsm_agent_pkcs11_call_duration_seconds": "histogram",
+    "hsm_agent_pkcs11_errors_total": "counter",
+    "hsm_agent_sessions": "gauge",
+    "hsm_agent_session_wait_seconds": "histogram",
+    "hsm_agent_hsm_up": "gauge",
+    "hsm_agent_hsm_probe_duration_seconds": "histogram",
+    "hsm_agent_logins_total": "counter",
+    "hsm_agent_connections": "gauge",
+    "hsm_agent_connections_total": "counter",
+    "hsm_agent_connections_rejected_total": "counter",
+    "hsm_agent_protocol_errors_total": "counter",
+    "hsm_agent_build_info": "gauge",
+}
+# Not the agent's own families but allowed: Prometheus's scrape health and the standard
+# process metrics issue 5 asks for (CPU, RSS, open fds, start time).
+EXTRA = {"up", "process_cpu_seconds_total", "process_resident_memory_bytes",
+         "process_open_fds", "process_start_time_seconds"}
+
+
+def allowed_names():
+    names = set(EXTRA)
+    for name, kind in CATALOGUE.items():
+        names.add(name)
+        if kind == "histogram":
+            names.update({name + "_bucket", name + "_sum", name + "_count"})
+    return names
+
+
+def base_name(name):
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and CATALOGUE.get(name[: -len(suffix)]) == "histogram":
+            return name[: -len(suffix)]
+    return name
+
+
+KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left",
+            "group_right", "offset", "bool", "inf", "nan", "atan2"}
+
+
+def metric_names(expr):
+    """Metric names a PromQL expression selects (its syntax is checked by promtool)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals
+    s = re.sub(r"\{[^}]*\}", "", s)                # label matchers
+    s = re.sub(r"\[[^\]]*\]", "", s)               # range selectors
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", s)
+    names = set()
+    for m in re.finditer(r"(?<![\w.:])([A-Za-z_:][\w:]*)(\s*\()?", s):
+        word, call = m.group(1), m.group(2)
+        if call or word in KEYWORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def walk_panels(panels):
+    for p in panels:
+        yield p
+        yield from walk_panels(p.get("panels", []))
+
+
+class Checker:
+    def __init__(self):
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, ok, what):
+        if ok:
+            self.passed += 1
+            print(f"ok   {what}")
+        else:
+            self.failed += 1
+            print(f"FAIL {what}")
+        return ok
+
+
+def main():
+    path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT
+    c = Checker()
+    try:
+        with open(path, encoding="utf-8") as f:
+            dash = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        c.check(False, f"{path} is well-formed JSON: {e}")
+        print(f"{c.passed} passed, {c.failed} failed")
+        return 1
+    c.check(True, "dashboard is well-formed JSON")
+    c.check(isinstance(dash.get("schemaVersion"), int) and 36 <= dash["schemaVersion"] <= 39,
+            f"schemaVersion is 36..39 (got {dash.get('schemaVersion')})")
+    c.check(bool(dash.get("uid")) and bool(dash.get("title")), "dashboard has a uid and a title")
+
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("DS_PROMETHEUS", {})
+    c.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
+            "templating has the DS_PROMETHEUS datasource variable")
+    c.check(any(i.get("name") == "DS_PROMETHEUS" for i in dash.get("__inputs", [])),
+            "__inputs declares DS_PROMETHEUS for import")
+    for name in ("job", "pod"):
+        c.check(variables.get(name, {}).get("type") == "query", f"templating has the {name} variable")
+
+    panels = list(walk_panels(dash.get("panels", [])))
+    ids = [p.get("id") for p in panels]
+    c.check(len(ids) == len(set(ids)) and None not in ids, "panel ids are set and unique")
+
+    grid_ok = True
+    boxes = []
+    for p in panels:
+        g = p.get("gridPos", {})
+        if not all(isinstance(g.get(k), int) for k in ("x", "y", "w", "h")) or g["x"] + g["w"] > 24:
+            grid_ok = False
+            print(f"     bad gridPos in panel {p.get('title')!r}: {g}")
+            continue
+        for q, other in boxes:
+            if (g["x"] < q["x"] + q["w"] and q["x"] < g["x"] + g["w"]
+                    and g["y"] < q["y"] + q["h"] and q["y"] < g["y"] + g["h"]):
+                grid_ok = False
+                print(f"     panel {p.get('title')!r} overlaps {other!r}")
+        boxes.append((g, p.get("title")))
+    c.check(grid_ok, "every panel lies in the 24-column grid without overlapping another")
+
+    # Every expression: panels' targets and the query variables.
+    exprs = []
+    for p in panels:
+        for t in p.get("targets", []):
+            if "expr" in t:
+                exprs.append((p.get("title"), t["expr"]))
+                ds_ok = t.get("datasource", p.get("datasource", {})).get("uid") == "${DS_PROMETHEUS}"
+                c.check(ds_ok, f"target {t.get('refId')} of {p.get('title')!r} uses ${{DS_PROMETHEUS}}")
+    c.check(len(exprs) >= 20, f"dashboard has at least 20 queries (got {len(exprs)})")
+
+    allowed = allowed_names()
+    used = set()
+    for v in variables.values():
+        if v.get("type") != "query":
+            continue
+        q = v.get("query")
+        q = q.get("query") if isinstance(q, dict) else q
+        m = re.match(r"\s*label_values\(\s*([A-Za-z_:][\w:]*)", q or "")
+        ok = bool(m) and m.group(1) in allowed
+        c.check(ok, f"variable {v.get('name')} queries a catalogue metric: {q}")
+        if m:
+            used.add(base_name(m.group(1)))
+
+    rules = []
+    for i, (title, expr) in enumerate(exprs):
+        promql = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+        names = metric_names(promql)
+        unknown = sorted(names - allowed)
+        c.check(not unknown and names, f"{title!r}: metrics {sorted(names)} are in the catalogue"
+                + (f" (unknown: {unknown})" if unknown else ""))
+        used.update(base_name(n) for n in names)
+        if "histogram_quantile" in promql:
+            bys = re.findall(r"\bby\s*\(([^)]*)\)", promql)
+            ok = "_bucket" in promql and all("le" in [x.strip() for x in b.split(",")] for b in bys)
+            c.check(ok, f"{title!r}: histogram_quantile over _bucket keeps le")
+        stray = re.sub(r'"(?:[^"\\]|\\.)*"', '""', promql)
+        c.check("$" not in stray, f"{title!r}: no Grafana variable outside a label matcher")
+        rules.append({"record": f"dashboard:expr_{i}", "expr": promql})
+
+    missing = sorted(set(CATALOGUE) - used)
+    c.check(not missing, "every catalogue metric appears on the dashboard"
+            + (f" (missing: {missing})" if missing else ""))
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, f)
+        tmp = f.name
+    try:
+        r = subprocess.run(["promtool", "check", "rules", tmp], capture_output=True, text=True)
+    finally:
+        os.unlink(tmp)
+    c.check(r.returncode == 0, f"promtool parses all {len(rules)} expressions")
+    if r.returncode != 0:
+        print(r.stdout + r.stderr)
+
+    print(f"{c.passed} passed, {c.failed} failed")
+    return 0 if c.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

