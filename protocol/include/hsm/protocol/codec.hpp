@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <stdexcept>
@@ -27,7 +28,7 @@ struct Limits {
   std::size_t max_depth = 8;          // nesting of arrays/maps
   std::size_t max_array_items = 4096;
   std::size_t max_map_entries = 64;
-  std::size_t max_str_bytes = 64 * 1024;
+  std::size_t max_str_bytes = std::size_t{64} * 1024;
   std::size_t max_bin_bytes = kDefaultMaxMessageBytes;
   std::size_t max_ext_bytes = 0;      // the protocol uses no ext types
 };
@@ -68,6 +69,11 @@ class FrameError : public std::runtime_error {
 class FrameReader {
  public:
   explicit FrameReader(const Limits& limits = {}, std::size_t initial_buffer_bytes = 4096);
+  FrameReader(const FrameReader&) = delete;
+  FrameReader& operator=(const FrameReader&) = delete;
+  FrameReader(FrameReader&&) noexcept = default;
+  FrameReader& operator=(FrameReader&&) noexcept = default;
+  ~FrameReader() = default;
 
   /// Writable space of at least `min_bytes` (fewer when the cap leaves less room; empty only if
   /// max_message_bytes are already held, which cannot happen once next() returned nullopt).
@@ -93,13 +99,15 @@ class FrameReader {
 
   Limits limits_;
   std::size_t initial_buffer_bytes_;
-  std::optional<msgpack::unpacker> unpacker_;  // engaged while bytes are buffered
-  std::size_t prepared_ = 0;                   // size of the last prepare()
-  /// Messages parsed by feed() to make room, oldest first (next() returns them first).
+  // Engaged while bytes are buffered. On the heap because msgpack::unpacker cannot be moved
+  // safely (its parser keeps a reference to one of its own members).
+  std::unique_ptr<msgpack::unpacker> unpacker_;
+  std::size_t prepared_ = 0;  // size of the last prepare()
   struct ParsedMessage {
     msgpack::object_handle handle;
     std::size_t bytes;
   };
+  /// Messages parsed by feed() to make room, oldest first (next() returns them first).
   std::vector<ParsedMessage> parsed_;
   std::size_t parsed_front_ = 0;
   std::size_t parsed_bytes_ = 0;

@@ -21,7 +21,7 @@ using Jwk = std::map<std::string, std::string>;
 
 inline constexpr std::uint32_t kProtocolVersion = 1;
 inline constexpr std::size_t kMaxKidBytes = 255;
-inline constexpr std::size_t kDefaultMaxMessageBytes = 1024 * 1024;
+inline constexpr std::size_t kDefaultMaxMessageBytes = std::size_t{1024} * 1024;
 /// Upper bound of items in one sign_batch request.
 inline constexpr std::size_t kMaxBatchItems = 256;
 
