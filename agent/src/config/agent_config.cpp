@@ -62,7 +62,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
 
   std::string module, token_label, socket_mode = "0660", log_format = "text";
   int slot_index = -1;
-  unsigned sessions = config.hsm.sessions;
+  unsigned sessions = 16;
   std::size_t request_timeout_ms = 5000;
   std::size_t idle_timeout_s = 300, shutdown_timeout_s = 10, probe_interval_s = 10;
   std::string pin_file, policy, socket_group;

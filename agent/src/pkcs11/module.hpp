@@ -1,0 +1,148 @@
+// Module: one loaded and initialised PKCS#11 library, and the ONE call wrapper through which
+// every PKCS#11 call of the agent goes.
+//
+// Ownership: Module owns the dlopen handle (closed by a unique_ptr deleter) and the library's
+// initialisation (C_Finalize in the destructor, unless another user in this process initialised
+// it first). Everything that holds a session or an object handle (Token, SessionPool, KeyStore)
+// must be destroyed before the Module.
+//
+// Thread-safety: the library is initialised with CKF_OS_LOCKING_OK, so call() may be used from
+// any thread; the caller keeps each session to one thread at a time (SessionPool does).
+#pragma once
+
+#include <dlfcn.h>
+#include <p11-kit/pkcs11.h>
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "pkcs11/error.hpp"
+
+namespace prometheus {
+class Histogram;
+}
+
+namespace hsm::agent {
+class AgentMetrics;
+}
+
+namespace hsm::agent::pkcs11 {
+
+// The PKCS#11 functions the agent calls: (member of CK_FUNCTION_LIST, enumerator). One list
+// drives the enum, the metric label and the member lookup, so a new call is one line here.
+#define HSM_PKCS11_FUNCTIONS(X)              \
+  X(C_Initialize, kInitialize)               \
+  X(C_Finalize, kFinalize)                   \
+  X(C_GetSlotList, kGetSlotList)             \
+  X(C_GetTokenInfo, kGetTokenInfo)           \
+  X(C_GetMechanismList, kGetMechanismList)   \
+  X(C_GetMechanismInfo, kGetMechanismInfo)   \
+  X(C_OpenSession, kOpenSession)             \
+  X(C_CloseSession, kCloseSession)           \
+  X(C_GetSessionInfo, kGetSessionInfo)       \
+  X(C_Login, kLogin)                         \
+  X(C_Logout, kLogout)                       \
+  X(C_FindObjectsInit, kFindObjectsInit)     \
+  X(C_FindObjects, kFindObjects)             \
+  X(C_FindObjectsFinal, kFindObjectsFinal)   \
+  X(C_GetAttributeValue, kGetAttributeValue) \
+  X(C_GenerateKeyPair, kGenerateKeyPair)     \
+  X(C_DestroyObject, kDestroyObject)         \
+  X(C_SignInit, kSignInit)                   \
+  X(C_Sign, kSign)                           \
+  X(C_VerifyInit, kVerifyInit)               \
+  X(C_Verify, kVerify)
+
+enum class Function : std::uint8_t {
+#define HSM_PKCS11_ENUM(member, enumerator) enumerator,
+  HSM_PKCS11_FUNCTIONS(HSM_PKCS11_ENUM)
+#undef HSM_PKCS11_ENUM
+};
+
+inline constexpr std::size_t kFunctionCount = 0
+#define HSM_PKCS11_COUNT(member, enumerator) +1
+    HSM_PKCS11_FUNCTIONS(HSM_PKCS11_COUNT)
+#undef HSM_PKCS11_COUNT
+    ;
+
+/// "C_Sign": the PKCS#11 name, used in errors and as the metric label (a bounded set).
+[[nodiscard]] std::string_view function_name(Function function) noexcept;
+
+template <Function F>
+struct FunctionTraits;
+#define HSM_PKCS11_TRAITS(member, enumerator)                  \
+  template <>                                                  \
+  struct FunctionTraits<Function::enumerator> {                \
+    static constexpr auto kMember = &CK_FUNCTION_LIST::member; \
+  };
+HSM_PKCS11_FUNCTIONS(HSM_PKCS11_TRAITS)
+#undef HSM_PKCS11_TRAITS
+
+class Module {
+ public:
+  /// dlopen()s `path`, resolves C_GetFunctionList and calls C_Initialize with
+  /// CKF_OS_LOCKING_OK. CKR_CRYPTOKI_ALREADY_INITIALIZED (another user in this process) is
+  /// accepted, and then this Module does not C_Finalize. Throws StartupError naming the path.
+  Module(const std::string& path, AgentMetrics& metrics);
+  ~Module();
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+  Module(Module&&) = delete;
+  Module& operator=(Module&&) = delete;
+
+  /// Calls PKCS#11 function F with `args`; throws Pkcs11Error unless it returns CKR_OK.
+  template <Function F, typename... Args>
+  void call(Args... args) const {
+    const CK_RV rv = invoke<F>(args...);
+    if (rv != CKR_OK) fail(F, rv);
+  }
+
+  /// As call(), but the values in `accepted` are returned instead of thrown (and are not
+  /// counted as errors): e.g. CKR_USER_ALREADY_LOGGED_IN from C_Login, CKR_SIGNATURE_INVALID
+  /// from C_Verify. Returns CKR_OK or one of `accepted`.
+  template <Function F, typename... Args>
+  [[nodiscard]] CK_RV call_accepting(std::initializer_list<CK_RV> accepted, Args... args) const {
+    const CK_RV rv = invoke<F>(args...);
+    if (rv == CKR_OK) return rv;
+    for (const CK_RV ok : accepted) {
+      if (rv == ok) return rv;
+    }
+    fail(F, rv);
+  }
+
+  [[nodiscard]] const std::string& path() const noexcept { return path_; }
+  [[nodiscard]] AgentMetrics& metrics() const noexcept { return metrics_; }
+
+ private:
+  // The single place a PKCS#11 function is entered: times the call into
+  // pkcs11_call_duration_seconds{function}. Counting and throwing happen in fail().
+  template <Function F, typename... Args>
+  [[nodiscard]] CK_RV invoke(Args... args) const {
+    const auto start = std::chrono::steady_clock::now();
+    const CK_RV rv = (functions_->*FunctionTraits<F>::kMember)(args...);
+    observe(F, std::chrono::steady_clock::now() - start);
+    return rv;
+  }
+  void observe(Function function, std::chrono::steady_clock::duration elapsed) const noexcept;
+  /// Counts pkcs11_errors_total{function,ckr} and throws Pkcs11Error.
+  [[noreturn]] void fail(Function function, CK_RV rv) const;
+
+  struct LibraryCloser {
+    void operator()(void* handle) const noexcept { ::dlclose(handle); }
+  };
+
+  std::string path_;
+  AgentMetrics& metrics_;
+  std::unique_ptr<void, LibraryCloser> library_;
+  CK_FUNCTION_LIST_PTR functions_ = nullptr;
+  bool finalize_on_destruction_ = false;
+  std::array<prometheus::Histogram*, kFunctionCount> durations_{};  // cached, one per function
+};
+
+}  // namespace hsm::agent::pkcs11

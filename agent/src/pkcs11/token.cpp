@@ -1,0 +1,176 @@
+#include "pkcs11/token.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "metrics/agent_metrics.hpp"
+#include "pkcs11/module.hpp"
+
+namespace hsm::agent::pkcs11 {
+namespace {
+
+constexpr CK_BBOOL kTokenPresent = CK_TRUE;
+
+std::vector<CK_SLOT_ID> slots_with_token(const Module& module) {
+  // The list can change between the size query and the fetch (a token plugged in): ask again.
+  for (;;) {
+    CK_ULONG count = 0;
+    module.call<Function::kGetSlotList>(kTokenPresent, nullptr, &count);
+    std::vector<CK_SLOT_ID> slots(count);
+    if (count == 0) return slots;
+    const CK_RV rv = module.call_accepting<Function::kGetSlotList>(
+        {CKR_BUFFER_TOO_SMALL}, kTokenPresent, slots.data(), &count);
+    if (rv == CKR_OK) {
+      slots.resize(count);
+      return slots;
+    }
+  }
+}
+
+CK_TOKEN_INFO token_info(const Module& module, CK_SLOT_ID slot) {
+  CK_TOKEN_INFO info{};
+  module.call<Function::kGetTokenInfo>(slot, &info);
+  return info;
+}
+
+std::string token_label(const CK_TOKEN_INFO& info) {
+  return trim_field(info.label, sizeof(info.label));
+}
+
+// "'a' (slot 0x1), 'b' (slot 0x2)": what was found, for an error message.
+std::string describe_tokens(const Module& module, const std::vector<CK_SLOT_ID>& slots) {
+  std::string out;
+  for (std::size_t i = 0; i < slots.size(); ++i) {
+    if (!out.empty()) out += ", ";
+    out += "#" + std::to_string(i) + " ";
+    try {
+      out += "'" + token_label(token_info(module, slots[i])) + "'";
+    } catch (const Pkcs11Error& e) {
+      out += "(unreadable: " + std::string{e.ckr()} + ")";
+    }
+  }
+  return out.empty() ? std::string{"none"} : out;
+}
+
+std::string trim(std::string_view text) {
+  constexpr std::string_view kBlanks = " \t\r\n";
+  const auto first = text.find_first_not_of(kBlanks);
+  if (first == std::string_view::npos) return {};
+  const auto last = text.find_last_not_of(kBlanks);
+  return std::string{text.substr(first, last - first + 1)};
+}
+
+}  // namespace
+
+std::string trim_field(const unsigned char* field, std::size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(field), size);
+  // Some tokens NUL-terminate instead of blank-padding.
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos) text = text.substr(0, nul);
+  return trim(text);
+}
+
+CK_SLOT_ID find_slot(const Module& module, const TokenSelector& selector) {
+  const std::vector<CK_SLOT_ID> slots = slots_with_token(module);
+  if (selector.label) {
+    const std::string wanted = trim(*selector.label);
+    if (wanted.empty()) throw StartupError("the token label is empty");
+    for (const CK_SLOT_ID slot : slots) {
+      if (token_label(token_info(module, slot)) == wanted) return slot;
+    }
+    throw StartupError("no token with label '" + wanted + "' in " + module.path() +
+                       " (tokens present: " + describe_tokens(module, slots) + ")");
+  }
+  if (selector.slot_index) {
+    if (*selector.slot_index >= slots.size()) {
+      throw StartupError("slot index " + std::to_string(*selector.slot_index) +
+                         " out of range: " + std::to_string(slots.size()) +
+                         " slot(s) with a token in " + module.path() +
+                         " (tokens present: " + describe_tokens(module, slots) + ")");
+    }
+    return slots[*selector.slot_index];
+  }
+  throw StartupError("no token selected: give a token label or a slot index");
+}
+
+Token::Token(const Module& module, const TokenSelector& selector, const SecretString& pin,
+             bool read_only)
+    : module_(module),
+      slot_(find_slot(module, selector)),
+      read_only_(read_only),
+      anchor_(module, slot_, !read_only) {
+  const CK_TOKEN_INFO token = info();
+  description_.label = token_label(token);
+  description_.manufacturer = trim_field(token.manufacturerID, sizeof(token.manufacturerID));
+  description_.model = trim_field(token.model, sizeof(token.model));
+  description_.serial = trim_field(token.serialNumber, sizeof(token.serialNumber));
+  login(pin);
+}
+
+Token::~Token() {
+  logout();
+}
+
+void Token::login(const SecretString& pin) {
+  auto& logins = module_.metrics().logins_total;
+  const auto pin_bytes = pin.bytes();
+  try {
+    // C_Login takes a non-const pointer for historical reasons; it only reads the PIN.
+    const CK_RV rv = module_.call_accepting<Function::kLogin>(
+        {CKR_USER_ALREADY_LOGGED_IN}, anchor_.handle(), CKU_USER,
+        pin_bytes.empty() ? nullptr : const_cast<unsigned char*>(pin_bytes.data()),
+        static_cast<CK_ULONG>(pin_bytes.size()));
+    logged_in_ = true;
+    logins.Add({{"result", rv == CKR_OK ? "ok" : "already_logged_in"}}).Increment();
+  } catch (const Pkcs11Error& e) {
+    if (e.error_class() == ErrorClass::kPin) {
+      logins.Add({{"result", "wrong_pin"}}).Increment();
+      throw PinRejectedError("wrong PIN for token '" + description_.label +
+                             "': " + std::string{e.ckr()} + " (not retried)");
+    }
+    logins.Add({{"result", "error"}}).Increment();
+    throw StartupError("cannot log in to token '" + description_.label +
+                       "': " + describe_rv(e.rv()));
+  }
+}
+
+void Token::logout() noexcept {
+  if (!logged_in_) return;
+  logged_in_ = false;
+  try {
+    (void)module_.call_accepting<Function::kLogout>({CKR_USER_NOT_LOGGED_IN}, anchor_.handle());
+  } catch (const std::exception& e) {
+    spdlog::warn("logging out of token '{}': {}", description_.label, e.what());
+  }
+}
+
+CK_TOKEN_INFO Token::info() const {
+  return token_info(module_, slot_);
+}
+
+std::vector<CK_MECHANISM_TYPE> Token::mechanisms() const {
+  for (;;) {
+    CK_ULONG count = 0;
+    module_.call<Function::kGetMechanismList>(slot_, nullptr, &count);
+    std::vector<CK_MECHANISM_TYPE> list(count);
+    if (count == 0) return list;
+    const CK_RV rv = module_.call_accepting<Function::kGetMechanismList>(
+        {CKR_BUFFER_TOO_SMALL}, slot_, list.data(), &count);
+    if (rv == CKR_OK) {
+      list.resize(count);
+      return list;
+    }
+  }
+}
+
+std::optional<CK_MECHANISM_INFO> Token::mechanism_info(CK_MECHANISM_TYPE type) const {
+  CK_MECHANISM_INFO info{};
+  const CK_RV rv = module_.call_accepting<Function::kGetMechanismInfo>({CKR_MECHANISM_INVALID},
+                                                                       slot_, type, &info);
+  if (rv != CKR_OK) return std::nullopt;
+  return info;
+}
+
+Session Token::open_session() const {
+  return Session(module_, slot_, !read_only_);
+}
+
+}  // namespace hsm::agent::pkcs11

@@ -1,0 +1,438 @@
+// KeyService over a real PKCS#11 token: Module -> Token -> SessionPool -> mechanism probe ->
+// KeyStore, and one handler per protocol method.
+//
+// Error handling is in one place (error_from_current_exception): RequestError carries its
+// protocol code; Pkcs11Error becomes hsm_unavailable (session- and token-class CKRs, retryable)
+// or hsm_error, with `ckr` set. Session-class errors are retried once on a fresh session (and,
+// for a stale object handle, after dropping the cached handles of that kid); token-class errors
+// are recorded in token_status() for the server to act on (issue 4).
+#include "service/key_service.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <new>
+#include <utility>
+
+#include "keys/algorithm.hpp"
+#include "keys/algorithm_support.hpp"
+#include "keys/key_store.hpp"
+#include "keys/request_error.hpp"
+#include "keys/signer.hpp"
+#include "pkcs11/error.hpp"
+#include "pkcs11/module.hpp"
+#include "pkcs11/session_pool.hpp"
+#include "pkcs11/token.hpp"
+
+namespace hsm::agent {
+namespace {
+
+using keys::RequestError;
+using protocol::ErrorCode;
+
+constexpr std::chrono::milliseconds kDefaultSessionWait{5000};
+
+/// One generation of the connection to the token: everything that is rebuilt together when the
+/// token is re-initialised after a fault (issue 4; a re-init builds a new one in locals and
+/// swaps it in last). Members are destroyed in reverse order: cached handles and sessions
+/// before the login, the login before the library.
+struct TokenConnection {
+  std::unique_ptr<pkcs11::Module> module;
+  std::unique_ptr<pkcs11::Token> token;
+  std::unique_ptr<pkcs11::SessionPool> pool;
+  std::unique_ptr<keys::AlgorithmSupport> support;
+  std::unique_ptr<keys::KeyStore> keys;
+};
+
+protocol::Error error_from_current_exception() {
+  try {
+    throw;
+  } catch (const RequestError& e) {
+    return protocol::Error{e.code(), e.what(), std::nullopt};
+  } catch (const pkcs11::Pkcs11Error& e) {
+    const auto error_class = e.error_class();
+    const bool retryable =
+        error_class == pkcs11::ErrorClass::kSession || error_class == pkcs11::ErrorClass::kToken;
+    return protocol::Error{retryable ? ErrorCode::kHsmUnavailable : ErrorCode::kHsmError, e.what(),
+                           std::string{e.ckr()}};
+  } catch (const std::bad_alloc&) {
+    return protocol::Error{ErrorCode::kInternal, "out of memory", std::nullopt};
+  } catch (const std::exception& e) {
+    spdlog::error("unexpected error while executing a request: {}", e.what());
+    return protocol::Error{ErrorCode::kInternal, e.what(), std::nullopt};
+  } catch (...) {
+    spdlog::error("unexpected non-standard exception while executing a request");
+    return protocol::Error{ErrorCode::kInternal, "internal error", std::nullopt};
+  }
+}
+
+const keys::Algorithm& algorithm_named(std::string_view name) {
+  const keys::Algorithm* alg = keys::find_algorithm(name);
+  if (alg == nullptr) {
+    throw RequestError(ErrorCode::kUnsupportedAlg, "unknown alg '" + std::string{name} + "'");
+  }
+  return *alg;
+}
+
+keys::SignInputView input_of(const protocol::SignInput& input) {
+  if (input.digest && !input.data) return {*input.digest, true};
+  if (input.data && !input.digest) return {*input.data, false};
+  throw RequestError(ErrorCode::kInvalidParams, "give exactly one of data and digest");
+}
+
+template <typename T>
+const T& params_as(const protocol::Request& request) {
+  const T* params = std::get_if<T>(&request.params);
+  if (params == nullptr) {
+    throw RequestError(ErrorCode::kInvalidParams, "wrong parameters for this method");
+  }
+  return *params;
+}
+
+class Pkcs11KeyService final : public KeyService {
+ public:
+  Pkcs11KeyService(TokenConnection connection, SecretString pin, bool read_only)
+      : connection_(std::move(connection)), pin_(std::move(pin)), read_only_(read_only) {
+    const keys::AlgorithmSupport& support = *connection_.support;
+    capabilities_.agent_version = HSM_AGENT_VERSION;
+    capabilities_.supported_algs = support.supported_names();
+    capabilities_.default_alg = support.default_name();
+    bool any_generate = false;
+    for (const keys::Algorithm& alg : keys::all_algorithms()) {
+      any_generate = any_generate || support.plan(alg).can_generate;
+    }
+    capabilities_.can_create = !read_only_ && any_generate;
+    capabilities_.can_import = false;
+    capabilities_.can_delete = !read_only_;
+  }
+
+  ~Pkcs11KeyService() override { close(); }
+
+  Outcome execute(const protocol::Request& request) override {
+    try {
+      if (closed_.load(std::memory_order_acquire)) {
+        return protocol::Error{ErrorCode::kShuttingDown, "the agent is shutting down",
+                               std::nullopt};
+      }
+      return dispatch(request);
+    } catch (...) {
+      return error_from_current_exception();
+    }
+  }
+
+  const protocol::CapabilitiesResult& capabilities() const override { return capabilities_; }
+  const protocol::TokenDescription& token() const override {
+    return connection_.token ? connection_.token->description() : closed_token_;
+  }
+
+  TokenStatus token_status() const override {
+    std::lock_guard lock(status_mutex_);
+    return status_;
+  }
+
+  void close() noexcept override {
+    if (closed_.exchange(true)) return;
+    // Sessions first, then the login (logout, anchor session), then the library (C_Finalize).
+    closed_token_ = connection_.token ? connection_.token->description() : closed_token_;
+    connection_.keys.reset();
+    connection_.pool.reset();
+    if (connection_.token) connection_.token->logout();
+    connection_.token.reset();
+    connection_.module.reset();
+  }
+
+ private:
+  protocol::Result dispatch(const protocol::Request& request) {
+    switch (request.method) {
+      case protocol::Method::kCapabilities:
+        return capabilities_;
+      case protocol::Method::kHealth:
+        return health();
+      case protocol::Method::kGenerateKey:
+        return generate_key(request, params_as<protocol::GenerateKeyParams>(request));
+      case protocol::Method::kImportKey:
+        throw RequestError(ErrorCode::kNotSupported,
+                           "import_key is not supported: keys are generated inside the HSM");
+      case protocol::Method::kSign: {
+        const auto& params = params_as<protocol::SignParams>(request);
+        auto [alg, signature] = sign_one(request, params);
+        return protocol::SignResult{params.kid, std::string{alg->name}, std::move(signature)};
+      }
+      case protocol::Method::kVerify:
+        return verify(request, params_as<protocol::VerifyParams>(request));
+      case protocol::Method::kGetPublicKey:
+        return get_public_key(request, params_as<protocol::KidParams>(request));
+      case protocol::Method::kListKeys:
+        return list_keys(request);
+      case protocol::Method::kDeleteKey:
+        return delete_key(request, params_as<protocol::KidParams>(request));
+      case protocol::Method::kGetJwks:
+        return get_jwks(request);
+      case protocol::Method::kSignBatch:
+        return sign_batch(request, params_as<protocol::SignBatchParams>(request));
+    }
+    throw RequestError(ErrorCode::kUnknownMethod, "unknown method");
+  }
+
+  // ---- methods -----------------------------------------------------------------------------
+
+  protocol::HealthResult health() {
+    protocol::HealthResult result;
+    result.token = connection_.token->description();
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      // C_GetTokenInfo really asks the token (through the library), and needs no session, so
+      // health answers even when every session is busy.
+      (void)connection_.token->info();
+      result.ok = true;
+      note_success();
+    } catch (const pkcs11::Pkcs11Error& e) {
+      note_failure(e);
+      result.ok = false;
+      result.error = e.what();
+    }
+    result.latency_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    return result;
+  }
+
+  protocol::KeyDescription generate_key(const protocol::Request& request,
+                                        const protocol::GenerateKeyParams& params) {
+    if (read_only_) {
+      throw RequestError(ErrorCode::kPermissionDenied, "the agent runs read-only: no generate_key");
+    }
+    const keys::Algorithm& alg = algorithm_named(params.alg.value_or(capabilities_.default_alg));
+    std::uint32_t rsa_bits = keys::kDefaultRsaBits;
+    if (params.rsa_bits) {
+      if (alg.key_type != keys::KeyType::kRsa) {
+        throw RequestError(ErrorCode::kInvalidParams, "rsa_bits applies to RSA algs only");
+      }
+      if (*params.rsa_bits != 2048 && *params.rsa_bits != 3072 && *params.rsa_bits != 4096) {
+        throw RequestError(ErrorCode::kInvalidParams, "rsa_bits must be 2048, 3072 or 4096");
+      }
+      rsa_bits = *params.rsa_bits;
+    }
+    keys::KeyEntryPtr entry = with_session(request, &params.kid, [&](pkcs11::Session& session) {
+      return connection_.keys->generate(session, params.kid, alg, rsa_bits);
+    });
+    // The alg asked for: for RSA it is not recorded on the token, so later lookups report
+    // the RSA default, RS256 (docs/keys.md).
+    return protocol::KeyDescription{params.kid, std::string{alg.name},
+                                    keys::jwk_with(entry->public_key_info, params.kid, alg.name)};
+  }
+
+  std::pair<const keys::Algorithm*, protocol::Bytes> sign_one(const protocol::Request& request,
+                                                              const protocol::SignParams& params) {
+    const keys::SignInputView input = input_of(params.input);
+    const protocol::SignatureFormat format =
+        params.format.value_or(protocol::SignatureFormat::kRaw);
+    const keys::Algorithm* used = nullptr;
+    protocol::Bytes signature = with_session(request, &params.kid, [&](pkcs11::Session& session) {
+      const keys::KeyEntryPtr key = find_key(session, params.kid);
+      used = &resolve_alg(*key, params.alg, format);
+      return keys::sign(session, *key, connection_.support->plan(*used), input, format);
+    });
+    return {used, std::move(signature)};
+  }
+
+  protocol::VerifyResult verify(const protocol::Request& request,
+                                const protocol::VerifyParams& params) {
+    const keys::SignInputView input = input_of(params.input);
+    const protocol::SignatureFormat format =
+        params.format.value_or(protocol::SignatureFormat::kRaw);
+    const keys::KeyEntryPtr key = with_session(request, &params.kid, [&](pkcs11::Session& session) {
+      return find_key(session, params.kid);
+    });
+    const keys::Algorithm& alg = resolve_alg(*key, params.alg, format);
+    return protocol::VerifyResult{
+        keys::verify(*key, connection_.support->plan(alg), input, params.signature, format)};
+  }
+
+  protocol::PublicKeyResult get_public_key(const protocol::Request& request,
+                                           const protocol::KidParams& params) {
+    const keys::KeyEntryPtr key = with_session(request, &params.kid, [&](pkcs11::Session& session) {
+      return find_key(session, params.kid);
+    });
+    return protocol::PublicKeyResult{key->kid, std::string{key->default_alg->name},
+                                     key->public_key_info.jwk, key->public_key_info.spki};
+  }
+
+  protocol::ListKeysResult list_keys(const protocol::Request& request) {
+    protocol::ListKeysResult result;
+    for (const auto& key : all_keys(request)) {
+      result.keys.push_back(protocol::KeyDescription{key->kid, std::string{key->default_alg->name},
+                                                     key->public_key_info.jwk});
+    }
+    return result;
+  }
+
+  protocol::JwksResult get_jwks(const protocol::Request& request) {
+    protocol::JwksResult result;
+    for (const auto& key : all_keys(request)) result.keys.push_back(key->public_key_info.jwk);
+    return result;
+  }
+
+  protocol::DeleteKeyResult delete_key(const protocol::Request& request,
+                                       const protocol::KidParams& params) {
+    if (read_only_) {
+      throw RequestError(ErrorCode::kPermissionDenied, "the agent runs read-only: no delete_key");
+    }
+    // Kept across a retry: a first attempt may have destroyed objects before its session broke.
+    bool deleted = false;
+    with_session(request, &params.kid, [&](pkcs11::Session& session) {
+      deleted = connection_.keys->remove(session, params.kid) || deleted;
+      return 0;
+    });
+    return protocol::DeleteKeyResult{deleted};
+  }
+
+  protocol::SignBatchResult sign_batch(const protocol::Request& request,
+                                       const protocol::SignBatchParams& params) {
+    if (params.items.empty() || params.items.size() > protocol::kMaxBatchItems) {
+      throw RequestError(
+          ErrorCode::kInvalidParams,
+          "sign_batch takes 1 to " + std::to_string(protocol::kMaxBatchItems) + " items");
+    }
+    protocol::SignBatchResult result;
+    result.results.reserve(params.items.size());
+    for (const protocol::SignParams& item : params.items) {
+      try {
+        result.results.emplace_back(sign_one(request, item).second);
+      } catch (...) {
+        result.results.emplace_back(error_from_current_exception());
+      }
+    }
+    return result;
+  }
+
+  // ---- helpers -----------------------------------------------------------------------------
+
+  keys::KeyEntryPtr find_key(pkcs11::Session& session, const std::string& kid) {
+    keys::KeyEntryPtr key = connection_.keys->find(session, kid);
+    if (!key) throw RequestError(ErrorCode::kNotFound, "no key with kid '" + kid + "'");
+    return key;
+  }
+
+  std::vector<keys::KeyEntryPtr> all_keys(const protocol::Request& request) {
+    return with_session(request, nullptr,
+                        [&](pkcs11::Session& session) { return connection_.keys->list(session); });
+  }
+
+  // The alg a request uses: the one asked for (which the key and the token must support), else
+  // the key's default.
+  const keys::Algorithm& resolve_alg(const keys::KeyEntry& key,
+                                     const std::optional<std::string>& requested,
+                                     protocol::SignatureFormat format) const {
+    const keys::Algorithm& alg = requested ? algorithm_named(*requested) : *key.default_alg;
+    if (!key.can_use(alg)) {
+      throw RequestError(ErrorCode::kUnsupportedAlg,
+                         "key '" + key.kid + "' cannot be used with " + std::string{alg.name});
+    }
+    if (format == protocol::SignatureFormat::kDer && alg.scheme != keys::SignScheme::kEcdsa) {
+      throw RequestError(ErrorCode::kInvalidParams, "format 'der' applies to ECDSA algs only");
+    }
+    return alg;
+  }
+
+  // Runs `work` on a pooled session. A session-class PKCS#11 error (the session or a cached
+  // handle went stale) is retried once on a fresh session after discarding what was stale;
+  // everything else propagates. `kid` names the key whose cached handles to drop on a stale
+  // handle (nullptr: all).
+  template <typename Work>
+  auto with_session(const protocol::Request& request, const std::string* kid, Work&& work)
+      -> decltype(work(std::declval<pkcs11::Session&>())) {
+    const std::chrono::milliseconds wait =
+        request.timeout_ms ? std::chrono::milliseconds(*request.timeout_ms) : kDefaultSessionWait;
+    for (int attempt = 0;; ++attempt) {
+      auto lease = connection_.pool->acquire(wait);
+      if (!lease) {
+        throw RequestError(ErrorCode::kOverloaded, "no PKCS#11 session came free within " +
+                                                       std::to_string(wait.count()) + " ms");
+      }
+      try {
+        auto result = work(lease->session());
+        note_success();
+        return result;
+      } catch (const pkcs11::Pkcs11Error& e) {
+        note_failure(e);
+        const CK_RV rv = e.rv();
+        if (pkcs11::is_stale_handle(rv)) {
+          if (kid != nullptr) {
+            connection_.keys->invalidate(*kid);
+          } else {
+            connection_.keys->invalidate_all();
+          }
+        } else if (e.error_class() == pkcs11::ErrorClass::kSession || rv == CKR_BUFFER_TOO_SMALL ||
+                   rv == CKR_OPERATION_ACTIVE) {
+          lease->mark_broken();  // closed and replaced when the lease ends
+        } else {
+          lease->mark_suspect();  // checked with C_GetSessionInfo before reuse
+        }
+        if (attempt > 0 || e.error_class() != pkcs11::ErrorClass::kSession) throw;
+        spdlog::info("retrying once on a fresh session after {}", e.what());
+      }
+    }
+  }
+
+  void note_success() {
+    if (token_up_.load(std::memory_order_relaxed)) return;
+    std::lock_guard lock(status_mutex_);
+    status_.up = true;
+    token_up_.store(true, std::memory_order_relaxed);
+  }
+
+  void note_failure(const pkcs11::Pkcs11Error& e) {
+    if (e.error_class() != pkcs11::ErrorClass::kToken) return;
+    spdlog::warn("token fault: {}", e.what());
+    std::lock_guard lock(status_mutex_);
+    status_.up = false;
+    status_.last_fault = e.what();
+    token_up_.store(false, std::memory_order_relaxed);
+  }
+
+  TokenConnection connection_;
+  SecretString pin_;  // kept only to log in again after the token is re-initialised (issue 4)
+  const bool read_only_;
+  protocol::CapabilitiesResult capabilities_;
+  protocol::TokenDescription closed_token_;
+  std::atomic<bool> closed_{false};
+  std::atomic<bool> token_up_{true};  // fast path of note_success
+  mutable std::mutex status_mutex_;
+  TokenStatus status_;  // guarded by status_mutex_
+};
+
+}  // namespace
+
+std::unique_ptr<KeyService> KeyService::open(HsmConfig config, AgentMetrics& metrics) {
+  TokenConnection connection;
+  try {
+    connection.module = std::make_unique<pkcs11::Module>(config.module_path, metrics);
+    connection.token = std::make_unique<pkcs11::Token>(
+        *connection.module, pkcs11::TokenSelector{config.token_label, config.slot_index},
+        config.pin, config.read_only);
+    connection.pool = std::make_unique<pkcs11::SessionPool>(*connection.token,
+                                                            std::max(config.sessions, 1U), metrics);
+    {
+      auto lease = connection.pool->acquire(kDefaultSessionWait);
+      if (!lease) throw StartupError("no PKCS#11 session for the mechanism probe");
+      connection.support = std::make_unique<keys::AlgorithmSupport>(
+          keys::AlgorithmSupport::probe(*connection.token, lease->session()));
+    }
+    connection.keys = std::make_unique<keys::KeyStore>(*connection.support);
+  } catch (const StartupError&) {
+    throw;
+  } catch (const pkcs11::Pkcs11Error& e) {
+    throw StartupError("cannot open the token in " + config.module_path + ": " + e.what());
+  }
+  const auto& description = connection.token->description();
+  spdlog::info("token '{}' ({} {}, serial {}) open with {} sessions{}", description.label,
+               description.manufacturer, description.model, description.serial,
+               connection.pool->size(), config.read_only ? ", read-only" : "");
+  return std::make_unique<Pkcs11KeyService>(std::move(connection), std::move(config.pin),
+                                            config.read_only);
+}
+
+}  // namespace hsm::agent
