@@ -181,8 +181,9 @@ TEST_CASE("the PIN is not in argv, the environment or the logs", "[lifecycle][se
   for (bool from_env : {false, true}) {
     AgentProcess agent(token, AgentOptions{.pin_from_env = from_env});
     hsm::Client client(agent.socket_path());
-    client.generate_key("k");
-    (void)client.sign("k", std::string_view("data"));
+    const std::string kid = from_env ? "from-env" : "from-file";
+    client.generate_key(kid);
+    (void)client.sign(kid, std::string_view("data"));
     CHECK(read_proc(agent.pid(), "cmdline").find("73915286") == std::string::npos);
     CHECK(read_proc(agent.pid(), "environ").find("73915286") == std::string::npos);
     CHECK(read_proc(agent.pid(), "environ").find("HSM_AGENT_PIN=") == std::string::npos);

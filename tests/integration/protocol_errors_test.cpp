@@ -103,7 +103,7 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
     CHECK(expect_error(conn, Method::kSign, 3).code == ErrorCode::kInvalidParams);
   }
   SECTION("invalid_params: kid too long, empty, or with NUL") {
-    for (const std::string kid : {std::string(256, 'k'), std::string(), std::string("a\0b", 3)}) {
+    for (const std::string& kid : {std::string(256, 'k'), std::string(), std::string("a\0b", 3)}) {
       conn.send(sign_request(4, kid, to_bytes("x")));
       CHECK(expect_error(conn, Method::kSign, 4).code == ErrorCode::kInvalidParams);
     }

@@ -219,9 +219,14 @@ void Server::on_frame_error(Connection& connection, const protocol::FrameError& 
 void Server::on_message(Connection& connection, const msgpack::object& message) {
   auto decoded = protocol::decode_request(message);
   if (auto* failure = std::get_if<protocol::RequestDecodeError>(&decoded)) {
-    deps_.metrics.protocol_errors_total
-        .Add({{"reason", std::string(to_string(failure->error.code))}})
-        .Increment();
+    if (failure->method && failure->msgid) {
+      // A known method with bad params: an ordinary failed request of that method.
+      deps_.metrics.request_counter(*failure->method, failure->error.code).Increment();
+    } else {
+      deps_.metrics.protocol_errors_total
+          .Add({{"reason", std::string(to_string(failure->error.code))}})
+          .Increment();
+    }
     if (!failure->msgid) {
       spdlog::warn("connection {} closed: {}", connection.id(), failure->error.message);
       connection.close_after_flush();
