@@ -197,6 +197,7 @@ TEST_CASE("a message over the size limit closes the connection without buffering
           "[protocol]") {
   RunningAgent env(AgentOptions{.extra_args = {"--max-message-bytes", "4096"}});
   env.client.generate_key("k");
+  CHECK(env.client.capabilities().max_message_bytes == 4096);
   auto conn = env.connect();
   msgpack::sbuffer buffer;
   hsm::protocol::encode_request(sign_request(1, "k", hsm::Bytes(8192, 0x55)), buffer);

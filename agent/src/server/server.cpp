@@ -76,8 +76,10 @@ AuditRecord audit_record(const Call& call, const Outcome& outcome) {
 
 }  // namespace
 
-Server::Server(Dependencies deps) : deps_(deps) {
+Server::Server(Dependencies deps) : deps_(deps), capabilities_(deps.keys.capabilities()) {
   const auto& limits = deps_.config.limits;
+  // The transport's limit, which the token side does not know.
+  capabilities_.max_message_bytes = limits.max_message_bytes;
   connection_limits_.frame.max_message_bytes = limits.max_message_bytes;
   connection_limits_.frame.max_bin_bytes = limits.max_message_bytes;
   connection_limits_.max_write_buffer_bytes = limits.max_write_buffer_bytes;
@@ -251,7 +253,7 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
     return;
   }
   if (request.method == Method::kCapabilities) {
-    answer_now(connection, request, {request.msgid, deps_.keys.capabilities()}, received);
+    answer_now(connection, request, {request.msgid, capabilities_}, received);
     return;
   }
 

@@ -94,6 +94,7 @@ class Server final : public ConnectionEvents {
 
  private:
   Dependencies deps_;
+  protocol::CapabilitiesResult capabilities_;  // answered on the loop, without the token
   ConnectionLimits connection_limits_;
   uv_loop_t loop_{};
   uv_pipe_t listener_{};
