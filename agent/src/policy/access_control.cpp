@@ -1,65 +1,148 @@
 #include "policy/access_control.hpp"
 
-#include <algorithm>
 #include <string>
+#include <type_traits>
+#include <utility>
+#include <variant>
 
 namespace hsm::agent {
 namespace {
 
-template <typename T>
-bool contains(const std::vector<T>& values, T value) {
-  return std::find(values.begin(), values.end(), value) != values.end();
+protocol::Error denied(protocol::Method method, const std::string* kid, std::string_view why = {}) {
+  std::string message = "permission denied: ";
+  message += protocol::to_string(method);
+  if (kid != nullptr) message += " on kid '" + *kid + "'";
+  message += why;
+  return {protocol::ErrorCode::kPermissionDenied, std::move(message), std::nullopt};
 }
 
-std::string denied_message(const protocol::Request& request) {
-  std::string message = "permission denied: ";
-  message += protocol::to_string(request.method);
-  std::visit(
-      [&message](const auto& params) {
-        if constexpr (requires { params.kid; }) message += " on kid '" + params.kid + "'";
+/// The first kid of the request that `rule` does not allow, or null when all are allowed (or
+/// the method takes no kid).
+const std::string* refused_kid(const PolicyRule& rule, const protocol::Params& params) noexcept {
+  return std::visit(
+      [&rule](const auto& p) -> const std::string* {
+        using P = std::decay_t<decltype(p)>;
+        if constexpr (std::is_same_v<P, protocol::SignBatchParams>) {
+          for (const auto& item : p.items) {
+            if (!rule.allows_kid(item.kid)) return &item.kid;
+          }
+          return nullptr;
+        } else if constexpr (requires { p.kid; }) {
+          return rule.allows_kid(p.kid) ? nullptr : &p.kid;
+        } else {
+          return nullptr;
+        }
       },
-      request.params);
-  return message;
+      params);
+}
+
+/// The kid a denial names: the request's (for sign_batch its first item's), null without one.
+const std::string* first_kid_of(const protocol::Params& params) noexcept {
+  return std::visit(
+      [](const auto& p) -> const std::string* {
+        using P = std::decay_t<decltype(p)>;
+        if constexpr (std::is_same_v<P, protocol::SignBatchParams>) {
+          return p.items.empty() ? nullptr : &p.items.front().kid;
+        } else if constexpr (requires { p.kid; }) {
+          return &p.kid;
+        } else {
+          return nullptr;
+        }
+      },
+      params);
 }
 
 }  // namespace
 
+std::vector<PolicyRule> default_policy_rules(const AccessConfig& config, uid_t agent_uid) {
+  std::vector<PolicyRule> rules;
+  PolicyRule admins;
+  admins.name = "default: agent uid, root and --admin-uid";
+  admins.match.uids = config.admin_uids;
+  admins.match.uids.push_back(agent_uid);
+  admins.match.uids.push_back(0);
+  admins.methods = MethodSet::all();
+  admins.kids.emplace_back("*");
+  rules.push_back(std::move(admins));
+
+  if (!config.allow_uids.empty() || !config.allow_gids.empty()) {
+    PolicyRule callers;
+    callers.name = "default: --allow-uid and --allow-gid";
+    callers.match.uids = config.allow_uids;
+    callers.match.gids = config.allow_gids;
+    callers.methods = MethodSet::all();
+    callers.methods.remove(protocol::Method::kGenerateKey);
+    callers.methods.remove(protocol::Method::kDeleteKey);
+    callers.kids.emplace_back("*");
+    rules.push_back(std::move(callers));
+  }
+  return rules;
+}
+
+AccessControl::AccessControl(std::vector<PolicyRule> rules, std::string description, bool read_only)
+    : rules_(std::move(rules)), description_(std::move(description)), read_only_(read_only) {}
+
 AccessControl::AccessControl(const AccessConfig& config, bool read_only, uid_t agent_uid)
-    : admin_uids_(config.admin_uids),
-      user_uids_(config.allow_uids),
-      user_gids_(config.allow_gids),
-      read_only_(read_only) {
-  admin_uids_.push_back(agent_uid);
-  admin_uids_.push_back(0);
+    : description_("default policy"), read_only_(read_only) {
+  if (!config.policy_path) {
+    rules_ = default_policy_rules(config, agent_uid);
+    return;
+  }
+  if (!config.allow_uids.empty() || !config.allow_gids.empty() || !config.admin_uids.empty()) {
+    // With a policy file these flags would be ignored; refusing says so instead of letting an
+    // operator believe --admin-uid took effect.
+    throw PolicyError(*config.policy_path, std::nullopt, std::nullopt,
+                      "--allow-uid, --allow-gid and --admin-uid apply only without --policy; "
+                      "put those callers in the policy file");
+  }
+  rules_ = load_policy_file(*config.policy_path);
+  policy_path_ = config.policy_path;
+  description_ = "policy file " + *policy_path_;
+}
+
+AccessControl AccessControl::from_policy_text(std::string_view yaml, const std::string& source,
+                                              bool read_only) {
+  return AccessControl(parse_policy(yaml, source), "policy " + source, read_only);
 }
 
 bool AccessControl::is_admin_method(protocol::Method method) noexcept {
   return method == protocol::Method::kGenerateKey || method == protocol::Method::kDeleteKey;
 }
 
-AccessControl::Grant AccessControl::grant_for(const Caller& caller) const {
-  if (contains(admin_uids_, caller.uid)) return Grant::kAdmin;
-  if (contains(user_uids_, caller.uid) || contains(user_gids_, caller.gid)) return Grant::kUser;
-  return Grant::kNone;
+const PolicyRule* AccessControl::rule_for(const Caller& caller) const noexcept {
+  for (const auto& rule : rules_) {
+    if (rule.match.matches(caller)) return &rule;
+  }
+  return nullptr;
 }
 
-bool AccessControl::admits(const Caller& caller) const { return grant_for(caller) != Grant::kNone; }
+bool AccessControl::admits(const Caller& caller) const noexcept {
+  return rule_for(caller) != nullptr;
+}
 
 std::optional<protocol::Error> AccessControl::authorize(const Caller& caller,
                                                         const protocol::Request& request) const {
-  if (!is_admin_method(request.method)) {
-    return grant_for(caller) == Grant::kNone
-               ? std::optional(protocol::Error{protocol::ErrorCode::kPermissionDenied,
-                                               denied_message(request), std::nullopt})
-               : std::nullopt;
+  if (read_only_ && is_admin_method(request.method)) {
+    return denied(request.method, first_kid_of(request.params), " (the agent is read-only)");
   }
-  if (read_only_) {
-    return protocol::Error{protocol::ErrorCode::kPermissionDenied,
-                           denied_message(request) + " (the agent is read-only)", std::nullopt};
+  const PolicyRule* rule = rule_for(caller);
+  if (rule == nullptr || !rule->methods.contains(request.method)) {
+    return denied(request.method, first_kid_of(request.params));
   }
-  if (grant_for(caller) != Grant::kAdmin) {
-    return protocol::Error{protocol::ErrorCode::kPermissionDenied, denied_message(request),
-                           std::nullopt};
+  if (const std::string* kid = refused_kid(*rule, request.params)) {
+    return denied(request.method, kid);
+  }
+  return std::nullopt;
+}
+
+std::optional<PolicyError> AccessControl::reload() {
+  if (!policy_path_) return std::nullopt;
+  try {
+    // Parse into a local first: a bad file leaves the current rules untouched.
+    std::vector<PolicyRule> fresh = load_policy_file(*policy_path_);
+    rules_ = std::move(fresh);
+  } catch (const PolicyError& e) {
+    return e;
   }
   return std::nullopt;
 }

@@ -9,6 +9,7 @@
 
 #include "log/audit_log.hpp"
 #include "policy/access_control.hpp"
+#include "policy/rate_limiter.hpp"
 #include "server/socket_path.hpp"
 
 namespace hsm::agent {
@@ -250,6 +251,14 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
   }
   if (auto denied = deps_.access.authorize(connection.caller(), request)) {
     answer_now(connection, request, {request.msgid, std::move(*denied)}, received);
+    return;
+  }
+  // After the access check (a denied request uses no tokens), before any work.
+  if (!deps_.rate_limiter.try_acquire(connection.caller().uid, received)) {
+    answer_now(connection, request,
+               error_response(request.msgid, ErrorCode::kOverloaded,
+                              "rate limit for this caller exceeded; retry later"),
+               received);
     return;
   }
   if (request.method == Method::kCapabilities) {

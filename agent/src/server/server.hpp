@@ -31,6 +31,7 @@
 namespace hsm::agent {
 
 class AccessControl;
+class RateLimiter;
 
 class Server final : public ConnectionEvents {
  public:
@@ -42,6 +43,7 @@ class Server final : public ConnectionEvents {
     HealthState& health;
     AccessControl& access;
     AuditLog& audit;
+    RateLimiter& rate_limiter;
   };
 
   explicit Server(Dependencies deps);
