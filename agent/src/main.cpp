@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <exception>
 #include <memory>
+#include <optional>
+#include <stdexcept>
 
 #include "config/agent_config.hpp"
 #include "log/audit_log.hpp"
@@ -20,9 +22,12 @@
 #include "metrics/http_endpoint.hpp"
 #include "metrics/process_collector.hpp"
 #include "policy/access_control.hpp"
+#include "policy/policy_file.hpp"
+#include "policy/rate_limiter.hpp"
 #include "server/server.hpp"
 #include "server/socket_path.hpp"
 #include "service/key_service.hpp"
+#include "service/token_supervisor.hpp"
 
 namespace {
 
@@ -56,6 +61,20 @@ int run(int argc, char** argv) {
   } catch (const ConfigError& e) {
     return fail(e.what(), kExitConfig);
   }
+
+  // Access rules are checked before the token is touched: a bad policy is a configuration
+  // error, reported as such.
+  std::optional<AccessControl> access;
+  std::optional<RateLimiter> rate_limiter;
+  try {
+    access.emplace(config.access, config.hsm.read_only, ::getuid());
+    rate_limiter.emplace(config.access);
+  } catch (const PolicyError& e) {
+    return fail(e.what(), kExitConfig);
+  } catch (const std::invalid_argument& e) {
+    return fail(e.what(), kExitConfig);
+  }
+  spdlog::info("access: {} ({} rules)", access->description(), access->rules().size());
 
   auto registry = std::make_shared<prometheus::Registry>();
   AgentMetrics metrics(*registry);
@@ -94,11 +113,25 @@ int run(int argc, char** argv) {
     }
   }
 
-  AccessControl access(config.access, config.hsm.read_only, ::getuid());
-  Server server({config, *keys, metrics, health, access, *audit});
+  // Probes the token every --probe-interval, drives /readyz and hsm_agent_hsm_up, and
+  // re-initialises the token after a fault (docs/reliability.md). Stopped before keys->close().
+  TokenSupervisor supervisor(keys->token_state(), health, metrics,
+                             SupervisorOptions{.probe_interval = config.probe_interval});
+
+  Server server({config, *keys, metrics, health, *access, *audit, *rate_limiter});
   try {
-    server.run([&health] { health.set_ready(); }, [&audit] { audit->reopen(); });
+    server.run([&supervisor] { supervisor.set_serving(); }, [&audit, &access] {
+      // SIGHUP, on the loop thread: rotate the audit log, re-read the policy (a bad file
+      // keeps the rules in force).
+      audit->reopen();
+      if (auto error = access->reload()) {
+        spdlog::error("policy not reloaded, keeping the current one: {}", error->what());
+      } else {
+        spdlog::info("access: {} ({} rules)", access->description(), access->rules().size());
+      }
+    });
   } catch (const SocketSetupError& e) {
+    (void)supervisor.stop();
     keys->close();
     return fail(e.what(), kExitStartup);
   }
@@ -108,6 +141,12 @@ int run(int argc, char** argv) {
     // A worker is stuck inside the token: finalising under it is undefined behaviour, and
     // destructors would wait for it. The socket is already gone; leave now.
     spdlog::warn("exiting with PKCS#11 calls still running");
+    spdlog::shutdown();
+    std::_Exit(0);
+  }
+  if (!supervisor.stop()) {
+    // The supervisor is stuck inside the token (a hung re-initialisation or probe): same case.
+    spdlog::warn("exiting with a token supervisor call still running");
     spdlog::shutdown();
     std::_Exit(0);
   }

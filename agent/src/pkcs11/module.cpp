@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cstring>
+#include <utility>
 
 #include "metrics/agent_metrics.hpp"
 #include "service/key_service.hpp"
@@ -28,42 +29,43 @@ std::string_view function_name(Function function) noexcept {
   return kFunctionNames[static_cast<std::size_t>(function)];
 }
 
-Module::Module(const std::string& path, AgentMetrics& metrics) : path_(path), metrics_(metrics) {
-  for (std::size_t i = 0; i < kFunctionCount; ++i) {
-    durations_[i] = &metrics_.pkcs11_call_duration_seconds.Add(
-        {{"function", std::string{kFunctionNames[i]}}}, latency_buckets());
-  }
-
+Library::Library(std::string path) : path_(std::move(path)) {
   // RTLD_LOCAL: the vendor library's symbols must not interpose on ours (or OpenSSL's).
-  library_.reset(::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL));
-  if (!library_) {
-    throw StartupError("cannot load PKCS#11 module " + path + ": " + last_dl_error());
+  handle_.reset(::dlopen(path_.c_str(), RTLD_NOW | RTLD_LOCAL));
+  if (!handle_) {
+    throw StartupError("cannot load PKCS#11 module " + path_ + ": " + last_dl_error());
   }
   // dlsym returns void*; the PKCS#11 ABI defines C_GetFunctionList's type, so this conversion
   // is the one unavoidable cast of a data pointer to a function pointer.
-  void* symbol = ::dlsym(library_.get(), "C_GetFunctionList");
+  void* symbol = ::dlsym(handle_.get(), "C_GetFunctionList");
   if (symbol == nullptr) {
-    throw StartupError("cannot load PKCS#11 module " + path +
+    throw StartupError("cannot load PKCS#11 module " + path_ +
                        ": no C_GetFunctionList (not a PKCS#11 module?)");
   }
   CK_C_GetFunctionList get_function_list = nullptr;
   static_assert(sizeof(get_function_list) == sizeof(symbol));
   std::memcpy(&get_function_list, &symbol, sizeof(symbol));
   if (const CK_RV rv = get_function_list(&functions_); rv != CKR_OK || functions_ == nullptr) {
-    throw StartupError("cannot load PKCS#11 module " + path +
+    throw StartupError("cannot load PKCS#11 module " + path_ +
                        ": C_GetFunctionList failed: " + describe_rv(rv));
   }
+}
 
+Module::Module(std::shared_ptr<const Library> library, AgentMetrics& metrics)
+    : library_(std::move(library)), metrics_(metrics), functions_(library_->functions()) {
+  for (std::size_t i = 0; i < kFunctionCount; ++i) {
+    durations_[i] = &metrics_.pkcs11_call_duration_seconds.Add(
+        {{"function", std::string{kFunctionNames[i]}}}, latency_buckets());
+  }
   // The agent calls the library from several worker threads: ask it to use OS locking.
   CK_C_INITIALIZE_ARGS args{};
   args.flags = CKF_OS_LOCKING_OK;
-  const CK_RV rv = invoke<Function::kInitialize>(&args);
+  const CK_RV rv =
+      call_accepting<Function::kInitialize>({CKR_CRYPTOKI_ALREADY_INITIALIZED}, &args);
   if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
     // Someone else in this process owns the initialisation; finalising would pull the library
     // out from under them.
-    spdlog::warn("PKCS#11 module {} was already initialised in this process", path);
-  } else if (rv != CKR_OK) {
-    throw StartupError("cannot initialise PKCS#11 module " + path + ": " + describe_rv(rv));
+    spdlog::warn("PKCS#11 module {} was already initialised in this process", path());
   } else {
     finalize_on_destruction_ = true;
   }

@@ -1,13 +1,22 @@
-// Module: one loaded and initialised PKCS#11 library, and the ONE call wrapper through which
-// every PKCS#11 call of the agent goes.
+// Library: one dlopen'ed PKCS#11 library and its function list, loaded once and kept for the
+// agent's life. Module: one initialisation of that library (C_Initialize .. C_Finalize), and the
+// ONE call wrapper through which every PKCS#11 call of the agent goes.
 //
-// Ownership: Module owns the dlopen handle (closed by a unique_ptr deleter) and the library's
-// initialisation (C_Finalize in the destructor, unless another user in this process initialised
-// it first). Everything that holds a session or an object handle (Token, SessionPool, KeyStore)
-// must be destroyed before the Module.
+// They are two classes because re-initialising after a token fault (docs/reliability.md) is
+// C_Finalize + C_Initialize on the same library: a new Module over the same Library. Unloading
+// and reloading a vendor library on every fault is a source of bugs of its own (libraries that
+// leak or crash on dlclose), and buys nothing.
+//
+// Ownership: Library owns the dlopen handle (closed by a unique_ptr deleter); each Module shares
+// it. Module owns the initialisation (C_Finalize in the destructor, unless another user in this
+// process initialised it first). Everything that holds a session or an object handle (Token,
+// SessionPool, KeyStore) must be destroyed before the Module.
 //
 // Thread-safety: the library is initialised with CKF_OS_LOCKING_OK, so call() may be used from
-// any thread; the caller keeps each session to one thread at a time (SessionPool does).
+// any thread; the caller keeps each session to one thread at a time (SessionPool does). A Module
+// must be destroyed only when no thread is inside one of its calls: C_Finalize while another
+// thread is in the library is undefined behaviour (PKCS#11 2.40 section 5.4). TokenState
+// guarantees that (service/token_state.hpp).
 #pragma once
 
 #include <dlfcn.h>
@@ -84,12 +93,34 @@ struct FunctionTraits;
 HSM_PKCS11_FUNCTIONS(HSM_PKCS11_TRAITS)
 #undef HSM_PKCS11_TRAITS
 
+class Library {
+ public:
+  /// dlopen()s `path` and resolves C_GetFunctionList and the function list. Calls nothing else.
+  /// Throws StartupError naming the path.
+  explicit Library(std::string path);
+  Library(const Library&) = delete;
+  Library& operator=(const Library&) = delete;
+
+  [[nodiscard]] const std::string& path() const noexcept { return path_; }
+  [[nodiscard]] CK_FUNCTION_LIST_PTR functions() const noexcept { return functions_; }
+
+ private:
+  struct LibraryCloser {
+    void operator()(void* handle) const noexcept { ::dlclose(handle); }
+  };
+
+  std::string path_;
+  std::unique_ptr<void, LibraryCloser> handle_;
+  CK_FUNCTION_LIST_PTR functions_ = nullptr;
+};
+
 class Module {
  public:
-  /// dlopen()s `path`, resolves C_GetFunctionList and calls C_Initialize with
-  /// CKF_OS_LOCKING_OK. CKR_CRYPTOKI_ALREADY_INITIALIZED (another user in this process) is
-  /// accepted, and then this Module does not C_Finalize. Throws StartupError naming the path.
-  Module(const std::string& path, AgentMetrics& metrics);
+  /// C_Initialize on `library` with CKF_OS_LOCKING_OK. CKR_CRYPTOKI_ALREADY_INITIALIZED (another
+  /// user in this process) is accepted, and then this Module does not C_Finalize. Throws
+  /// Pkcs11Error (counted in pkcs11_errors_total like any failed call).
+  Module(std::shared_ptr<const Library> library, AgentMetrics& metrics);
+  /// C_Finalize (see the class comment for when that is allowed). Never throws.
   ~Module();
   Module(const Module&) = delete;
   Module& operator=(const Module&) = delete;
@@ -116,7 +147,7 @@ class Module {
     fail(F, rv);
   }
 
-  [[nodiscard]] const std::string& path() const noexcept { return path_; }
+  [[nodiscard]] const std::string& path() const noexcept { return library_->path(); }
   [[nodiscard]] AgentMetrics& metrics() const noexcept { return metrics_; }
 
  private:
@@ -133,13 +164,8 @@ class Module {
   /// Counts pkcs11_errors_total{function,ckr} and throws Pkcs11Error.
   [[noreturn]] void fail(Function function, CK_RV rv) const;
 
-  struct LibraryCloser {
-    void operator()(void* handle) const noexcept { ::dlclose(handle); }
-  };
-
-  std::string path_;
+  std::shared_ptr<const Library> library_;
   AgentMetrics& metrics_;
-  std::unique_ptr<void, LibraryCloser> library_;
   CK_FUNCTION_LIST_PTR functions_ = nullptr;
   bool finalize_on_destruction_ = false;
   std::array<prometheus::Histogram*, kFunctionCount> durations_{};  // cached, one per function

@@ -63,6 +63,13 @@ void Session::close() noexcept {
     // A session the token already dropped is closed as far as we are concerned.
     (void)module_->call_accepting<Function::kCloseSession>(
         {CKR_SESSION_HANDLE_INVALID, CKR_SESSION_CLOSED}, handle_);
+  } catch (const Pkcs11Error& e) {
+    // A token that is down fails every close; that fault is reported where it was first seen.
+    if (e.error_class() == ErrorClass::kToken) {
+      spdlog::debug("closing a PKCS#11 session: {}", e.what());
+    } else {
+      spdlog::warn("closing a PKCS#11 session: {}", e.what());
+    }
   } catch (const std::exception& e) {
     spdlog::warn("closing a PKCS#11 session: {}", e.what());
   }

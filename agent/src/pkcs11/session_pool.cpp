@@ -39,11 +39,25 @@ std::size_t SessionPool::idle() const {
   return idle_.size();
 }
 
+std::size_t SessionPool::usable_sessions() const {
+  std::lock_guard lock(mutex_);
+  return size_ - missing_;
+}
+
+void SessionPool::close() noexcept {
+  {
+    std::lock_guard lock(mutex_);
+    closed_ = true;
+  }
+  idle_available_.notify_all();
+}
+
 std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds timeout) {
   const auto start = std::chrono::steady_clock::now();
   const auto deadline = start + timeout;
   std::unique_lock lock(mutex_);
   for (;;) {
+    if (closed_) throw PoolClosedError("the token went down while this request waited for a session");
     if (!idle_.empty()) {
       Session session = std::move(idle_.back());
       idle_.pop_back();
@@ -75,7 +89,7 @@ std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds
       }
     }
     if (idle_available_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() &&
-        missing_ == 0) {
+        missing_ == 0 && !closed_) {
       metrics_.session_wait_seconds.Observe(
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
       return std::nullopt;
@@ -84,6 +98,24 @@ std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds
 }
 
 void SessionPool::release(Session session, Lease::State state) noexcept {
+  bool closed = false;
+  {
+    std::lock_guard lock(mutex_);
+    closed = closed_;
+  }
+  if (closed) {
+    // The token is down: checking or replacing sessions would only fail against it. Keep what
+    // is not known broken; the generation's teardown closes everything.
+    std::lock_guard lock(mutex_);
+    --busy_;
+    if (state == Lease::State::kBroken) {
+      ++missing_;
+    } else {
+      idle_.push_back(std::move(session));
+    }
+    update_gauges_locked();
+    return;  // a broken session is closed here, as `session` goes out of scope
+  }
   if (state == Lease::State::kSuspect) {
     try {
       (void)session.info();

@@ -3,10 +3,14 @@
 //
 // Recovery (docs/reliability.md): a Lease marked broken has its session closed and replaced by a
 // fresh one when it ends; one marked suspect is first checked with C_GetSessionInfo. A session
-// that cannot be reopened leaves a gap that the next acquire() tries to fill.
+// that cannot be reopened leaves a gap that the next acquire() tries to fill. When the token
+// goes down, close() wakes every waiter (they fail with PoolClosedError at once instead of
+// waiting for a session of a dead token) and sessions handed back are no longer checked or
+// replaced: the whole pool is torn down with its generation (service/token_state.hpp).
 //
-// Thread-safety: acquire() and Lease destruction are safe from any thread. A Lease and its
-// session belong to the thread that acquired it. Every Lease must end before the pool does.
+// Thread-safety: acquire(), close(), usable_sessions() and Lease destruction are safe from any
+// thread. A Lease and its session belong to the thread that acquired it. Every Lease must end
+// before the pool does.
 #pragma once
 
 #include <chrono>
@@ -14,6 +18,7 @@
 #include <cstddef>
 #include <mutex>
 #include <optional>
+#include <stdexcept>
 #include <vector>
 
 #include "pkcs11/session.hpp"
@@ -25,6 +30,12 @@ class AgentMetrics;
 namespace hsm::agent::pkcs11 {
 
 class Token;
+
+/// acquire() on a pool that was closed because its token went down.
+class PoolClosedError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
 
 class SessionPool {
  public:
@@ -62,11 +73,20 @@ class SessionPool {
   SessionPool& operator=(const SessionPool&) = delete;
 
   /// An idle session, waiting up to `timeout` for one; nullopt when none came free in time.
-  /// Throws Pkcs11Error when a session had to be reopened and the token refused.
+  /// Throws Pkcs11Error when a session had to be reopened and the token refused, and
+  /// PoolClosedError once close() was called (also to callers already waiting).
   [[nodiscard]] std::optional<Lease> acquire(std::chrono::milliseconds timeout);
+
+  /// The token is down: wake every waiter and hand out nothing more. Sessions handed back
+  /// afterwards are kept as they are (no C_GetSessionInfo, no replacement) until the pool is
+  /// destroyed. Idempotent; makes no PKCS#11 call.
+  void close() noexcept;
 
   [[nodiscard]] std::size_t size() const noexcept { return size_; }
   [[nodiscard]] std::size_t idle() const;
+  /// Sessions open (idle or leased): size() minus those lost and not yet reopened. 0 means the
+  /// pool cannot serve anything until a session is reopened.
+  [[nodiscard]] std::size_t usable_sessions() const;
 
  private:
   void release(Session session, Lease::State state) noexcept;
@@ -80,6 +100,7 @@ class SessionPool {
   std::vector<Session> idle_;  // guarded by mutex_
   std::size_t busy_ = 0;       // guarded by mutex_
   std::size_t missing_ = 0;    // sessions lost and not yet reopened; guarded by mutex_
+  bool closed_ = false;        // guarded by mutex_
 };
 
 }  // namespace hsm::agent::pkcs11

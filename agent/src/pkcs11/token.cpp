@@ -119,14 +119,19 @@ void Token::login(const SecretString& pin) {
         pin_bytes.empty() ? nullptr : const_cast<unsigned char*>(pin_bytes.data()),
         static_cast<CK_ULONG>(pin_bytes.size()));
     logged_in_ = true;
-    logins.Add({{"result", rv == CKR_OK ? "ok" : "already_logged_in"}}).Increment();
+    // Already logged in (another application of this process holds the login) is a success:
+    // the alerts count every other result as a failed login.
+    if (rv == CKR_USER_ALREADY_LOGGED_IN) {
+      spdlog::info("token '{}': already logged in", description_.label);
+    }
+    logins.Add({{"result", "ok"}}).Increment();
   } catch (const Pkcs11Error& e) {
+    // The CKR name is a bounded label value (ckr_name maps anything unknown to one of two names).
+    logins.Add({{"result", std::string{e.ckr()}}}).Increment();
     if (e.error_class() == ErrorClass::kPin) {
-      logins.Add({{"result", "wrong_pin"}}).Increment();
       throw PinRejectedError("wrong PIN for token '" + description_.label +
                              "': " + std::string{e.ckr()} + " (not retried)");
     }
-    logins.Add({{"result", "error"}}).Increment();
     throw StartupError("cannot log in to token '" + description_.label +
                        "': " + describe_rv(e.rv()));
   }
@@ -137,6 +142,13 @@ void Token::logout() noexcept {
   logged_in_ = false;
   try {
     (void)module_.call_accepting<Function::kLogout>({CKR_USER_NOT_LOGGED_IN}, anchor_.handle());
+  } catch (const Pkcs11Error& e) {
+    // Logging out of a token that is down fails; that fault was reported where it was seen.
+    if (e.error_class() == ErrorClass::kToken) {
+      spdlog::debug("logging out of token '{}': {}", description_.label, e.what());
+    } else {
+      spdlog::warn("logging out of token '{}': {}", description_.label, e.what());
+    }
   } catch (const std::exception& e) {
     spdlog::warn("logging out of token '{}': {}", description_.label, e.what());
   }
@@ -144,6 +156,14 @@ void Token::logout() noexcept {
 
 CK_TOKEN_INFO Token::info() const {
   return token_info(module_, slot_);
+}
+
+CK_SESSION_INFO Token::anchor_session_info() const {
+  return anchor_.info();
+}
+
+bool Token::has_user_login(const CK_SESSION_INFO& info) noexcept {
+  return info.state == CKS_RO_USER_FUNCTIONS || info.state == CKS_RW_USER_FUNCTIONS;
 }
 
 std::vector<CK_MECHANISM_TYPE> Token::mechanisms() const {

@@ -5,8 +5,12 @@
 // least one session open on the token. Every other session (SessionPool) shares that login.
 // Destroy the Token (logout, close) before the Module, after the SessionPool.
 //
-// Thread-safety: after construction every const member may be called from any thread (they use
-// slot-level calls, never the anchor session).
+// Thread-safety: after construction every const member but anchor_session_info() may be called
+// from any thread (they use slot-level calls, never the anchor session). anchor_session_info()
+// uses the anchor session: one thread at a time (the token probe).
+//
+// Logins are counted in hsm_agent_logins_total{result}: "ok" (CKR_OK or
+// CKR_USER_ALREADY_LOGGED_IN), else the CKR name of the refusal.
 #pragma once
 
 #include <p11-kit/pkcs11.h>
@@ -68,6 +72,12 @@ class Token {
 
   /// A fresh C_GetTokenInfo: really asks the token (health checks use it). Throws Pkcs11Error.
   [[nodiscard]] CK_TOKEN_INFO info() const;
+  /// C_GetSessionInfo on the anchor session: proves the library, the token and the anchor
+  /// session answer, and tells whether the login still holds (has_user_login). Throws
+  /// Pkcs11Error. Not concurrently with itself (see the thread-safety note above).
+  [[nodiscard]] CK_SESSION_INFO anchor_session_info() const;
+  /// Whether a session in this state is logged in as the user.
+  [[nodiscard]] static bool has_user_login(const CK_SESSION_INFO& info) noexcept;
   /// C_GetMechanismList. Throws Pkcs11Error.
   [[nodiscard]] std::vector<CK_MECHANISM_TYPE> mechanisms() const;
   /// C_GetMechanismInfo; nullopt when the token does not know the mechanism.

@@ -1,11 +1,13 @@
-// KeyService over a real PKCS#11 token: Module -> Token -> SessionPool -> mechanism probe ->
-// KeyStore, and one handler per protocol method.
+// KeyService over a real PKCS#11 token: a TokenState (Module -> Token -> SessionPool -> KeyStore,
+// rebuilt after a token fault) and one handler per protocol method.
 //
 // Error handling is in one place (error_from_current_exception): RequestError carries its
 // protocol code; Pkcs11Error becomes hsm_unavailable (session- and token-class CKRs, retryable)
 // or hsm_error, with `ckr` set. Session-class errors are retried once on a fresh session (and,
-// for a stale object handle, after dropping the cached handles of that kid); token-class errors
-// are recorded in token_status() for the server to act on (issue 4).
+// for a stale object handle, after dropping the cached handles of that kid). Token-class errors
+// mark the token down (TokenState::mark_down): from then on every request answers
+// hsm_unavailable at once, until the token supervisor has re-initialised the token
+// (docs/reliability.md).
 #include "service/key_service.hpp"
 
 #include <spdlog/spdlog.h>
@@ -26,6 +28,7 @@
 #include "pkcs11/module.hpp"
 #include "pkcs11/session_pool.hpp"
 #include "pkcs11/token.hpp"
+#include "service/token_state.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -34,18 +37,6 @@ using keys::RequestError;
 using protocol::ErrorCode;
 
 constexpr std::chrono::milliseconds kDefaultSessionWait{5000};
-
-/// One generation of the connection to the token: everything that is rebuilt together when the
-/// token is re-initialised after a fault (issue 4; a re-init builds a new one in locals and
-/// swaps it in last). Members are destroyed in reverse order: cached handles and sessions
-/// before the login, the login before the library.
-struct TokenConnection {
-  std::unique_ptr<pkcs11::Module> module;
-  std::unique_ptr<pkcs11::Token> token;
-  std::unique_ptr<pkcs11::SessionPool> pool;
-  std::unique_ptr<keys::AlgorithmSupport> support;
-  std::unique_ptr<keys::KeyStore> keys;
-};
 
 protocol::Error error_from_current_exception() {
   try {
@@ -58,6 +49,8 @@ protocol::Error error_from_current_exception() {
         error_class == pkcs11::ErrorClass::kSession || error_class == pkcs11::ErrorClass::kToken;
     return protocol::Error{retryable ? ErrorCode::kHsmUnavailable : ErrorCode::kHsmError, e.what(),
                            std::string{e.ckr()}};
+  } catch (const pkcs11::PoolClosedError& e) {
+    return protocol::Error{ErrorCode::kHsmUnavailable, e.what(), std::nullopt};
   } catch (const std::bad_alloc&) {
     return protocol::Error{ErrorCode::kInternal, "out of memory", std::nullopt};
   } catch (const std::exception& e) {
@@ -92,11 +85,22 @@ const T& params_as(const protocol::Request& request) {
   return *params;
 }
 
+// The answer to every request while the token is down: at once, naming the fault.
+protocol::Error token_down_error(const std::optional<TokenFault>& fault) {
+  if (!fault) {
+    return protocol::Error{ErrorCode::kHsmUnavailable, "the token is down; re-initialising",
+                           std::nullopt};
+  }
+  return protocol::Error{ErrorCode::kHsmUnavailable,
+                         "the token is down (" + fault->reason + "); re-initialising",
+                         fault->ckr};
+}
+
 class Pkcs11KeyService final : public KeyService {
  public:
-  Pkcs11KeyService(TokenConnection connection, SecretString pin, bool read_only)
-      : connection_(std::move(connection)), pin_(std::move(pin)), read_only_(read_only) {
-    const keys::AlgorithmSupport& support = *connection_.support;
+  explicit Pkcs11KeyService(std::unique_ptr<TokenState> state)
+      : state_(std::move(state)), read_only_(state_->read_only()) {
+    const keys::AlgorithmSupport& support = state_->support();
     capabilities_.agent_version = HSM_AGENT_VERSION;
     capabilities_.supported_algs = support.supported_names();
     capabilities_.default_alg = support.default_name();
@@ -117,80 +121,90 @@ class Pkcs11KeyService final : public KeyService {
         return protocol::Error{ErrorCode::kShuttingDown, "the agent is shutting down",
                                std::nullopt};
       }
-      return dispatch(request);
+      if (request.method == protocol::Method::kCapabilities) return capabilities_;
+      // Held for the whole request: the token is never finalised under it (token_state.hpp).
+      const std::shared_ptr<TokenGeneration> generation = state_->acquire();
+      if (!generation) {
+        if (request.method == protocol::Method::kHealth) return health_while_down();
+        return token_down_error(state_->fault());
+      }
+      return dispatch(request, *generation);
     } catch (...) {
       return error_from_current_exception();
     }
   }
 
   const protocol::CapabilitiesResult& capabilities() const override { return capabilities_; }
-  const protocol::TokenDescription& token() const override {
-    return connection_.token ? connection_.token->description() : closed_token_;
-  }
+  const protocol::TokenDescription& token() const override { return state_->description(); }
 
   TokenStatus token_status() const override {
-    std::lock_guard lock(status_mutex_);
-    return status_;
+    TokenStatus status;
+    status.up = !state_->is_down();
+    if (auto fault = state_->fault()) status.last_fault = std::move(fault->reason);
+    return status;
   }
+
+  TokenState& token_state() override { return *state_; }
 
   void close() noexcept override {
     if (closed_.exchange(true)) return;
     // Sessions first, then the login (logout, anchor session), then the library (C_Finalize).
-    closed_token_ = connection_.token ? connection_.token->description() : closed_token_;
-    connection_.keys.reset();
-    connection_.pool.reset();
-    if (connection_.token) connection_.token->logout();
-    connection_.token.reset();
-    connection_.module.reset();
+    state_->close();
   }
 
  private:
-  protocol::Result dispatch(const protocol::Request& request) {
+  protocol::Result dispatch(const protocol::Request& request, TokenGeneration& generation) {
+    Context context{request, generation};
     switch (request.method) {
       case protocol::Method::kCapabilities:
         return capabilities_;
       case protocol::Method::kHealth:
-        return health();
+        return health(context);
       case protocol::Method::kGenerateKey:
-        return generate_key(request, params_as<protocol::GenerateKeyParams>(request));
+        return generate_key(context, params_as<protocol::GenerateKeyParams>(request));
       case protocol::Method::kImportKey:
         throw RequestError(ErrorCode::kNotSupported,
                            "import_key is not supported: keys are generated inside the HSM");
       case protocol::Method::kSign: {
         const auto& params = params_as<protocol::SignParams>(request);
-        auto [alg, signature] = sign_one(request, params);
+        auto [alg, signature] = sign_one(context, params);
         return protocol::SignResult{params.kid, std::string{alg->name}, std::move(signature)};
       }
       case protocol::Method::kVerify:
-        return verify(request, params_as<protocol::VerifyParams>(request));
+        return verify(context, params_as<protocol::VerifyParams>(request));
       case protocol::Method::kGetPublicKey:
-        return get_public_key(request, params_as<protocol::KidParams>(request));
+        return get_public_key(context, params_as<protocol::KidParams>(request));
       case protocol::Method::kListKeys:
-        return list_keys(request);
+        return list_keys(context);
       case protocol::Method::kDeleteKey:
-        return delete_key(request, params_as<protocol::KidParams>(request));
+        return delete_key(context, params_as<protocol::KidParams>(request));
       case protocol::Method::kGetJwks:
-        return get_jwks(request);
+        return get_jwks(context);
       case protocol::Method::kSignBatch:
-        return sign_batch(request, params_as<protocol::SignBatchParams>(request));
+        return sign_batch(context, params_as<protocol::SignBatchParams>(request));
     }
     throw RequestError(ErrorCode::kUnknownMethod, "unknown method");
   }
 
   // ---- methods -----------------------------------------------------------------------------
 
-  protocol::HealthResult health() {
+  /// What one request works with: the request and the generation it holds.
+  struct Context {
+    const protocol::Request& request;
+    TokenGeneration& generation;
+  };
+
+  protocol::HealthResult health(Context& context) {
     protocol::HealthResult result;
-    result.token = connection_.token->description();
+    result.token = state_->description();
     const auto start = std::chrono::steady_clock::now();
     try {
       // C_GetTokenInfo really asks the token (through the library), and needs no session, so
       // health answers even when every session is busy.
-      (void)connection_.token->info();
+      (void)context.generation.token->info();
       result.ok = true;
-      note_success();
     } catch (const pkcs11::Pkcs11Error& e) {
-      note_failure(e);
+      note_failure(context, e);
       result.ok = false;
       result.error = e.what();
     }
@@ -199,7 +213,16 @@ class Pkcs11KeyService final : public KeyService {
     return result;
   }
 
-  protocol::KeyDescription generate_key(const protocol::Request& request,
+  // health while the token is down: an answer, not an error (the caller asked how it is).
+  protocol::HealthResult health_while_down() const {
+    protocol::HealthResult result;
+    result.token = state_->description();
+    result.ok = false;
+    result.error = token_down_error(state_->fault()).message;
+    return result;
+  }
+
+  protocol::KeyDescription generate_key(Context& context,
                                         const protocol::GenerateKeyParams& params) {
     if (read_only_) {
       throw RequestError(ErrorCode::kPermissionDenied, "the agent runs read-only: no generate_key");
@@ -215,8 +238,8 @@ class Pkcs11KeyService final : public KeyService {
       }
       rsa_bits = *params.rsa_bits;
     }
-    keys::KeyEntryPtr entry = with_session(request, &params.kid, [&](pkcs11::Session& session) {
-      return connection_.keys->generate(session, params.kid, alg, rsa_bits);
+    keys::KeyEntryPtr entry = with_session(context, &params.kid, [&](pkcs11::Session& session) {
+      return context.generation.keys->generate(session, params.kid, alg, rsa_bits);
     });
     // The alg asked for: for RSA it is not recorded on the token, so later lookups report
     // the RSA default, RS256 (docs/keys.md).
@@ -224,73 +247,69 @@ class Pkcs11KeyService final : public KeyService {
                                     keys::jwk_with(entry->public_key_info, params.kid, alg.name)};
   }
 
-  std::pair<const keys::Algorithm*, protocol::Bytes> sign_one(const protocol::Request& request,
+  std::pair<const keys::Algorithm*, protocol::Bytes> sign_one(Context& context,
                                                               const protocol::SignParams& params) {
     const keys::SignInputView input = input_of(params.input);
     const protocol::SignatureFormat format =
         params.format.value_or(protocol::SignatureFormat::kRaw);
     const keys::Algorithm* used = nullptr;
-    protocol::Bytes signature = with_session(request, &params.kid, [&](pkcs11::Session& session) {
-      const keys::KeyEntryPtr key = find_key(session, params.kid);
+    protocol::Bytes signature = with_session(context, &params.kid, [&](pkcs11::Session& session) {
+      const keys::KeyEntryPtr key = find_key(context, session, params.kid);
       used = &resolve_alg(*key, params.alg, format);
-      return keys::sign(session, *key, connection_.support->plan(*used), input, format);
+      return keys::sign(session, *key, state_->support().plan(*used), input, format);
     });
     return {used, std::move(signature)};
   }
 
-  protocol::VerifyResult verify(const protocol::Request& request,
-                                const protocol::VerifyParams& params) {
+  protocol::VerifyResult verify(Context& context, const protocol::VerifyParams& params) {
     const keys::SignInputView input = input_of(params.input);
     const protocol::SignatureFormat format =
         params.format.value_or(protocol::SignatureFormat::kRaw);
-    const keys::KeyEntryPtr key = with_session(request, &params.kid, [&](pkcs11::Session& session) {
-      return find_key(session, params.kid);
+    const keys::KeyEntryPtr key = with_session(context, &params.kid, [&](pkcs11::Session& session) {
+      return find_key(context, session, params.kid);
     });
     const keys::Algorithm& alg = resolve_alg(*key, params.alg, format);
     return protocol::VerifyResult{
-        keys::verify(*key, connection_.support->plan(alg), input, params.signature, format)};
+        keys::verify(*key, state_->support().plan(alg), input, params.signature, format)};
   }
 
-  protocol::PublicKeyResult get_public_key(const protocol::Request& request,
-                                           const protocol::KidParams& params) {
-    const keys::KeyEntryPtr key = with_session(request, &params.kid, [&](pkcs11::Session& session) {
-      return find_key(session, params.kid);
+  protocol::PublicKeyResult get_public_key(Context& context, const protocol::KidParams& params) {
+    const keys::KeyEntryPtr key = with_session(context, &params.kid, [&](pkcs11::Session& session) {
+      return find_key(context, session, params.kid);
     });
     return protocol::PublicKeyResult{key->kid, std::string{key->default_alg->name},
                                      key->public_key_info.jwk, key->public_key_info.spki};
   }
 
-  protocol::ListKeysResult list_keys(const protocol::Request& request) {
+  protocol::ListKeysResult list_keys(Context& context) {
     protocol::ListKeysResult result;
-    for (const auto& key : all_keys(request)) {
+    for (const auto& key : all_keys(context)) {
       result.keys.push_back(protocol::KeyDescription{key->kid, std::string{key->default_alg->name},
                                                      key->public_key_info.jwk});
     }
     return result;
   }
 
-  protocol::JwksResult get_jwks(const protocol::Request& request) {
+  protocol::JwksResult get_jwks(Context& context) {
     protocol::JwksResult result;
-    for (const auto& key : all_keys(request)) result.keys.push_back(key->public_key_info.jwk);
+    for (const auto& key : all_keys(context)) result.keys.push_back(key->public_key_info.jwk);
     return result;
   }
 
-  protocol::DeleteKeyResult delete_key(const protocol::Request& request,
-                                       const protocol::KidParams& params) {
+  protocol::DeleteKeyResult delete_key(Context& context, const protocol::KidParams& params) {
     if (read_only_) {
       throw RequestError(ErrorCode::kPermissionDenied, "the agent runs read-only: no delete_key");
     }
     // Kept across a retry: a first attempt may have destroyed objects before its session broke.
     bool deleted = false;
-    with_session(request, &params.kid, [&](pkcs11::Session& session) {
-      deleted = connection_.keys->remove(session, params.kid) || deleted;
+    with_session(context, &params.kid, [&](pkcs11::Session& session) {
+      deleted = context.generation.keys->remove(session, params.kid) || deleted;
       return 0;
     });
     return protocol::DeleteKeyResult{deleted};
   }
 
-  protocol::SignBatchResult sign_batch(const protocol::Request& request,
-                                       const protocol::SignBatchParams& params) {
+  protocol::SignBatchResult sign_batch(Context& context, const protocol::SignBatchParams& params) {
     if (params.items.empty() || params.items.size() > protocol::kMaxBatchItems) {
       throw RequestError(
           ErrorCode::kInvalidParams,
@@ -300,7 +319,7 @@ class Pkcs11KeyService final : public KeyService {
     result.results.reserve(params.items.size());
     for (const protocol::SignParams& item : params.items) {
       try {
-        result.results.emplace_back(sign_one(request, item).second);
+        result.results.emplace_back(sign_one(context, item).second);
       } catch (...) {
         result.results.emplace_back(error_from_current_exception());
       }
@@ -310,15 +329,16 @@ class Pkcs11KeyService final : public KeyService {
 
   // ---- helpers -----------------------------------------------------------------------------
 
-  keys::KeyEntryPtr find_key(pkcs11::Session& session, const std::string& kid) {
-    keys::KeyEntryPtr key = connection_.keys->find(session, kid);
+  keys::KeyEntryPtr find_key(Context& context, pkcs11::Session& session, const std::string& kid) {
+    keys::KeyEntryPtr key = context.generation.keys->find(session, kid);
     if (!key) throw RequestError(ErrorCode::kNotFound, "no key with kid '" + kid + "'");
     return key;
   }
 
-  std::vector<keys::KeyEntryPtr> all_keys(const protocol::Request& request) {
-    return with_session(request, nullptr,
-                        [&](pkcs11::Session& session) { return connection_.keys->list(session); });
+  std::vector<keys::KeyEntryPtr> all_keys(Context& context) {
+    return with_session(context, nullptr, [&](pkcs11::Session& session) {
+      return context.generation.keys->list(session);
+    });
   }
 
   // The alg a request uses: the one asked for (which the key and the token must support), else
@@ -337,33 +357,42 @@ class Pkcs11KeyService final : public KeyService {
     return alg;
   }
 
-  // Runs `work` on a pooled session. A session-class PKCS#11 error (the session or a cached
-  // handle went stale) is retried once on a fresh session after discarding what was stale;
-  // everything else propagates. `kid` names the key whose cached handles to drop on a stale
-  // handle (nullptr: all).
+  // Runs `work` on a pooled session of the request's generation. A session-class PKCS#11 error
+  // (the session or a cached handle went stale) is retried once on a fresh session after
+  // discarding what was stale; a token-class error marks the token down; everything propagates
+  // to error_from_current_exception. `kid` names the key whose cached handles to drop on a
+  // stale handle (nullptr: all).
   template <typename Work>
-  auto with_session(const protocol::Request& request, const std::string* kid, Work&& work)
+  auto with_session(Context& context, const std::string* kid, Work&& work)
       -> decltype(work(std::declval<pkcs11::Session&>())) {
+    const protocol::Request& request = context.request;
+    pkcs11::SessionPool& pool = *context.generation.pool;
+    keys::KeyStore& store = *context.generation.keys;
     const std::chrono::milliseconds wait =
         request.timeout_ms ? std::chrono::milliseconds(*request.timeout_ms) : kDefaultSessionWait;
     for (int attempt = 0;; ++attempt) {
-      auto lease = connection_.pool->acquire(wait);
+      auto lease = [&] {
+        try {
+          return pool.acquire(wait);  // PoolClosedError once the token is marked down
+        } catch (const pkcs11::Pkcs11Error& e) {
+          note_failure(context, e);  // a lost session could not be reopened
+          throw;
+        }
+      }();
       if (!lease) {
         throw RequestError(ErrorCode::kOverloaded, "no PKCS#11 session came free within " +
                                                        std::to_string(wait.count()) + " ms");
       }
       try {
-        auto result = work(lease->session());
-        note_success();
-        return result;
+        return work(lease->session());
       } catch (const pkcs11::Pkcs11Error& e) {
-        note_failure(e);
+        note_failure(context, e);
         const CK_RV rv = e.rv();
         if (pkcs11::is_stale_handle(rv)) {
           if (kid != nullptr) {
-            connection_.keys->invalidate(*kid);
+            store.invalidate(*kid);
           } else {
-            connection_.keys->invalidate_all();
+            store.invalidate_all();
           }
         } else if (e.error_class() == pkcs11::ErrorClass::kSession || rv == CKR_BUFFER_TOO_SMALL ||
                    rv == CKR_OPERATION_ACTIVE) {
@@ -377,62 +406,29 @@ class Pkcs11KeyService final : public KeyService {
     }
   }
 
-  void note_success() {
-    if (token_up_.load(std::memory_order_relaxed)) return;
-    std::lock_guard lock(status_mutex_);
-    status_.up = true;
-    token_up_.store(true, std::memory_order_relaxed);
-  }
-
-  void note_failure(const pkcs11::Pkcs11Error& e) {
+  // A token-class fault takes the token down (once per generation; later reports are no-ops).
+  void note_failure(Context& context, const pkcs11::Pkcs11Error& e) {
     if (e.error_class() != pkcs11::ErrorClass::kToken) return;
-    spdlog::warn("token fault: {}", e.what());
-    std::lock_guard lock(status_mutex_);
-    status_.up = false;
-    status_.last_fault = e.what();
-    token_up_.store(false, std::memory_order_relaxed);
+    (void)state_->mark_down(context.generation.number, e.what(), std::string{e.ckr()});
   }
 
-  TokenConnection connection_;
-  SecretString pin_;  // kept only to log in again after the token is re-initialised (issue 4)
+  std::unique_ptr<TokenState> state_;
   const bool read_only_;
   protocol::CapabilitiesResult capabilities_;
-  protocol::TokenDescription closed_token_;
   std::atomic<bool> closed_{false};
-  std::atomic<bool> token_up_{true};  // fast path of note_success
-  mutable std::mutex status_mutex_;
-  TokenStatus status_;  // guarded by status_mutex_
 };
 
 }  // namespace
 
 std::unique_ptr<KeyService> KeyService::open(HsmConfig config, AgentMetrics& metrics) {
-  TokenConnection connection;
-  try {
-    connection.module = std::make_unique<pkcs11::Module>(config.module_path, metrics);
-    connection.token = std::make_unique<pkcs11::Token>(
-        *connection.module, pkcs11::TokenSelector{config.token_label, config.slot_index},
-        config.pin, config.read_only);
-    connection.pool = std::make_unique<pkcs11::SessionPool>(*connection.token,
-                                                            std::max(config.sessions, 1U), metrics);
-    {
-      auto lease = connection.pool->acquire(kDefaultSessionWait);
-      if (!lease) throw StartupError("no PKCS#11 session for the mechanism probe");
-      connection.support = std::make_unique<keys::AlgorithmSupport>(
-          keys::AlgorithmSupport::probe(*connection.token, lease->session()));
-    }
-    connection.keys = std::make_unique<keys::KeyStore>(*connection.support);
-  } catch (const StartupError&) {
-    throw;
-  } catch (const pkcs11::Pkcs11Error& e) {
-    throw StartupError("cannot open the token in " + config.module_path + ": " + e.what());
-  }
-  const auto& description = connection.token->description();
+  const unsigned sessions = std::max(config.sessions, 1U);
+  const bool read_only = config.read_only;
+  std::unique_ptr<TokenState> state = TokenState::open(std::move(config), metrics);
+  const auto& description = state->description();
   spdlog::info("token '{}' ({} {}, serial {}) open with {} sessions{}", description.label,
-               description.manufacturer, description.model, description.serial,
-               connection.pool->size(), config.read_only ? ", read-only" : "");
-  return std::make_unique<Pkcs11KeyService>(std::move(connection), std::move(config.pin),
-                                            config.read_only);
+               description.manufacturer, description.model, description.serial, sessions,
+               read_only ? ", read-only" : "");
+  return std::make_unique<Pkcs11KeyService>(std::move(state));
 }
 
 }  // namespace hsm::agent

@@ -21,6 +21,7 @@
 namespace hsm::agent {
 
 class AgentMetrics;
+class TokenState;
 
 /// Everything needed to open the token. The PIN is moved in and wiped by its owner.
 struct HsmConfig {
@@ -42,9 +43,9 @@ class StartupError : public std::runtime_error {
 using Outcome = std::variant<protocol::Error, protocol::Result>;
 
 /// Token-level PKCS#11 faults (CKR_DEVICE_ERROR, CKR_TOKEN_NOT_PRESENT, CKR_USER_NOT_LOGGED_IN,
-/// ... see pkcs11/error.hpp) seen by execute(): the server reads this to mark the token down
-/// and re-initialise it (docs/reliability.md). `up` turns false on such a fault and true again
-/// on the next PKCS#11 call that succeeds.
+/// ... see pkcs11/error.hpp) seen by execute() or the token probe mark the token down; the
+/// token supervisor re-initialises it (docs/reliability.md). `up` is false from the fault until
+/// the re-initialisation succeeded; `last_fault` says why it is down.
 struct TokenStatus {
   bool up = true;
   std::optional<std::string> last_fault;  // e.g. "C_Sign failed: CKR_DEVICE_ERROR (0x30)"
@@ -59,7 +60,8 @@ class KeyService {
   virtual ~KeyService() = default;
 
   /// Runs one request (any method but the transport-level ones). Never throws: every failure
-  /// is an Error with a protocol code (and the CKR name when PKCS#11 failed).
+  /// is an Error with a protocol code (and the CKR name when PKCS#11 failed). While the token is
+  /// down it answers hsm_unavailable at once, without a PKCS#11 call (health answers ok=false).
   [[nodiscard]] virtual Outcome execute(const protocol::Request& request) = 0;
 
   /// capabilities: answered without touching the token (computed once at start).
@@ -68,8 +70,12 @@ class KeyService {
   /// The token's description, for logs and hsm_agent_build_info.
   [[nodiscard]] virtual const protocol::TokenDescription& token() const = 0;
 
-  /// Whether the last PKCS#11 outcome says the token is usable. Thread-safe, cheap.
+  /// Whether the token is up (not waiting for a re-initialisation). Thread-safe, cheap.
   [[nodiscard]] virtual TokenStatus token_status() const = 0;
+
+  /// The token's connection state, for the TokenSupervisor (probe and re-initialisation).
+  /// Lives as long as this KeyService.
+  [[nodiscard]] virtual TokenState& token_state() = 0;
 
   /// Logs out and finalises. Called once, after the workers have stopped.
   virtual void close() noexcept = 0;

@@ -24,7 +24,14 @@
 // (ClientOptions::retry). Idempotent calls (sign, verify, get_public_key, list_keys, get_jwks,
 // health, capabilities) are retried within their deadline when the connection is lost or the
 // agent answers hsm_unavailable, overloaded or shutting_down. generate_key and delete_key are
-// retried only when the request certainly never left this process (the connect failed).
+// retried only when the request certainly never left this process (the connect failed, or the
+// connection was found dead before a byte was written). A connection that died while idle (an
+// agent restart) is replaced by the next call at once, without counting as a retry. Other
+// agent errors (not_found, invalid_params, hsm_error, deadline_exceeded, ...) and timeouts
+// are never retried.
+//
+// Cost: a Client owns threads and sockets. Make one per process (or per agent) and share it;
+// do not make one per request.
 //
 // Threads: a Client owns one reader thread per open connection and one timer thread (started
 // by the first retry or asynchronous call). Callbacks run on one of those internal threads,
@@ -102,20 +109,22 @@ struct RetryPolicy {
 
 struct ClientOptions {
   std::string socket_path = default_socket_path();
-  /// Per call: the deadline is the start of the call plus this. It is also sent to the agent
-  /// (the request's remaining time) so that work nobody waits for any more is dropped there.
+  /// Per call: the deadline is the start of the call plus this; retries happen within it. The
+  /// time left is also sent with each request (timeout_ms) so that the agent drops work nobody
+  /// waits for any more.
   std::chrono::milliseconds timeout{5000};
-  /// Connections in the pool (>= 1); calls are spread over them round-robin. Two fully use a
-  /// two-core agent; more help with a slow (network) HSM only when the agent's session pool
-  /// is larger than what one connection keeps busy.
+  /// Connections in the pool (0 counts as 1); calls are spread over them round-robin, each
+  /// connection pipelined. One is enough for most applications; a second spreads the work of
+  /// reading and writing over two threads on both sides, which a busy multi-threaded caller on
+  /// a multi-core machine can use.
   std::size_t connections = 1;
   RetryPolicy retry;
   /// Largest request this client sends (bigger ones fail with invalid_params before they are
   /// written, because the agent would close the connection and fail every call on it). Keep
   /// it at the agent's --max-message-bytes.
-  std::size_t max_request_bytes = 1024 * 1024;
+  std::size_t max_request_bytes = std::size_t{1024} * 1024;
   /// Largest response accepted; a bigger one closes the connection with protocol_error.
-  std::size_t max_response_bytes = 16 * 1024 * 1024;
+  std::size_t max_response_bytes = std::size_t{16} * 1024 * 1024;
 };
 
 struct Capabilities {
@@ -169,7 +178,7 @@ struct SignOptions {
 template <class T>
 class Outcome {
  public:
-  Outcome(T value) : state_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit
+  Outcome(T value) : state_(std::in_place_index<0>, std::move(value)) {}      // NOLINT: implicit
   Outcome(Error error) : state_(std::in_place_index<1>, std::move(error)) {}  // NOLINT: implicit
 
   [[nodiscard]] bool ok() const noexcept { return state_.index() == 0; }
@@ -191,13 +200,17 @@ class Outcome {
 
   /// The error; throws std::logic_error when the call succeeded.
   [[nodiscard]] const Error& error() const {
-    if (ok()) throw std::logic_error("hsm::Outcome::error() called on a success");
+    if (ok()) {
+      throw std::logic_error("hsm::Outcome::error() called on a success");
+    }
     return std::get<1>(state_);
   }
 
  private:
   void check() const {
-    if (!ok()) throw std::get<1>(state_);
+    if (!ok()) {
+      throw std::get<1>(state_);
+    }
   }
   std::variant<T, Error> state_;
 };

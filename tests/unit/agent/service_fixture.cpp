@@ -18,7 +18,7 @@ namespace hsm::agent::test {
 
 HsmConfig config_for(const hsm::test::SoftHsmToken& token, const ServiceOptions& options) {
   HsmConfig config;
-  config.module_path = hsm::test::SoftHsmToken::module_path();
+  config.module_path = options.module;
   config.token_label = token.label();
   config.pin = SecretString(token.user_pin());
   config.read_only = options.read_only;

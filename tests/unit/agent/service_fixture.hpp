@@ -20,6 +20,7 @@ using protocol::Bytes;
 struct ServiceOptions {
   bool read_only = false;
   unsigned sessions = 2;
+  std::string module = hsm::test::kSoftHsmModule;  // or HSM_FAULT_MODULE (fault_fixture.hpp)
 };
 
 /// The HsmConfig that opens `token` by label with its user PIN.

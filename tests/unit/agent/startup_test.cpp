@@ -50,7 +50,7 @@ TEST_CASE("a wrong PIN is a StartupError naming the CKR, tried exactly once", "[
     CHECK(message.find("98765") == std::string::npos);
   }
   CHECK(login_calls(metrics) == 1);
-  CHECK(metrics.logins_total.Add({{"result", "wrong_pin"}}).Value() == 1);
+  CHECK(metrics.logins_total.Add({{"result", "CKR_PIN_INCORRECT"}}).Value() == 1);
 
   // The right PIN still works: the failed attempt did not lock the token.
   prometheus::Registry registry2;

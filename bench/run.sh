@@ -1,0 +1,448 @@
+#!/usr/bin/env bash
+# bench/run.sh: the whole benchmark in one command (bench/README.md).
+#
+# On one fresh SoftHSMv2 token in a temporary directory, with one ES256 key, it measures signing
+# throughput and latency for each concurrency in a list, three ways:
+#   direct  hsm-bench-direct: the PKCS#11 module loaded in-process, one session per thread;
+#   agent   hsm-bench-agent: through hsm-agent and the hsm::client library;
+#   p11kit  hsm-bench-direct over p11-kit-client.so, talking to `p11-kit server` (remoting);
+# first on plain SoftHSMv2, then behind the fault-injecting module adding 2 ms to every C_Sign
+# (a network HSM). It prints a table and writes every number as JSON.
+#
+# Binaries come from the environment (HSM_BENCH_AGENT, HSM_BENCH_DIRECT, HSM_BENCH_CLIENT,
+# HSM_BENCH_FAULT_MODULE) or from the build directory, where they are built or brought up to date
+# first (configuring it when it does not exist yet), unless --no-build.
+set -euo pipefail
+
+readonly repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+readonly softhsm_module=${HSM_BENCH_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+
+usage() {
+  cat <<EOF
+usage: bench/run.sh [options]
+
+  --duration S              measured seconds per run (default 5)
+  --warmup-ms MS            unmeasured signing before each run (default 500)
+  --repeat N                run every measurement N times, interleaved, and keep each mode's
+                            best round (default 1; use 3 on a machine shared with other work)
+  --concurrency LIST        concurrencies on plain SoftHSMv2, comma-separated (default 1,2)
+  --latency-concurrency LIST
+                            concurrencies with 2 ms per C_Sign (default 1,16,64)
+  --delay-ms MS             latency added to each C_Sign in that part (default 2)
+  --agent-connections N     above concurrency N, the agent bench uses N connections with
+                            concurrency/N requests in flight on each (default 2)
+  --quick                   CI smoke test: 1 s runs, concurrency 1, latency part at 1 and 16
+  --build-dir DIR           CMake build directory (default: build/bench, else an existing
+                            build/release or build/dev; configured and built when missing)
+  --json-out FILE           where the JSON goes (default bench/results/latest.json)
+  --no-build                use the binaries in the build directory as they are (by default
+                            they are brought up to date first; missing ones are always built)
+  --keep                    keep the temporary directory (token, logs) and print its path
+  -h, --help                this text
+EOF
+}
+
+duration_s=5
+repeat=1
+warmup_ms=500
+concurrency=1,2
+latency_concurrency=1,16,64
+delay_ms=2
+agent_connections=2
+build_dir=
+json_out=$repo/bench/results/latest.json
+keep=0
+build=1
+while (($#)); do
+  case $1 in
+    --duration) duration_s=$2; shift 2 ;;
+    --repeat) repeat=$2; shift 2 ;;
+    --warmup-ms) warmup_ms=$2; shift 2 ;;
+    --concurrency) concurrency=$2; shift 2 ;;
+    --latency-concurrency) latency_concurrency=$2; shift 2 ;;
+    --delay-ms) delay_ms=$2; shift 2 ;;
+    --agent-connections) agent_connections=$2; shift 2 ;;
+    --quick) duration_s=1; warmup_ms=200; concurrency=1; latency_concurrency=1,16; shift ;;
+    --build-dir) build_dir=$2; shift 2 ;;
+    --json-out) json_out=$2; shift 2 ;;
+    --keep) keep=1; shift ;;
+    --no-build) build=0; shift ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
+  esac
+done
+
+die() { echo "run.sh: $*" >&2; exit 1; }
+note() { echo "run.sh: $*" >&2; }
+
+positive_int() { [[ $1 =~ ^[1-9][0-9]*$ ]] || die "$2 must be a positive integer, got '$1'"; }
+positive_int "$duration_s" --duration
+positive_int "$delay_ms" --delay-ms
+positive_int "$repeat" --repeat
+positive_int "$agent_connections" --agent-connections
+[[ $warmup_ms =~ ^[0-9]+$ ]] || die "--warmup-ms must be a number, got '$warmup_ms'"
+IFS=, read -r -a plain_levels <<<"$concurrency"
+IFS=, read -r -a latency_levels <<<"$latency_concurrency"
+for level in "${plain_levels[@]}" "${latency_levels[@]}"; do positive_int "$level" concurrency; done
+
+for tool in softhsm2-util p11-kit python3; do
+  command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install softhsm2 p11-kit python3)"
+done
+[[ -r $softhsm_module ]] || die "no SoftHSMv2 module at $softhsm_module"
+p11kit_client=${HSM_BENCH_P11KIT_CLIENT:-}
+if [[ -z $p11kit_client ]]; then
+  for candidate in /usr/lib/*/pkcs11/p11-kit-client.so /usr/lib/pkcs11/p11-kit-client.so; do
+    [[ -r $candidate ]] && { p11kit_client=$candidate; break; }
+  done
+fi
+[[ -n $p11kit_client ]] || die "p11-kit-client.so not found (apt-get install p11-kit-modules)"
+
+# ---- Binaries ----------------------------------------------------------------------------------
+
+if [[ -z $build_dir ]]; then
+  build_dir=$repo/build/bench
+  for candidate in "$repo/build/bench" "$repo/build/release" "$repo/build/dev"; do
+    [[ -f $candidate/CMakeCache.txt ]] && { build_dir=$candidate; break; }
+  done
+fi
+build_dir=$(realpath -m "$build_dir")
+# Target name -> file (environment override, else its place in the build directory). Paths are
+# made absolute: p11-kit resolves a relative --provider against its own module directory.
+declare -A binary=(
+  [hsm-agent]=${HSM_BENCH_AGENT:-$build_dir/agent/hsm-agent}
+  [hsm-bench-direct]=${HSM_BENCH_DIRECT:-$build_dir/bench/hsm-bench-direct}
+  [hsm-bench-agent]=${HSM_BENCH_CLIENT:-$build_dir/bench/hsm-bench-agent}
+  [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:-$build_dir/tests/fault_module/libhsm_fault_pkcs11.so}
+)
+declare -A from_env=(
+  [hsm-agent]=${HSM_BENCH_AGENT:+1} [hsm-bench-direct]=${HSM_BENCH_DIRECT:+1}
+  [hsm-bench-agent]=${HSM_BENCH_CLIENT:+1} [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:+1}
+)
+# The targets to (re)build: those taken from the build directory (an up-to-date build is a
+# no-op), unless --no-build; a binary given in the environment must already exist.
+to_build=()
+for target in "${!binary[@]}"; do
+  binary[$target]=$(realpath -m "${binary[$target]}")
+  if [[ -n ${from_env[$target]} ]]; then
+    [[ -e ${binary[$target]} ]] || die "$target: no such file ${binary[$target]} (from the environment)"
+  elif ((build)) || [[ ! -e ${binary[$target]} ]]; then
+    to_build+=("$target")
+  fi
+done
+if ((${#to_build[@]})); then
+  if [[ ! -f $build_dir/CMakeCache.txt ]]; then
+    note "configuring $build_dir"
+    cmake -S "$repo" -B "$build_dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHSM_BUILD_BENCH=ON \
+      -DHSM_BUILD_AGENT=ON -DHSM_BUILD_TESTS=ON >&2
+  fi
+  note "building ${to_build[*]} in $build_dir"
+  cmake --build "$build_dir" -j"$(nproc)" --target "${to_build[@]}" >&2 ||
+    die "cannot build ${to_build[*]} in $build_dir"
+  for target in "${to_build[@]}"; do
+    [[ -e ${binary[$target]} ]] || die "$target was built but is not at ${binary[$target]}"
+  done
+fi
+if [[ -f $build_dir/CMakeCache.txt ]]; then
+  build_type=$(sed -n 's/^CMAKE_BUILD_TYPE:[A-Z]*=//p' "$build_dir/CMakeCache.txt")
+  case $build_type in
+    Release | RelWithDebInfo) ;;
+    *) note "warning: $build_dir is a '$build_type' build; numbers from it are not representative" ;;
+  esac
+  if grep -q -- '-fsanitize' "$build_dir/CMakeCache.txt"; then
+    note "warning: $build_dir is built with sanitizers; numbers from it are not representative"
+  fi
+fi
+
+# ---- The token -----------------------------------------------------------------------------------
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/hsm-bench.XXXXXX")
+pids=()  # every process this script started and still owns
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if ((keep)); then note "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+readonly token_label=hsm-bench
+readonly kid=bench-es256
+mkdir -p "$work/tokens"
+export SOFTHSM2_CONF=$work/softhsm2.conf
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
+  "$work/tokens" >"$SOFTHSM2_CONF"
+# Throwaway PINs of a throwaway token: softhsm2-util takes them only on its command line.
+user_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+so_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+(umask 077 && printf '%s\n' "$user_pin" >"$work/user.pin")
+softhsm2-util --init-token --free --label "$token_label" --pin "$user_pin" --so-pin "$so_pin" \
+  >"$work/softhsm2-util.log" 2>&1 || { cat "$work/softhsm2-util.log" >&2; die "cannot create the token"; }
+unset user_pin so_pin
+"${binary[hsm-bench-direct]}" --module "$softhsm_module" --token-label "$token_label" \
+  --pin-file "$work/user.pin" --kid "$kid" --create-key --setup-only 2>"$work/setup.log" ||
+  { cat "$work/setup.log" >&2; die "cannot create the ES256 key"; }
+
+# The latency-adding module: forwards to SoftHSMv2, sleeping before every C_Sign.
+export HSM_FAULT_TARGET=$softhsm_module
+printf 'C_Sign delay_ms=%s\n' "$delay_ms" >"$work/fault-control"
+
+# ---- Servers -------------------------------------------------------------------------------------
+
+agent_pid= agent_socket=
+start_agent() {  # module sessions name
+  agent_socket=$work/agent-$3.sock
+  "${binary[hsm-agent]}" --module "$1" --token-label "$token_label" --pin-file "$work/user.pin" \
+    --socket "$agent_socket" --sessions "$2" --metrics-listen "" --log-level warn \
+    --audit-log "$work/audit-$3.log" >"$work/agent-$3.out" 2>"$work/agent-$3.err" &
+  agent_pid=$!
+  pids+=("$agent_pid")
+  local tries
+  for ((tries = 0; tries < 200; tries++)); do
+    [[ -S $agent_socket ]] && break
+    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent-$3.err" >&2; die "hsm-agent exited"; }
+    sleep 0.1
+  done
+  [[ -S $agent_socket ]] || { cat "$work/agent-$3.err" >&2; die "hsm-agent did not listen"; }
+  # The key is there and is ES256, seen through the agent.
+  "${binary[hsm-bench-agent]}" --socket "$agent_socket" --kid "$kid" --setup-only \
+    2>>"$work/agent-$3.err" || { cat "$work/agent-$3.err" >&2; die "the agent cannot see the key"; }
+}
+
+p11kit_pid= p11kit_address=
+start_p11kit_server() {  # module name
+  local env_file=$work/p11-kit-$2.env
+  # -f: stay in the foreground (a child we own); -s: print the address as shell assignments.
+  XDG_RUNTIME_DIR=$work p11-kit server -f -s --provider "$1" "pkcs11:token=$token_label" \
+    >"$env_file" 2>"$work/p11-kit-$2.err" &
+  p11kit_pid=$!
+  pids+=("$p11kit_pid")
+  local tries
+  for ((tries = 0; tries < 100; tries++)); do
+    p11kit_address=$(sed -n 's/^P11_KIT_SERVER_ADDRESS=\([^;]*\);.*/\1/p' "$env_file")
+    [[ -n $p11kit_address ]] && return 0
+    kill -0 "$p11kit_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$work/p11-kit-$2.err" >&2
+  die "p11-kit server did not start"
+}
+
+stop_servers() {
+  local pid
+  for pid in "$agent_pid" "$p11kit_pid"; do
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  pids=()
+}
+
+# ---- Runs ----------------------------------------------------------------------------------------
+
+results=$work/results.jsonl
+: >"$results"
+failed=0
+duration_ms=$((duration_s * 1000))
+
+# Runs one measurement and appends its JSON line, tagged with scenario and mode, to $results.
+record() {  # scenario level mode command...
+  local scenario=$1 level=$2 mode=$3 line
+  shift 3
+  if line=$("$@" 2>>"$work/bench.err"); then
+    :
+  else
+    note "$scenario $mode failed (exit $?): $(tail -n 3 "$work/bench.err")"
+    failed=1
+  fi
+  [[ -n $line ]] || line='{"ops":0,"errors":1,"first_error":"no result"}'
+  python3 - "$scenario" "$level" "$mode" "$line" >>"$results" <<'EOF'
+import json, sys
+run = json.loads(sys.argv[4])
+run["program"] = run.pop("mode", None)
+run.update(scenario=sys.argv[1], level=int(sys.argv[2]), mode=sys.argv[3])
+print(json.dumps(run))
+EOF
+}
+
+run_scenario() {  # scenario module levels...
+  local scenario=$1 module=$2 level connections depth
+  shift 2
+  local levels=("$@") max=0
+  for level in "${levels[@]}"; do ((level > max)) && max=$level; done
+  start_agent "$module" "$max" "$scenario"
+  start_p11kit_server "$module" "$scenario"
+  local common=(--token-label "$token_label" --pin-file "$work/user.pin" --kid "$kid"
+    --duration-ms "$duration_ms" --warmup-ms "$warmup_ms")
+  local round of
+  for level in "${levels[@]}"; do
+    for ((round = 1; round <= repeat; round++)); do
+      of=
+      ((repeat == 1)) || of=", round $round of $repeat"
+      note "$scenario, concurrency $level: direct, agent, p11-kit (${duration_s} s each$of)"
+      record "$scenario" "$level" direct "${binary[hsm-bench-direct]}" --module "$module" \
+        --threads "$level" "${common[@]}"
+      # Up to --agent-connections, one synchronous caller per connection (like direct threads);
+      # above, that many connections, each pipelining its share of the requests.
+      if ((level <= agent_connections)); then
+        connections=$level depth=1
+      else
+        connections=$agent_connections depth=$(((level + agent_connections - 1) / agent_connections))
+      fi
+      record "$scenario" "$level" agent "${binary[hsm-bench-agent]}" --socket "$agent_socket" \
+        --kid "$kid" --connections "$connections" --depth "$depth" --duration-ms "$duration_ms" \
+        --warmup-ms "$warmup_ms" --server-pid "$agent_pid"
+      P11_KIT_SERVER_ADDRESS=$p11kit_address record "$scenario" "$level" p11kit \
+        "${binary[hsm-bench-direct]}" --module "$p11kit_client" --threads "$level" "${common[@]}" \
+        --server-pid "$p11kit_pid"
+    done
+  done
+  stop_servers
+}
+
+readonly load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+run_scenario softhsm "$softhsm_module" "${plain_levels[@]}"
+HSM_FAULT_CONTROL=$work/fault-control run_scenario "softhsm+${delay_ms}ms" \
+  "${binary[hsm_fault_pkcs11]}" "${latency_levels[@]}"
+
+# ---- Table and JSON ------------------------------------------------------------------------------
+
+mkdir -p "$(dirname "$json_out")"
+readonly load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+(python3 - "$results" "$json_out" "$load_before $load_after" "$duration_s" "$delay_ms" "$agent_connections" \
+  "$repeat" <<'EOF'
+import json, os, platform, sys
+from collections import OrderedDict
+
+results_path, json_out, loads, duration_s, delay_ms, agent_connections, repeat = sys.argv[1:8]
+runs = [json.loads(line) for line in open(results_path)]
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+# One row per (scenario, concurrency level), in the order they ran. With --repeat, each mode's
+# best round (highest throughput, error-free first) stands for it: other load on the machine
+# only ever makes a round slower.
+rows = OrderedDict()
+for run in runs:
+    modes = rows.setdefault((run["scenario"], run["level"]), {})
+    best = modes.get(run["mode"])
+    rank = lambda r: (r.get("errors", 1) == 0, r.get("throughput_per_s", 0.0))
+    if best is None or rank(run) > rank(best):
+        modes[run["mode"]] = run
+
+def ratio(a, b):
+    return round(a / b, 3) if a and b else None
+
+table = []
+for (scenario, level), modes in rows.items():
+    tput = {m: modes.get(m, {}).get("throughput_per_s", 0.0) for m in ("direct", "agent", "p11kit")}
+    p50 = {m: modes.get(m, {}).get("latency_us", {}).get("p50") for m in ("direct", "agent", "p11kit")}
+    added = (round(p50["agent"] - p50["direct"], 1)
+             if p50["agent"] is not None and p50["direct"] is not None else None)
+    def cpu(m):
+        used = modes.get(m, {}).get("cpu_us_per_op")
+        if not used:
+            return None
+        return {"client": used.get("client"), "server": used.get("server"),
+                "total": round(used.get("client", 0) + used.get("server", 0), 1)}
+    table.append({
+        "scenario": scenario, "concurrency": level,
+        **{m: {"throughput_per_s": tput[m],
+               "p50_us": p50[m],
+               "p99_us": modes.get(m, {}).get("latency_us", {}).get("p99"),
+               "cpu_us_per_op": cpu(m),
+               "errors": modes.get(m, {}).get("errors", 1)} for m in ("direct", "agent", "p11kit")},
+        "agent_over_direct": ratio(tput["agent"], tput["direct"]),
+        "agent_over_p11kit": ratio(tput["agent"], tput["p11kit"]),
+        "agent_added_p50_us": added,
+    })
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+header = (f"{'scenario':<14} {'conc':>4} | {'direct/s':>8} {'p50':>7} {'p99':>7} | "
+          f"{'agent/s':>8} {'p50':>7} {'p99':>7} | {'p11kit/s':>8} {'p50':>7} {'p99':>7} | "
+          f"{'ag/dir':>6} {'ag/p11':>6} {'+p50':>6}")
+lines = [header, "-" * len(header)]
+for row in table:
+    cells = [f"{row['scenario']:<14} {row['concurrency']:>4}"]
+    for m in ("direct", "agent", "p11kit"):
+        r = row[m]
+        mark = "!" if r["errors"] else " "
+        cells.append(f"{r['throughput_per_s']:>8.0f} {fmt(r['p50_us'], '7.1f')} "
+                     f"{fmt(r['p99_us'], '7.1f')}{mark}")
+    cells.append(f"{fmt(row['agent_over_direct'], '6.2f')} {fmt(row['agent_over_p11kit'], '6.2f')} "
+                 f"{fmt(row['agent_added_p50_us'], '6.1f')}")
+    lines.append(" | ".join(cells))
+lines.append("throughput in signatures/s; latencies in microseconds; ag/dir and ag/p11 are "
+             "throughput ratios; +p50 = agent p50 - direct p50; ! = the run had errors")
+
+# CPU per signature: independent of other load on the machine, unlike the wall-clock numbers.
+def cpu_cell(r, split):
+    c = r["cpu_us_per_op"]
+    if not c:
+        return f"{'-':>21}"
+    if not split:
+        return f"{c['total']:>21.1f}"
+    return f"{c['client']:>6.1f} + {c['server'] or 0:>6.1f} = {c['total']:>5.1f}"
+cpu_header = (f"{'scenario':<14} {'conc':>4} | {'direct':>21} | {'agent: client + agent':>21} | "
+              f"{'p11kit: client + srv':>21}")
+lines += ["", "CPU time per signature, microseconds (all cores; client + server process)",
+          cpu_header, "-" * len(cpu_header)]
+for row in table:
+    lines.append(f"{row['scenario']:<14} {row['concurrency']:>4} | "
+                 f"{cpu_cell(row['direct'], False)} | {cpu_cell(row['agent'], True)} | "
+                 f"{cpu_cell(row['p11kit'], True)}")
+
+# Issue 7's targets, as information (a benchmark is not a test gate).
+targets = []
+def target(name, value, ok):
+    targets.append({"target": name, "value": value, "met": ok})
+for row in table:
+    s, c = row["scenario"], row["concurrency"]
+    if s == "softhsm" and c in (1, 2):
+        v = row["agent_over_direct"]
+        target(f"{s} c={c}: agent/direct >= 0.9", v, v is not None and v >= 0.9)
+        v = row["agent_over_p11kit"]
+        target(f"{s} c={c}: agent/p11kit >= 2.5", v, v is not None and v >= 2.5)
+    if s == "softhsm" and c == 1:
+        v = row["agent_added_p50_us"]
+        target(f"{s} c=1: agent p50 - direct p50 <= 20 us", v, v is not None and v <= 20)
+    if s != "softhsm" and c == 64:
+        v = row["agent_over_direct"]
+        target(f"{s} c=64: agent/direct >= 0.85", v, v is not None and v >= 0.85)
+lines.append("")
+lines.append("issue 7 targets (information, not a gate):")
+for t in targets:
+    lines.append(f"  {'met ' if t['met'] else 'MISS'}  {t['target']}: {fmt(t['value'], '.2f')}")
+
+lines.append("")
+lines.append(f"load average (1, 5, 15 min) before: {' '.join(loads.split()[:3])}, "
+             f"after: {' '.join(loads.split()[3:])}; {os.cpu_count()} CPUs")
+print("\n".join(lines))
+document = {
+    "machine": {"cpus": os.cpu_count(), "cpu_model": cpu_model(), "kernel": platform.release(),
+                "loadavg_before": loads.split()[:3], "loadavg_after": loads.split()[3:]},
+    "settings": {"duration_s": int(duration_s), "delay_ms": int(delay_ms), "repeat": int(repeat),
+                 "agent_connections": int(agent_connections),
+                 "signature": "ES256 (CKM_ECDSA over SHA-256 of a 32-byte message)"},
+    "table": table,
+    "targets": targets,
+    "runs": runs,
+}
+with open(json_out, "w") as out:
+    json.dump(document, out, indent=2)
+    out.write("\n")
+sys.exit(3 if any(run.get("errors", 1) for run in runs) else 0)
+EOF
+) || failed=1
+note "JSON written to $json_out"
+((failed == 0)) || die "some runs failed or had errors (marked ! in the table; logs: --keep)"

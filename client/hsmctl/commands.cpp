@@ -1,0 +1,558 @@
+#include "commands.hpp"
+
+#include <array>
+#include <cstdio>
+#include <iomanip>
+#include <sstream>
+#include <utility>
+#include <vector>
+
+#include "encoding.hpp"
+#include "json_writer.hpp"
+
+namespace hsm::hsmctl {
+namespace {
+
+constexpr std::size_t kMaxSignatureFileBytes = std::size_t{64} * 1024;
+
+std::string format_ms(double milliseconds) {
+  std::ostringstream text;
+  text << std::fixed << std::setprecision(2) << milliseconds;
+  return text.str();
+}
+
+/// Opens an object with kid, alg and jwk; the caller may add members, then end_object().
+JsonWriter& begin_key_object(JsonWriter& json, const std::string& kid, const std::string& alg,
+                             const Jwk& jwk) {
+  return json.begin_object().key("kid").string(kid).key("alg").string(alg).key("jwk").string_map(
+      jwk);
+}
+
+std::string jwk_line(const Jwk& jwk) {
+  std::ostringstream text;
+  JsonWriter(text).string_map(jwk);
+  return text.str();
+}
+
+// ---- What to sign or verify: shared by sign and verify --------------------------------------
+
+/// --in FILE | --digest HEX | --data STRING, exactly one.
+class InputFlags {
+ public:
+  void define(CLI::App& command, std::string_view verb) {
+    auto* group = command.add_option_group("input", "what to " + std::string(verb) + " (one of)");
+    in_ = group->add_option("--in", in_file_, "read the message from FILE ('-': standard input)")
+              ->type_name("FILE");
+    digest_ = group
+                  ->add_option("--digest", digest_hex_,
+                               "a digest computed by the caller, in hex (32 bytes for ES256)")
+                  ->type_name("HEX");
+    data_ = group->add_option("--data", data_text_, "the message given on the command line")
+                ->type_name("STRING");
+    group->require_option(1);
+  }
+
+  struct Input {
+    bool is_digest = false;
+    Bytes bytes;
+  };
+
+  [[nodiscard]] Input read(const Context& context) const {
+    if (digest_->count() > 0) {
+      return {true, decode_hex(digest_hex_)};
+    }
+    if (in_->count() > 0) {
+      return {false, read_file(in_file_, context.max_input_bytes())};
+    }
+    return {false, Bytes(data_text_.begin(), data_text_.end())};
+  }
+
+ private:
+  std::string in_file_, digest_hex_, data_text_;
+  CLI::Option* in_ = nullptr;
+  CLI::Option* digest_ = nullptr;
+  CLI::Option* data_ = nullptr;
+};
+
+/// --alg A --format raw|der, as SignOptions.
+class SignFlags {
+ public:
+  void define(CLI::App& command) {
+    alg_ =
+        command.add_option("--alg", alg_value_, "algorithm (default: the key's)")->type_name("ALG");
+    format_ = command
+                  .add_option("--format", format_value_,
+                              "signature encoding: raw (JOSE r||s, default) or der")
+                  ->type_name("FORMAT")
+                  ->check(CLI::IsMember({"raw", "der"}));
+  }
+  [[nodiscard]] SignOptions options() const {
+    SignOptions options;
+    if (alg_->count() > 0) {
+      options.alg = alg_value_;
+    }
+    if (format_->count() > 0) {
+      options.format = format_value_;
+    }
+    return options;
+  }
+
+ private:
+  std::string alg_value_, format_value_;
+  CLI::Option* alg_ = nullptr;
+  CLI::Option* format_ = nullptr;
+};
+
+// ---- Commands -------------------------------------------------------------------------------
+
+class HealthCommand final : public Command {
+ public:
+  void define(CLI::App& /*command*/) override {}
+  ExitCode run(Context& context) override {
+    const Health health = context.client().health();
+    if (context.json()) {
+      JsonWriter json(context.out());
+      json.begin_object()
+          .key("ok")
+          .boolean(health.ok)
+          .key("latency_ms")
+          .number(health.latency_ms)
+          .key("error")
+          .optional_string(health.error)
+          .key("token")
+          .begin_object()
+          .key("label")
+          .string(health.token.label)
+          .key("manufacturer")
+          .string(health.token.manufacturer)
+          .key("model")
+          .string(health.token.model)
+          .key("serial")
+          .string(health.token.serial)
+          .end_object()
+          .end_object();
+      context.out() << '\n';
+    } else {
+      auto& out = context.out();
+      out << (health.ok ? "ok" : "NOT OK");
+      if (health.error) {
+        out << ": " << *health.error;
+      }
+      out << "\ntoken:   " << health.token.label << " (" << health.token.manufacturer << ", "
+          << health.token.model << ", serial " << health.token.serial
+          << ")\nlatency: " << format_ms(health.latency_ms) << " ms\n";
+    }
+    return health.ok ? ExitCode::kOk : ExitCode::kNegative;
+  }
+};
+
+class CapabilitiesCommand final : public Command {
+ public:
+  void define(CLI::App& /*command*/) override {}
+  ExitCode run(Context& context) override {
+    const Capabilities caps = context.client().capabilities();
+    if (context.json()) {
+      JsonWriter json(context.out());
+      json.begin_object()
+          .key("protocol")
+          .number(std::uint64_t{caps.protocol})
+          .key("agent_version")
+          .string(caps.agent_version)
+          .key("can_create")
+          .boolean(caps.can_create)
+          .key("can_import")
+          .boolean(caps.can_import)
+          .key("can_delete")
+          .boolean(caps.can_delete)
+          .key("supported_algs")
+          .begin_array();
+      for (const auto& alg : caps.supported_algs) {
+        json.string(alg);
+      }
+      json.end_array()
+          .key("default_alg")
+          .string(caps.default_alg)
+          .key("max_message_bytes")
+          .number(caps.max_message_bytes)
+          .end_object();
+      context.out() << '\n';
+      return ExitCode::kOk;
+    }
+    auto yes_no = [](bool value) { return value ? "yes" : "no"; };
+    std::string algs;
+    for (const auto& alg : caps.supported_algs) {
+      algs += (algs.empty() ? "" : ", ") + alg;
+    }
+    context.out() << "agent version:     " << caps.agent_version
+                  << "\nprotocol:          " << caps.protocol << "\nalgorithms:        " << algs
+                  << " (default " << caps.default_alg << ")"
+                  << "\ncreate keys:       " << yes_no(caps.can_create)
+                  << "\nimport keys:       " << yes_no(caps.can_import)
+                  << "\ndelete keys:       " << yes_no(caps.can_delete)
+                  << "\nmax message bytes: " << caps.max_message_bytes << '\n';
+    return ExitCode::kOk;
+  }
+};
+
+class KeysCommand final : public Command {
+ public:
+  void define(CLI::App& /*command*/) override {}
+  ExitCode run(Context& context) override {
+    const auto keys = context.client().list_keys();
+    if (context.json()) {
+      JsonWriter json(context.out());
+      json.begin_object().key("keys").begin_array();
+      for (const auto& key : keys) {
+        begin_key_object(json, key.kid, key.alg, key.jwk).end_object();
+      }
+      json.end_array().end_object();
+      context.out() << '\n';
+      return ExitCode::kOk;
+    }
+    if (keys.empty()) {
+      context.out() << "no keys\n";
+      return ExitCode::kOk;
+    }
+    std::size_t width = 3;
+    for (const auto& key : keys) {
+      width = std::max(width, key.kid.size());
+    }
+    context.out() << std::left << std::setw(static_cast<int>(width + 2)) << "KID"
+                  << "ALG\n";
+    for (const auto& key : keys) {
+      context.out() << std::setw(static_cast<int>(width + 2)) << key.kid << key.alg << '\n';
+    }
+    context.out() << std::right;
+    return ExitCode::kOk;
+  }
+};
+
+/// The JWKS document is JSON by nature: the same output with or without --json.
+class JwksCommand final : public Command {
+ public:
+  void define(CLI::App& /*command*/) override {}
+  ExitCode run(Context& context) override {
+    const auto keys = context.client().get_jwks();
+    JsonWriter json(context.out());
+    json.begin_object().key("keys").begin_array();
+    for (const auto& jwk : keys) {
+      json.string_map(jwk);
+    }
+    json.end_array().end_object();
+    context.out() << '\n';
+    return ExitCode::kOk;
+  }
+};
+
+class GenerateCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    command.add_option("kid", kid_, "the new key's id (its CKA_LABEL)")
+        ->required()
+        ->type_name("KID");
+    alg_ = command.add_option("--alg", alg_value_, "algorithm (default: the agent's)")
+               ->type_name("ALG");
+    rsa_bits_ = command.add_option("--rsa-bits", rsa_bits_value_, "RSA modulus size in bits")
+                    ->type_name("N");
+  }
+  ExitCode run(Context& context) override {
+    std::optional<std::string> alg;
+    if (alg_->count() > 0) {
+      alg = alg_value_;
+    }
+    std::optional<std::uint32_t> rsa_bits;
+    if (rsa_bits_->count() > 0) {
+      rsa_bits = rsa_bits_value_;
+    }
+    const KeyInfo key = context.client().generate_key(kid_, alg, rsa_bits);
+    if (context.json()) {
+      JsonWriter json(context.out());
+      begin_key_object(json, key.kid, key.alg, key.jwk).end_object();
+      context.out() << '\n';
+    } else {
+      context.out() << "generated " << key.kid << " (" << key.alg << ")\n"
+                    << jwk_line(key.jwk) << '\n';
+    }
+    return ExitCode::kOk;
+  }
+
+ private:
+  std::string kid_, alg_value_;
+  std::uint32_t rsa_bits_value_ = 0;
+  CLI::Option* alg_ = nullptr;
+  CLI::Option* rsa_bits_ = nullptr;
+};
+
+class SignCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    command.add_option("kid", kid_, "the signing key")->required()->type_name("KID");
+    input_.define(command, "sign");
+    sign_flags_.define(command);
+    out_ = command
+               .add_option("--out", out_file_,
+                           "write the raw signature bytes to FILE instead of printing base64url")
+               ->type_name("FILE");
+  }
+  ExitCode run(Context& context) override {
+    const auto input = input_.read(context);
+    auto& client = context.client();
+    const Signature signature =
+        input.is_digest ? client.sign_digest_detailed(kid_, input.bytes, sign_flags_.options())
+                        : client.sign_detailed(kid_, input.bytes, sign_flags_.options());
+    if (out_->count() > 0) {
+      write_file(out_file_, signature.signature);
+    }
+    if (context.json()) {
+      JsonWriter json(context.out());
+      json.begin_object()
+          .key("kid")
+          .string(signature.kid)
+          .key("alg")
+          .string(signature.alg)
+          .key("signature")
+          .string(encode_base64url(signature.signature))
+          .end_object();
+      context.out() << '\n';
+    } else if (out_->count() == 0) {
+      context.out() << encode_base64url(signature.signature) << '\n';
+    }
+    return ExitCode::kOk;
+  }
+
+ private:
+  std::string kid_, out_file_;
+  InputFlags input_;
+  SignFlags sign_flags_;
+  CLI::Option* out_ = nullptr;
+};
+
+class VerifyCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    command.add_option("kid", kid_, "the key that made the signature")
+        ->required()
+        ->type_name("KID");
+    input_.define(command, "verify");
+    auto* group = command.add_option_group("signature", "the signature (one of)");
+    sig_text_ = group->add_option("--sig-b64url", sig_text_value_, "the signature in base64url")
+                    ->type_name("S");
+    sig_file_ = group->add_option("--sig-file", sig_file_value_, "a file with the raw signature")
+                    ->type_name("FILE");
+    group->require_option(1);
+    sign_flags_.define(command);
+  }
+  ExitCode run(Context& context) override {
+    const auto input = input_.read(context);
+    const Bytes signature = sig_text_->count() > 0
+                                ? decode_base64url(sig_text_value_)
+                                : read_file(sig_file_value_, kMaxSignatureFileBytes);
+    auto& client = context.client();
+    const bool valid =
+        input.is_digest ? client.verify_digest(kid_, input.bytes, signature, sign_flags_.options())
+                        : client.verify(kid_, input.bytes, signature, sign_flags_.options());
+    if (context.json()) {
+      JsonWriter(context.out()).begin_object().key("valid").boolean(valid).end_object();
+      context.out() << '\n';
+    } else {
+      context.out() << (valid ? "valid" : "invalid") << '\n';
+    }
+    return valid ? ExitCode::kOk : ExitCode::kNegative;
+  }
+
+ private:
+  std::string kid_, sig_text_value_, sig_file_value_;
+  InputFlags input_;
+  SignFlags sign_flags_;
+  CLI::Option* sig_text_ = nullptr;
+  CLI::Option* sig_file_ = nullptr;
+};
+
+class PublicKeyCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    command.add_option("kid", kid_, "the key")->required()->type_name("KID");
+    command.add_option("--format", format_, "jwk (default) or pem (the SubjectPublicKeyInfo)")
+        ->type_name("FORMAT")
+        ->check(CLI::IsMember({"jwk", "pem"}));
+  }
+  ExitCode run(Context& context) override {
+    const PublicKey key = context.client().get_public_key(kid_);
+    if (context.json()) {
+      JsonWriter json(context.out());
+      begin_key_object(json, key.kid, key.alg, key.jwk)
+          .key("pem")
+          .string(spki_to_pem(key.spki))
+          .end_object();
+      context.out() << '\n';
+    } else if (format_ == "pem") {
+      context.out() << spki_to_pem(key.spki);
+    } else {
+      context.out() << jwk_line(key.jwk) << '\n';
+    }
+    return ExitCode::kOk;
+  }
+
+ private:
+  std::string kid_, format_ = "jwk";
+};
+
+class DeleteCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    command.add_option("kid", kid_, "the key to delete (private and public objects)")
+        ->required()
+        ->type_name("KID");
+  }
+  ExitCode run(Context& context) override {
+    const bool deleted = context.client().delete_key(kid_);
+    if (context.json()) {
+      JsonWriter(context.out())
+          .begin_object()
+          .key("kid")
+          .string(kid_)
+          .key("deleted")
+          .boolean(deleted)
+          .end_object();
+      context.out() << '\n';
+    } else {
+      context.out() << (deleted ? "deleted " : "no such key: ") << kid_ << '\n';
+    }
+    return deleted ? ExitCode::kOk : ExitCode::kNegative;
+  }
+
+ private:
+  std::string kid_;
+};
+
+template <class C>
+std::unique_ptr<Command> make_command() {
+  return std::make_unique<C>();
+}
+
+constexpr std::array kCommands{
+    CommandEntry{"health", "check that the agent reaches the token (exit 1 when not ok)",
+                 &make_command<HealthCommand>},
+    CommandEntry{"caps", "the agent's capabilities", &make_command<CapabilitiesCommand>},
+    CommandEntry{"keys", "list the keys", &make_command<KeysCommand>},
+    CommandEntry{"jwks", "print the public keys as a JWKS document", &make_command<JwksCommand>},
+    CommandEntry{"gen", "generate a key pair inside the token", &make_command<GenerateCommand>},
+    CommandEntry{"sign", "sign a message or digest (prints the signature in base64url)",
+                 &make_command<SignCommand>},
+    CommandEntry{"verify", "verify a signature (exit 0 valid, 1 invalid)",
+                 &make_command<VerifyCommand>},
+    CommandEntry{"pubkey", "print a public key as JWK or PEM", &make_command<PublicKeyCommand>},
+    CommandEntry{"delete", "delete a key (exit 1 when there was none)",
+                 &make_command<DeleteCommand>},
+};
+
+void report_error(bool json, const hsm::Error& error, std::ostream& err) {
+  if (json) {
+    JsonWriter(err)
+        .begin_object()
+        .key("error")
+        .begin_object()
+        .key("code")
+        .string(error.code())
+        .key("message")
+        .string(error.message())
+        .key("ckr")
+        .optional_string(error.ckr())
+        .end_object()
+        .end_object();
+    err << '\n';
+  } else {
+    err << "hsmctl: " << error.what() << '\n';
+  }
+}
+
+constexpr std::string_view kExitCodes =
+    "Exit codes: 0 success, 1 negative answer (invalid signature, health not ok, no such key to\n"
+    "delete), 2 usage error, 3 agent error (code and message on stderr), 4 cannot connect.";
+
+}  // namespace
+
+hsm::Client& Context::client() {
+  if (!client_) {
+    ClientOptions client_options;
+    client_options.socket_path = options_.socket;
+    client_options.timeout = std::chrono::milliseconds{options_.timeout_ms};
+    // An operator wants the answer, or the reason there is none, now: no retries.
+    client_options.retry.max_attempts = 1;
+    client_.emplace(std::move(client_options));
+  }
+  return *client_;
+}
+
+std::size_t Context::max_input_bytes() const {
+  // The message travels inside a request that also carries the kid and the framing.
+  constexpr std::size_t kRequestOverheadBytes = 4096;
+  return ClientOptions{}.max_request_bytes - kRequestOverheadBytes;
+}
+
+std::span<const CommandEntry> command_table() {
+  return kCommands;
+}
+
+int run_hsmctl(std::span<const std::string> args, std::ostream& out, std::ostream& err) {
+  GlobalOptions options;
+  CLI::App app{"hsmctl: operate hsm-agent, the PKCS#11 signing sidecar, over its Unix socket.",
+               "hsmctl"};
+  app.footer(std::string(kExitCodes));
+  app.add_option("--socket", options.socket,
+                 "the agent's socket ($HSM_AGENT_SOCKET, else /run/hsm-agent/agent.sock)")
+      ->type_name("PATH")
+      ->capture_default_str();
+  app.add_flag("--json", options.json, "print one JSON document instead of text");
+  app.add_option("--timeout", options.timeout_ms, "per-call timeout in milliseconds")
+      ->type_name("MS")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 3'600'000u));
+  app.require_subcommand(1);
+  app.fallthrough();  // global flags are accepted after the command too: `hsmctl health --json`
+
+  std::vector<std::pair<CLI::App*, std::unique_ptr<Command>>> commands;
+  for (const CommandEntry& entry : command_table()) {
+    CLI::App* sub = app.add_subcommand(std::string(entry.name), std::string(entry.summary));
+    auto command = entry.make();
+    command->define(*sub);
+    commands.emplace_back(sub, std::move(command));
+  }
+
+  std::vector<const char*> argv;
+  for (const auto& arg : args) {
+    argv.push_back(arg.c_str());
+  }
+  if (argv.empty()) {
+    argv.push_back("hsmctl");
+  }
+  try {
+    app.parse(static_cast<int>(argv.size()), argv.data());
+  } catch (const CLI::ParseError& error) {
+    const int code = app.exit(error, out, err);  // prints help, or the error with a hint
+    return code == 0 ? static_cast<int>(ExitCode::kOk) : static_cast<int>(ExitCode::kUsage);
+  }
+
+  Context context(options, out, err);
+  for (auto& [sub, command] : commands) {
+    if (!sub->parsed()) {
+      continue;
+    }
+    try {
+      return static_cast<int>(command->run(context));
+    } catch (const UsageError& error) {
+      err << "hsmctl: " << error.what() << '\n';
+      return static_cast<int>(ExitCode::kUsage);
+    } catch (const hsm::Error& error) {
+      report_error(options.json, error, err);
+      return static_cast<int>(error.code() == kConnectionFailed ? ExitCode::kCannotConnect
+                                                                : ExitCode::kAgentError);
+    } catch (const std::exception& error) {
+      err << "hsmctl: " << error.what() << '\n';
+      return static_cast<int>(ExitCode::kAgentError);
+    }
+  }
+  return static_cast<int>(ExitCode::kUsage);  // unreachable: require_subcommand(1)
+}
+
+}  // namespace hsm::hsmctl

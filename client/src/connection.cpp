@@ -1,0 +1,274 @@
+#include "connection.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include "call_runner.hpp"
+
+namespace hsm::client {
+namespace {
+
+// Bytes asked of each recv(): large enough to take many pipelined answers in one system call.
+constexpr std::size_t kReadChunkBytes = std::size_t{64} * 1024;
+// A thread's encode buffer is kept between calls (no allocation per request) unless a large
+// request made it grow beyond this.
+constexpr std::size_t kKeptEncodeBufferBytes = std::size_t{64} * 1024;
+
+/// strerror() is not thread-safe; the error_code message is.
+std::string describe_errno(int error) {
+  return std::error_code(error, std::generic_category()).message();
+}
+
+Error connection_error(const std::string& path, const std::string& what) {
+  return Error(std::string(kConnectionFailed), "connection to " + path + " " + what);
+}
+
+int poll_timeout_ms(Clock::time_point deadline) {
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  return static_cast<int>(std::clamp<std::chrono::milliseconds::rep>(left, 0, 60'000));
+}
+
+Answer to_answer(protocol::Response&& response) {
+  if (auto* error = std::get_if<protocol::Error>(&response.body)) {
+    return Error(std::string(protocol::to_string(error->code)), error->message,
+                 std::move(error->ckr));
+  }
+  return std::get<protocol::Result>(std::move(response.body));
+}
+
+}  // namespace
+
+Connection::Connection(UniqueFd fd, const ConnectionSettings& settings, CallRunner& runner)
+    : fd_(std::move(fd)), settings_(settings), runner_(runner) {}
+
+std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
+  std::uint32_t msgid = 0;
+  {
+    std::lock_guard lock(pending_mutex_);
+    // Checked under the same lock the reader takes to drain the calls when it dies, so a call
+    // is either drained by the reader or refused here, never lost in between.
+    if (!usable()) {
+      return Failure{connection_error(settings_.socket_path, "is closed"), Delivery::kNotSent};
+    }
+    msgid = pending_.add(call);
+  }
+  auto withdraw = [&](Failure failure) -> std::optional<Failure> {
+    // When the entry is already gone the reader drained it and reports the call itself.
+    if (!forget(msgid, call.get())) {
+      return std::nullopt;
+    }
+    return failure;
+  };
+
+  const auto deadline = call->deadline();
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+  if (left <= 0) {
+    return withdraw(
+        {Error(std::string(kTimeout), "the deadline passed before the request was sent"),
+         Delivery::kNotSent});
+  }
+  protocol::Request& request = call->request();
+  request.msgid = msgid;
+  request.timeout_ms = static_cast<std::uint32_t>(
+      std::min<std::chrono::milliseconds::rep>(left, std::numeric_limits<std::uint32_t>::max()));
+
+  thread_local msgpack::sbuffer encoded;
+  // The buffer is reused by this thread's next request; one that a large request made big is
+  // dropped then rather than kept for good.
+  if (encoded.size() > kKeptEncodeBufferBytes) {
+    encoded = msgpack::sbuffer{};
+  } else {
+    encoded.clear();
+  }
+  protocol::encode_request(request, encoded);
+  if (encoded.size() > settings_.max_request_bytes) {
+    return withdraw(
+        {Error(std::string(kInvalidParams), "the request has " + std::to_string(encoded.size()) +
+                                                " bytes, more than the agent accepts (" +
+                                                std::to_string(settings_.max_request_bytes) + ")"),
+         Delivery::kNotSent});
+  }
+
+  call->set_in_flight({weak_from_this(), msgid});
+  // A timeout that struck before set_in_flight() could not withdraw the entry; do it here.
+  if (call->finished()) {
+    forget(msgid, call.get());
+    return std::nullopt;
+  }
+
+  WriteResult written = write_all(encoded.data(), encoded.size(), deadline);
+  if (written.status == WriteStatus::kDone) {
+    return std::nullopt;
+  }
+  // Withdraw first, then break the connection: the reader then drains only the other calls,
+  // and this one keeps the knowledge that nothing of it was sent (so it may go out again on a
+  // fresh connection at once).
+  const bool withdrawn = forget(msgid, call.get());
+  if (written.breaks_connection) {
+    mark_broken();
+  }
+  if (!withdrawn) {
+    return std::nullopt;
+  }
+  return Failure{std::move(*written.error), written.status == WriteStatus::kNothingWritten
+                                                ? Delivery::kNotSent
+                                                : Delivery::kMaybeSent};
+}
+
+Connection::WriteResult Connection::write_all(const char* data, std::size_t size,
+                                              Clock::time_point deadline) {
+  std::unique_lock lock(write_mutex_, std::defer_lock);
+  if (!lock.try_lock_until(deadline)) {
+    return {WriteStatus::kNothingWritten,
+            Error(std::string(kTimeout), "the deadline passed while waiting to send"), false};
+  }
+  // Checked under the lock: a writer that cut its request in the middle marks the connection
+  // unusable before it lets go, so nothing is ever appended to half a message.
+  if (!usable()) {
+    return {WriteStatus::kNothingWritten, connection_error(settings_.socket_path, "is closed"),
+            false};
+  }
+  std::size_t written = 0;
+  auto fail = [&](Error error, bool breaks_connection) -> WriteResult {
+    if (breaks_connection) {
+      broken_.store(true, std::memory_order_release);
+    }
+    return {written == 0 ? WriteStatus::kNothingWritten : WriteStatus::kPartlyWritten,
+            std::move(error), breaks_connection};
+  };
+  while (written < size) {
+    // MSG_NOSIGNAL: a vanished agent is an EPIPE here, never a SIGPIPE for the application.
+    // MSG_DONTWAIT: a full socket buffer is waited out in poll(), bounded by the deadline.
+    const ssize_t n =
+        ::send(fd_.get(), data + written, size - written, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (n > 0) {
+      written += static_cast<std::size_t>(n);
+      continue;
+    }
+    const int error = errno;
+    if (n < 0 && error == EINTR) {
+      continue;
+    }
+    if (n < 0 && (error == EAGAIN || error == EWOULDBLOCK)) {
+      const int timeout_ms = poll_timeout_ms(deadline);
+      if (timeout_ms == 0) {
+        // A request cut in the middle would corrupt the stream for every call after it.
+        return fail(
+            Error(std::string(kTimeout), "the deadline passed while the agent was not reading"),
+            written > 0);
+      }
+      pollfd descriptor{fd_.get(), POLLOUT, 0};
+      (void)::poll(&descriptor, 1, timeout_ms);  // EINTR, errors: the next send() tells
+      continue;
+    }
+    return fail(connection_error(settings_.socket_path, "failed: " + describe_errno(error)), true);
+  }
+  return {WriteStatus::kDone, std::nullopt, false};
+}
+
+bool Connection::forget(std::uint32_t msgid, const Call* call) {
+  std::lock_guard lock(pending_mutex_);
+  return pending_.remove(msgid, call);
+}
+
+void Connection::mark_broken() noexcept {
+  broken_.store(true, std::memory_order_release);
+  // Wakes the reader thread out of recv() (it then fails the pending calls) and any writer
+  // waiting in poll(). The descriptor itself stays open until the last owner lets go.
+  ::shutdown(fd_.get(), SHUT_RDWR);
+}
+
+void Connection::close() noexcept {
+  mark_broken();
+}
+
+void Connection::read_loop() noexcept {
+  Error reason = connection_error(settings_.socket_path, "was closed by the agent");
+  try {
+    protocol::FrameReader reader(settings_.response_limits, kReadChunkBytes);
+    for (;;) {
+      std::span<char> space = reader.prepare(kReadChunkBytes);
+      if (space.empty()) {
+        throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,
+                                   "an answer exceeds the client's max_response_bytes");
+      }
+      const ssize_t n = ::recv(fd_.get(), space.data(), space.size(), 0);
+      if (n < 0) {
+        if (errno == EINTR) {
+          continue;
+        }
+        reason = connection_error(settings_.socket_path, "failed: " + describe_errno(errno));
+        break;
+      }
+      if (n == 0) {
+        if (!usable()) {
+          reason = connection_error(settings_.socket_path, "was closed");
+        }
+        break;
+      }
+      reader.commit(static_cast<std::size_t>(n));
+      while (auto message = reader.next()) {
+        dispatch(message->get());
+      }
+    }
+  } catch (const protocol::FrameError& error) {
+    reason = Error(std::string(kProtocolError),
+                   std::string("the agent sent bytes that break the protocol: ") + error.what());
+  } catch (const Error& error) {
+    reason = error;
+  } catch (const std::exception& error) {
+    reason = Error(std::string(kProtocolError), error.what());
+  }
+
+  std::vector<std::shared_ptr<Call>> orphans;
+  {
+    std::lock_guard lock(pending_mutex_);
+    broken_.store(true, std::memory_order_release);
+    orphans = pending_.take_all();
+  }
+  ::shutdown(fd_.get(), SHUT_RDWR);  // writers blocked in poll() see the end too
+  for (auto& call : orphans) {
+    runner_.on_failure(call, {reason, Delivery::kMaybeSent});
+  }
+}
+
+void Connection::dispatch(const msgpack::object& message) {
+  const auto msgid = protocol::response_msgid(message);
+  if (!msgid) {
+    // The stream is framed correctly but the peer is not speaking the protocol: nothing it
+    // says can be matched to a call any more.
+    throw Error(std::string(kProtocolError), "the agent sent a message that is not a response");
+  }
+  std::shared_ptr<Call> call;
+  {
+    std::lock_guard lock(pending_mutex_);
+    call = pending_.take(*msgid);
+  }
+  if (!call || call->finished()) {
+    return;  // its call timed out: the late answer is dropped
+  }
+
+  Answer answer = [&]() -> Answer {
+    try {
+      return to_answer(protocol::decode_response(message, call->method()));
+    } catch (const std::exception& error) {
+      // Only this answer is bad; the framing is intact, so the connection stays up.
+      return Error(std::string(kProtocolError),
+                   "malformed answer to " + std::string(protocol::to_string(call->method())) +
+                       ": " + error.what());
+    }
+  }();
+  runner_.on_answer(call, std::move(answer));
+}
+
+}  // namespace hsm::client

@@ -1,0 +1,53 @@
+#include "pending_calls.hpp"
+
+#include <stdexcept>
+#include <utility>
+
+#include "call.hpp"
+
+namespace hsm::client {
+
+std::uint32_t PendingCalls::add(std::shared_ptr<Call> call) {
+  // 2^32 calls in flight on one connection cannot happen (memory runs out long before), but
+  // the loop below must still terminate.
+  if (calls_.size() >= std::size_t{0xFFFFFFFFu}) {
+    throw std::length_error("msgids exhausted");
+  }
+  std::uint32_t msgid = next_msgid_++;  // unsigned: wraps around at 2^32
+  while (calls_.contains(msgid)) {
+    msgid = next_msgid_++;
+  }
+  calls_.emplace(msgid, std::move(call));
+  return msgid;
+}
+
+std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
+  auto it = calls_.find(msgid);
+  if (it == calls_.end()) {
+    return nullptr;
+  }
+  auto call = std::move(it->second);
+  calls_.erase(it);
+  return call;
+}
+
+bool PendingCalls::remove(std::uint32_t msgid, const Call* call) {
+  auto it = calls_.find(msgid);
+  if (it == calls_.end() || it->second.get() != call) {
+    return false;
+  }
+  calls_.erase(it);
+  return true;
+}
+
+std::vector<std::shared_ptr<Call>> PendingCalls::take_all() {
+  std::vector<std::shared_ptr<Call>> all;
+  all.reserve(calls_.size());
+  for (auto& [msgid, call] : calls_) {
+    all.push_back(std::move(call));
+  }
+  calls_.clear();
+  return all;
+}
+
+}  // namespace hsm::client

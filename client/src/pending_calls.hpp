@@ -1,0 +1,40 @@
+// The calls of one connection that wait for their answer, by msgid.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+namespace hsm::client {
+
+class Call;
+
+/// Hands out msgids and remembers which call each belongs to. msgids count up and wrap around
+/// at 2^32; an id still in flight is skipped, never reused. Not thread-safe: the connection
+/// guards it with its mutex.
+class PendingCalls {
+ public:
+  explicit PendingCalls(std::uint32_t first_msgid = 1) : next_msgid_(first_msgid) {}
+
+  /// Registers `call` under a fresh msgid and returns the msgid.
+  std::uint32_t add(std::shared_ptr<Call> call);
+  /// Removes and returns the call waiting for `msgid`; nullptr when there is none (an answer
+  /// that came after its call timed out, or a msgid we never sent).
+  std::shared_ptr<Call> take(std::uint32_t msgid);
+  /// Removes the entry of `msgid` only if it belongs to `call` (a retried call's old msgid may
+  /// already belong to another call). True when it was removed.
+  bool remove(std::uint32_t msgid, const Call* call);
+  /// Removes and returns every waiting call.
+  std::vector<std::shared_ptr<Call>> take_all();
+  [[nodiscard]] std::size_t size() const noexcept { return calls_.size(); }
+  /// Where the msgid counter continues. Tests use it to reach the wrap-around and the ids in
+  /// flight without 2^32 calls.
+  void set_next_msgid(std::uint32_t msgid) noexcept { next_msgid_ = msgid; }
+
+ private:
+  std::unordered_map<std::uint32_t, std::shared_ptr<Call>> calls_;
+  std::uint32_t next_msgid_;
+};
+
+}  // namespace hsm::client

@@ -1,0 +1,1122 @@
+// Observability of the real agent, judged from outside (docs/metrics.md is the contract):
+//  - the audit log: every line is a JSON object (judged by Python's json module, not by us)
+//    naming the caller from SO_PEERCRED, the method, kid and result, and for sign the SHA-256
+//    of the signed input; successes of key operations, every failure and every denial are
+//    audited, reads are not; --audit-log FILE survives rotation with SIGHUP, losing nothing;
+//  - --log-format json: every stderr line is a JSON object with time, level and msg;
+//  - /metrics: histograms carry the documented buckets, gauges return to rest, counters move
+//    with requests, connections, protocol errors and PKCS#11 calls; the token-health metrics and
+//    /readyz follow the token (the fault-injecting module takes it away and gives it back);
+//    `promtool check metrics` accepts the real exposition after a varied workload.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <future>
+#include <limits>
+#include <map>
+#include <memory>
+#include <optional>
+#include <regex>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "integration/running_agent.hpp"
+
+using namespace hsm::test;
+using namespace std::chrono_literals;
+using hsm::protocol::Method;
+
+namespace {
+
+// ---- small tools -------------------------------------------------------------------------
+
+class ScratchDir {
+ public:
+  ScratchDir() : path_(make_temp_dir("hsm-obs")) {}
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
+
+ private:
+  std::filesystem::path path_;
+};
+
+std::string read_text(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+void write_text(const std::filesystem::path& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << text;
+}
+
+/// Runs a shell command; its exit code and its stdout and stderr together.
+std::pair<int, std::string> run_command(const std::string& command) {
+  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::string output;
+  char buffer[4096];
+  while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) output += buffer;
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+}
+
+/// Polls `condition` every 20 ms for up to `timeout`. Lines and counters are updated by other
+/// threads and processes (the audit log is written by a writer thread), so tests wait for a
+/// state rather than assume it; no test asserts how long anything takes.
+bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout = 15s) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(20ms);
+  }
+  return true;
+}
+
+std::string hex(const Bytes& bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  for (const auto b : bytes) {
+    out.push_back(kDigits[b >> 4]);
+    out.push_back(kDigits[b & 0xF]);
+  }
+  return out;
+}
+
+/// The protocol error code a call failed with, or "no error".
+std::string error_code_of(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const hsm::Error& e) {
+    return e.code();
+  }
+  return "no error";
+}
+
+/// Text up to and including the last newline: a line being written is not judged yet.
+std::string complete_lines(const std::string& text) {
+  const auto end = text.rfind('\n');
+  return end == std::string::npos ? std::string() : text.substr(0, end + 1);
+}
+
+std::size_t count_lines(const std::string& text) {
+  return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
+}
+
+// ---- JSON lines, judged by Python's json module --------------------------------------------
+
+// Reads the file named by argv[1] and prints one line per input line: "ok" and the object's
+// leaves as key=type:value (nested keys joined with '.', strings as UTF-8 hex so that any
+// character survives), or "bad" and why. Strict: the bytes must be UTF-8, the line one JSON
+// object, keys unique, no NaN/Infinity.
+constexpr const char* kJudgeScript = R"PY(
+import json, sys
+
+def unique(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError("duplicate key " + key)
+        seen[key] = value
+    return seen
+
+def no_constants(name):
+    raise ValueError("not JSON: " + name)
+
+def flatten(key, value, out):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(key + "." + k if key else k, v, out)
+    elif isinstance(value, bool):
+        out.append(key + "=b:" + ("1" if value else "0"))
+    elif isinstance(value, int):
+        out.append(key + "=i:" + str(value))
+    elif isinstance(value, float):
+        out.append(key + "=f:" + repr(value))
+    elif isinstance(value, str):
+        out.append(key + "=s:" + value.encode("utf-8").hex())
+    elif value is None:
+        out.append(key + "=z:")
+    else:
+        out.append(key + "=l:" + json.dumps(value).encode("utf-8").hex())
+
+with open(sys.argv[1], "rb") as f:
+    pieces = f.read().split(b"\n")
+if pieces and pieces[-1] == b"":
+    pieces.pop()
+for raw in pieces:
+    try:
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique,
+                         parse_constant=no_constants)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        out = []
+        flatten("", obj, out)
+        print("\t".join(["ok"] + out))
+    except Exception as e:
+        print("bad\t" + repr(e).replace("\t", " ").replace("\n", " "))
+)PY";
+
+struct JsonLine {
+  std::string error;                          // empty: the line is a JSON object
+  std::map<std::string, std::string> fields;  // "peer.uid" -> "i:1000", "kid" -> "s:6b31"
+
+  [[nodiscard]] bool ok() const { return error.empty(); }
+  [[nodiscard]] bool has(const std::string& key) const { return fields.count(key) != 0; }
+
+  /// A string field's value; a marker naming the problem when it is missing or not a string.
+  [[nodiscard]] std::string str(const std::string& key) const {
+    const auto it = fields.find(key);
+    if (it == fields.end()) return "<missing " + key + ">";
+    if (it->second.rfind("s:", 0) != 0) return "<not a string: " + it->second + ">";
+    std::string out;
+    for (std::size_t i = 2; i + 1 < it->second.size(); i += 2) {
+      out.push_back(static_cast<char>(std::stoi(it->second.substr(i, 2), nullptr, 16)));
+    }
+    return out;
+  }
+  /// An integer field as decimal text; a marker when missing or not an integer.
+  [[nodiscard]] std::string integer(const std::string& key) const {
+    const auto it = fields.find(key);
+    if (it == fields.end()) return "<missing " + key + ">";
+    if (it->second.rfind("i:", 0) != 0) return "<not an integer: " + it->second + ">";
+    return it->second.substr(2);
+  }
+  /// A number field (integer or not); NaN when missing or not a number.
+  [[nodiscard]] double number(const std::string& key) const {
+    const auto it = fields.find(key);
+    if (it == fields.end()) return std::numeric_limits<double>::quiet_NaN();
+    if (it->second.rfind("i:", 0) != 0 && it->second.rfind("f:", 0) != 0) {
+      return std::numeric_limits<double>::quiet_NaN();
+    }
+    return std::stod(it->second.substr(2));
+  }
+  [[nodiscard]] std::set<std::string> keys() const {
+    std::set<std::string> out;
+    for (const auto& [key, value] : fields) out.insert(key);
+    return out;
+  }
+};
+
+/// Judges every line of `text` (which must end with a newline). One JsonLine per line.
+std::vector<JsonLine> judge_json_lines(const std::string& text) {
+  ScratchDir dir;
+  write_text(dir.path() / "judge.py", kJudgeScript);
+  write_text(dir.path() / "lines", text);
+  const auto [code, output] =
+      run_command("/usr/bin/python3 '" + (dir.path() / "judge.py").string() + "' '" +
+                  (dir.path() / "lines").string() + "'");
+  INFO(output);
+  REQUIRE(code == 0);
+  std::vector<JsonLine> lines;
+  std::istringstream in(output);
+  std::string row;
+  while (std::getline(in, row)) {
+    std::vector<std::string> cells;
+    std::size_t start = 0;
+    for (;;) {
+      const auto tab = row.find('\t', start);
+      cells.push_back(row.substr(start, tab - start));
+      if (tab == std::string::npos) break;
+      start = tab + 1;
+    }
+    JsonLine line;
+    if (cells.front() == "ok") {
+      for (std::size_t i = 1; i < cells.size(); ++i) {
+        const auto eq = cells[i].find('=');
+        line.fields[cells[i].substr(0, eq)] = cells[i].substr(eq + 1);
+      }
+    } else {
+      line.error = cells.size() > 1 ? cells[1] : "unreadable";
+    }
+    lines.push_back(std::move(line));
+  }
+  REQUIRE(lines.size() == count_lines(text));
+  return lines;
+}
+
+const std::regex kRfc3339Utc(R"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z)");
+
+/// Waits until `read()` holds at least `count` complete lines, then judges them all.
+std::vector<JsonLine> wait_for_json_lines(const std::function<std::string()>& read,
+                                          std::size_t count) {
+  std::string text;
+  wait_until([&] {
+    text = complete_lines(read());
+    return count_lines(text) >= count;
+  });
+  return judge_json_lines(text);
+}
+
+// ---- audit expectations --------------------------------------------------------------------
+
+struct ExpectedAudit {
+  std::string method;
+  std::string kid;
+  std::string result;
+  std::optional<std::string> alg;     // checked when set
+  std::optional<Bytes> signed_input;  // sign: input_sha256 = SHA-256 of it; else no such field
+};
+
+/// Every audit line of a request: the shape every line shares, the caller (this process: the
+/// client is in-process), and what the expectation names.
+void check_audit_lines(const std::vector<JsonLine>& lines,
+                       const std::vector<ExpectedAudit>& expected) {
+  REQUIRE(lines.size() == expected.size());
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const auto& line = lines[i];
+    const auto& want = expected[i];
+    INFO("audit line " << i << ": " << want.method << " " << want.kid << " " << want.result);
+    REQUIRE(line.ok());
+    CHECK(line.str("event") == "request");
+    CHECK(std::regex_match(line.str("time"), kRfc3339Utc));
+    CHECK(line.str("method") == want.method);
+    CHECK(line.str("kid") == want.kid);
+    CHECK(line.str("result") == want.result);
+    CHECK(line.number("duration_ms") >= 0);
+    CHECK(line.integer("peer.uid") == std::to_string(::getuid()));
+    CHECK(line.integer("peer.gid") == std::to_string(::getgid()));
+    CHECK(line.integer("peer.pid") == std::to_string(::getpid()));
+    if (want.alg) CHECK(line.str("alg") == *want.alg);
+    if (want.signed_input) {
+      CHECK(line.str("input_sha256") == hex(sha256(*want.signed_input)));
+    } else {
+      CHECK_FALSE(line.has("input_sha256"));
+    }
+    const std::set<std::string> allowed = {"time",     "event",    "method",      "kid",
+                                           "alg",      "result",   "duration_ms", "peer.pid",
+                                           "peer.uid", "peer.gid", "input_sha256"};
+    for (const auto& key : line.keys()) {
+      INFO("field " << key);
+      CHECK(allowed.count(key) == 1);
+    }
+  }
+}
+
+// ---- /metrics -------------------------------------------------------------------------------
+
+struct Sample {
+  std::string name;
+  std::map<std::string, std::string> labels;
+  double value = 0;
+};
+
+/// The Prometheus text format's samples (comments skipped). Label values are unescaped.
+std::vector<Sample> parse_exposition(const std::string& text) {
+  std::vector<Sample> samples;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    Sample sample;
+    std::size_t i = line.find_first_of("{ ");
+    REQUIRE(i != std::string::npos);
+    sample.name = line.substr(0, i);
+    if (line[i] == '{') {
+      ++i;
+      while (line.at(i) != '}') {
+        const auto eq = line.find("=\"", i);
+        REQUIRE(eq != std::string::npos);
+        const std::string key = line.substr(i, eq - i);
+        std::string value;
+        std::size_t j = eq + 2;
+        for (; line.at(j) != '"'; ++j) {
+          if (line[j] == '\\') {
+            ++j;
+            value.push_back(line.at(j) == 'n' ? '\n' : line[j]);
+          } else {
+            value.push_back(line[j]);
+          }
+        }
+        sample.labels[key] = value;
+        i = j + 1;
+        if (line.at(i) == ',') ++i;
+      }
+      ++i;
+    }
+    sample.value = std::stod(line.substr(i + 1));
+    samples.push_back(std::move(sample));
+  }
+  return samples;
+}
+
+class Scrape {
+ public:
+  explicit Scrape(const AgentProcess& agent) {
+    auto [status, text] = agent.http_get("/metrics");
+    REQUIRE(status == 200);
+    text_ = std::move(text);
+    samples_ = parse_exposition(text_);
+  }
+
+  /// The sample with exactly this name and these labels; NaN when there is none.
+  [[nodiscard]] double value(const std::string& name,
+                             const std::map<std::string, std::string>& labels = {}) const {
+    for (const auto& sample : samples_) {
+      if (sample.name == name && sample.labels == labels) return sample.value;
+    }
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  /// As value(), but 0 for a series not created yet (a counter whose labels never occurred).
+  [[nodiscard]] double counter(const std::string& name,
+                               const std::map<std::string, std::string>& labels = {}) const {
+    const double v = value(name, labels);
+    return std::isnan(v) ? 0 : v;
+  }
+  /// Every sample of `name` whose labels include `subset`.
+  [[nodiscard]] std::vector<Sample> all(const std::string& name,
+                                        const std::map<std::string, std::string>& subset) const {
+    std::vector<Sample> out;
+    for (const auto& sample : samples_) {
+      if (sample.name != name) continue;
+      const bool match = std::all_of(subset.begin(), subset.end(), [&](const auto& label) {
+        const auto it = sample.labels.find(label.first);
+        return it != sample.labels.end() && it->second == label.second;
+      });
+      if (match) out.push_back(sample);
+    }
+    return out;
+  }
+  [[nodiscard]] const std::string& text() const noexcept { return text_; }
+  [[nodiscard]] const std::vector<Sample>& samples() const noexcept { return samples_; }
+
+ private:
+  std::string text_;
+  std::vector<Sample> samples_;
+};
+
+double metric(const AgentProcess& agent, const std::string& name,
+              const std::map<std::string, std::string>& labels = {}) {
+  return Scrape(agent).counter(name, labels);
+}
+
+// ---- the fault-injecting module in front of SoftHSMv2 ---------------------------------------
+
+struct FaultControl {
+  ScratchDir dir;
+  std::filesystem::path control = dir.path() / "faults";
+
+  FaultControl() { write_text(control, ""); }
+  /// Options that load the fault module in front of SoftHSMv2, rules read on every call.
+  [[nodiscard]] AgentOptions options(std::vector<std::string> args = {}) const {
+    AgentOptions options;
+    options.module = HSM_FAULT_MODULE;
+    options.extra_args = std::move(args);
+    options.env = {{"HSM_FAULT_TARGET", kSoftHsmModule},
+                   {"HSM_FAULT_CONTROL", control.string()},
+                   {"HSM_FAULT_POLL_US", "0"}};
+    return options;
+  }
+  void set(const std::string& rules) const { write_text(control, rules + "\n"); }
+  void clear() const { write_text(control, ""); }
+};
+
+hsm::Client client_for(const AgentProcess& agent, std::chrono::milliseconds timeout = 5s,
+                       std::uint32_t attempts = 16) {
+  hsm::ClientOptions options;
+  options.socket_path = agent.socket_path();
+  options.timeout = timeout;
+  options.retry.max_attempts = attempts;
+  return hsm::Client(options);
+}
+
+std::string agent_version() {
+  const auto result = run_agent({"--version"});
+  REQUIRE(result.status.exited);
+  REQUIRE(result.status.code == 0);
+  const auto space = result.out.find(' ');
+  REQUIRE(space != std::string::npos);
+  std::string version = result.out.substr(space + 1);
+  while (!version.empty() && (version.back() == '\n' || version.back() == '\r')) version.pop_back();
+  return version;
+}
+
+}  // namespace
+
+// ---- (a) the audit log ------------------------------------------------------------------------
+
+TEST_CASE("audit: key operations and failures are JSON lines naming the caller",
+          "[observability][audit]") {
+  RunningAgent env;
+  const Bytes data = to_bytes("observability payload 6f1e2d");  // must never reach the log
+  const Bytes digest = sha256(to_bytes("prehashed by the caller"));
+  const std::string odd_kid =
+      "odd \"kid\"\\\n\t\x01 caf\xC3\xA9 \xF0\x9F\x94\x91 \",\"result\":\"ok";
+
+  // Reads and metadata succeed unaudited; the key operations and every failure are audited.
+  (void)env.client.capabilities();
+  (void)env.client.health();
+  env.client.generate_key("audit-a");
+  (void)env.client.list_keys();
+  (void)env.client.get_public_key("audit-a");
+  (void)env.client.get_jwks();
+  const Bytes signature = env.client.sign("audit-a", data);
+  const Bytes digest_signature = env.client.sign_digest("audit-a", digest);
+  CHECK(env.client.verify("audit-a", data, signature));
+  CHECK(error_code_of([&] { (void)env.client.sign("audit-missing", data); }) == "not_found");
+  CHECK(error_code_of([&] { (void)env.client.sign(odd_kid, data); }) == "not_found");
+  CHECK(env.client.delete_key("audit-a"));
+  CHECK(error_code_of([&] { (void)env.client.get_public_key("audit-a"); }) == "not_found");
+
+  const std::vector<ExpectedAudit> expected = {
+      {"generate_key", "audit-a", "ok", "ES256", std::nullopt},
+      {"sign", "audit-a", "ok", "ES256", data},
+      {"sign", "audit-a", "ok", "ES256", digest},  // the digest the caller sent, hashed
+      {"verify", "audit-a", "ok", std::nullopt, std::nullopt},
+      {"sign", "audit-missing", "not_found", std::nullopt, data},
+      {"sign", odd_kid, "not_found", std::nullopt, data},  // any bytes, still one valid line
+      {"delete_key", "audit-a", "ok", std::nullopt, std::nullopt},
+      {"get_public_key", "audit-a", "not_found", std::nullopt, std::nullopt},
+  };
+  const auto lines = wait_for_json_lines([&] { return env.agent.stdout_text(); }, expected.size());
+  check_audit_lines(lines, expected);
+
+  // The data and the signatures themselves never appear, in any form we can think of.
+  const std::string out = env.agent.stdout_text();
+  CHECK(out.find("observability payload") == std::string::npos);
+  CHECK(out.find(hex(data)) == std::string::npos);
+  CHECK(out.find(hex(digest)) == std::string::npos);
+  CHECK(out.find(base64url_encode(signature)) == std::string::npos);
+  CHECK(out.find(base64url_encode(digest_signature)) == std::string::npos);
+  // stdout is the audit log only: nothing else is written there.
+  CHECK(env.agent.stderr_text().find(R"("event":"request")") == std::string::npos);
+}
+
+TEST_CASE("audit: requests a read-only agent refuses are audited as permission_denied",
+          "[observability][audit]") {
+  SoftHsmToken token;
+  AgentProcess agent(token, AgentOptions{.extra_args = {"--read-only"}});
+  hsm::Client client(agent.socket_path());
+  CHECK(error_code_of([&] { client.generate_key("ro-new"); }) == "permission_denied");
+  CHECK(error_code_of([&] { (void)client.delete_key("ro-old"); }) == "permission_denied");
+  // A worker-answered failure last: once its line is there, every earlier one is too.
+  CHECK(error_code_of([&] { (void)client.sign("ro-missing", to_bytes("x")); }) == "not_found");
+
+  const auto lines = wait_for_json_lines([&] { return agent.stdout_text(); }, 3);
+  check_audit_lines(lines,
+                    {{"generate_key", "ro-new", "permission_denied", std::nullopt, std::nullopt},
+                     {"delete_key", "ro-old", "permission_denied", std::nullopt, std::nullopt},
+                     {"sign", "ro-missing", "not_found", std::nullopt, to_bytes("x")}});
+  CHECK_FALSE(lines[0].has("alg"));
+  const Scrape scrape(agent);
+  CHECK(scrape.value("hsm_agent_requests_total",
+                     {{"method", "generate_key"}, {"code", "permission_denied"}}) == 1);
+  CHECK(scrape.value("hsm_agent_requests_total",
+                     {{"method", "delete_key"}, {"code", "permission_denied"}}) == 1);
+}
+
+TEST_CASE("audit: policy denials and refused connections are audited with the peer",
+          "[observability][audit]") {
+  SoftHsmToken token;
+  ScratchDir dir;
+  const auto me = std::to_string(::getuid());
+  const auto someone_else = std::to_string(::getuid() + 1);
+
+  SECTION("a request the policy does not grant") {
+    const auto policy = dir.path() / "policy.yaml";
+    write_text(policy,
+               "rules:\n"
+               "  - name: observability-test\n"
+               "    match: { uids: [" +
+                   me +
+                   "] }\n"
+                   "    methods: [generate_key, sign, health, capabilities]\n"
+                   "    kids: [\"pol-*\"]\n");
+    ::chmod(policy.c_str(), 0600);
+    AgentProcess agent(token, AgentOptions{.extra_args = {"--policy", policy.string()}});
+    hsm::Client client(agent.socket_path());
+    client.generate_key("pol-a");
+    CHECK(error_code_of([&] { (void)client.sign("other-b", to_bytes("x")); }) ==
+          "permission_denied");
+    (void)client.sign("pol-a", to_bytes("y"));
+
+    const auto lines = wait_for_json_lines([&] { return agent.stdout_text(); }, 3);
+    REQUIRE(lines.size() == 3);
+    for (const auto& line : lines) {
+      REQUIRE(line.ok());
+      CHECK(line.integer("peer.uid") == me);
+    }
+    CHECK(lines[1].str("method") == "sign");
+    CHECK(lines[1].str("kid") == "other-b");
+    CHECK(lines[1].str("result") == "permission_denied");
+    CHECK(lines[2].str("kid") == "pol-a");
+    CHECK(lines[2].str("result") == "ok");
+  }
+
+  SECTION("a caller the policy does not admit at all") {
+    const auto policy = dir.path() / "policy.yaml";
+    write_text(policy,
+               "rules:\n"
+               "  - match: { uids: [" +
+                   someone_else +
+                   "] }\n"
+                   "    methods: [health]\n");
+    ::chmod(policy.c_str(), 0600);
+    AgentProcess agent(token, AgentOptions{.extra_args = {"--policy", policy.string()}});
+    auto client = client_for(agent, 2s, 1);
+    CHECK(error_code_of([&] { (void)client.health(); }) != "no error");
+
+    // The fixture's own readiness checks connect too: every refused connection, and only
+    // those, has a connection_refused line, and the counter agrees with the log.
+    std::vector<JsonLine> lines;
+    double rejected = 0;
+    const bool settled = wait_until([&] {
+      rejected = metric(agent, "hsm_agent_connections_rejected_total", {{"reason", "policy"}});
+      const std::string text = complete_lines(agent.stdout_text());
+      if (rejected < 1 || count_lines(text) != static_cast<std::size_t>(rejected)) return false;
+      lines = judge_json_lines(text);
+      return true;
+    });
+    REQUIRE(settled);
+    for (const auto& line : lines) {
+      REQUIRE(line.ok());
+      CHECK(line.str("event") == "connection_refused");
+      CHECK(line.str("result") == "permission_denied");
+      CHECK(std::regex_match(line.str("time"), kRfc3339Utc));
+      CHECK(line.integer("peer.uid") == me);
+      CHECK(line.integer("peer.gid") == std::to_string(::getgid()));
+      CHECK_FALSE(line.has("method"));
+    }
+    // The refusal by this test's client (not only the fixture's probes) is among them.
+    CHECK(std::any_of(lines.begin(), lines.end(), [](const JsonLine& line) {
+      return line.integer("peer.pid") == std::to_string(::getpid());
+    }));
+  }
+}
+
+// ---- (b) --audit-log FILE and SIGHUP
+// -------------------------------------------------------------
+
+TEST_CASE("audit: --audit-log FILE is reopened on SIGHUP after rotation, nothing lost",
+          "[observability][audit]") {
+  ScratchDir dir;
+  const auto path = dir.path() / "audit.log";
+  const auto rotated = dir.path() / "audit.log.1";
+  const auto rotated_again = dir.path() / "audit.log.2";
+  RunningAgent env(AgentOptions{.extra_args = {"--audit-log", path.string()}});
+  std::vector<Bytes> signed_inputs;
+  auto sign = [&](int i) {
+    signed_inputs.push_back(to_bytes("rotation " + std::to_string(i)));
+    (void)env.client.sign("rot", signed_inputs.back());
+  };
+
+  env.client.generate_key("rot");
+  for (int i = 0; i < 3; ++i) sign(i);
+  auto lines = wait_for_json_lines([&] { return read_text(path); }, 4);
+  CHECK(lines.size() == 4);
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+
+  // logrotate's default: rename, then signal. Lines written in between still go to the open,
+  // renamed file.
+  std::filesystem::rename(path, rotated);
+  for (int i = 3; i < 5; ++i) sign(i);
+  CHECK(wait_until([&] { return count_lines(read_text(rotated)) == 6; }));
+  env.agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return std::filesystem::exists(path); }));
+  for (int i = 5; i < 8; ++i) sign(i);
+  const auto fresh = wait_for_json_lines([&] { return read_text(path); }, 3);
+  const auto old = judge_json_lines(read_text(rotated));
+  CHECK(old.size() == 6);
+  CHECK(fresh.size() == 3);
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0600);
+
+  // Together, in order: the generate_key and every sign exactly once.
+  std::vector<JsonLine> all = old;
+  all.insert(all.end(), fresh.begin(), fresh.end());
+  std::vector<ExpectedAudit> expected = {{"generate_key", "rot", "ok", "ES256", std::nullopt}};
+  for (const auto& input : signed_inputs) expected.push_back({"sign", "rot", "ok", "ES256", input});
+  check_audit_lines(all, expected);
+  CHECK(env.agent.stdout_text().empty());  // with --audit-log, stdout carries nothing
+  CHECK(wait_until(
+      [&] { return env.agent.stderr_text().find("audit log reopened") != std::string::npos; }));
+
+  SECTION("a reopen that fails keeps the old file and loses nothing") {
+    std::filesystem::rename(path, rotated_again);
+    std::filesystem::create_directory(path);  // cannot be opened as a file
+    env.agent.signal(SIGHUP);
+    REQUIRE(wait_until([&] {
+      return env.agent.stderr_text().find("cannot reopen audit log") != std::string::npos;
+    }));
+    (void)env.client.sign("rot", to_bytes("after a failed reopen"));
+    const auto kept = wait_for_json_lines([&] { return read_text(rotated_again); }, 4);
+    REQUIRE(kept.size() == 4);
+    CHECK(kept[3].str("input_sha256") == hex(sha256(to_bytes("after a failed reopen"))));
+    CHECK(env.client.health().ok);
+  }
+}
+
+// ---- (c) --log-format json ----------------------------------------------------------------------
+
+TEST_CASE("--log-format json: every stderr line is a JSON object with time, level, msg",
+          "[observability][logs]") {
+  RunningAgent env(AgentOptions{.extra_args = {"--log-format", "json"}});
+  // Work that logs at several levels (the fixture runs the agent at --log-level debug), with
+  // untrusted text in it: a kid full of quotes and control bytes, garbage on the socket.
+  env.client.generate_key("log-k");
+  (void)env.client.sign("log-k", to_bytes("x"));
+  CHECK(error_code_of([&] { (void)env.client.sign("log \"odd\"\n\x01 kid", to_bytes("x")); }) ==
+        "not_found");
+  {
+    auto attacker = env.connect();
+    attacker.send(std::string("\xc1\xc1 not msgpack", 14));
+    CHECK(attacker.closed_by_peer());
+  }
+  env.agent.signal(SIGHUP);
+  CHECK(wait_until([&] { return env.agent.stderr_text().find("SIGHUP") != std::string::npos; }));
+  const auto status = env.agent.stop();
+  CHECK(status.exited);
+  CHECK(status.code == 0);
+
+  const std::string text = env.agent.stderr_text();
+  REQUIRE(!text.empty());
+  CHECK(text.back() == '\n');
+  const auto lines = judge_json_lines(text);
+  const std::set<std::string> levels = {"trace", "debug", "info", "warning", "error", "critical"};
+  std::set<std::string> seen_levels;
+  bool listening = false, garbage_warned = false, stopped = false;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const auto& line = lines[i];
+    INFO("stderr line " << i << ": " << line.error);
+    REQUIRE(line.ok());
+    CHECK(line.keys() == std::set<std::string>{"time", "level", "msg"});
+    CHECK(std::regex_match(line.str("time"), kRfc3339Utc));
+    CHECK(levels.count(line.str("level")) == 1);
+    seen_levels.insert(line.str("level"));
+    const std::string msg = line.str("msg");
+    listening = listening || msg.find("listening on") != std::string::npos;
+    garbage_warned = garbage_warned ||
+                     (line.str("level") == "warning" && msg.find("closed") != std::string::npos);
+    stopped = stopped || msg == "stopped";
+  }
+  CHECK(listening);
+  CHECK(garbage_warned);
+  CHECK(stopped);
+  CHECK(seen_levels.count("debug") == 1);
+  CHECK(seen_levels.count("info") == 1);
+}
+
+// ---- (d) metrics move ---------------------------------------------------------------------------
+
+TEST_CASE("metrics: request histogram buckets, counters and PKCS#11 calls move with signs",
+          "[observability][metrics]") {
+  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "4"}});
+  env.client.generate_key("m");
+  const Scrape before(env.agent);
+  constexpr int kSigns = 20;
+  for (int i = 0; i < kSigns; ++i) (void)env.client.sign("m", to_bytes("m" + std::to_string(i)));
+  const Scrape after(env.agent);
+
+  // The documented buckets, 50 µs to 10 s, then +Inf; cumulative; +Inf equals _count.
+  const std::vector<double> kBuckets = {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025,
+                                        0.005,   0.01,   0.025,   0.05,   0.1,   0.25,
+                                        0.5,     1.0,    2.5,     5.0,    10.0};
+  const auto buckets = after.all("hsm_agent_request_duration_seconds_bucket", {{"method", "sign"}});
+  REQUIRE(buckets.size() == kBuckets.size() + 1);
+  double previous = 0;
+  for (std::size_t i = 0; i < buckets.size(); ++i) {
+    const std::string le = buckets[i].labels.at("le");
+    if (i < kBuckets.size()) {
+      CHECK(std::stod(le) == Approx(kBuckets[i]).epsilon(1e-9));
+    } else {
+      CHECK(le == "+Inf");
+    }
+    CHECK(buckets[i].value >= previous);
+    previous = buckets[i].value;
+  }
+  CHECK(buckets.back().value == kSigns);
+  CHECK(after.value("hsm_agent_request_duration_seconds_count", {{"method", "sign"}}) == kSigns);
+  CHECK(after.value("hsm_agent_request_duration_seconds_sum", {{"method", "sign"}}) > 0);
+  // Every method has its histogram from the start, with the same buckets.
+  for (const auto method : hsm::protocol::all_methods()) {
+    const std::string name(hsm::protocol::to_string(method));
+    INFO("method " << name);
+    CHECK(after.all("hsm_agent_request_duration_seconds_bucket", {{"method", name}}).size() ==
+          kBuckets.size() + 1);
+  }
+
+  CHECK(after.counter("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign"}}) -
+            before.counter("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign"}}) ==
+        kSigns);
+  // One C_Sign per sign request, timed by the PKCS#11 call wrapper; sessions were waited for.
+  CHECK(
+      after.value("hsm_agent_pkcs11_call_duration_seconds_count", {{"function", "C_Sign"}}) -
+          before.value("hsm_agent_pkcs11_call_duration_seconds_count", {{"function", "C_Sign"}}) ==
+      kSigns);
+  CHECK(
+      after.all("hsm_agent_pkcs11_call_duration_seconds_bucket", {{"function", "C_Sign"}}).size() ==
+      kBuckets.size() + 1);
+  CHECK(after.value("hsm_agent_session_wait_seconds_count") -
+            before.value("hsm_agent_session_wait_seconds_count") >=
+        kSigns);
+
+  // At rest: nothing in flight, the whole pool idle.
+  CHECK(after.value("hsm_agent_requests_in_flight") == 0);
+  CHECK(after.value("hsm_agent_sessions", {{"state", "idle"}}) == 4);
+  CHECK(after.value("hsm_agent_sessions", {{"state", "busy"}}) == 0);
+
+  // Token health and identity.
+  CHECK(after.value("hsm_agent_hsm_up") == 1);
+  CHECK(after.value("hsm_agent_logins_total", {{"result", "ok"}}) == 1);
+  CHECK(after.value("hsm_agent_build_info", {{"version", agent_version()},
+                                             {"module", kSoftHsmModule},
+                                             {"token_label", env.token.label()}}) == 1);
+  CHECK(after.all("hsm_agent_build_info", {}).size() == 1);
+  CHECK(after.value("process_cpu_seconds_total") >= 0);  // may still be 0 ticks
+  for (const char* name : {"process_resident_memory_bytes", "process_virtual_memory_bytes",
+                           "process_start_time_seconds", "process_open_fds", "process_max_fds"}) {
+    INFO(name);
+    CHECK(after.value(name) > 0);
+  }
+}
+
+TEST_CASE("metrics: in-flight and session gauges while a PKCS#11 call is held, then at rest",
+          "[observability][metrics]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options({"--sessions", "3", "--request-timeout", "120000"}));
+  auto client = client_for(agent, 120s);
+  client.generate_key("held");
+  CHECK(metric(agent, "hsm_agent_requests_in_flight") == 0);
+
+  // The module blocks C_Sign until the rule is removed: one request stays in flight, holding
+  // one session.
+  faults.set("C_Sign hang=1");
+  auto pending = client.sign_async("held", to_bytes("held"));
+  CHECK(wait_until([&] {
+    const Scrape scrape(agent);
+    return scrape.value("hsm_agent_requests_in_flight") == 1 &&
+           scrape.value("hsm_agent_sessions", {{"state", "busy"}}) == 1;
+  }));
+  {
+    const Scrape held(agent);
+    CHECK(held.value("hsm_agent_sessions", {{"state", "idle"}}) +
+              held.value("hsm_agent_sessions", {{"state", "busy"}}) ==
+          3);
+  }
+  faults.clear();
+  CHECK(pending.get().signature.size() == 64);
+  const Scrape rest(agent);
+  CHECK(rest.value("hsm_agent_requests_in_flight") == 0);
+  CHECK(rest.value("hsm_agent_sessions", {{"state", "idle"}}) == 3);
+  CHECK(rest.value("hsm_agent_sessions", {{"state", "busy"}}) == 0);
+
+  SECTION("many concurrent requests all come back to zero in flight") {
+    std::vector<std::future<hsm::Signature>> futures;
+    for (int i = 0; i < 64; ++i) futures.push_back(client.sign_async("held", to_bytes("c")));
+    for (auto& future : futures) CHECK(future.get().signature.size() == 64);
+    const Scrape done(agent);
+    CHECK(done.value("hsm_agent_requests_in_flight") == 0);
+    CHECK(done.value("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign"}}) == 65);
+    CHECK(done.value("hsm_agent_sessions", {{"state", "busy"}}) == 0);
+  }
+}
+
+TEST_CASE("metrics: a PKCS#11 error is counted by function and CKR", "[observability][metrics]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options());
+  auto client = client_for(agent, 10s, 1);
+  client.generate_key("e");
+  faults.set("C_Sign rv=CKR_FUNCTION_FAILED count=1");
+  std::optional<std::string> ckr;
+  try {
+    (void)client.sign("e", to_bytes("fails once"));
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_error");
+    ckr = e.ckr();
+  }
+  CHECK(ckr == std::optional<std::string>("CKR_FUNCTION_FAILED"));
+  (void)client.sign("e", to_bytes("works again"));
+
+  const Scrape scrape(agent);
+  CHECK(scrape.value("hsm_agent_pkcs11_errors_total",
+                     {{"function", "C_Sign"}, {"ckr", "CKR_FUNCTION_FAILED"}}) == 1);
+  CHECK(scrape.value("hsm_agent_requests_total", {{"code", "hsm_error"}, {"method", "sign"}}) == 1);
+  CHECK(scrape.value("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign"}}) == 1);
+  CHECK(scrape.value("hsm_agent_build_info", {{"version", agent_version()},
+                                              {"module", HSM_FAULT_MODULE},
+                                              {"token_label", token.label()}}) == 1);
+  // The failure is audited like any other.
+  const auto lines = wait_for_json_lines([&] { return agent.stdout_text(); }, 3);
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[1].str("method") == "sign");
+  CHECK(lines[1].str("result") == "hsm_error");
+  CHECK(lines[1].str("input_sha256") == hex(sha256(to_bytes("fails once"))));
+}
+
+TEST_CASE("metrics: connections open and close; garbage counts as a protocol error",
+          "[observability][metrics]") {
+  RunningAgent env;
+  (void)env.client.health();  // the client's own connection is open from here on
+  const Scrape base(env.agent);
+  const double open_before = base.value("hsm_agent_connections");
+  const double accepted_before = base.value("hsm_agent_connections_total");
+  REQUIRE(open_before >= 1);
+
+  {
+    std::vector<std::unique_ptr<RawConnection>> extra;
+    for (int i = 0; i < 3; ++i)
+      extra.push_back(std::make_unique<RawConnection>(env.agent.socket_path()));
+    CHECK(
+        wait_until([&] { return metric(env.agent, "hsm_agent_connections") == open_before + 3; }));
+    CHECK(metric(env.agent, "hsm_agent_connections_total") >= accepted_before + 3);
+  }  // closed here
+  CHECK(wait_until([&] { return metric(env.agent, "hsm_agent_connections") == open_before; }));
+
+  const double malformed_before =
+      base.counter("hsm_agent_protocol_errors_total", {{"reason", "malformed"}});
+  {
+    auto attacker = env.connect();
+    attacker.send(std::string("\xc1\xc1\xc1 garbage", 11));
+    CHECK(attacker.closed_by_peer());
+  }
+  CHECK(wait_until([&] {
+    return metric(env.agent, "hsm_agent_protocol_errors_total", {{"reason", "malformed"}}) ==
+           malformed_before + 1;
+  }));
+  CHECK(wait_until([&] { return metric(env.agent, "hsm_agent_connections") == open_before; }));
+}
+
+TEST_CASE("metrics: connections over --max-connections are rejected and counted",
+          "[observability][metrics]") {
+  SoftHsmToken token;
+  AgentProcess agent(token, AgentOptions{.extra_args = {"--max-connections", "1"}});
+  // The fixture's readiness probe connected and left; wait for it to be gone.
+  REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_connections") == 0; }));
+  auto first = std::make_unique<RawConnection>(agent.socket_path());
+  REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_connections") == 1; }));
+  RawConnection second(agent.socket_path());
+  CHECK(second.closed_by_peer());
+  CHECK(wait_until([&] {
+    return metric(agent, "hsm_agent_connections_rejected_total", {{"reason", "max_connections"}}) ==
+           1;
+  }));
+  CHECK(metric(agent, "hsm_agent_connections") == 1);
+  first.reset();
+  CHECK(wait_until([&] { return metric(agent, "hsm_agent_connections") == 0; }));
+}
+
+TEST_CASE("token health: hsm_up, the probe, logins and /readyz follow the token",
+          "[observability][metrics][health]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options({"--probe-interval", "1"}));
+  auto client = client_for(agent, 5s, 1);
+  client.generate_key("h");
+
+  // Healthy: the probe runs (a real call to the token) and says so.
+  CHECK(wait_until([&] {
+    const Scrape scrape(agent);
+    return scrape.value("hsm_agent_hsm_probe_duration_seconds_count") >= 2 &&
+           scrape.value("hsm_agent_hsm_up") == 1;
+  }));
+  CHECK(agent.http_get("/readyz").first == 200);
+  CHECK(agent.http_get("/healthz").first == 200);
+
+  // The token goes away: the probe fails, hsm_up drops, /readyz says why in one line.
+  faults.set("* rv=CKR_DEVICE_REMOVED");
+  CHECK(wait_until([&] { return metric(agent, "hsm_agent_hsm_up") == 0; }, 30s));
+  CHECK(wait_until([&] { return agent.http_get("/readyz").first == 503; }));
+  const auto not_ready = agent.http_get("/readyz");
+  CHECK(not_ready.first == 503);
+  CHECK(not_ready.second.find('\n') == not_ready.second.size() - 1);  // one line
+  CHECK(not_ready.second.find("CKR_DEVICE_REMOVED") != std::string::npos);
+  CHECK(agent.http_get("/healthz").first == 200);  // the agent itself is alive
+  CHECK(metric(agent, "hsm_agent_pkcs11_errors_total",
+               {{"function", "C_GetSessionInfo"}, {"ckr", "CKR_DEVICE_REMOVED"}}) >= 1);
+  CHECK(error_code_of([&] { (void)client.sign("h", to_bytes("down")); }) == "hsm_unavailable");
+
+  // It comes back: the agent re-initialises and logs in again by itself.
+  faults.clear();
+  CHECK(wait_until(
+      [&] {
+        const Scrape scrape(agent);
+        return scrape.value("hsm_agent_hsm_up") == 1 &&
+               scrape.value("hsm_agent_logins_total", {{"result", "ok"}}) >= 2;
+      },
+      60s));
+  CHECK(wait_until([&] { return agent.http_get("/readyz").first == 200; }, 30s));
+  (void)client.sign("h", to_bytes("up again"));
+
+  // The request refused while the token was down is audited too.
+  const auto lines = wait_for_json_lines([&] { return agent.stdout_text(); }, 3);
+  REQUIRE(lines.size() == 3);
+  CHECK(lines[1].str("result") == "hsm_unavailable");
+  CHECK(lines[2].str("result") == "ok");
+}
+
+// ---- (e) promtool -----------------------------------------------------------------------------
+
+TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounded",
+          "[observability][metrics][promtool]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options({"--sessions", "2", "--max-message-bytes", "4096",
+                                            "--max-connections", "3"}));
+  auto client = client_for(agent, 30s, 1);
+
+  // Every algorithm the token offers: generate, sign, verify good and bad.
+  const auto caps = client.capabilities();
+  REQUIRE(!caps.supported_algs.empty());
+  for (const auto& alg : caps.supported_algs) {
+    const std::string kid = "wl-" + alg;
+    client.generate_key(kid, alg);
+    const Bytes data = to_bytes("workload " + alg);
+    const Bytes signature = client.sign(kid, data);
+    CHECK(client.verify(kid, data, signature));
+    CHECK_FALSE(client.verify(kid, to_bytes("other data"), signature));
+  }
+  (void)client.health();
+  (void)client.list_keys();
+  (void)client.get_jwks();
+  CHECK(client.delete_key("wl-" + caps.supported_algs.front()));
+  CHECK_FALSE(client.delete_key("wl-never-existed"));
+  CHECK(error_code_of([&] { (void)client.sign("wl-missing", to_bytes("x")); }) == "not_found");
+  faults.set("C_Sign rv=CKR_FUNCTION_FAILED count=1");
+  CHECK(error_code_of([&] {
+          (void)client.sign("wl-" + caps.supported_algs.back(), to_bytes("x"));
+        }) == "hsm_error");
+  faults.clear();
+
+  {  // a batch, a bad-params request and an unknown method, over a raw connection
+    RawConnection raw(agent.socket_path());
+    hsm::protocol::SignBatchParams batch;
+    for (int i = 0; i < 3; ++i) {
+      hsm::protocol::SignParams item;
+      item.kid = "wl-" + caps.supported_algs.back();
+      item.input.data = to_bytes("batch " + std::to_string(i));
+      batch.items.push_back(item);
+    }
+    REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));
+    CHECK(raw.receive_response(Method::kSignBatch).has_value());
+    hsm::protocol::SignParams empty_kid;
+    empty_kid.input.data = to_bytes("x");
+    REQUIRE(raw.send(hsm::protocol::Request{2, Method::kSign, empty_kid, std::nullopt}));
+    CHECK(raw.receive_response(Method::kSign).has_value());
+  }
+  {  // garbage, and a message over --max-message-bytes
+    RawConnection garbage(agent.socket_path());
+    garbage.send(std::string("\xc1 garbage", 9));
+    CHECK(garbage.closed_by_peer());
+    RawConnection large(agent.socket_path());
+    hsm::protocol::SignParams big;
+    big.kid = "wl-big";
+    big.input.data = Bytes(8192, 0x42);
+    msgpack::sbuffer buffer;
+    hsm::protocol::encode_request({3, Method::kSign, big, std::nullopt}, buffer);
+    large.send(std::string_view(buffer.data(), buffer.size()));
+    CHECK(large.closed_by_peer());
+  }
+  CHECK(wait_until([&] {
+    return metric(agent, "hsm_agent_protocol_errors_total", {{"reason", "too_large"}}) == 1;
+  }));
+  {  // one connection over --max-connections (the client holds the first of the three)
+    REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_connections") == 1; }));
+    RawConnection second(agent.socket_path());
+    RawConnection third(agent.socket_path());
+    REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_connections") == 3; }));
+    RawConnection refused(agent.socket_path());
+    CHECK(refused.closed_by_peer());
+  }
+  CHECK(wait_until([&] {
+    return metric(agent, "hsm_agent_connections_rejected_total", {{"reason", "max_connections"}}) ==
+           1;
+  }));
+
+  const Scrape scrape(agent);
+  ScratchDir dir;
+  const auto file = dir.path() / "metrics.txt";
+  write_text(file, scrape.text());
+  const auto [code, output] = run_command("promtool check metrics < '" + file.string() + "'");
+  INFO(output);
+  CHECK(code == 0);
+
+  // Every family of the catalogue (docs/metrics.md) is exposed, with its type.
+  const std::vector<std::pair<std::string, std::string>> catalogue = {
+      {"hsm_agent_requests_total", "counter"},
+      {"hsm_agent_request_duration_seconds", "histogram"},
+      {"hsm_agent_requests_in_flight", "gauge"},
+      {"hsm_agent_pkcs11_call_duration_seconds", "histogram"},
+      {"hsm_agent_pkcs11_errors_total", "counter"},
+      {"hsm_agent_sessions", "gauge"},
+      {"hsm_agent_session_wait_seconds", "histogram"},
+      {"hsm_agent_hsm_up", "gauge"},
+      {"hsm_agent_hsm_probe_duration_seconds", "histogram"},
+      {"hsm_agent_logins_total", "counter"},
+      {"hsm_agent_connections", "gauge"},
+      {"hsm_agent_connections_total", "counter"},
+      {"hsm_agent_connections_rejected_total", "counter"},
+      {"hsm_agent_protocol_errors_total", "counter"},
+      {"hsm_agent_build_info", "gauge"},
+      {"process_cpu_seconds_total", "counter"},
+      {"process_resident_memory_bytes", "gauge"},
+      {"process_virtual_memory_bytes", "gauge"},
+      {"process_start_time_seconds", "gauge"},
+      {"process_open_fds", "gauge"},
+      {"process_max_fds", "gauge"},
+  };
+  for (const auto& [name, type] : catalogue) {
+    INFO(name);
+    CHECK(scrape.text().find("\n# TYPE " + name + " " + type + "\n") != std::string::npos);
+  }
+
+  // Bounded labels: each label takes values from a fixed set; never a kid, pid or message.
+  std::set<std::string> methods, codes, functions;
+  for (const auto method : hsm::protocol::all_methods()) {
+    methods.insert(std::string(hsm::protocol::to_string(method)));
+  }
+  codes.insert("ok");
+  for (const auto c : hsm::protocol::all_error_codes())
+    codes.insert(std::string(hsm::protocol::to_string(c)));
+  const std::regex pkcs11_function(R"(C_[A-Za-z]+)");
+  const std::regex ckr_name(R"(CKR_[A-Z0-9_]+)");
+  const std::set<std::string> protocol_reasons = {"malformed",      "too_large",
+                                                  "limit_exceeded", "invalid_request",
+                                                  "unknown_method", "invalid_params"};
+  for (const auto& sample : scrape.samples()) {
+    for (const auto& [label, value] : sample.labels) {
+      INFO(sample.name << " " << label << "=" << value);
+      CHECK(value.find("wl-") == std::string::npos);
+      if (label == "method") CHECK(methods.count(value) == 1);
+      if (label == "code") CHECK(codes.count(value) == 1);
+      if (label == "function") CHECK(std::regex_match(value, pkcs11_function));
+      if (label == "ckr") CHECK(std::regex_match(value, ckr_name));
+      if (label == "state") CHECK((value == "idle" || value == "busy"));
+      if (label == "result") CHECK((value == "ok" || std::regex_match(value, ckr_name)));
+      if (label == "reason" && sample.name == "hsm_agent_protocol_errors_total") {
+        CHECK(protocol_reasons.count(value) == 1);
+      }
+      if (label == "reason" && sample.name == "hsm_agent_connections_rejected_total") {
+        CHECK((value == "max_connections" || value == "policy" || value == "shutting_down"));
+      }
+    }
+  }
+  CHECK(scrape.value("hsm_agent_pkcs11_errors_total",
+                     {{"function", "C_Sign"}, {"ckr", "CKR_FUNCTION_FAILED"}}) == 1);
+  CHECK(scrape.value("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign_batch"}}) == 1);
+  CHECK(scrape.value("hsm_agent_requests_total",
+                     {{"code", "invalid_params"}, {"method", "sign"}}) == 1);
+}

@@ -1,0 +1,420 @@
+// Reliability of the real agent against real PKCS#11 faults (issue 4, docs/reliability.md): the
+// agent runs on the fault-injecting module (tests/fault_module) in front of a private SoftHSMv2
+// token, and each scenario writes the module's control file and reads its stats file.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "integration/running_agent.hpp"
+
+using namespace hsm::test;
+using hsm::protocol::ErrorCode;
+using hsm::protocol::Method;
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// The fault module's control and stats files for one test, and the agent options that load the
+// module in front of SoftHSMv2.
+class FaultControl {
+ public:
+  FaultControl() : dir_(make_temp_dir("hsm-reliability")) {}
+  ~FaultControl() {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  FaultControl(const FaultControl&) = delete;
+  FaultControl& operator=(const FaultControl&) = delete;
+
+  [[nodiscard]] std::map<std::string, std::string> env() const {
+    return {{"HSM_FAULT_TARGET", kSoftHsmModule},
+            {"HSM_FAULT_CONTROL", control().string()},
+            {"HSM_FAULT_STATS", stats().string()}};
+  }
+
+  [[nodiscard]] AgentOptions agent_options(std::vector<std::string> extra_args = {}) const {
+    AgentOptions options;
+    options.module = HSM_FAULT_MODULE;
+    options.env = env();
+    options.extra_args = std::move(extra_args);
+    return options;
+  }
+
+  /// Replaces the rules atomically (temporary file + rename), as the module's README asks.
+  void set(const std::string& rules) const {
+    const auto tmp = dir_ / "faults.conf.tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << rules << '\n';
+    }
+    std::filesystem::rename(tmp, control());
+  }
+  void clear() const {
+    std::error_code ec;
+    std::filesystem::remove(control(), ec);
+  }
+
+  /// One counter of the stats file ("C_Login", "C_Sign.injected"); 0 when absent.
+  [[nodiscard]] long count(const std::string& name) const {
+    std::ifstream in(stats());
+    std::string key;
+    long value = 0;
+    while (in >> key >> value) {
+      if (key == name) return value;
+    }
+    return 0;
+  }
+
+  [[nodiscard]] std::filesystem::path control() const { return dir_ / "faults.conf"; }
+  [[nodiscard]] std::filesystem::path stats() const { return dir_ / "fault-stats.txt"; }
+  [[nodiscard]] const std::filesystem::path& directory() const { return dir_; }
+
+ private:
+  std::filesystem::path dir_;
+};
+
+// A client that shows the agent's answers as they are: no retries.
+hsm::Client direct_client(const std::string& socket, std::chrono::milliseconds timeout) {
+  hsm::ClientOptions options;
+  options.socket_path = socket;
+  options.timeout = timeout;
+  options.retry.max_attempts = 1;
+  return hsm::Client(options);
+}
+
+// Polls `done` every 50 ms until it holds or `limit` passes; returns whether it held.
+template <typename Predicate>
+bool eventually(Predicate done, std::chrono::milliseconds limit = 15s) {
+  const auto until = Clock::now() + limit;
+  for (;;) {
+    if (done()) return true;
+    if (Clock::now() >= until) return false;
+    std::this_thread::sleep_for(50ms);
+  }
+}
+
+// The value of one sample line of /metrics; 0 when absent.
+double sample(const std::string& text, const std::string& series) {
+  const auto at = text.find("\n" + series + " ");
+  if (at == std::string::npos) return 0;
+  return std::stod(text.substr(at + series.size() + 2));
+}
+
+double metric(const AgentProcess& agent, const std::string& series) {
+  const auto [status, text] = agent.http_get("/metrics");
+  REQUIRE(status == 200);
+  return sample(text, series);
+}
+
+const std::string kSignDeviceErrors =
+    R"(hsm_agent_pkcs11_errors_total{ckr="CKR_DEVICE_ERROR",function="C_Sign"})";
+
+hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
+                                    std::optional<std::uint32_t> timeout_ms) {
+  hsm::protocol::SignParams params;
+  params.kid = kid;
+  params.input.data = to_bytes("hung-" + std::to_string(msgid));
+  return {msgid, Method::kSign, params, timeout_ms};
+}
+
+}  // namespace
+
+TEST_CASE("a device error on C_Sign for 2 s under load: every request answered in time, "
+          "then signing recovers without a restart",
+          "[reliability]") {
+  constexpr auto kDeadline = 2000ms;
+  constexpr auto kSlack = 1000ms;  // scheduling on a loaded CI machine, not the agent's budget
+  FaultControl faults;
+  RunningAgent env(faults.agent_options(
+      {"--sessions", "4", "--probe-interval", "1", "--request-timeout", "2000"}));
+  env.client.generate_key("load");
+  const pid_t pid = env.agent.pid();
+
+  struct Call {
+    Clock::time_point start, end;
+    std::string code;  // "ok" or the error code
+  };
+  std::mutex calls_mutex;
+  std::vector<Call> calls;
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> signers;
+  for (int t = 0; t < 4; ++t) {
+    signers.emplace_back([&, t] {
+      hsm::Client client = direct_client(env.agent.socket_path(), kDeadline);
+      for (int i = 0; !stop.load(); ++i) {
+        Call call;
+        call.start = Clock::now();
+        try {
+          (void)client.sign("load", "signer " + std::to_string(t) + " call " + std::to_string(i));
+          call.code = "ok";
+        } catch (const hsm::Error& e) {
+          call.code = e.code();
+        }
+        call.end = Clock::now();
+        {
+          std::lock_guard lock(calls_mutex);
+          calls.push_back(call);
+        }
+        if (call.code != "ok") std::this_thread::sleep_for(10ms);  // a client's pause
+      }
+    });
+  }
+  const auto successes_since = [&](Clock::time_point since) {
+    std::lock_guard lock(calls_mutex);
+    return std::count_if(calls.begin(), calls.end(), [&](const Call& c) {
+      return c.code == "ok" && c.start >= since;
+    });
+  };
+
+  std::this_thread::sleep_for(500ms);
+  const auto fault_start = Clock::now();
+  faults.set("C_Sign rv=CKR_DEVICE_ERROR");
+  std::this_thread::sleep_for(2s);
+  faults.clear();
+  const auto cleared = Clock::now();
+  const bool recovered = eventually([&] { return successes_since(cleared) >= 20; }, 15s);
+  stop = true;
+  for (auto& signer : signers) signer.join();
+
+  CHECK(recovered);
+  CHECK(env.agent.running());
+  CHECK(env.agent.pid() == pid);
+  std::map<std::string, std::size_t> codes;
+  Clock::duration longest{};
+  std::size_t unavailable_in_fault = 0;
+  Clock::time_point first_success_after_clear = Clock::time_point::max();
+  for (const Call& call : calls) {
+    ++codes[call.code];
+    longest = std::max(longest, call.end - call.start);
+    if (call.code == "hsm_unavailable" && call.start >= fault_start && call.end <= cleared) {
+      ++unavailable_in_fault;
+    }
+    if (call.code == "ok" && call.start >= cleared) {
+      first_success_after_clear = std::min(first_success_after_clear, call.end);
+    }
+  }
+  std::ostringstream summary;
+  for (const auto& [code, count] : codes) summary << code << ": " << count << "; ";
+  INFO("answers: " << summary.str() << "longest wait "
+                   << std::chrono::duration_cast<std::chrono::milliseconds>(longest).count()
+                   << " ms");
+  // Every request answered, and only with success or hsm_unavailable (no client-side timeout,
+  // no dropped connection, no other error).
+  CHECK(codes.size() == codes.count("ok") + codes.count("hsm_unavailable"));
+  CHECK(codes["ok"] > 0);
+  // No request waited longer than its deadline.
+  CHECK(longest <= kDeadline + kSlack);
+  CHECK(unavailable_in_fault > 0);
+  REQUIRE(first_success_after_clear != Clock::time_point::max());
+  // "Within a few seconds": the backoff is capped at 5 s.
+  CHECK(first_success_after_clear - cleared <= 10s);
+  CHECK(metric(env.agent, kSignDeviceErrors) > 0);
+  CHECK(faults.count("C_Finalize") >= 1);  // it really re-initialised
+  // The same process still signs, and the signature verifies.
+  const auto pub = env.client.get_public_key("load");
+  const auto signature = env.client.sign("load", "after the fault");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("after the fault"), signature));
+}
+
+TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds",
+          "[reliability]") {
+  FaultControl faults;
+  RunningAgent env(faults.agent_options({"--sessions", "2"}));
+  env.client.generate_key("retry");
+  const auto pub = env.client.get_public_key("retry");
+  (void)env.client.sign("retry", "warm the handle cache");
+  REQUIRE(eventually([&] { return faults.count("C_Sign") >= 1; }));
+  std::this_thread::sleep_for(100ms);  // the stats file is rewritten at most every 25 ms
+  const long signs_before = faults.count("C_Sign");
+
+  faults.set("C_Sign rv=CKR_SESSION_HANDLE_INVALID count=1");
+  hsm::Client client = direct_client(env.agent.socket_path(), 5s);
+  const auto signature = client.sign("retry", "retried transparently");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("retried transparently"), signature));
+  // The fault was hit, and the retry was a second C_Sign for the same request.
+  REQUIRE(eventually([&] { return faults.count("C_Sign.injected") == 1; }));
+  CHECK(eventually([&] { return faults.count("C_Sign") == signs_before + 2; }));
+  // A session error is not a token fault: no re-initialisation.
+  CHECK(faults.count("C_Finalize") == 0);
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
+}
+
+TEST_CASE("C_Sign hung on one session: other sessions keep signing, the hung request ends in "
+          "deadline_exceeded",
+          "[reliability]") {
+  FaultControl faults;
+  RunningAgent env(faults.agent_options({"--sessions", "4", "--request-timeout", "1500"}));
+  env.client.generate_key("hang");
+  const auto pub = env.client.get_public_key("hang");
+
+  faults.set("C_Sign hang=1 session=first");
+  auto hung = env.connect();
+  const auto sent = Clock::now();
+  REQUIRE(hung.send(sign_request(7, "hang", 1500)));
+  REQUIRE(eventually([&] { return faults.count("C_Sign.injected") == 1; }, 10s));
+
+  // The other three sessions serve everyone else meanwhile.
+  hsm::Client client = direct_client(env.agent.socket_path(), 5s);
+  for (int i = 0; i < 20; ++i) {
+    const std::string data = "while one hangs " + std::to_string(i);
+    const auto signature = client.sign("hang", data);
+    CHECK(verify_with_spki(pub.spki, "ES256", to_bytes(data), signature));
+  }
+
+  const auto response = hung.receive_response(Method::kSign, 10s);
+  const auto waited = Clock::now() - sent;
+  REQUIRE(response);
+  CHECK(response->msgid == 7);
+  const auto* error = std::get_if<hsm::protocol::Error>(&response->body);
+  REQUIRE(error != nullptr);
+  CHECK(error->code == ErrorCode::kDeadlineExceeded);
+  CHECK(waited >= 1400ms);  // answered at its deadline, not before
+  CHECK(waited <= 1500ms + 1000ms);
+
+  // Releasing the hang lets the stuck call finish; the agent discards its late result.
+  faults.clear();
+  CHECK(eventually([&] {
+    try {
+      (void)client.sign("hang", "after the hang");
+      return true;
+    } catch (const hsm::Error&) {
+      return false;
+    }
+  }));
+  CHECK(env.agent.running());
+}
+
+TEST_CASE("a wrong PIN at start: one C_Login, one clear line, exit 1", "[reliability]") {
+  FaultControl faults;
+  SoftHsmToken token("wrong-pin");
+  const auto pin_file = faults.directory() / "wrong-pin";
+  {
+    std::ofstream(pin_file) << "99999999";
+  }
+  std::filesystem::permissions(pin_file, std::filesystem::perms::owner_read |
+                                             std::filesystem::perms::owner_write);
+  auto env = faults.env();
+  env["SOFTHSM2_CONF"] = token.config_path().string();
+  const auto result = run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(),
+                                 "--pin-file", pin_file.string(), "--socket",
+                                 (faults.directory() / "agent.sock").string(),
+                                 "--metrics-listen", ""},
+                                env);
+  CHECK(result.status.exited);
+  CHECK(result.status.code == 1);
+  INFO(result.err);
+  CHECK(result.err.find("hsm-agent: wrong PIN for token 'wrong-pin'") != std::string::npos);
+  CHECK(result.err.find("CKR_PIN_INCORRECT") != std::string::npos);
+  CHECK(result.err.find("99999999") == std::string::npos);
+  CHECK(faults.count("C_Login") == 1);  // exact: the stats file is written at C_Finalize
+}
+
+TEST_CASE("a PIN refused at re-login: no retry loop, not ready with the reason, still up",
+          "[reliability]") {
+  FaultControl faults;
+  RunningAgent env(faults.agent_options({"--sessions", "2", "--probe-interval", "1"}));
+  env.client.generate_key("pin");
+  REQUIRE(env.agent.http_get("/readyz").first == 200);
+  const long logins_before = faults.count("C_Login");
+  CHECK(logins_before == 1);
+
+  // The token fails (forcing a re-initialisation) and then refuses the PIN.
+  faults.set("C_Login rv=CKR_PIN_INCORRECT\nC_Sign rv=CKR_DEVICE_ERROR");
+  hsm::Client client = direct_client(env.agent.socket_path(), 2s);
+  try {
+    (void)client.sign("pin", "x");
+    FAIL("signed during a device error");
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_unavailable");
+  }
+  REQUIRE(eventually([&] { return faults.count("C_Login") == logins_before + 1; }));
+  // Several seconds (many probe intervals, past the backoff cap) later: still exactly one.
+  std::this_thread::sleep_for(6s);
+  CHECK(faults.count("C_Login") == logins_before + 1);
+  CHECK(faults.count("C_Login.injected") == 1);
+
+  CHECK(env.agent.running());
+  const auto [status, body] = env.agent.http_get("/readyz");
+  CHECK(status == 503);
+  CHECK(body.find("PIN") != std::string::npos);
+  CHECK(body.find("CKR_PIN_INCORRECT") != std::string::npos);
+  CHECK(std::count(body.begin(), body.end(), '\n') <= 1);  // one line
+  CHECK(env.agent.stderr_text().find("refused the PIN") != std::string::npos);
+  CHECK(metric(env.agent, R"(hsm_agent_logins_total{result="CKR_PIN_INCORRECT"})") == 1);
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 0);
+
+  // Requests answer at once, naming the reason, without touching the token.
+  const long signs = faults.count("C_Sign");
+  const auto start = Clock::now();
+  try {
+    (void)client.sign("pin", "y");
+    FAIL("signed without a login");
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_unavailable");
+  }
+  CHECK(Clock::now() - start < 1s);
+  std::this_thread::sleep_for(100ms);
+  CHECK(faults.count("C_Sign") == signs);
+}
+
+TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 and 1 after",
+          "[reliability][metrics]") {
+  FaultControl faults;
+  RunningAgent env(faults.agent_options({"--sessions", "2", "--probe-interval", "1"}));
+  env.client.generate_key("ready");
+  REQUIRE(eventually([&] { return env.agent.http_get("/readyz").first == 200; }));
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
+  CHECK(metric(env.agent, kSignDeviceErrors) == 0);
+
+  // One failed C_Sign is counted by function and CKR.
+  faults.set("C_Sign rv=CKR_DEVICE_ERROR count=1");
+  hsm::Client client = direct_client(env.agent.socket_path(), 2s);
+  try {
+    (void)client.sign("ready", "x");
+    FAIL("signed during a device error");
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_unavailable");
+    CHECK(e.ckr() == std::optional<std::string>("CKR_DEVICE_ERROR"));
+  }
+  CHECK(metric(env.agent, kSignDeviceErrors) == 1);
+  // That took the token down; the agent re-initialises it and a probe confirms it.
+  const std::string probes = "hsm_agent_hsm_probe_duration_seconds_count";
+  REQUIRE(eventually([&] {
+    return env.agent.http_get("/readyz").first == 200 && metric(env.agent, probes) >= 1;
+  }));
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
+
+  // The whole token fails: the next probe notices, /readyz says why, hsm_up drops.
+  const double probes_before = metric(env.agent, probes);
+  faults.set("* rv=CKR_DEVICE_ERROR");
+  REQUIRE(eventually([&] { return env.agent.http_get("/readyz").first == 503; }));
+  const auto [status, reason] = env.agent.http_get("/readyz");
+  CHECK(status == 503);
+  CHECK(reason.find("token probe failed") != std::string::npos);
+  CHECK(reason.find("CKR_DEVICE_ERROR") != std::string::npos);
+  CHECK(metric(env.agent, probes) > probes_before);
+  CHECK(eventually([&] { return metric(env.agent, "hsm_agent_hsm_up") == 0; }));
+
+  try {
+    (void)client.sign("ready", "y");
+    FAIL("signed while the token is down");
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_unavailable");
+  }
+
+  faults.clear();
+  CHECK(eventually([&] { return env.agent.http_get("/readyz").first == 200; }));
+  CHECK(eventually([&] { return metric(env.agent, "hsm_agent_hsm_up") == 1; }));
+  CHECK(metric(env.agent, R"(hsm_agent_logins_total{result="ok"})") >= 2);  // logged in again
+  const auto pub = env.client.get_public_key("ready");
+  const auto signature = client.sign("ready", "back");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("back"), signature));
+}

@@ -1,0 +1,166 @@
+// The client's internal pieces: msgid allocation, backoff delays, the timer queue.
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backoff.hpp"
+#include "call.hpp"
+#include "pending_calls.hpp"
+#include "timer_queue.hpp"
+
+namespace {
+
+using hsm::client::Clock;
+using namespace std::chrono_literals;
+
+std::shared_ptr<hsm::client::Call> make_call() {
+  hsm::protocol::Request request;
+  request.method = hsm::protocol::Method::kHealth;
+  return std::make_shared<hsm::client::FutureCall<bool>>(
+      std::move(request), Clock::now() + 1s, true, [](hsm::protocol::Result&&) { return true; });
+}
+
+}  // namespace
+
+TEST_CASE("msgids wrap around at 2^32", "[client][internals]") {
+  hsm::client::PendingCalls pending(0xFFFFFFFEu);
+  auto a = make_call();
+  auto b = make_call();
+  auto c = make_call();
+  CHECK(pending.add(a) == 0xFFFFFFFEu);
+  CHECK(pending.add(b) == 0xFFFFFFFFu);
+  CHECK(pending.add(c) == 0u);  // wrapped
+  CHECK(pending.size() == 3);
+
+  CHECK(pending.take(0xFFFFFFFFu) == b);
+  CHECK(pending.take(0xFFFFFFFFu) == nullptr);  // a second answer to the same msgid is dropped
+  CHECK(pending.take(12345) == nullptr);        // a msgid never sent
+  CHECK(pending.size() == 2);
+}
+
+TEST_CASE("a msgid still in flight is skipped and never reused", "[client][internals]") {
+  hsm::client::PendingCalls pending(1);
+  auto a = make_call();
+  auto b = make_call();
+  auto c = make_call();
+  auto d = make_call();
+  CHECK(pending.add(a) == 1u);
+  CHECK(pending.add(b) == 2u);
+  CHECK(pending.take(1) == a);  // 1 is free again, 2 is in flight
+  pending.set_next_msgid(1);    // as if the counter had come all the way around
+  CHECK(pending.add(c) == 1u);
+  CHECK(pending.add(d) == 3u);  // 2 skipped
+  CHECK(pending.take(2) == b);
+  CHECK(pending.take(3) == d);
+
+  // Across the wrap: 0xFFFFFFFF and 0 in flight.
+  hsm::client::PendingCalls wrapping(0xFFFFFFFFu);
+  CHECK(wrapping.add(a) == 0xFFFFFFFFu);
+  CHECK(wrapping.add(b) == 0u);
+  wrapping.set_next_msgid(0xFFFFFFFFu);
+  CHECK(wrapping.add(c) == 1u);
+}
+
+TEST_CASE("remove() withdraws a msgid only for its own call", "[client][internals]") {
+  hsm::client::PendingCalls pending;
+  auto mine = make_call();
+  auto other = make_call();
+  const auto id = pending.add(mine);
+  CHECK_FALSE(pending.remove(id, other.get()));
+  CHECK(pending.size() == 1);
+  CHECK(pending.remove(id, mine.get()));
+  CHECK(pending.size() == 0);
+  CHECK(pending.take_all().empty());
+}
+
+TEST_CASE("take_all() returns every pending call", "[client][internals]") {
+  hsm::client::PendingCalls pending;
+  for (int i = 0; i < 5; ++i) {
+    pending.add(make_call());
+  }
+  CHECK(pending.take_all().size() == 5);
+  CHECK(pending.size() == 0);
+}
+
+TEST_CASE("backoff doubles up to its cap with jitter in the upper half", "[client][internals]") {
+  hsm::RetryPolicy policy;
+  policy.initial_backoff = 10ms;
+  policy.max_backoff = 100ms;
+  const hsm::client::Backoff backoff(policy);
+  CHECK(backoff.ceiling(1) == 10ms);
+  CHECK(backoff.ceiling(2) == 20ms);
+  CHECK(backoff.ceiling(4) == 80ms);
+  CHECK(backoff.ceiling(5) == 100ms);
+  CHECK(backoff.ceiling(1000) == 100ms);  // no overflow however many attempts
+  for (std::uint32_t attempt = 1; attempt < 12; ++attempt) {
+    for (int draw = 0; draw < 50; ++draw) {
+      const auto delay = backoff.delay(attempt);
+      CHECK(delay >= backoff.ceiling(attempt) / 2);
+      CHECK(delay <= backoff.ceiling(attempt));
+    }
+  }
+}
+
+TEST_CASE("the timer queue runs tasks in time order and can cancel them", "[client][internals]") {
+  hsm::client::TimerQueue timers;
+  std::mutex mutex;
+  std::vector<int> order;
+  std::promise<void> last;
+  const auto now = Clock::now();
+  auto record = [&](int value) {
+    return [&, value] {
+      std::lock_guard lock(mutex);
+      order.push_back(value);
+    };
+  };
+  REQUIRE(timers.schedule(now + 30ms, record(3)));
+  REQUIRE(timers.schedule(now + 10ms, record(1)));
+  auto cancelled = timers.schedule(now + 20ms, record(99));
+  REQUIRE(cancelled);
+  REQUIRE(timers.schedule(now + 20ms, record(2)));
+  REQUIRE(timers.schedule(now + 40ms, [&] { last.set_value(); }));
+  CHECK(timers.cancel(*cancelled));
+  CHECK_FALSE(timers.cancel(*cancelled));
+  last.get_future().get();
+  std::lock_guard lock(mutex);
+  CHECK(order == std::vector<int>{1, 2, 3});
+}
+
+TEST_CASE("a stopped timer queue refuses tasks and destroys those it held", "[client][internals]") {
+  auto timers = std::make_unique<hsm::client::TimerQueue>();
+  auto witness = std::make_shared<int>(0);
+  std::atomic<bool> ran{false};
+  REQUIRE(timers->schedule(Clock::now() + 1h, [witness, &ran] { ran = true; }));
+  CHECK(witness.use_count() == 2);
+  timers->stop();
+  CHECK(witness.use_count() == 1);  // destroyed without running
+  CHECK_FALSE(ran);
+  CHECK_FALSE(timers->schedule(Clock::now(), [] {}));
+}
+
+TEST_CASE("a call completes once and a dropped call reports connection_failed",
+          "[client][internals]") {
+  hsm::protocol::Request request;
+  request.method = hsm::protocol::Method::kHealth;
+  auto call = std::make_shared<hsm::client::FutureCall<bool>>(
+      request, Clock::now() + 1s, true, [](hsm::protocol::Result&&) { return true; });
+  auto future = call->future();
+  CHECK(call->finish(hsm::protocol::Result{hsm::protocol::VerifyResult{true}}));
+  CHECK_FALSE(call->finish(hsm::Error("timeout", "late")));
+  CHECK(future.get());
+
+  auto dropped = std::make_shared<hsm::client::FutureCall<bool>>(
+      request, Clock::now() + 1s, true, [](hsm::protocol::Result&&) { return true; });
+  auto dropped_future = dropped->future();
+  dropped.reset();
+  try {
+    (void)dropped_future.get();
+    FAIL("expected an hsm::Error");
+  } catch (const hsm::Error& error) {
+    CHECK(error.code() == hsm::kConnectionFailed);
+  }
+}
