@@ -1,10 +1,9 @@
 // Reliability of the real agent against real PKCS#11 faults (issue 4, docs/reliability.md): the
 // agent runs on the fault-injecting module (tests/fault_module) in front of a private SoftHSMv2
 // token, and each scenario writes the module's control file and reads its stats file.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -127,9 +126,10 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
 
 }  // namespace
 
-TEST_CASE("a device error on C_Sign for 2 s under load: every request answered in time, "
-          "then signing recovers without a restart",
-          "[reliability]") {
+TEST_CASE(
+    "a device error on C_Sign for 2 s under load: every request answered in time, "
+    "then signing recovers without a restart",
+    "[reliability]") {
   constexpr auto kDeadline = 2000ms;
   constexpr auto kSlack = 1000ms;  // scheduling on a loaded CI machine, not the agent's budget
   FaultControl faults;
@@ -169,9 +169,8 @@ TEST_CASE("a device error on C_Sign for 2 s under load: every request answered i
   }
   const auto successes_since = [&](Clock::time_point since) {
     std::lock_guard lock(calls_mutex);
-    return std::count_if(calls.begin(), calls.end(), [&](const Call& c) {
-      return c.code == "ok" && c.start >= since;
-    });
+    return std::count_if(calls.begin(), calls.end(),
+                         [&](const Call& c) { return c.code == "ok" && c.start >= since; });
   };
 
   std::this_thread::sleep_for(500ms);
@@ -247,9 +246,10 @@ TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
 }
 
-TEST_CASE("C_Sign hung on one session: other sessions keep signing, the hung request ends in "
-          "deadline_exceeded",
-          "[reliability]") {
+TEST_CASE(
+    "C_Sign hung on one session: other sessions keep signing, the hung request ends in "
+    "deadline_exceeded",
+    "[reliability]") {
   FaultControl faults;
   RunningAgent env(faults.agent_options({"--sessions", "4", "--request-timeout", "1500"}));
   env.client.generate_key("hang");
@@ -296,18 +296,16 @@ TEST_CASE("a wrong PIN at start: one C_Login, one clear line, exit 1", "[reliabi
   FaultControl faults;
   SoftHsmToken token("wrong-pin");
   const auto pin_file = faults.directory() / "wrong-pin";
-  {
-    std::ofstream(pin_file) << "99999999";
-  }
-  std::filesystem::permissions(pin_file, std::filesystem::perms::owner_read |
-                                             std::filesystem::perms::owner_write);
+  { std::ofstream(pin_file) << "99999999"; }
+  std::filesystem::permissions(
+      pin_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
   auto env = faults.env();
   env["SOFTHSM2_CONF"] = token.config_path().string();
-  const auto result = run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(),
-                                 "--pin-file", pin_file.string(), "--socket",
-                                 (faults.directory() / "agent.sock").string(),
-                                 "--metrics-listen", ""},
-                                env);
+  const auto result =
+      run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(), "--pin-file",
+                 pin_file.string(), "--socket", (faults.directory() / "agent.sock").string(),
+                 "--metrics-listen", ""},
+                env);
   CHECK(result.status.exited);
   CHECK(result.status.code == 1);
   INFO(result.err);

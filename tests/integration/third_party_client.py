@@ -72,6 +72,21 @@ def main():
     assert agent.call("verify", {"kid": "third-party", "data": signing_input.encode(),
                                  "signature": signed["signature"]})["valid"] is True
     print("jws verified")
+
+    # Every algorithm the token supports: a compact JWS that jwcrypto accepts with the JWK.
+    for alg in caps["supported_algs"]:
+        kid = "third-party-" + alg.lower()
+        # RSA key generation can take seconds on a busy machine.
+        agent.call("generate_key", {"kid": kid, "alg": alg, "timeout_ms": 120000})
+        header = {"alg": alg, "kid": kid}
+        signing_input = (b64url(json.dumps(header, separators=(",", ":")).encode()) + "." +
+                         b64url(json.dumps(payload, separators=(",", ":")).encode()))
+        signed = agent.call("sign", {"kid": kid, "data": signing_input.encode(), "alg": alg})
+        public = agent.call("get_public_key", {"kid": kid})
+        verifier = jws.JWS()
+        verifier.deserialize(signing_input + "." + b64url(signed["signature"]))
+        verifier.verify(jwk.JWK(**public["jwk"]), alg=alg)
+        print(f"jws verified: {alg}")
     return 0
 
 

@@ -1,16 +1,15 @@
 // The re-initialisation backoff: immediate first attempt, doubling, capped, jittered, reset.
-#include <catch2/catch.hpp>
-
 #include "service/backoff.hpp"
+
+#include <catch2/catch.hpp>
 
 using hsm::agent::Backoff;
 using std::chrono::milliseconds;
 
-TEST_CASE("backoff: immediate, then doubling within [d/2, d], capped at the maximum",
-          "[backoff]") {
+TEST_CASE("backoff: immediate, then doubling within [d/2, d], capped at the maximum", "[backoff]") {
   Backoff backoff(milliseconds{100}, milliseconds{1000}, 42);
   CHECK(backoff.next() == milliseconds{0});
-  const milliseconds ceilings[] = {milliseconds{100}, milliseconds{200}, milliseconds{400},
+  const milliseconds ceilings[] = {milliseconds{100}, milliseconds{200},  milliseconds{400},
                                    milliseconds{800}, milliseconds{1000}, milliseconds{1000}};
   for (const milliseconds ceiling : ceilings) {
     const milliseconds delay = backoff.next();

@@ -30,9 +30,13 @@ std::string fault_module_path() {
   return HSM_FAULT_MODULE;
 }
 
-FaultRules::FaultRules() { clear(); }
+FaultRules::FaultRules() {
+  clear();
+}
 
-FaultRules::~FaultRules() { clear(); }
+FaultRules::~FaultRules() {
+  clear();
+}
 
 void FaultRules::set(const std::string& rules) const {
   const auto tmp = control_file().string() + ".tmp";

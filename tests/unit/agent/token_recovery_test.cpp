@@ -3,9 +3,8 @@
 // re-initialises (new login, new sessions, new handle cache), never retries a refused PIN, and
 // never finalises under a call in progress. The TokenSupervisor drives it in the background
 // and publishes hsm_up and readiness.
-#include <catch2/catch.hpp>
-
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <future>
 #include <thread>
 
@@ -39,8 +38,8 @@ ServiceOptions through_faults(unsigned sessions = 2) {
 }
 
 protocol::SignParams sign_params(const std::string& kid, const std::string& data) {
-  return protocol::SignParams{kid, protocol::SignInput{bytes_of(data), std::nullopt},
-                              std::nullopt, std::nullopt};
+  return protocol::SignParams{kid, protocol::SignInput{bytes_of(data), std::nullopt}, std::nullopt,
+                              std::nullopt};
 }
 
 double logins(OpenService& svc, const std::string& result) {
@@ -59,9 +58,10 @@ bool eventually(Predicate done, std::chrono::milliseconds limit = 10s) {
 
 }  // namespace
 
-TEST_CASE("a device error takes the token down; down, requests answer at once; "
-          "re-initialising brings it back",
-          "[recovery]") {
+TEST_CASE(
+    "a device error takes the token down; down, requests answer at once; "
+    "re-initialising brings it back",
+    "[recovery]") {
   FaultRules faults;
   SoftHsmToken token("recovery");
   OpenService svc(token, through_faults());
@@ -107,8 +107,7 @@ TEST_CASE("a device error takes the token down; down, requests answer at once; "
   CHECK(state.reinitialise(1s).result == Recovery::Result::kAlreadyUp);
 }
 
-TEST_CASE("every token-class CKR marks the token down; session-class ones do not",
-          "[recovery]") {
+TEST_CASE("every token-class CKR marks the token down; session-class ones do not", "[recovery]") {
   FaultRules faults;
   SoftHsmToken token("classes");
   OpenService svc(token, through_faults());
@@ -225,9 +224,10 @@ TEST_CASE("a call in progress holds the re-initialisation up: never finalised un
   (void)svc.sign_data("k", bytes_of("after"));
 }
 
-TEST_CASE("signers racing faults and re-initialisations: every answer is a signature or "
-          "hsm_unavailable",
-          "[recovery][concurrency]") {
+TEST_CASE(
+    "signers racing faults and re-initialisations: every answer is a signature or "
+    "hsm_unavailable",
+    "[recovery][concurrency]") {
   FaultRules faults;
   SoftHsmToken token("racing");
   OpenService svc(token, through_faults(4));
@@ -292,8 +292,9 @@ TEST_CASE("the supervisor: readiness and hsm_up follow the probe; recovery in th
   supervisor.set_serving();
   CHECK_FALSE(health.not_ready_reason());
   CHECK(svc.metrics().hsm_up.Value() == 1);
-  CHECK(eventually([&] { return svc.metrics().hsm_probe_duration_seconds.Collect()
-                                    .histogram.sample_count >= 2; }));
+  CHECK(eventually([&] {
+    return svc.metrics().hsm_probe_duration_seconds.Collect().histogram.sample_count >= 2;
+  }));
 
   faults.set("* rv=CKR_TOKEN_NOT_PRESENT");
   REQUIRE(eventually([&] { return health.not_ready_reason().has_value(); }));
