@@ -670,7 +670,7 @@ TEST_CASE("audit: --audit-log FILE is reopened on SIGHUP after rotation, nothing
 
 // ---- (c) --log-format json ----------------------------------------------------------------------
 
-TEST_CASE("--log-format json: every stderr line is a JSON object with time, level, msg",
+TEST_CASE("logs: with --log-format json every stderr line is a JSON object: time, level, msg",
           "[observability][logs]") {
   RunningAgent env(AgentOptions{.extra_args = {"--log-format", "json"}});
   // Work that logs at several levels (the fixture runs the agent at --log-level debug), with

@@ -201,9 +201,13 @@ void load_pin(AgentConfig& config, void (*warn)(const std::string&)) {
     }
   } else if (const char* pin = std::getenv("HSM_AGENT_PIN"); pin != nullptr) {
     config.hsm.pin = SecretString(pin);
-    // The environment of a process is readable in /proc/PID/environ: overwrite, then unset.
-    for (char* p = const_cast<char*>(pin); *p != '\0'; ++p) *p = '\0';
+    // /proc/PID/environ shows the process's initial environment block, which unsetenv() does
+    // not change: wipe the whole "HSM_AGENT_PIN=..." entry in place, then unset it.
+    constexpr std::string_view kEntryName = "HSM_AGENT_PIN=";
+    char* entry = const_cast<char*>(pin) - kEntryName.size();
+    const std::size_t entry_size = kEntryName.size() + std::strlen(pin);
     ::unsetenv("HSM_AGENT_PIN");
+    std::memset(entry, 0, entry_size);
   } else {
     throw ConfigError("no PIN: set --pin-file (or HSM_AGENT_PIN_FILE) or HSM_AGENT_PIN");
   }
