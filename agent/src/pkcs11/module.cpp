@@ -60,8 +60,7 @@ Module::Module(std::shared_ptr<const Library> library, AgentMetrics& metrics)
   // The agent calls the library from several worker threads: ask it to use OS locking.
   CK_C_INITIALIZE_ARGS args{};
   args.flags = CKF_OS_LOCKING_OK;
-  const CK_RV rv =
-      call_accepting<Function::kInitialize>({CKR_CRYPTOKI_ALREADY_INITIALIZED}, &args);
+  const CK_RV rv = call_accepting<Function::kInitialize>({CKR_CRYPTOKI_ALREADY_INITIALIZED}, &args);
   if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
     // Someone else in this process owns the initialisation; finalising would pull the library
     // out from under them.

@@ -57,7 +57,8 @@ std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds
   const auto deadline = start + timeout;
   std::unique_lock lock(mutex_);
   for (;;) {
-    if (closed_) throw PoolClosedError("the token went down while this request waited for a session");
+    if (closed_)
+      throw PoolClosedError("the token went down while this request waited for a session");
     if (!idle_.empty()) {
       Session session = std::move(idle_.back());
       idle_.pop_back();

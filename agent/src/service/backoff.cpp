@@ -4,8 +4,7 @@
 
 namespace hsm::agent {
 
-Backoff::Backoff(std::chrono::milliseconds first, std::chrono::milliseconds max,
-                 std::uint64_t seed)
+Backoff::Backoff(std::chrono::milliseconds first, std::chrono::milliseconds max, std::uint64_t seed)
     : first_(std::max(first, std::chrono::milliseconds{1})),
       max_(std::max(max, first_)),
       random_(seed) {}
@@ -23,7 +22,7 @@ std::chrono::milliseconds Backoff::next() {
   if (attempts_ < ~0U) ++attempts_;
   if (upper.count() == 0) return upper;
   std::uniform_int_distribution<std::chrono::milliseconds::rep> pick(upper.count() / 2,
-                                                                    upper.count());
+                                                                     upper.count());
   return std::chrono::milliseconds{pick(random_)};
 }
 

@@ -85,6 +85,11 @@ const T& params_as(const protocol::Request& request) {
   return *params;
 }
 
+[[noreturn]] protocol::Result import_not_supported() {
+  throw RequestError(ErrorCode::kNotSupported,
+                     "import_key is not supported: keys are generated inside the HSM");
+}
+
 // The answer to every request while the token is down: at once, naming the fault.
 protocol::Error token_down_error(const std::optional<TokenFault>& fault) {
   if (!fault) {
@@ -92,8 +97,7 @@ protocol::Error token_down_error(const std::optional<TokenFault>& fault) {
                            std::nullopt};
   }
   return protocol::Error{ErrorCode::kHsmUnavailable,
-                         "the token is down (" + fault->reason + "); re-initialising",
-                         fault->ckr};
+                         "the token is down (" + fault->reason + "); re-initialising", fault->ckr};
 }
 
 class Pkcs11KeyService final : public KeyService {
@@ -121,7 +125,9 @@ class Pkcs11KeyService final : public KeyService {
         return protocol::Error{ErrorCode::kShuttingDown, "the agent is shutting down",
                                std::nullopt};
       }
+      // Answers that never need the token come first, so they do not depend on its state.
       if (request.method == protocol::Method::kCapabilities) return capabilities_;
+      if (request.method == protocol::Method::kImportKey) return import_not_supported();
       // Held for the whole request: the token is never finalised under it (token_state.hpp).
       const std::shared_ptr<TokenGeneration> generation = state_->acquire();
       if (!generation) {
@@ -163,8 +169,7 @@ class Pkcs11KeyService final : public KeyService {
       case protocol::Method::kGenerateKey:
         return generate_key(context, params_as<protocol::GenerateKeyParams>(request));
       case protocol::Method::kImportKey:
-        throw RequestError(ErrorCode::kNotSupported,
-                           "import_key is not supported: keys are generated inside the HSM");
+        return import_not_supported();
       case protocol::Method::kSign: {
         const auto& params = params_as<protocol::SignParams>(request);
         auto [alg, signature] = sign_one(context, params);

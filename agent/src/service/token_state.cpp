@@ -29,7 +29,9 @@ TokenState::TokenState(HsmConfig config, AgentMetrics& metrics)
       read_only_(config.read_only),
       sessions_(std::max(config.sessions, 1U)) {}
 
-TokenState::~TokenState() { close(); }
+TokenState::~TokenState() {
+  close();
+}
 
 std::unique_ptr<TokenState> TokenState::open(HsmConfig config, AgentMetrics& metrics) {
   const std::string module_path = config.module_path;
@@ -130,8 +132,7 @@ bool TokenState::mark_down(std::uint64_t generation, std::string reason,
   return true;
 }
 
-bool TokenState::wait_drained(std::unique_lock<std::mutex>& lock,
-                              std::chrono::milliseconds wait) {
+bool TokenState::wait_drained(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds wait) {
   return drained_.wait_for(lock, wait, [this] { return !users_left_; });
 }
 
@@ -215,8 +216,8 @@ void TokenState::close(std::chrono::milliseconds drain_wait) noexcept {
     retired = std::move(published_);
     down_.store(true, std::memory_order_release);
     if (!fault_) {
-      fault_ = TokenFault{"the agent is shutting down", std::nullopt,
-                          std::chrono::steady_clock::now()};
+      fault_ =
+          TokenFault{"the agent is shutting down", std::nullopt, std::chrono::steady_clock::now()};
     }
   }
   if (retired) retired->pool->close();

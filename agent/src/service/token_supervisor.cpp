@@ -363,7 +363,9 @@ TokenSupervisor::~TokenSupervisor() {
   if (!stopped_) (void)stop();
 }
 
-void TokenSupervisor::set_serving() { core_->set_serving(); }
+void TokenSupervisor::set_serving() {
+  core_->set_serving();
+}
 
 bool TokenSupervisor::stop(std::chrono::milliseconds timeout) noexcept {
   if (stopped_) return stopped_cleanly_;
@@ -375,8 +377,9 @@ bool TokenSupervisor::stop(std::chrono::milliseconds timeout) noexcept {
     supervisor_.join();
     prober_.join();
   } else {
-    spdlog::warn("the token supervisor is inside a PKCS#11 call that does not return; "
-                 "leaving it behind");
+    spdlog::warn(
+        "the token supervisor is inside a PKCS#11 call that does not return; "
+        "leaving it behind");
     supervisor_.detach();
     prober_.detach();
   }

@@ -17,7 +17,8 @@
 // HealthState::set_not_ready with a one-line reason, e.g. "token down (token probe failed:
 // C_GetSessionInfo failed: CKR_DEVICE_ERROR (0x30)); re-initialising".
 //
-// Thread-safety: set_serving() and stop() may be called from any thread. The TokenState,
+// Thread-safety: set_serving() may be called from any thread; stop() from the owner's thread
+// (typically main, after the server stopped; the destructor calls it too). The TokenState,
 // HealthState and AgentMetrics must outlive the supervisor, and must not be destroyed at all
 // if stop() returned false (a thread was left inside a hung PKCS#11 call; exit the process).
 #pragma once

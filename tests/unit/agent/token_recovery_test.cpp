@@ -91,8 +91,9 @@ TEST_CASE(
   const auto health = svc.ok<protocol::HealthResult>(Method::kHealth, protocol::EmptyParams{});
   CHECK_FALSE(health.ok);
   CHECK(health.token.label == "recovery");
-  // capabilities never need the token.
+  // capabilities and import_key never need the token: their answers do not change.
   (void)svc.ok<protocol::CapabilitiesResult>(Method::kCapabilities, protocol::EmptyParams{});
+  CHECK(svc.error(Method::kImportKey, protocol::EmptyParams{}).code == ErrorCode::kNotSupported);
 
   const Recovery recovery = state.reinitialise(1s);
   CHECK(recovery.result == Recovery::Result::kRecovered);

@@ -290,12 +290,13 @@ TEST_CASE("a call the agent never answers times out and its late answer is dropp
     }
     connection->answer_result(request.msgid, hsm::test::default_result(request));
   });
-  hsm::Client client(options_for(agent, 200ms));
+  // Long enough for the second call to be answered in time on a loaded machine.
+  hsm::Client client(options_for(agent, 1000ms));
 
   const auto started = std::chrono::steady_clock::now();
   const auto error = error_of([&] { (void)client.sign("k", std::string_view("slow")); });
   CHECK(error.code() == hsm::kTimeout);
-  CHECK(std::chrono::steady_clock::now() - started >= 200ms);  // not before its deadline
+  CHECK(std::chrono::steady_clock::now() - started >= 1000ms);  // not before its deadline
   CHECK(agent.count(Method::kSign) == 1);                      // a timeout is not retried
 
   CHECK(client.sign("k", std::string_view("fast")) == bytes_of("fast"));
@@ -411,7 +412,7 @@ TEST_CASE("the client reconnects after the agent restarts", "[client]") {
     CHECK(agent.connections_accepted() == 2);
   }
   SECTION("calls fail with connection_failed while it is away, and work once it is back") {
-    auto options = options_for(agent, 500ms);
+    auto options = options_for(agent, 2000ms);
     options.retry.max_backoff = 20ms;
     hsm::Client client(options);
     CHECK(client.sign("k", std::string_view("before")) == bytes_of("before"));
