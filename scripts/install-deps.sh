@@ -15,8 +15,12 @@ PACKAGES=(
   catch2 prometheus python3 python3-msgpack python3-jwcrypto python3-yaml clang libfuzzer-14-dev
   libclang-rt-14-dev procps systemd
   # deploy tests: helm/kubectl come from an npm package; node validates the rendered objects
-  nodejs npm unzip
+  unzip
 )
+# Node.js and npm: any installation will do. Some machines carry a newer nodejs package whose
+# bundled npm conflicts with Debian's npm package, so these are checked as commands.
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 
 missing=()
 for package in "${PACKAGES[@]}"; do
