@@ -3,8 +3,6 @@
 // dealt with (closed, paused or counted), and a well-behaved client keeps being served during and
 // after. The signal scenarios check what every in-flight request sees: an answer (a result, or the
 // error that says why not) or a clean end of its connection, never a silent loss or a hang.
-#include <catch2/catch.hpp>
-
 #include <poll.h>
 #include <signal.h>
 #include <sys/ioctl.h>
@@ -16,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <catch2/catch.hpp>
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
@@ -321,13 +320,13 @@ class LoadClient {
   enum class End : std::uint8_t { kDrained, kEof, kReset, kTimeout, kMalformed };
   struct Tally {
     std::uint32_t sent = 0;
-    std::uint32_t ok = 0;              // verified signatures
-    std::uint32_t bad_signature = 0;   // a result that does not verify
-    std::uint32_t unexpected = 0;      // unknown or repeated msgid, undecodable answer
-    std::uint32_t unanswered = 0;      // outstanding when the stream ended
+    std::uint32_t ok = 0;             // verified signatures
+    std::uint32_t bad_signature = 0;  // a result that does not verify
+    std::uint32_t unexpected = 0;     // unknown or repeated msgid, undecodable answer
+    std::uint32_t unanswered = 0;     // outstanding when the stream ended
     std::map<ErrorCode, std::uint32_t> errors;
     End end = End::kDrained;
-    bool partial_message = false;      // the stream ended inside a message
+    bool partial_message = false;  // the stream ended inside a message
   };
 
   LoadClient(std::string socket_path, std::string kid, hsm::Bytes spki, std::uint32_t client_id,
@@ -362,6 +361,8 @@ class LoadClient {
   }
 
   [[nodiscard]] const Tally& tally() const noexcept { return tally_; }
+  /// Answers received so far; safe to read while run() is going.
+  [[nodiscard]] std::uint32_t answered() const noexcept { return answered_.load(); }
 
  private:
   [[nodiscard]] std::string data_for(std::uint32_t msgid) const {
@@ -430,6 +431,7 @@ class LoadClient {
       ++tally_.unexpected;  // never sent, or answered twice
       return;
     }
+    answered_.fetch_add(1);
     if (const auto code = error_code_of(response)) {
       ++tally_.errors[*code];
     } else if (good_signature(response, spki_, data_for(response.msgid))) {
@@ -448,6 +450,7 @@ class LoadClient {
   std::chrono::milliseconds answer_timeout_;
   std::set<std::uint32_t> outstanding_;
   Tally tally_;
+  std::atomic<std::uint32_t> answered_{0};
 };
 
 // Starts `count` LoadClients on their own threads; join() waits for them.
@@ -455,8 +458,8 @@ struct Load {
   Load(const AgentProcess& agent, const std::string& kid, const hsm::Bytes& spki,
        std::uint32_t count, std::size_t window, std::chrono::milliseconds answer_timeout) {
     for (std::uint32_t i = 0; i < count; ++i) {
-      clients.push_back(std::make_unique<LoadClient>(agent.socket_path(), kid, spki, i, window,
-                                                     answer_timeout));
+      clients.push_back(
+          std::make_unique<LoadClient>(agent.socket_path(), kid, spki, i, window, answer_timeout));
     }
     for (auto& client : clients) {
       threads.emplace_back([this, raw = client.get()] { raw->run(stop); });
@@ -471,6 +474,27 @@ struct Load {
     for (auto& thread : threads) {
       if (thread.joinable()) thread.join();
     }
+  }
+  // Waits until every client has at least `each` more answers than `before` (from answered()),
+  // at most `timeout`: the load is really flowing through the agent, whatever the machine's load.
+  [[nodiscard]] bool wait_until_answered(std::uint32_t each, std::chrono::milliseconds timeout,
+                                         const std::vector<std::uint32_t>& before = {}) const {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      bool all = true;
+      for (std::size_t i = 0; i < clients.size(); ++i) {
+        const std::uint32_t base = i < before.size() ? before[i] : 0;
+        if (clients[i]->answered() < base + each) all = false;
+      }
+      if (all) return true;
+      if (std::chrono::steady_clock::now() >= until) return false;
+      std::this_thread::sleep_for(20ms);
+    }
+  }
+  [[nodiscard]] std::vector<std::uint32_t> answered() const {
+    std::vector<std::uint32_t> counts;
+    for (const auto& client : clients) counts.push_back(client->answered());
+    return counts;
   }
   [[nodiscard]] std::uint32_t total_ok() const {
     std::uint32_t ok = 0;
@@ -511,9 +535,10 @@ const char* to_string(LoadClient::End end) {
 
 // ---- Hostile clients ---------------------------------------------------------------------------
 
-TEST_CASE("thousands of connections at once: the excess is closed and counted, the agent stays "
-          "small and keeps serving",
-          "[hostile]") {
+TEST_CASE(
+    "thousands of connections at once: the excess is closed and counted, the agent stays "
+    "small and keeps serving",
+    "[hostile]") {
   constexpr std::size_t kMaxConnections = 1000;
   constexpr std::size_t kAttempts = 2000;
   // The test holds kAttempts sockets; the agent (a child) up to kMaxConnections plus its own.
@@ -585,9 +610,10 @@ TEST_CASE("thousands of connections at once: the excess is closed and counted, t
   CHECK(env.agent.running());
 }
 
-TEST_CASE("slowloris: a byte a second keeps a connection alive, a silent one is closed at the "
-          "idle timeout, others are served",
-          "[hostile]") {
+TEST_CASE(
+    "slowloris: a byte a second keeps a connection alive, a silent one is closed at the "
+    "idle timeout, others are served",
+    "[hostile]") {
   constexpr int kIdleTimeoutSeconds = 3;
   RunningAgent env(with_args({"--idle-timeout", std::to_string(kIdleTimeoutSeconds)}));
   env.client.generate_key("k");
@@ -608,12 +634,15 @@ TEST_CASE("slowloris: a byte a second keeps a connection alive, a silent one is 
   REQUIRE(half_message.send(std::string_view(encode(capabilities_request(7))).substr(0, 3)));
 
   std::uint32_t served_count = 0;
+  // On a fixed schedule, so a slow probe on a loaded machine does not stretch the gaps between
+  // bytes towards the idle timeout.
+  const auto start = std::chrono::steady_clock::now();
   for (std::size_t byte = 0; byte < kTrickledBytes; ++byte) {
     for (std::size_t i = 0; i < kSlowClients; ++i) {
       CHECK(slow[i]->send(std::string_view(requests[i]).substr(byte, 1)));
     }
     if (served(env.agent, spki, "k", static_cast<std::uint32_t>(byte))) ++served_count;
-    std::this_thread::sleep_for(1s);
+    std::this_thread::sleep_until(start + (byte + 1) * 1s);
   }
   CHECK(served_count == kTrickledBytes);
 
@@ -636,9 +665,10 @@ TEST_CASE("slowloris: a byte a second keeps a connection alive, a silent one is 
   CHECK(rss_kib(env.agent.pid()) < kRssBoundKib);
 }
 
-TEST_CASE("clients that never read their answers are closed at the write-buffer cap, memory "
-          "stays bounded, others are served",
-          "[hostile][concurrency]") {
+TEST_CASE(
+    "clients that never read their answers are closed at the write-buffer cap, memory "
+    "stays bounded, others are served",
+    "[hostile][concurrency]") {
   constexpr std::size_t kWriteBufferBytes = 64 * 1024;
   RunningAgent env(with_args({"--max-write-buffer", std::to_string(kWriteBufferBytes),
                               "--max-inflight-per-connection", "8"}));
@@ -697,6 +727,10 @@ TEST_CASE("clients that never read their answers are closed at the write-buffer 
     CHECK(outcomes[h].hung_up);
     CHECK(outcomes[h].send_failed);  // closed long before it ran out of requests to send
   }
+  // Each was closed for the write-buffer cap, and counted as such.
+  CHECK(metric(env.agent, R"(hsm_agent_connections_closed_total{reason="slow_reader"})") ==
+        kHostile);
+  CHECK(env.agent.stderr_text().find("does not read its answers") != std::string::npos);
   peak_rss = std::max(peak_rss, rss_kib(env.agent.pid()));
   WARN("agent peak VmRSS with " << kHostile << " non-reading clients: " << peak_rss << " KiB");
   CHECK(peak_rss < kRssBoundKib);
@@ -708,8 +742,8 @@ TEST_CASE("a client that never reads and then falls silent is closed at the idle
           "[hostile]") {
   // The agent holds a write to this client that cannot finish; idle sweeping must still close
   // the connection (and free what it holds) rather than wait for the write forever.
-  RunningAgent env(with_args(
-      {"--idle-timeout", "2", "--max-write-buffer", std::to_string(kRoomyWriteBuffer)}));
+  RunningAgent env(
+      with_args({"--idle-timeout", "2", "--max-write-buffer", std::to_string(kRoomyWriteBuffer)}));
   NonReader quiet(env.agent);
   quiet.send_and_wait();
   CHECK(peer_hung_up(quiet.fd(), 15s));
@@ -717,9 +751,10 @@ TEST_CASE("a client that never reads and then falls silent is closed at the idle
   CHECK(env.agent.running());
 }
 
-TEST_CASE("a flood of pipelined requests on one connection: all answered once, backpressure "
-          "bounds the work in flight, memory stays bounded",
-          "[hostile][concurrency]") {
+TEST_CASE(
+    "a flood of pipelined requests on one connection: all answered once, backpressure "
+    "bounds the work in flight, memory stays bounded",
+    "[hostile][concurrency]") {
   constexpr std::size_t kMaxInflight = 4;
   // A roomy write buffer: this client reads, but may fall behind the agent's writes for a while
   // (sanitizer builds); being closed as a slow reader is another test's subject.
@@ -740,7 +775,8 @@ TEST_CASE("a flood of pipelined requests on one connection: all answered once, b
     for (std::uint32_t first = 1; first <= kCount; first += kChunk) {
       std::string chunk;
       for (std::uint32_t id = first; id < std::min(first + kChunk, kCount + 1); ++id) {
-        chunk += encode(is_sign(id) ? sign_request(id, "k", data_for(id)) : capabilities_request(id));
+        chunk +=
+            encode(is_sign(id) ? sign_request(id, "k", data_for(id)) : capabilities_request(id));
       }
       if (!connection.send(chunk)) {
         write_failed = true;
@@ -755,7 +791,7 @@ TEST_CASE("a flood of pipelined requests on one connection: all answered once, b
   // kMaxInflight - 1 signs sent before j can still be unanswered.
   std::vector<bool> seen(kCount + 1, false);
   std::uint32_t answers = 0, duplicates = 0, failures = 0, bad_signatures = 0;
-  std::uint32_t frontier = 0;       // the last capabilities answer seen
+  std::uint32_t frontier = 0;        // the last capabilities answer seen
   std::size_t unanswered_signs = 0;  // signs below the frontier not answered yet
   std::size_t most_unanswered = 0;
   std::size_t peak_rss = 0;
@@ -769,9 +805,8 @@ TEST_CASE("a flood of pipelined requests on one connection: all answered once, b
     }
     seen[*msgid] = true;
     ++answers;
-    const Response response =
-        hsm::protocol::decode_response(message->get(), is_sign(*msgid) ? Method::kSign
-                                                                        : Method::kCapabilities);
+    const Response response = hsm::protocol::decode_response(
+        message->get(), is_sign(*msgid) ? Method::kSign : Method::kCapabilities);
     if (error_code_of(response)) {
       ++failures;
     } else if (is_sign(*msgid) && !good_signature(response, spki, data_for(*msgid))) {
@@ -837,27 +872,32 @@ TEST_CASE("random bytes from several connections: each closed, the agent alive, 
 
 // ---- Signals -------------------------------------------------------------------------------
 
-TEST_CASE("SIGSTOP then SIGCONT under load: every request answered, what waited past its "
-          "deadline while stopped is answered deadline_exceeded and not run",
-          "[signals][concurrency]") {
+TEST_CASE(
+    "SIGSTOP then SIGCONT under load: every request answered, what waited past its "
+    "deadline while stopped is answered deadline_exceeded and not run",
+    "[signals][concurrency]") {
+  // The expectation: a request's deadline runs from when the agent read it. One read before the
+  // stop whose deadline passed while stopped is answered deadline_exceeded and never reaches the
+  // token; one already inside the token finishes (its answer may be either); bytes still in the
+  // socket when the agent stopped are read after SIGCONT with a fresh deadline and served.
   // Slow signatures (20 ms, two sessions) keep a queue in front of the workers, so when the
   // agent is stopped for longer than the deadline some requests are certainly still waiting.
   FaultModule faults;
   faults.write_rules("C_Sign delay_ms=20\n");
   constexpr std::uint32_t kSessions = 2;
-  RunningAgent env(faults.agent_options(
-      {"--sessions", std::to_string(kSessions), "--request-timeout", "3000"}));
+  RunningAgent env(
+      faults.agent_options({"--sessions", std::to_string(kSessions), "--request-timeout", "3000"}));
   env.client.generate_key("k");
   const auto spki = env.client.get_public_key("k").spki;
   std::this_thread::sleep_for(200ms);  // the stats file catches up with start-up calls
   const auto signs_before = faults.stats()["C_Sign"];
 
   Load load(env.agent, "k", spki, 4, 8, 30s);
-  std::this_thread::sleep_for(1s);
+  REQUIRE(load.wait_until_answered(8, 30s));  // the load flows, a queue waits on the workers
   env.agent.signal(SIGSTOP);
-  std::this_thread::sleep_for(4s);  // longer than --request-timeout
+  std::this_thread::sleep_for(4s);  // longer than --request-timeout: the stop itself is the test
   env.agent.signal(SIGCONT);
-  std::this_thread::sleep_for(1500ms);
+  CHECK(load.wait_until_answered(16, 30s, load.answered()));  // serving again after the stop
   load.join();
 
   for (const auto& client : load.clients) {
@@ -890,16 +930,19 @@ TEST_CASE("SIGSTOP then SIGCONT under load: every request answered, what waited 
   CHECK(signs <= ok + 1 + kSessions);
 }
 
-TEST_CASE("SIGTERM under load: every request answered or its connection closed cleanly, socket "
-          "removed, exit 0 within the drain deadline",
-          "[signals][concurrency]") {
+TEST_CASE(
+    "SIGTERM under load: every request answered or its connection closed cleanly, socket "
+    "removed, exit 0 within the drain deadline",
+    "[signals][concurrency]") {
   constexpr int kShutdownSeconds = 5;
   RunningAgent env(with_args({"--shutdown-timeout", std::to_string(kShutdownSeconds)}));
   env.client.generate_key("k");
   const auto spki = env.client.get_public_key("k").spki;
 
   Load load(env.agent, "k", spki, 6, 8, 30s);
-  std::this_thread::sleep_for(1s);
+  // Only once every client is being served: signalled earlier, some requests may not have been
+  // read at all, and nothing would be in flight.
+  REQUIRE(load.wait_until_answered(1, 30s));
   env.agent.signal(SIGTERM);
   const auto status = env.agent.wait_exit(std::chrono::seconds(kShutdownSeconds + 10));
   load.join();
@@ -922,18 +965,18 @@ TEST_CASE("SIGTERM under load: every request answered or its connection closed c
       CHECK(code == ErrorCode::kShuttingDown);
     }
   }
-  CHECK(load.total_ok() > 0);
+  CHECK(load.total_ok() >= load.clients.size());  // each had an answer before the signal
   CHECK(env.agent.stderr_text().find("SIGTERM") != std::string::npos);
 }
 
-TEST_CASE("SIGTERM with a hung C_Sign: the drain deadline answers it shutting_down and the agent "
-          "exits 0",
-          "[signals]") {
+TEST_CASE(
+    "SIGTERM with a hung C_Sign: the drain deadline answers it shutting_down and the agent "
+    "exits 0",
+    "[signals]") {
   FaultModule faults;
   constexpr int kShutdownSeconds = 2;
   RunningAgent env(faults.agent_options({"--sessions", "2", "--request-timeout", "120000",
-                                         "--shutdown-timeout",
-                                         std::to_string(kShutdownSeconds)}));
+                                         "--shutdown-timeout", std::to_string(kShutdownSeconds)}));
   env.client.generate_key("k");
   faults.write_rules("C_Sign hang=1\n");  // after start-up: nothing before this signs
   RawConnection connection(env.agent.socket_path());
@@ -963,9 +1006,15 @@ TEST_CASE("a second SIGTERM during a long drain exits at once", "[signals]") {
   REQUIRE(faults.wait_for("C_Sign.injected", 1, 10s));
 
   env.agent.signal(SIGTERM);
-  // Draining: the hung call keeps it busy for up to 60 s.
+  // Draining: the socket goes (no new clients meanwhile), and the hung call keeps the agent
+  // busy for up to 60 s.
+  const auto until = std::chrono::steady_clock::now() + 15s;
+  while (std::filesystem::exists(env.agent.socket_path()) &&
+         std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(20ms);
+  }
+  CHECK_FALSE(std::filesystem::exists(env.agent.socket_path()));
   REQUIRE_FALSE(env.agent.wait_exit(500ms).has_value());
-  CHECK_FALSE(std::filesystem::exists(env.agent.socket_path()));  // no new clients meanwhile
   env.agent.signal(SIGTERM);
   const auto status = env.agent.wait_exit(5s);
   REQUIRE(status);
@@ -974,9 +1023,10 @@ TEST_CASE("a second SIGTERM during a long drain exits at once", "[signals]") {
   CHECK(env.agent.stderr_text().find("second termination signal") != std::string::npos);
 }
 
-TEST_CASE("SIGTERM with a client that never reads its answers still exits within the drain "
-          "deadline",
-          "[signals][hostile]") {
+TEST_CASE(
+    "SIGTERM with a client that never reads its answers still exits within the drain "
+    "deadline",
+    "[signals][hostile]") {
   // The agent holds a write to this client that cannot finish; shutdown must not wait on it.
   constexpr int kShutdownSeconds = 2;
   RunningAgent env(with_args({"--shutdown-timeout", std::to_string(kShutdownSeconds),

@@ -7,8 +7,20 @@
 //  - /metrics: histograms carry the documented buckets, gauges return to rest, counters move
 //    with requests, connections, protocol errors and PKCS#11 calls; the token-health metrics and
 //    /readyz follow the token (the fault-injecting module takes it away and gives it back);
-//    `promtool check metrics` accepts the real exposition after a varied workload.
+//    `promtool check metrics` accepts the real exposition after a varied workload; bounded
+//    label sets exist at zero from the start; the queue wait histogram sees requests waiting for
+//    a worker; slow readers are counted;
+//  - /readyz turns 503 "draining" on SIGTERM; no audit line is lost on any exit path; refused
+//    and invalid requests are audited, sign_batch per item; start-up failures are JSON lines
+//    with --log-format json;
+//  - `hsmctl metrics` summarises a real agent's /metrics;
+//  - a real Prometheus server (Debian's /usr/bin/prometheus) scrapes every family of the
+//    catalogue and loads deploy/prometheus/alerts.yaml with every rule healthy.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -410,6 +422,32 @@ double metric(const AgentProcess& agent, const std::string& name,
   return Scrape(agent).counter(name, labels);
 }
 
+// The metric catalogue of docs/metrics.md: every family and its type.
+const std::vector<std::pair<std::string, std::string>> kCatalogue = {
+    {"hsm_agent_requests_total", "counter"},
+    {"hsm_agent_request_duration_seconds", "histogram"},
+    {"hsm_agent_requests_in_flight", "gauge"},
+    {"hsm_agent_pkcs11_call_duration_seconds", "histogram"},
+    {"hsm_agent_pkcs11_errors_total", "counter"},
+    {"hsm_agent_sessions", "gauge"},
+    {"hsm_agent_session_wait_seconds", "histogram"},
+    {"hsm_agent_queue_wait_seconds", "histogram"},
+    {"hsm_agent_hsm_up", "gauge"},
+    {"hsm_agent_hsm_probe_duration_seconds", "histogram"},
+    {"hsm_agent_logins_total", "counter"},
+    {"hsm_agent_connections", "gauge"},
+    {"hsm_agent_connections_total", "counter"},
+    {"hsm_agent_connections_rejected_total", "counter"},
+    {"hsm_agent_protocol_errors_total", "counter"},
+    {"hsm_agent_connections_closed_total", "counter"},
+    {"hsm_agent_build_info", "gauge"},
+    {"process_cpu_seconds_total", "counter"},
+    {"process_resident_memory_bytes", "gauge"},
+    {"process_virtual_memory_bytes", "gauge"},
+    {"process_start_time_seconds", "gauge"},
+    {"process_open_fds", "gauge"},
+    {"process_max_fds", "gauge"},
+};
 // ---- the fault-injecting module in front of SoftHSMv2 ---------------------------------------
 
 struct FaultControl {
@@ -1055,30 +1093,7 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
   CHECK(code == 0);
 
   // Every family of the catalogue (docs/metrics.md) is exposed, with its type.
-  const std::vector<std::pair<std::string, std::string>> catalogue = {
-      {"hsm_agent_requests_total", "counter"},
-      {"hsm_agent_request_duration_seconds", "histogram"},
-      {"hsm_agent_requests_in_flight", "gauge"},
-      {"hsm_agent_pkcs11_call_duration_seconds", "histogram"},
-      {"hsm_agent_pkcs11_errors_total", "counter"},
-      {"hsm_agent_sessions", "gauge"},
-      {"hsm_agent_session_wait_seconds", "histogram"},
-      {"hsm_agent_hsm_up", "gauge"},
-      {"hsm_agent_hsm_probe_duration_seconds", "histogram"},
-      {"hsm_agent_logins_total", "counter"},
-      {"hsm_agent_connections", "gauge"},
-      {"hsm_agent_connections_total", "counter"},
-      {"hsm_agent_connections_rejected_total", "counter"},
-      {"hsm_agent_protocol_errors_total", "counter"},
-      {"hsm_agent_build_info", "gauge"},
-      {"process_cpu_seconds_total", "counter"},
-      {"process_resident_memory_bytes", "gauge"},
-      {"process_virtual_memory_bytes", "gauge"},
-      {"process_start_time_seconds", "gauge"},
-      {"process_open_fds", "gauge"},
-      {"process_max_fds", "gauge"},
-  };
-  for (const auto& [name, type] : catalogue) {
+  for (const auto& [name, type] : kCatalogue) {
     INFO(name);
     CHECK(scrape.text().find("\n# TYPE " + name + " " + type + "\n") != std::string::npos);
   }
@@ -1111,6 +1126,9 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
       if (label == "reason" && sample.name == "hsm_agent_connections_rejected_total") {
         CHECK((value == "max_connections" || value == "policy" || value == "shutting_down"));
       }
+      if (label == "reason" && sample.name == "hsm_agent_connections_closed_total") {
+        CHECK((value == "slow_reader" || value == "idle_timeout"));
+      }
     }
   }
   CHECK(scrape.value("hsm_agent_pkcs11_errors_total",
@@ -1118,4 +1136,595 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
   CHECK(scrape.value("hsm_agent_requests_total", {{"code", "ok"}, {"method", "sign_batch"}}) == 1);
   CHECK(scrape.value("hsm_agent_requests_total",
                      {{"code", "invalid_params"}, {"method", "sign"}}) == 1);
+}
+
+// ---- (f) series at zero from the start, queue wait, slow readers ------------------------------
+
+TEST_CASE("metrics: bounded label sets exist at zero from the first scrape",
+          "[observability][metrics]") {
+  RunningAgent env;
+  const Scrape scrape(env.agent);
+  // rate() and the alerts need a zero before the first increment, and promtool/Prometheus need
+  // the # TYPE line: the bounded reasons are created when the metrics are declared.
+  for (const char* reason : {"max_connections", "policy", "shutting_down"}) {
+    INFO(reason);
+    CHECK(scrape.value("hsm_agent_connections_rejected_total", {{"reason", reason}}) == 0);
+  }
+  for (const char* reason :
+       {"malformed", "too_large", "limit_exceeded", "invalid_request", "unknown_method"}) {
+    INFO(reason);
+    CHECK(scrape.value("hsm_agent_protocol_errors_total", {{"reason", reason}}) == 0);
+  }
+  for (const char* reason : {"slow_reader", "idle_timeout"}) {
+    INFO(reason);
+    CHECK(scrape.value("hsm_agent_connections_closed_total", {{"reason", reason}}) == 0);
+  }
+  // Every method's success counter exists (no request of any kind was made yet but the
+  // fixture's readiness connection).
+  for (const auto method : hsm::protocol::all_methods()) {
+    const std::string name(hsm::protocol::to_string(method));
+    INFO(name);
+    CHECK(scrape.value("hsm_agent_requests_total", {{"code", "ok"}, {"method", name}}) == 0);
+  }
+  CHECK(scrape.value("hsm_agent_queue_wait_seconds_count") == 0);
+  CHECK(scrape.all("hsm_agent_queue_wait_seconds_bucket", {}).size() == 18);
+  for (const auto& [name, type] : kCatalogue) {
+    if (name == "hsm_agent_pkcs11_errors_total") continue;  // no bounded set: CKR x function
+    INFO(name);
+    CHECK(scrape.text().find("\n# TYPE " + name + " " + type + "\n") != std::string::npos);
+  }
+}
+
+TEST_CASE("metrics: queue wait measures requests waiting for a worker, not for a session",
+          "[observability][metrics]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  // One session, so one worker: a second request waits in the queue while the first is held.
+  AgentProcess agent(token, faults.options({"--sessions", "1", "--request-timeout", "120000"}));
+  auto client = client_for(agent, 120s);
+  client.generate_key("q");
+  const Scrape before(agent);
+
+  faults.set("C_Sign hang=1");
+  auto held = client.sign_async("q", to_bytes("held"));
+  REQUIRE(wait_until([&] {
+    return metric(agent, "hsm_agent_sessions", {{"state", "busy"}}) == 1;
+  }));
+  auto queued = client.sign_async("q", to_bytes("queued"));
+  REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_requests_in_flight") == 2; }));
+  // The queued request was read before this point and cannot start before the release below,
+  // so its queue wait is at least the time in between, whatever the machine's load.
+  const auto seen_queued = std::chrono::steady_clock::now();
+  std::this_thread::sleep_for(300ms);
+  const auto released = std::chrono::steady_clock::now();
+  faults.clear();
+  CHECK(held.get().signature.size() == 64);
+  CHECK(queued.get().signature.size() == 64);
+  const double at_least = std::chrono::duration<double>(released - seen_queued).count();
+
+  const Scrape after(agent);
+  CHECK(after.value("hsm_agent_queue_wait_seconds_count") -
+            before.value("hsm_agent_queue_wait_seconds_count") ==
+        2);
+  CHECK(after.value("hsm_agent_queue_wait_seconds_sum") -
+            before.value("hsm_agent_queue_wait_seconds_sum") >=
+        at_least);
+  // The bucket below the wait did not get the queued request.
+  const double below = after.value("hsm_agent_queue_wait_seconds_bucket", {{"le", "0.25"}}) -
+                       before.value("hsm_agent_queue_wait_seconds_bucket", {{"le", "0.25"}});
+  CHECK(below <= 1);
+}
+
+TEST_CASE("metrics: a client that never reads its answers is closed and counted as slow_reader",
+          "[observability][metrics]") {
+  RunningAgent env(AgentOptions{.extra_args = {"--max-write-buffer", "4096"}});
+  RawConnection flood(env.agent.socket_path());
+  const timeval send_timeout{10, 0};
+  ::setsockopt(flood.fd(), SOL_SOCKET, SO_SNDTIMEO, &send_timeout, sizeof(send_timeout));
+  // Capabilities are answered on the loop; this client reads none of the answers.
+  std::string batch;
+  for (std::uint32_t i = 1; i <= 200; ++i) {
+    msgpack::sbuffer buffer;
+    hsm::protocol::encode_request(
+        {i, Method::kCapabilities, hsm::protocol::EmptyParams{}, std::nullopt}, buffer);
+    batch.append(buffer.data(), buffer.size());
+  }
+  for (int round = 0; round < 2000; ++round) {
+    if (!flood.send(batch)) break;
+    if (metric(env.agent, "hsm_agent_connections_closed_total", {{"reason", "slow_reader"}}) >= 1)
+      break;
+  }
+  CHECK(wait_until([&] {
+    return metric(env.agent, "hsm_agent_connections_closed_total", {{"reason", "slow_reader"}}) ==
+           1;
+  }));
+  CHECK(env.client.health().ok);  // others are still served
+}
+
+// ---- (g) /readyz while draining, audit lines on every exit path ------------------------------
+
+TEST_CASE("readiness: /readyz answers 503 draining once SIGTERM starts the drain",
+          "[observability][health]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token,
+                     faults.options({"--shutdown-timeout", "60", "--request-timeout", "120000"}));
+  auto client = client_for(agent, 120s, 1);
+  client.generate_key("d");
+  REQUIRE(wait_until([&] { return agent.http_get("/readyz").first == 200; }, 30s));
+
+  faults.set("C_Sign hang=1");
+  auto held = client.sign_async("d", to_bytes("held through the drain"));
+  REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_requests_in_flight") == 1; }));
+  agent.signal(SIGTERM);
+  std::pair<int, std::string> ready;
+  CHECK(wait_until([&] {
+    ready = agent.http_get("/readyz");
+    return ready.first == 503;
+  }));
+  CHECK(ready.second == "draining\n");
+  CHECK(agent.http_get("/healthz").first == 200);  // alive while it drains
+
+  faults.clear();
+  CHECK(held.get().signature.size() == 64);  // the drain answers what was in flight
+  const auto status = agent.wait_exit(30s);
+  REQUIRE(status.has_value());
+  CHECK(status->exited);
+  CHECK(status->code == 0);
+  // The drained sign's audit line was written before the process ended.
+  const auto lines = judge_json_lines(complete_lines(agent.stdout_text()));
+  REQUIRE(lines.size() == 2);
+  CHECK(lines[1].str("method") == "sign");
+  CHECK(lines[1].str("result") == "ok");
+  CHECK(lines[1].str("input_sha256") == hex(sha256(to_bytes("held through the drain"))));
+}
+
+TEST_CASE("audit: no line is lost when the agent exits, on any exit path",
+          "[observability][audit]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  const std::string path = GENERATE(as<std::string>{}, "drain", "second SIGTERM", "abandoned");
+  INFO("exit path: " << path);
+  AgentProcess agent(token, faults.options({"--sessions", "2", "--shutdown-timeout",
+                                            path == "abandoned" ? "1" : "60"}));
+  auto client = client_for(agent, 60s, 1);
+  client.generate_key("x");
+  // Many answered signs, the last answers just before the signal: their lines are still in the
+  // writer's queue when the exit begins.
+  constexpr int kSigns = 400;
+  std::vector<std::future<hsm::Signature>> futures;
+  for (int i = 0; i < kSigns; ++i) futures.push_back(client.sign_async("x", to_bytes("s")));
+  for (auto& future : futures) CHECK(future.get().signature.size() == 64);
+
+  std::optional<std::future<hsm::Signature>> held;
+  if (path != "drain") {
+    // A sign stuck in the token keeps the drain from finishing by itself.
+    faults.set("C_Sign hang=1");
+    held = client.sign_async("x", to_bytes("stuck"));
+    REQUIRE(wait_until([&] { return metric(agent, "hsm_agent_requests_in_flight") == 1; }));
+  }
+  agent.signal(SIGTERM);
+  if (path == "second SIGTERM") {
+    REQUIRE(wait_until([&] { return agent.http_get("/readyz").second == "draining\n"; }));
+    agent.signal(SIGTERM);
+  }
+  const auto status = agent.wait_exit(60s);
+  faults.clear();
+  REQUIRE(status.has_value());
+  CHECK(status->exited);
+
+  // generate_key, every sign; the stuck one is audited only when it was answered.
+  const auto lines = judge_json_lines(complete_lines(agent.stdout_text()));
+  std::size_t signs_ok = 0;
+  for (const auto& line : lines) {
+    REQUIRE(line.ok());
+    if (line.str("method") == "sign" && line.str("result") == "ok") ++signs_ok;
+  }
+  CHECK(signs_ok == kSigns);
+  CHECK(agent.stdout_text().back() == '\n');
+}
+
+// ---- (h) what is audited: refusals, invalid params, sign_batch items ---------------------------
+
+TEST_CASE(
+    "audit: invalid params and refused signs are audited; a refused sign has its input's "
+    "SHA-256",
+    "[observability][audit]") {
+  SoftHsmToken token;
+  ScratchDir dir;
+  const auto policy = dir.path() / "policy.yaml";
+  write_text(policy,
+             "rules:\n"
+             "  - match: { uids: [" +
+                 std::to_string(::getuid()) +
+                 "] }\n"
+                 "    methods: [generate_key, sign, sign_batch, health, capabilities]\n"
+                 "    kids: [\"pol-*\"]\n");
+  ::chmod(policy.c_str(), 0600);
+  AgentProcess agent(token, AgentOptions{.extra_args = {"--policy", policy.string()}});
+  hsm::Client client(agent.socket_path());
+  client.generate_key("pol-a");
+  const Bytes refused_input = to_bytes("refused input");
+  CHECK(error_code_of([&] { (void)client.sign("other", refused_input); }) == "permission_denied");
+  {
+    RawConnection raw(agent.socket_path());
+    hsm::protocol::SignParams empty_kid;
+    empty_kid.input.data = to_bytes("x");
+    REQUIRE(raw.send(hsm::protocol::Request{7, Method::kSign, empty_kid, std::nullopt}));
+    const auto answer = raw.receive_response(Method::kSign);
+    REQUIRE(answer.has_value());
+    const auto* error = std::get_if<hsm::protocol::Error>(&answer->body);
+    REQUIRE(error != nullptr);
+    CHECK(error->code == hsm::protocol::ErrorCode::kInvalidParams);
+
+    // A batch naming a kid the policy does not grant is refused as a whole.
+    hsm::protocol::SignBatchParams batch;
+    for (const char* kid : {"pol-a", "other"}) {
+      hsm::protocol::SignParams item;
+      item.kid = kid;
+      item.input.data = to_bytes(std::string("batch ") + kid);
+      batch.items.push_back(item);
+    }
+    REQUIRE(raw.send(hsm::protocol::Request{8, Method::kSignBatch, batch, std::nullopt}));
+    REQUIRE(raw.receive_response(Method::kSignBatch).has_value());
+  }
+  (void)client.sign("pol-a", to_bytes("last"));
+
+  const auto lines = wait_for_json_lines([&] { return agent.stdout_text(); }, 5);
+  REQUIRE(lines.size() == 5);
+  for (const auto& line : lines) {
+    REQUIRE(line.ok());
+    CHECK(line.integer("peer.uid") == std::to_string(::getuid()));
+  }
+  CHECK(lines[1].str("kid") == "other");
+  CHECK(lines[1].str("result") == "permission_denied");
+  CHECK(lines[1].str("input_sha256") == hex(sha256(refused_input)));
+  CHECK(lines[2].str("method") == "sign");
+  CHECK(lines[2].str("kid") == "");
+  CHECK(lines[2].str("result") == "invalid_params");
+  CHECK_FALSE(lines[2].has("input_sha256"));
+  CHECK(lines[3].str("method") == "sign_batch");
+  CHECK(lines[3].str("result") == "permission_denied");
+  CHECK(lines[3].has("items"));
+  CHECK(lines[4].str("result") == "ok");
+}
+
+TEST_CASE("audit: sign_batch has one items entry per item: kid, own result, input SHA-256",
+          "[observability][audit]") {
+  RunningAgent env;
+  env.client.generate_key("b-ok");
+  RawConnection raw(env.agent.socket_path());
+  hsm::protocol::SignBatchParams batch;
+  const std::vector<std::pair<std::string, Bytes>> items = {
+      {"b-ok", to_bytes("first")}, {"b-missing", to_bytes("second")}, {"b-ok", to_bytes("third")}};
+  for (const auto& [kid, data] : items) {
+    hsm::protocol::SignParams item;
+    item.kid = kid;
+    item.input.data = data;
+    batch.items.push_back(item);
+  }
+  REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));
+  REQUIRE(raw.receive_response(Method::kSignBatch).has_value());
+
+  const auto lines = wait_for_json_lines([&] { return env.agent.stdout_text(); }, 2);
+  REQUIRE(lines.size() == 2);
+  const auto& line = lines[1];
+  REQUIRE(line.ok());
+  CHECK(line.str("method") == "sign_batch");
+  CHECK(line.str("result") == "ok");
+  CHECK(line.str("kid") == "");
+  // The judge prints a list as hex of its JSON: decode it and judge it again as one line.
+  const auto it = line.fields.find("items");
+  REQUIRE(it != line.fields.end());
+  REQUIRE(it->second.rfind("l:", 0) == 0);
+  std::string items_json;
+  for (std::size_t i = 2; i + 1 < it->second.size(); i += 2) {
+    items_json.push_back(static_cast<char>(std::stoi(it->second.substr(i, 2), nullptr, 16)));
+  }
+  // Each array element as its own line, judged like any audit line.
+  const auto element_lines = [&] {
+    ScratchDir scratch;
+    write_text(scratch.path() / "split.py",
+               "import json,sys\nfor o in json.loads(sys.stdin.read()): print(json.dumps(o))\n");
+    ScratchDir input;
+    write_text(input.path() / "items.json", items_json);
+    const auto [code, output] =
+        run_command("/usr/bin/python3 '" + (scratch.path() / "split.py").string() + "' < '" +
+                    (input.path() / "items.json").string() + "'");
+    REQUIRE(code == 0);
+    return judge_json_lines(output);
+  }();
+  REQUIRE(element_lines.size() == items.size());
+  const std::vector<std::string> results = {"ok", "not_found", "ok"};
+  for (std::size_t i = 0; i < items.size(); ++i) {
+    INFO("item " << i);
+    CHECK(element_lines[i].keys() == std::set<std::string>{"kid", "result", "input_sha256"});
+    CHECK(element_lines[i].str("kid") == items[i].first);
+    CHECK(element_lines[i].str("result") == results[i]);
+    CHECK(element_lines[i].str("input_sha256") == hex(sha256(items[i].second)));
+  }
+}
+
+// ---- (i) start-up failures through the structured log ------------------------------------------
+
+TEST_CASE("logs: a start-up failure is a JSON line with --log-format json, one plain line else",
+          "[observability][logs]") {
+  SoftHsmToken token;
+  ScratchDir dir;
+  const std::vector<std::string> args = {"--module",         kSoftHsmModule,
+                                         "--token-label",    "no-such-token-label",
+                                         "--pin-file",       token.write_pin_file().string(),
+                                         "--socket",         (dir.path() / "a.sock").string(),
+                                         "--metrics-listen", ""};
+  const std::map<std::string, std::string> env = {{"SOFTHSM2_CONF", token.config_path().string()}};
+
+  auto json_args = args;
+  json_args.insert(json_args.end(), {"--log-format", "json"});
+  const auto json_run = run_agent(json_args, env);
+  CHECK(json_run.status.exited);
+  CHECK(json_run.status.code == 1);
+  REQUIRE(!json_run.err.empty());
+  const auto lines = judge_json_lines(complete_lines(json_run.err));
+  REQUIRE(!lines.empty());
+  for (const auto& line : lines) REQUIRE(line.ok());  // nothing but JSON on stderr
+  CHECK(lines.back().str("level") == "critical");
+  CHECK(lines.back().str("msg").find("no-such-token-label") != std::string::npos);
+
+  const auto text_run = run_agent(args, env);
+  CHECK(text_run.status.code == 1);
+  CHECK((text_run.err.find("\nhsm-agent: ") != std::string::npos ||
+         text_run.err.rfind("hsm-agent: ", 0) == 0));
+  CHECK(text_run.err.find("no-such-token-label") != std::string::npos);
+}
+
+// ---- (j) hsmctl metrics
+// ---------------------------------------------------------------------------
+
+TEST_CASE("hsmctl metrics summarises a real agent's /metrics and /readyz",
+          "[observability][hsmctl]") {
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options({"--sessions", "4"}));
+  auto client = client_for(agent, 10s, 1);
+  client.generate_key("c");
+  constexpr int kSigns = 7;
+  for (int i = 0; i < kSigns; ++i) (void)client.sign("c", to_bytes("s" + std::to_string(i)));
+  CHECK(error_code_of([&] { (void)client.sign("c-missing", to_bytes("x")); }) == "not_found");
+  faults.set("C_Sign rv=CKR_FUNCTION_FAILED count=1");
+  CHECK(error_code_of([&] { (void)client.sign("c", to_bytes("x")); }) == "hsm_error");
+  faults.clear();
+  REQUIRE(wait_until([&] { return agent.http_get("/readyz").first == 200; }));
+  const std::string url = "http://127.0.0.1:" + std::to_string(agent.metrics_port()) + "/metrics";
+  const std::string hsmctl = std::string("'") + HSMCTL_BINARY + "'";
+
+  const auto [code, text] = run_command(hsmctl + " metrics --metrics-url " + url);
+  INFO(text);
+  CHECK(code == 0);
+  CHECK(text.find("hsm up:        yes\n") != std::string::npos);
+  CHECK(text.find("ready:         yes\n") != std::string::npos);
+  CHECK(text.find("ok " + std::to_string(kSigns + 1)) != std::string::npos);  // + generate_key
+  CHECK(text.find("not_found 1") != std::string::npos);
+  CHECK(text.find("hsm_error 1") != std::string::npos);
+  CHECK(text.find("(" + std::to_string(kSigns + 2) + " signs since start)") != std::string::npos);
+  CHECK(text.find("sessions:      idle 4, busy 0\n") != std::string::npos);
+  CHECK(text.find("pkcs11 errors: CKR_FUNCTION_FAILED 1\n") != std::string::npos);
+  CHECK(std::regex_search(text, std::regex(R"(sign latency:  p50 [0-9.]+ ms, p99 [0-9.]+ ms)")));
+
+  // --json, with the URL from the environment: one JSON object, judged by Python.
+  const auto [json_code, json_text] =
+      run_command("HSM_AGENT_METRICS_URL=" + url + " " + hsmctl + " --json metrics");
+  INFO(json_text);
+  CHECK(json_code == 0);
+  const auto lines = judge_json_lines(json_text);
+  REQUIRE(lines.size() == 1);
+  const auto& json = lines[0];
+  REQUIRE(json.ok());
+  CHECK(json.fields.at("hsm_up") == "b:1");
+  CHECK(json.fields.at("ready") == "b:1");
+  CHECK(json.number("requests_by_code.ok") == kSigns + 1);
+  CHECK(json.number("requests_by_code.hsm_error") == 1);
+  CHECK(json.number("sign.count") == kSigns + 2);
+  CHECK(json.number("sign.p99_seconds") > 0);
+  CHECK(json.number("sign.p50_seconds") <= json.number("sign.p99_seconds"));
+  CHECK(json.number("sessions.idle") == 4);
+  CHECK(json.number("pkcs11_errors_by_ckr.CKR_FUNCTION_FAILED") == 1);
+  CHECK(json.number("connections.open") >= 1);
+  CHECK(json.str("token_label") == token.label());
+
+  // Not ready: the token goes away; hsmctl says so with /readyz's reason.
+  faults.set("* rv=CKR_DEVICE_REMOVED");
+  CHECK(error_code_of([&] { (void)client.sign("c", to_bytes("down")); }) != "no error");
+  REQUIRE(wait_until([&] { return agent.http_get("/readyz").first == 503; }, 30s));
+  const auto [down_code, down_text] = run_command(hsmctl + " metrics --metrics-url " + url);
+  INFO(down_text);
+  CHECK(down_code == 0);
+  CHECK(down_text.find("ready:         no (") != std::string::npos);
+  faults.clear();
+
+  // Nothing listening: exit code 4 and a clear message.
+  const std::string nowhere = "http://127.0.0.1:" + std::to_string(free_tcp_port()) + "/metrics";
+  const auto [unreachable_code, unreachable_text] =
+      run_command(hsmctl + " metrics --metrics-url " + nowhere);
+  CHECK(unreachable_code == 4);
+  CHECK(unreachable_text.find("cannot reach the agent's metrics endpoint " + nowhere) !=
+        std::string::npos);
+  const auto [bad_code, bad_text] = run_command(hsmctl + " metrics --metrics-url ftp://x/");
+  CHECK(bad_code == 2);
+}
+
+// ---- (k) a real Prometheus server scrapes the agent
+// ----------------------------------------------
+
+namespace {
+
+constexpr const char* kPrometheusBinary = "/usr/bin/prometheus";
+
+/// A child process (Prometheus) with stdout and stderr in `log`; SIGTERM, then SIGKILL, on
+/// destruction.
+class ChildProcess {
+ public:
+  ChildProcess(const std::vector<std::string>& argv, const std::filesystem::path& log) {
+    std::vector<char*> args;
+    for (const auto& arg : argv) args.push_back(const_cast<char*>(arg.c_str()));
+    args.push_back(nullptr);
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    const int rc = ::posix_spawn(&pid_, args[0], &actions, nullptr, args.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) pid_ = -1;
+  }
+  ~ChildProcess() {
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGTERM);
+    for (int i = 0; i < 500; ++i) {  // up to 10 s
+      if (::waitpid(pid_, nullptr, WNOHANG) == pid_) return;
+      std::this_thread::sleep_for(20ms);
+    }
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  [[nodiscard]] bool started() const noexcept { return pid_ > 0; }
+  [[nodiscard]] bool running() const noexcept {
+    return pid_ > 0 && ::waitpid(pid_, nullptr, WNOHANG) == 0;
+  }
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// Asks a Prometheus server (argv[1]: its base URL) until the hsm-agent target is up, every family
+// of argv[3..] (NAME:TYPE) has series and metadata, and every alerting rule of argv[2] is loaded
+// and evaluated healthy, or until argv[...] deadline passes; then prints what it saw, one fact per
+// line: "up V", "series NAME COUNT", "type NAME TYPE", "rule NAME HEALTH", "want-rule NAME".
+// No proxy: the server is on 127.0.0.1.
+constexpr const char* kPrometheusProbeScript = R"PY(
+import json, sys, time, urllib.parse, urllib.request, yaml
+base, rules_file, deadline_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
+families = [f.split(":") for f in sys.argv[4:]]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+def api(path, **params):
+    url = base + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    with opener.open(url, timeout=10) as r:
+        body = json.load(r)
+    if body.get("status") != "success":
+        raise RuntimeError(url + ": " + json.dumps(body))
+    return body["data"]
+with open(rules_file) as f:
+    wanted = [r["alert"] for g in yaml.safe_load(f)["groups"] for r in g["rules"] if "alert" in r]
+def look():
+    facts, done = [], True
+    up = api("/api/v1/query", query='up{job="hsm-agent"}')["result"]
+    value = up[0]["value"][1] if up else "none"
+    facts.append("up " + value)
+    done = done and value == "1"
+    for name, kind in families:
+        series_name = name + "_bucket" if kind == "histogram" else name
+        series = api("/api/v1/series", **{"match[]": series_name + '{job="hsm-agent"}'})
+        facts.append("series %s %d" % (name, len(series)))
+        meta = api("/api/v1/metadata", metric=name).get(name, [])
+        facts.append("type %s %s" % (name, meta[0]["type"] if meta else "none"))
+        done = done and len(series) > 0 and bool(meta)
+    loaded = {}
+    for group in api("/api/v1/rules")["groups"]:
+        for rule in group["rules"]:
+            loaded[rule["name"]] = rule.get("health", "none")
+            facts.append("rule %s %s %s" % (rule["name"], rule.get("health", "none"),
+                                            rule.get("type", "none")))
+    done = done and all(loaded.get(w) == "ok" for w in wanted)
+    return done, facts
+end = time.time() + deadline_s
+while True:
+    try:
+        done, facts = look()
+    except Exception as e:
+        done, facts = False, ["error " + repr(e).replace("\n", " ")]
+    if done or time.time() > end:
+        break
+    time.sleep(0.5)
+for w in wanted:
+    print("want-rule " + w)
+print("\n".join(facts))
+)PY";
+
+}  // namespace
+
+TEST_CASE("prometheus: a real Prometheus server scrapes every metric and loads the alert rules",
+          "[observability][prometheus]") {
+  INFO("Debian's prometheus package provides " << kPrometheusBinary
+                                               << " (scripts/install-deps.sh installs it)");
+  REQUIRE(std::filesystem::exists(kPrometheusBinary));
+
+  FaultControl faults;
+  SoftHsmToken token;
+  AgentProcess agent(token, faults.options({"--probe-interval", "1"}));
+  auto client = client_for(agent, 10s, 1);
+  // Work that makes every family have series: requests, a PKCS#11 error, a rejected protocol
+  // message (pre-created anyway), and a sign through the queue.
+  client.generate_key("p");
+  (void)client.sign("p", to_bytes("scraped"));
+  faults.set("C_Sign rv=CKR_FUNCTION_FAILED count=1");
+  CHECK(error_code_of([&] { (void)client.sign("p", to_bytes("x")); }) == "hsm_error");
+  faults.clear();
+
+  ScratchDir dir;
+  const int port = free_tcp_port();
+  const std::string rules = std::string(HSM_SOURCE_DIR) + "/deploy/prometheus/alerts.yaml";
+  const auto config = dir.path() / "prometheus.yml";
+  write_text(config,
+             "global:\n"
+             "  scrape_interval: 1s\n"
+             "  scrape_timeout: 1s\n"
+             "  evaluation_interval: 1s\n"
+             "rule_files:\n"
+             "  - '" +
+                 rules +
+                 "'\n"
+                 "scrape_configs:\n"
+                 "  - job_name: hsm-agent\n"
+                 "    static_configs:\n"
+                 "      - targets: ['127.0.0.1:" +
+                 std::to_string(agent.metrics_port()) + "']\n");
+  std::filesystem::create_directory(dir.path() / "data");
+  const auto log = dir.path() / "prometheus.log";
+  ChildProcess prometheus({kPrometheusBinary, "--config.file=" + config.string(),
+                           "--storage.tsdb.path=" + (dir.path() / "data").string(),
+                           "--web.listen-address=127.0.0.1:" + std::to_string(port)},
+                          log);
+  REQUIRE(prometheus.started());
+
+  write_text(dir.path() / "probe.py", kPrometheusProbeScript);
+  std::string command = "/usr/bin/python3 '" + (dir.path() / "probe.py").string() +
+                        "' http://127.0.0.1:" + std::to_string(port) + " '" + rules + "' 120";
+  for (const auto& [name, type] : kCatalogue) command += " " + name + ":" + type;
+  const auto [code, output] = run_command(command);
+  INFO("probe:\n" << output);
+  INFO("prometheus log:\n" << read_text(log));
+  REQUIRE(code == 0);
+  CHECK(prometheus.running());
+
+  std::set<std::string> facts;
+  std::istringstream in(output);
+  for (std::string line; std::getline(in, line);) facts.insert(line);
+  CHECK(facts.count("up 1") == 1);
+  for (const auto& [name, type] : kCatalogue) {
+    INFO(name);
+    CHECK(facts.count("type " + name + " " + type) == 1);
+    CHECK(facts.count("series " + name + " 0") == 0);
+    CHECK(std::any_of(facts.begin(), facts.end(), [&name = name](const std::string& fact) {
+      return fact.rfind("series " + name + " ", 0) == 0;
+    }));
+  }
+  std::size_t wanted = 0;
+  for (const auto& fact : facts) {
+    if (fact.rfind("want-rule ", 0) != 0) continue;
+    ++wanted;
+    const std::string name = fact.substr(10);
+    INFO(name);
+    CHECK(facts.count("rule " + name + " ok alerting") == 1);
+  }
+  CHECK(wanted == 6);
 }

@@ -131,12 +131,15 @@ void Connection::deliver_messages() {
   }
 }
 
-std::size_t Connection::queued_bytes() const noexcept { return outgoing_.size() + writing_bytes_; }
+std::size_t Connection::queued_bytes() const noexcept {
+  return outgoing_.size() + writing_bytes_;
+}
 
 void Connection::send(std::string_view bytes) {
   if (closing_) return;
   if (queued_bytes() + bytes.size() > limits_.max_write_buffer_bytes) {
     // The client does not read its answers: drop it rather than buffer without bound.
+    events_.on_slow_reader(*this);
     close();
     return;
   }
@@ -194,13 +197,14 @@ void Connection::on_write(uv_write_t* req, int status) {
 
 void Connection::close_after_flush() {
   if (closing_) return;
+  if (!close_when_flushed_) close_requested_at_ = std::chrono::steady_clock::now();
   close_when_flushed_ = true;
   pause();
   if (!outgoing_.empty()) {
     flush();
     return;
   }
-  if (write_in_progress_) return;  // on_write comes back here
+  if (write_in_progress_) return;       // on_write comes back here
   auto* request = new uv_shutdown_t{};  // freed in on_shutdown
   request->data = this;
   if (uv_shutdown(request, reinterpret_cast<uv_stream_t*>(&pipe_), on_shutdown) != 0) {
@@ -222,6 +226,8 @@ void Connection::close() {
   uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), on_close);
 }
 
-void Connection::on_close(uv_handle_t* handle) { delete static_cast<Connection*>(handle->data); }
+void Connection::on_close(uv_handle_t* handle) {
+  delete static_cast<Connection*>(handle->data);
+}
 
 }  // namespace hsm::agent

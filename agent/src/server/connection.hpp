@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string_view>
 
 #include "hsm/protocol/codec.hpp"
@@ -29,6 +30,9 @@ class ConnectionEvents {
   virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
   /// The connection is closing; it must not be used after this returns.
   virtual void on_closed(Connection& connection) = 0;
+  /// The connection is about to be closed because its client does not read its answers (the
+  /// write buffer limit was reached). For metrics; close() follows.
+  virtual void on_slow_reader(Connection& /*connection*/) {}
   /// The connection has bytes to write; the owner calls flush() once per loop iteration.
   virtual void on_output_pending(Connection& connection) = 0;
 
@@ -70,8 +74,16 @@ class Connection {
   void send(std::string_view bytes);
   /// Writes what send() queued: uv_try_write first, the rest through one uv_write.
   void flush();
-  /// Flushes queued answers, then shuts the write side and closes. Idempotent.
+  /// Flushes queued answers, then shuts the write side and closes. Idempotent. A client that
+  /// never reads can keep that flush from finishing: the owner bounds it with close() (see
+  /// closing_after_flush_since()).
   void close_after_flush();
+  /// When close_after_flush() was first asked for; nullopt while it was not, or once closed.
+  [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> closing_after_flush_since()
+      const noexcept {
+    if (closing_ || !close_when_flushed_) return std::nullopt;
+    return close_requested_at_;
+  }
   /// Closes now; queued answers are dropped. Idempotent.
   void close();
 
@@ -100,13 +112,14 @@ class Connection {
   protocol::FrameReader reader_;
   Caller caller_;
   std::chrono::steady_clock::time_point last_activity_;
-  std::string outgoing_;       // answers waiting for flush()
+  std::string outgoing_;           // answers waiting for flush()
   std::size_t writing_bytes_ = 0;  // bytes inside the one uv_write in progress
   bool write_in_progress_ = false;
   bool paused_ = false;
   bool reading_ = false;
   bool closing_ = false;
   bool close_when_flushed_ = false;
+  std::chrono::steady_clock::time_point close_requested_at_;
 };
 
 }  // namespace hsm::agent

@@ -3,6 +3,7 @@
 #include <openssl/sha.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <csignal>
 #include <stdexcept>
 #include <utility>
@@ -19,6 +20,16 @@ using protocol::ErrorCode;
 using protocol::Method;
 
 constexpr std::uint64_t kTickMs = 1000;
+
+// How long a connection being closed after a flush (idle, or a request without a msgid) may keep
+// answers the client does not read before it is closed with them unsent. Without a bound, a
+// client that never reads would hold its connection, and its buffered answers, for ever.
+constexpr auto kCloseFlushLimit = std::chrono::seconds(2);
+
+// After shutdown finishes early (nothing left in flight), connections may take until the drain
+// deadline to read their last answers; after the drain deadline this much more, so answers
+// written at the deadline reach a client that reads. Then whatever is unsent is dropped.
+constexpr auto kFinalFlushGrace = std::chrono::milliseconds(500);
 
 template <typename Handle>
 uv_handle_t* as_handle(Handle* handle) {
@@ -52,13 +63,22 @@ const std::string* kid_of(const protocol::Request& request) {
       request.params);
 }
 
-// The audit line of a call: what was asked, by whom, and the SHA-256 of what was signed.
-AuditRecord audit_record(const Call& call, const Outcome& outcome) {
+std::array<std::uint8_t, 32> sha256_of(const protocol::SignInput& input) {
+  const auto& bytes = input.digest ? *input.digest : input.data.value();
+  std::array<std::uint8_t, 32> digest{};
+  SHA256(bytes.data(), bytes.size(), digest.data());
+  return digest;
+}
+
+// The audit line of a request: what was asked, by whom, and the SHA-256 of what was signed
+// (also when the sign was refused: the input was decoded, so an investigator can match it).
+AuditRecord audit_record(const protocol::Request& request, const Caller& caller,
+                         const Outcome& outcome) {
   AuditRecord record;
-  record.method = call.request.method;
-  record.caller = call.caller;
+  record.method = request.method;
+  record.caller = caller;
   record.code = code_of(outcome);
-  if (const auto* kid = kid_of(call.request)) record.kid = *kid;
+  if (const auto* kid = kid_of(request)) record.kid = *kid;
   if (const auto* result = std::get_if<protocol::Result>(&outcome)) {
     std::visit(
         [&record](const auto& value) {
@@ -66,13 +86,30 @@ AuditRecord audit_record(const Call& call, const Outcome& outcome) {
         },
         *result);
   }
-  if (const auto* sign = std::get_if<protocol::SignParams>(&call.request.params)) {
-    const auto& input = sign->input.digest ? *sign->input.digest : sign->input.data.value();
-    std::array<std::uint8_t, 32> digest{};
-    SHA256(input.data(), input.size(), digest.data());
-    record.input_sha256 = digest;
+  if (const auto* sign = std::get_if<protocol::SignParams>(&request.params)) {
+    record.input_sha256 = sha256_of(sign->input);
+  }
+  if (const auto* batch = std::get_if<protocol::SignBatchParams>(&request.params)) {
+    const protocol::SignBatchResult* answered = nullptr;
+    if (const auto* result = std::get_if<protocol::Result>(&outcome)) {
+      answered = std::get_if<protocol::SignBatchResult>(result);
+    }
+    record.items.reserve(batch->items.size());
+    for (std::size_t i = 0; i < batch->items.size(); ++i) {
+      AuditBatchItem item{batch->items[i].kid, record.code, sha256_of(batch->items[i].input)};
+      if (answered && i < answered->results.size()) {
+        if (const auto* error = std::get_if<protocol::Error>(&answered->results[i])) {
+          item.code = error->code;
+        }
+      }
+      record.items.push_back(std::move(item));
+    }
   }
   return record;
+}
+
+AuditRecord audit_record(const Call& call, const Outcome& outcome) {
+  return audit_record(call.request, call.caller, outcome);
 }
 
 }  // namespace
@@ -97,7 +134,9 @@ Server::~Server() {
   }
 }
 
-void Server::request_shutdown() { uv_async_send(&shutdown_async_); }
+void Server::request_shutdown() {
+  uv_async_send(&shutdown_async_);
+}
 
 void Server::run(const std::function<void()>& on_listening,
                  const std::function<void()>& on_reload) {
@@ -113,6 +152,7 @@ void Server::run(const std::function<void()>& on_listening,
   });
   uv_timer_init(&loop_, &deadline_timer_);
   uv_timer_init(&loop_, &drain_timer_);
+  uv_timer_init(&loop_, &final_flush_timer_);
   uv_timer_init(&loop_, &tick_timer_);
   uv_timer_start(
       &tick_timer_,
@@ -120,14 +160,14 @@ void Server::run(const std::function<void()>& on_listening,
         auto* self = static_cast<Server*>(timer->loop->data);
         self->deps_.health.heartbeat();
         self->sweep_idle();
+        self->close_stuck_flushes(SteadyClock::now() - kCloseFlushLimit);
       },
       0, kTickMs);
   uv_check_init(&loop_, &flush_check_);
-  uv_check_start(&flush_check_, [](uv_check_t* check) {
-    static_cast<Server*>(check->loop->data)->flush_dirty();
-  });
-  for (auto [signal, handle] : {std::pair{SIGTERM, &sigterm_}, std::pair{SIGINT, &sigint_},
-                                std::pair{SIGHUP, &sighup_}}) {
+  uv_check_start(&flush_check_,
+                 [](uv_check_t* check) { static_cast<Server*>(check->loop->data)->flush_dirty(); });
+  for (auto [signal, handle] :
+       {std::pair{SIGTERM, &sigterm_}, std::pair{SIGINT, &sigint_}, std::pair{SIGHUP, &sighup_}}) {
     uv_signal_init(&loop_, handle);
     uv_signal_start(
         handle,
@@ -144,7 +184,8 @@ void Server::run(const std::function<void()>& on_listening,
 
 void Server::listen() {
   const auto& path = deps_.config.socket_path;
-  prepare_socket_path(path);
+  prepare_socket_path(path, deps_.config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot
+                                                           : SharedDirPolicy::kRefuse);
   uv_pipe_init(&loop_, &listener_, 0);
   int rc = 0;
   {
@@ -157,14 +198,15 @@ void Server::listen() {
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
   apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
-  rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511, [](uv_stream_t* server, int status) {
-    auto* self = static_cast<Server*>(server->loop->data);
-    if (status < 0) {
-      spdlog::warn("accept failed: {}", uv_strerror(status));
-      return;
-    }
-    self->accept_one();
-  });
+  rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
+                 [](uv_stream_t* server, int status) {
+                   auto* self = static_cast<Server*>(server->loop->data);
+                   if (status < 0) {
+                     spdlog::warn("accept failed: {}", uv_strerror(status));
+                     return;
+                   }
+                   self->accept_one();
+                 });
   if (rc != 0) throw SocketSetupError("cannot listen on " + path + ": " + uv_strerror(rc));
   listening_ = true;
   spdlog::info("listening on {}", path);
@@ -196,17 +238,28 @@ void Server::accept_one() {
   connection->admitted = true;
   deps_.metrics.connections_total.Increment();
   deps_.metrics.connections.Increment();
-  spdlog::debug("connection {} from pid {} uid {} gid {}", connection->id(), caller.pid,
-                caller.uid, caller.gid);
+  spdlog::debug("connection {} from pid {} uid {} gid {}", connection->id(), caller.pid, caller.uid,
+                caller.gid);
   connection->start();
 }
 
 void Server::on_closed(Connection& connection) {
   connections_.erase(connection.id());
   if (connection.admitted) deps_.metrics.connections.Decrement();
+  // The last connection has flushed: nothing left for the final flush bound, so let the loop end.
+  if (finished_ && connections_.empty() && !uv_is_closing(as_handle(&final_flush_timer_))) {
+    uv_close(as_handle(&final_flush_timer_), nullptr);
+  }
 }
 
-void Server::on_output_pending(Connection& connection) { dirty_.push_back(&connection); }
+void Server::on_output_pending(Connection& connection) {
+  dirty_.push_back(&connection);
+}
+
+void Server::on_slow_reader(Connection& connection) {
+  deps_.metrics.connections_closed_slow_reader.Increment();
+  spdlog::warn("connection {} closed: its client does not read its answers", connection.id());
+}
 
 void Server::flush_dirty() {
   for (auto* connection : dirty_) connection->flush();
@@ -223,8 +276,14 @@ void Server::on_message(Connection& connection, const msgpack::object& message) 
   auto decoded = protocol::decode_request(message);
   if (auto* failure = std::get_if<protocol::RequestDecodeError>(&decoded)) {
     if (failure->method && failure->msgid) {
-      // A known method with bad params: an ordinary failed request of that method.
+      // A known method with bad params: an ordinary failed request of that method, audited
+      // like any failure (no kid: the params did not decode).
       deps_.metrics.request_counter(*failure->method, failure->error.code).Increment();
+      AuditRecord record;
+      record.method = *failure->method;
+      record.code = failure->error.code;
+      record.caller = connection.caller();
+      deps_.audit.record(record);
     } else {
       deps_.metrics.protocol_errors_total
           .Add({{"reason", std::string(to_string(failure->error.code))}})
@@ -244,9 +303,10 @@ void Server::on_message(Connection& connection, const msgpack::object& message) 
 void Server::dispatch(Connection& connection, protocol::Request&& request) {
   const auto received = SteadyClock::now();
   if (shutting_down_) {
-    answer_now(connection, request,
-               error_response(request.msgid, ErrorCode::kShuttingDown, "the agent is shutting down"),
-               received);
+    answer_now(
+        connection, request,
+        error_response(request.msgid, ErrorCode::kShuttingDown, "the agent is shutting down"),
+        received);
     return;
   }
   if (auto denied = deps_.access.authorize(connection.caller(), request)) {
@@ -270,9 +330,8 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
   call->connection_id = connection.id();
   call->caller = connection.caller();
   call->received = received;
-  call->deadline = received + (request.timeout_ms
-                                   ? std::chrono::milliseconds(*request.timeout_ms)
-                                   : deps_.config.limits.request_timeout);
+  call->deadline = received + (request.timeout_ms ? std::chrono::milliseconds(*request.timeout_ms)
+                                                  : deps_.config.limits.request_timeout);
   call->request = std::move(request);
   const auto deadline = call->deadline;
   std::weak_ptr<Call> weak = call;
@@ -302,19 +361,21 @@ void Server::answer_now(Connection& connection, const protocol::Request& request
   deps_.metrics.request_counter(request.method, code).Increment();
   deps_.metrics.request_histogram(request.method).Observe(elapsed);
   if (AuditLog::audited(request.method, code)) {
-    const auto* kid = kid_of(request);
-    deps_.audit.record({request.method, kid ? *kid : std::string(), std::string(), code, elapsed,
-                        connection.caller(), std::nullopt});
+    auto record = audit_record(request, connection.caller(), response.body);
+    record.duration_seconds = elapsed;
+    deps_.audit.record(record);
   }
 }
 
 void Server::run_on_worker(const std::shared_ptr<Call>& call) {
   if (!call->begin_running()) return;  // already answered (deadline)
   running_calls_.fetch_add(1, std::memory_order_relaxed);
+  deps_.metrics.queue_wait_seconds.Observe(
+      std::chrono::duration<double>(SteadyClock::now() - call->received).count());
   Outcome outcome;
   if (SteadyClock::now() >= call->deadline) {
-    outcome = protocol::Error{ErrorCode::kDeadlineExceeded,
-                              "the request waited past its deadline", std::nullopt};
+    outcome = protocol::Error{ErrorCode::kDeadlineExceeded, "the request waited past its deadline",
+                              std::nullopt};
   } else {
     outcome = deps_.keys.execute(call->request);
   }
@@ -419,7 +480,21 @@ void Server::sweep_idle() {
   }
   for (auto* connection : idle_connections) {
     spdlog::debug("connection {} closed after {}s idle", connection->id(), idle.count());
+    // Counted once: a connection still flushing is swept again on the next tick.
+    if (!connection->closing_after_flush_since()) deps_.metrics.connections_closed_idle.Increment();
     connection->close_after_flush();
+  }
+}
+
+void Server::close_stuck_flushes(SteadyClock::time_point requested_before) {
+  std::vector<Connection*> stuck;
+  for (auto& [id, connection] : connections_) {
+    const auto since = connection->closing_after_flush_since();
+    if (since && *since <= requested_before) stuck.push_back(connection);
+  }
+  for (auto* connection : stuck) {
+    spdlog::debug("connection {} closed with answers unread by the client", connection->id());
+    connection->close();
   }
 }
 
@@ -433,6 +508,8 @@ void Server::on_signal(int signum) {
     // A second SIGTERM/SIGINT: the operator wants out now.
     spdlog::warn("second termination signal: exiting at once");
     ::unlink(deps_.config.socket_path.c_str());
+    deps_.audit.close();  // every audit line recorded so far is written
+    spdlog::shutdown();
     std::_Exit(1);
   }
   spdlog::info("{}: shutting down, draining {} requests (at most {}s)",
@@ -444,6 +521,8 @@ void Server::on_signal(int signum) {
 void Server::begin_shutdown() {
   if (shutting_down_) return;
   shutting_down_ = true;
+  deps_.health.set_draining();  // /readyz: 503 "draining" from now on
+  shutdown_deadline_ = SteadyClock::now() + deps_.config.limits.shutdown_timeout;
   if (listening_) {
     uv_close(as_handle(&listener_), nullptr);
     listening_ = false;
@@ -481,6 +560,29 @@ void Server::finish_shutdown() {
   open.reserve(connections_.size());
   for (auto& [id, connection] : connections_) open.push_back(connection);
   for (auto* connection : open) connection->close_after_flush();
+  // A client that never reads would keep its flush, and so the loop, running for ever: at the
+  // drain deadline (or shortly after it, when that has passed) every connection still flushing
+  // is closed with its answers unsent.
+  if (connections_.empty()) {
+    uv_close(as_handle(&final_flush_timer_), nullptr);
+  } else {
+    const auto now = SteadyClock::now();
+    const auto until = std::max(shutdown_deadline_, now + kFinalFlushGrace);
+    uv_timer_start(
+        &final_flush_timer_,
+        [](uv_timer_t* timer) {
+          auto* self = static_cast<Server*>(timer->loop->data);
+          if (!self->connections_.empty()) {
+            spdlog::warn("closing {} connections that did not read their last answers",
+                         self->connections_.size());
+          }
+          self->close_stuck_flushes(SteadyClock::time_point::max());
+          if (!uv_is_closing(as_handle(timer))) uv_close(as_handle(timer), nullptr);
+        },
+        static_cast<std::uint64_t>(
+            std::chrono::ceil<std::chrono::milliseconds>(until - now).count()),
+        0);
+  }
 
   if (running_calls_.load() == 0) {
     workers_->stop();
@@ -490,10 +592,10 @@ void Server::finish_shutdown() {
     workers_->abandon();
     abandoned_workers_ = true;
   }
-  for (auto* handle : {as_handle(&completions_async_), as_handle(&shutdown_async_),
-                       as_handle(&deadline_timer_), as_handle(&tick_timer_),
-                       as_handle(&drain_timer_), as_handle(&flush_check_), as_handle(&sigterm_),
-                       as_handle(&sigint_), as_handle(&sighup_)}) {
+  for (auto* handle :
+       {as_handle(&completions_async_), as_handle(&shutdown_async_), as_handle(&deadline_timer_),
+        as_handle(&tick_timer_), as_handle(&drain_timer_), as_handle(&flush_check_),
+        as_handle(&sigterm_), as_handle(&sigint_), as_handle(&sighup_)}) {
     if (!uv_is_closing(handle)) uv_close(handle, nullptr);
   }
   // Connections finish flushing and close; then uv_run returns.

@@ -63,6 +63,7 @@ class Server final : public ConnectionEvents {
   void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
   void on_closed(Connection& connection) override;
   void on_output_pending(Connection& connection) override;
+  void on_slow_reader(Connection& connection) override;
 
  private:
   struct Completion {
@@ -84,6 +85,7 @@ class Server final : public ConnectionEvents {
   void expire_deadlines();
   void arm_deadline_timer();
   void sweep_idle();
+  void close_stuck_flushes(SteadyClock::time_point requested_before);
   void flush_dirty();
   void begin_shutdown();
   void finish_shutdown();
@@ -105,6 +107,7 @@ class Server final : public ConnectionEvents {
   uv_timer_t deadline_timer_{};
   uv_timer_t tick_timer_{};
   uv_timer_t drain_timer_{};
+  uv_timer_t final_flush_timer_{};  // bounds the last flush after shutdown (see finish_shutdown)
   uv_check_t flush_check_{};
   uv_signal_t sigterm_{}, sigint_{}, sighup_{};
   std::function<void()> on_reload_;
@@ -130,6 +133,7 @@ class Server final : public ConnectionEvents {
   std::atomic<std::size_t> running_calls_{0};
   bool listening_ = false;
   bool shutting_down_ = false;
+  SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
   bool abandoned_workers_ = false;
   std::unique_ptr<WorkerPool> workers_;
