@@ -35,7 +35,7 @@ constexpr int kExitConfig = 2;
 constexpr int kExitStartup = 1;
 
 int fail(const std::string& message, int code) {
-  std::fprintf(stderr, "hsm-agent: %s\n", message.c_str());
+  hsm::agent::log_startup_failure(message);  // JSON with --log-format json
   return code;
 }
 
@@ -136,7 +136,7 @@ int run(int argc, char** argv) {
     return fail(e.what(), kExitStartup);
   }
 
-  audit->flush();
+  audit->close();  // every audit line is written before any of the exits below
   if (server.abandoned_workers()) {
     // A worker is stuck inside the token: finalising under it is undefined behaviour, and
     // destructors would wait for it. The socket is already gone; leave now.

@@ -6,7 +6,10 @@
 - every PromQL expression parses (each is handed to `promtool check rules` as a recording rule,
   after the Grafana variables are replaced) and histogram_quantile keeps `le`;
 - every metric an expression names is in the catalogue of issue 5 (below), so a typo or a
-  renamed metric fails here, and every catalogue metric is shown somewhere.
+  renamed metric fails here, and every catalogue metric is shown somewhere;
+- the row "HSM or agent?" answers its question alone: one panel plots the sign request latency
+  next to the time inside the PKCS#11 module (C_Sign) and the queue wait, and one splits the
+  mean sign time into the HSM's and the agent's share (docs/metrics.md).
 
 Usage: check_dashboard.py [DASHBOARD_JSON]   (exit 0 when every check passes)
 """
@@ -30,6 +33,7 @@ CATALOGUE = {
     "hsm_agent_pkcs11_errors_total": "counter",
     "hsm_agent_sessions": "gauge",
     "hsm_agent_session_wait_seconds": "histogram",
+    "hsm_agent_queue_wait_seconds": "histogram",
     "hsm_agent_hsm_up": "gauge",
     "hsm_agent_hsm_probe_duration_seconds": "histogram",
     "hsm_agent_logins_total": "counter",
@@ -37,6 +41,7 @@ CATALOGUE = {
     "hsm_agent_connections_total": "counter",
     "hsm_agent_connections_rejected_total": "counter",
     "hsm_agent_protocol_errors_total": "counter",
+    "hsm_agent_connections_closed_total": "counter",
     "hsm_agent_build_info": "gauge",
 }
 # Not the agent's own families but allowed: Prometheus's scrape health and the standard
@@ -183,6 +188,31 @@ def main():
         stray = re.sub(r'"(?:[^"\\]|\\.)*"', '""', promql)
         c.check("$" not in stray, f"{title!r}: no Grafana variable outside a label matcher")
         rules.append({"record": f"dashboard:expr_{i}", "expr": promql})
+
+    # The "HSM or agent?" row: the panels between its row header and the next row.
+    row_panels, in_row = [], False
+    for p in sorted(panels, key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if p.get("type") == "row":
+            in_row = p.get("title", "").startswith("HSM or agent?")
+            continue
+        if in_row:
+            row_panels.append(p)
+    def panel_with(*needles):
+        for p in row_panels:
+            text = " ".join(t.get("expr", "") for t in p.get("targets", []))
+            if all(n in text for n in needles):
+                return p
+        return None
+    side_by_side = panel_with('hsm_agent_request_duration_seconds_bucket', 'method="sign"',
+                              'hsm_agent_pkcs11_call_duration_seconds_bucket', 'function="C_Sign"',
+                              'hsm_agent_queue_wait_seconds_bucket')
+    c.check(side_by_side is not None, '"HSM or agent?" has a panel with sign request, C_Sign '
+            'and queue wait latency side by side')
+    split = panel_with('hsm_agent_request_duration_seconds_sum',
+                       'hsm_agent_pkcs11_call_duration_seconds_sum')
+    c.check(split is not None and split.get("fieldConfig", {}).get("defaults", {}).get(
+        "custom", {}).get("stacking", {}).get("mode") == "normal",
+        '"HSM or agent?" has a stacked panel splitting the mean sign time into HSM and agent')
 
     missing = sorted(set(CATALOGUE) - used)
     c.check(not missing, "every catalogue metric appears on the dashboard"

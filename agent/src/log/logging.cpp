@@ -4,6 +4,7 @@
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <memory>
 
 #include "log/json_text.hpp"
@@ -25,15 +26,29 @@ class JsonMessageFlag final : public spdlog::custom_flag_formatter {
   }
 };
 
+std::atomic<bool> json_format{false};
+
 }  // namespace
+
+void log_startup_failure(const std::string& message) {
+  if (json_format.load()) {
+    spdlog::critical("{}", message);
+    spdlog::default_logger()->flush();
+    return;
+  }
+  spdlog::logger plain("hsm-agent-startup", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  plain.set_pattern("hsm-agent: %v");
+  plain.critical("{}", message);
+  plain.flush();
+}
 
 void init_logging(const std::string& level, LogFormat format) {
   const auto parsed = spdlog::level::from_str(level);
   if (parsed == spdlog::level::off && level != "off") {
     throw ConfigError("unknown log level '" + level + "'");
   }
-  auto logger = std::make_shared<spdlog::logger>(
-      "hsm-agent", std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  auto logger = std::make_shared<spdlog::logger>("hsm-agent",
+                                                 std::make_shared<spdlog::sinks::stderr_sink_mt>());
   auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
   if (format == LogFormat::kJson) {
     formatter->add_flag<JsonMessageFlag>('j').set_pattern(
@@ -45,6 +60,7 @@ void init_logging(const std::string& level, LogFormat format) {
   logger->set_level(parsed);
   logger->flush_on(spdlog::level::warn);
   spdlog::set_default_logger(std::move(logger));
+  json_format.store(format == LogFormat::kJson);
 }
 
 }  // namespace hsm::agent

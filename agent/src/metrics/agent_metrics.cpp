@@ -13,8 +13,8 @@ using prometheus::Histogram;
 // Roughly 1-2.5-5 steps from 50 µs to 10 s: fine where a local token lives (tens of µs) and
 // wide enough for a network HSM under failover.
 Histogram::BucketBoundaries make_latency_buckets() {
-  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-          0.025,   0.05,   0.1,     0.25,   0.5,   1.0,    2.5,   5.0,  10.0};
+  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+          0.05,    0.1,    0.25,    0.5,    1.0,   2.5,    5.0,   10.0};
 }
 
 }  // namespace
@@ -57,6 +57,11 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                                .Help("Time a request waited for a pooled session")
                                .Register(registry)
                                .Add({}, latency_buckets())),
+      queue_wait_seconds(BuildHistogram()
+                             .Name("hsm_agent_queue_wait_seconds")
+                             .Help("Time from a request being read to a worker starting it")
+                             .Register(registry)
+                             .Add({}, latency_buckets())),
       hsm_up(BuildGauge()
                  .Name("hsm_agent_hsm_up")
                  .Help("1 when the last token probe succeeded, else 0")
@@ -89,6 +94,12 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                                 .Name("hsm_agent_protocol_errors_total")
                                 .Help("Connections closed for protocol violations, by reason")
                                 .Register(registry)),
+      connections_closed_total(BuildCounter()
+                                   .Name("hsm_agent_connections_closed_total")
+                                   .Help("Admitted connections the agent closed, by reason")
+                                   .Register(registry)),
+      connections_closed_slow_reader(connections_closed_total.Add({{"reason", "slow_reader"}})),
+      connections_closed_idle(connections_closed_total.Add({{"reason", "idle_timeout"}})),
       build_info(BuildGauge()
                      .Name("hsm_agent_build_info")
                      .Help("Always 1; labels tell the agent version, PKCS#11 module and token")
@@ -96,7 +107,15 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
   for (const auto method : protocol::all_methods()) {
     request_histograms_.at(static_cast<std::size_t>(method)) = &request_duration_seconds.Add(
         {{"method", std::string(protocol::to_string(method))}}, latency_buckets());
+    (void)request_counter(method, std::nullopt);  // {code="ok"} at zero from the start
   }
+  for (const auto reason : kConnectionRejectReasons) {
+    connections_rejected_total.Add({{"reason", std::string(reason)}});
+  }
+  for (const auto reason : kProtocolErrorReasons) {
+    protocol_errors_total.Add({{"reason", std::string(reason)}});
+  }
+  logins_total.Add({{"result", "ok"}});
 }
 
 prometheus::Counter& AgentMetrics::request_counter(protocol::Method method,
@@ -106,9 +125,9 @@ prometheus::Counter& AgentMetrics::request_counter(protocol::Method method,
   auto& slot = request_counters_.at(m).at(c);
   if (auto* counter = slot.load(std::memory_order_acquire)) return *counter;
   // Family::Add returns the same metric for the same labels, so a race here is harmless.
-  auto& counter = requests_total.Add({{"method", std::string(protocol::to_string(method))},
-                                      {"code", code ? std::string(protocol::to_string(*code))
-                                                    : std::string("ok")}});
+  auto& counter = requests_total.Add(
+      {{"method", std::string(protocol::to_string(method))},
+       {"code", code ? std::string(protocol::to_string(*code)) : std::string("ok")}});
   slot.store(&counter, std::memory_order_release);
   return counter;
 }

@@ -14,8 +14,8 @@
 
 #include <array>
 #include <atomic>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -26,12 +26,20 @@ namespace hsm::agent {
 /// Request latency buckets: 50 µs to 10 s.
 [[nodiscard]] const prometheus::Histogram::BucketBoundaries& latency_buckets();
 
+/// The bounded label values created at zero when the metrics are declared, so that every
+/// `# TYPE` line and series exists from the first scrape (rate() and alerts need a zero before
+/// the first increment). docs/metrics.md lists them.
+inline constexpr std::array<std::string_view, 3> kConnectionRejectReasons = {
+    "max_connections", "policy", "shutting_down"};
+inline constexpr std::array<std::string_view, 5> kProtocolErrorReasons = {
+    "malformed", "too_large", "limit_exceeded", "invalid_request", "unknown_method"};
+
 class AgentMetrics {
  public:
   explicit AgentMetrics(prometheus::Registry& registry);
 
   // requests
-  prometheus::Family<prometheus::Counter>& requests_total;             // {method,code}
+  prometheus::Family<prometheus::Counter>& requests_total;              // {method,code}
   prometheus::Family<prometheus::Histogram>& request_duration_seconds;  // {method}
   prometheus::Gauge& requests_in_flight;
 
@@ -44,6 +52,10 @@ class AgentMetrics {
   prometheus::Gauge& sessions_idle;
   prometheus::Gauge& sessions_busy;
   prometheus::Histogram& session_wait_seconds;
+  /// Time from a request being read to a worker starting it: the request queue in front of the
+  /// workers. With one worker per session this, not session_wait_seconds, is where requests
+  /// wait when the agent is saturated.
+  prometheus::Histogram& queue_wait_seconds;
 
   // token health
   prometheus::Gauge& hsm_up;
@@ -55,6 +67,10 @@ class AgentMetrics {
   prometheus::Counter& connections_total;
   prometheus::Family<prometheus::Counter>& connections_rejected_total;  // {reason}
   prometheus::Family<prometheus::Counter>& protocol_errors_total;       // {reason}
+  /// Connections the agent closed on its own after admitting them (not protocol errors).
+  prometheus::Family<prometheus::Counter>& connections_closed_total;  // {reason}
+  prometheus::Counter& connections_closed_slow_reader;                // answers piled up unread
+  prometheus::Counter& connections_closed_idle;                       // --idle-timeout passed
 
   prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
 

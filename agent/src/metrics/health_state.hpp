@@ -34,9 +34,13 @@ class HealthState {
     not_ready_reason_ = std::move(reason);
   }
   [[nodiscard]] std::optional<std::string> not_ready_reason() const {
+    if (draining_.load(std::memory_order_acquire)) return std::string("draining");
     std::lock_guard lock(mutex_);
     return not_ready_reason_;
   }
+  /// Shutdown began (SIGTERM): not ready from now on, whatever the token probe says, so that
+  /// Kubernetes stops routing to the pod while in-flight requests drain. One way.
+  void set_draining() noexcept { draining_.store(true, std::memory_order_release); }
 
  private:
   static long long now_ns() noexcept {
@@ -44,6 +48,7 @@ class HealthState {
         .count();
   }
   std::atomic<long long> last_heartbeat_ns_;
+  std::atomic<bool> draining_{false};
   mutable std::mutex mutex_;
   std::optional<std::string> not_ready_reason_{"starting"};
 };

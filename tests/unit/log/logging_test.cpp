@@ -95,3 +95,22 @@ TEST_CASE("the level filters, and an unknown level is refused", "[log]") {
   // Leave the process with a plain logger for whatever runs next.
   init_logging("warn", LogFormat::kText);
 }
+
+TEST_CASE("a start-up failure: a critical JSON line with JSON logs, the plain line with text",
+          "[log]") {
+  const auto json = capture_stderr([] {
+    init_logging("error", LogFormat::kJson);
+    hsm::agent::log_startup_failure("cannot open token \"x\"");
+  });
+  REQUIRE(json.size() == 1);
+  CHECK(std::regex_match(json[0], std::regex(R"(\{"time":")" + kTime +
+                                             R"(","level":"critical","msg":"cannot open )"
+                                             R"(token \\"x\\""\})")));
+  const auto text = capture_stderr([] {
+    init_logging("error", LogFormat::kText);
+    hsm::agent::log_startup_failure("cannot open token 'x'");
+  });
+  REQUIRE(text.size() == 1);
+  CHECK(text[0] == "hsm-agent: cannot open token 'x'");
+  init_logging("warn", LogFormat::kText);
+}
