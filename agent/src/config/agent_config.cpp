@@ -1,6 +1,7 @@
 #include "config/agent_config.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
@@ -80,6 +81,10 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   add_option(app, "--socket-mode", socket_mode, "socket permissions (octal)")
       ->capture_default_str();
   add_option(app, "--socket-group", socket_group, "group owning the socket (name or gid)");
+  add_flag(app, "--shared-socket-dir", config.shared_socket_dir,
+           "the socket directory is a volume shared by the pod's containers (a Kubernetes "
+           "emptyDir, mode 0777): accept it although others may write to it, if it is a mount "
+           "point; only the agent may mount it writable (docs/security.md)");
   add_option(app, "--metrics-listen", config.metrics_listen,
              "HOST:PORT for /metrics, /healthz, /readyz; empty disables")
       ->capture_default_str();
@@ -190,9 +195,15 @@ void load_pin(AgentConfig& config, void (*warn)(const std::string&)) {
       throw ConfigError("cannot read the PIN file " + *config.pin_file + ": " +
                         std::strerror(errno));
     }
-    if ((st.st_mode & (S_IRWXG | S_IRWXO)) != 0 && warn != nullptr) {
+    // Group access is expected when the group is the agent's own: a Kubernetes Secret volume is
+    // root-owned with the pod's fsGroup (= the agent's gid) as group, mode 0440, and mounted in
+    // the agent's container only. Any other group, and others, are warned about.
+    const bool group_is_own = st.st_gid == ::getegid();
+    if (((st.st_mode & S_IRWXO) != 0 || ((st.st_mode & S_IRWXG) != 0 && !group_is_own)) &&
+        warn != nullptr) {
       warn("the PIN file " + *config.pin_file +
-           " is readable by group or others; restrict it to mode 0400 or 0600");
+           " is readable by group or others; restrict it to mode 0400 or 0600 (or 0440 with "
+           "the agent's own group)");
     }
     try {
       config.hsm.pin = SecretString::from_file(*config.pin_file);

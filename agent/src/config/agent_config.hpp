@@ -47,6 +47,9 @@ struct AgentConfig {
   std::string socket_path = "/run/hsm-agent/agent.sock";
   mode_t socket_mode = 0660;
   std::optional<std::string> socket_group;
+  /// --shared-socket-dir: accept a socket directory others may write to when it is a mount of
+  /// its own (a Kubernetes emptyDir); see server/socket_path.hpp.
+  bool shared_socket_dir = false;
   std::string metrics_listen = "127.0.0.1:9464";  // empty: no HTTP endpoint
   std::chrono::seconds probe_interval{10};
 
@@ -75,8 +78,9 @@ struct ParsedCommandLine {
 [[nodiscard]] ParsedCommandLine parse_config(int argc, const char* const* argv);
 
 /// Reads the PIN from --pin-file or HSM_AGENT_PIN (then removes HSM_AGENT_PIN from the
-/// environment) into config.hsm.pin. Warns through `warn` when the file is readable by group or
-/// others. Throws ConfigError when neither is given or the file cannot be read.
+/// environment) into config.hsm.pin. Warns through `warn` when the file is readable by others, or
+/// by a group other than the agent's own (a Kubernetes Secret is 0440 with the pod's fsGroup).
+/// Throws ConfigError when neither is given or the file cannot be read.
 void load_pin(AgentConfig& config, void (*warn)(const std::string&));
 
 /// The environment variable that backs a flag: "--max-queue" -> "HSM_AGENT_MAX_QUEUE".

@@ -1,21 +1,26 @@
 #include "server/socket_path.hpp"
 
+#include <fcntl.h>
 #include <grp.h>
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <cerrno>
-#include <cstring>
 #include <algorithm>
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <vector>
 
 namespace hsm::agent {
 namespace {
 
-std::string errno_text() { return std::strerror(errno); }
+std::string errno_text() {
+  return std::strerror(errno);
+}
 
 // True when something accepts connections on `path`.
 bool socket_is_live(const std::string& path) {
@@ -31,26 +36,64 @@ bool socket_is_live(const std::string& path) {
 
 }  // namespace
 
-void prepare_socket_path(const std::string& path) {
+bool is_mount_root(const std::string& dir) {
+#ifndef STATX_ATTR_MOUNT_ROOT
+  constexpr std::uint64_t STATX_ATTR_MOUNT_ROOT = 0x00002000;  // Linux 5.8; older headers
+#endif
+  struct statx stx {};
+  if (::statx(AT_FDCWD, dir.c_str(), 0, STATX_BASIC_STATS, &stx) != 0) {
+    throw SocketSetupError("cannot inspect socket directory " + dir + ": " + errno_text());
+  }
+  if ((stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) != 0) {
+    return (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT) != 0;
+  }
+  // Kernels before 5.8: a mount's root has another device than its parent (a bind mount of a
+  // directory of the same file system is not recognised, and is therefore refused).
+  struct stat own {};
+  struct stat parent {};
+  const std::string parent_path = dir + "/..";
+  if (::stat(dir.c_str(), &own) != 0 || ::stat(parent_path.c_str(), &parent) != 0) {
+    throw SocketSetupError("cannot inspect socket directory " + dir + ": " + errno_text());
+  }
+  return own.st_dev != parent.st_dev;
+}
+
+void prepare_socket_path(const std::string& path, SharedDirPolicy shared_dir) {
   const std::filesystem::path socket_path(path);
-  const auto dir = socket_path.has_parent_path() ? socket_path.parent_path()
-                                                 : std::filesystem::path(".");
+  const auto dir =
+      socket_path.has_parent_path() ? socket_path.parent_path() : std::filesystem::path(".");
   struct stat dir_stat {};
   if (::stat(dir.c_str(), &dir_stat) != 0) {
-    throw SocketSetupError("socket directory " + dir.string() + " is not usable: " +
-                           errno_text());
+    throw SocketSetupError("socket directory " + dir.string() + " is not usable: " + errno_text());
   }
   if (!S_ISDIR(dir_stat.st_mode)) {
     throw SocketSetupError("socket directory " + dir.string() + " is not a directory");
   }
   if ((dir_stat.st_mode & S_IWOTH) != 0 && (dir_stat.st_mode & S_ISVTX) == 0) {
-    // Anyone could replace our socket with theirs and receive the applications' requests.
-    throw SocketSetupError("socket directory " + dir.string() +
-                           " is writable by others and not sticky; use a private directory");
+    // Anyone who can write the directory could replace our socket with theirs and receive the
+    // applications' requests. A Kubernetes emptyDir is created 0777 (and owned by root, so the
+    // agent cannot chmod it), but only the containers that mount it can reach it: with
+    // --shared-socket-dir the operator states that only the agent mounts it writable, and the
+    // agent still insists on a volume of its own, never a directory inside a shared tree.
+    if (shared_dir != SharedDirPolicy::kAllowMountRoot) {
+      throw SocketSetupError("socket directory " + dir.string() +
+                             " is writable by others and not sticky; use a private directory "
+                             "(or, for a Kubernetes emptyDir, --shared-socket-dir)");
+    }
+    if (!is_mount_root(dir.string())) {
+      throw SocketSetupError("socket directory " + dir.string() +
+                             " is writable by others and is not a mount point; "
+                             "--shared-socket-dir accepts only a volume of its own "
+                             "(a Kubernetes emptyDir)");
+    }
+    spdlog::info(
+        "socket directory {} is a shared volume writable by others (--shared-socket-dir): only "
+        "the agent may mount it writable",
+        dir.string());
   }
   if (::access(dir.c_str(), W_OK | X_OK) != 0) {
-    throw SocketSetupError("socket directory " + dir.string() + " is not writable: " +
-                           errno_text());
+    throw SocketSetupError("socket directory " + dir.string() +
+                           " is not writable: " + errno_text());
   }
 
   struct stat st {};
@@ -73,7 +116,9 @@ void prepare_socket_path(const std::string& path) {
 }
 
 ScopedUmask::ScopedUmask(mode_t mask) : previous_(::umask(mask)) {}
-ScopedUmask::~ScopedUmask() { ::umask(previous_); }
+ScopedUmask::~ScopedUmask() {
+  ::umask(previous_);
+}
 
 gid_t resolve_group(const std::string& group) {
   if (!group.empty() && group.find_first_not_of("0123456789") == std::string::npos) {

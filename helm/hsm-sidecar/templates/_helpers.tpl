@@ -167,6 +167,9 @@ numeric flags are one table.
 - --pin-file={{ .v.pin.mountPath | trimSuffix "/" }}/pin
 - --socket={{ include "hsm-sidecar._socketPath" . }}
 - --socket-mode={{ $a.socket.mode }}
+{{- /* The socket volume is always an emptyDir: 0777 and root-owned, which the agent refuses
+       unless told it is a pod volume (a mount of its own; only the agent mounts it writable). */}}
+- --shared-socket-dir
 {{- with $a.socket.group }}
 - --socket-group={{ include "hsm-sidecar._number" . }}
 {{- end }}
