@@ -139,74 +139,7 @@ std::string run_as(const Identity& who, const std::function<std::string()>& body
   return out;
 }
 
-// ---- a connection made by another uid, driven by the test -----------------------------------
-
-class PeerConnection {
- public:
-  explicit PeerConnection(int fd) : fd_(fd) { REQUIRE(fd_ >= 0); }
-  ~PeerConnection() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  PeerConnection(const PeerConnection&) = delete;
-  PeerConnection& operator=(const PeerConnection&) = delete;
-
-  bool send(const protocol::Request& request) {
-    msgpack::sbuffer buffer;
-    protocol::encode_request(request, buffer);
-    std::string_view bytes(buffer.data(), buffer.size());
-    while (!bytes.empty()) {
-      const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return false;
-      bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-    return true;
-  }
-
-  /// The next answer, or nullopt on timeout or when the agent closed the connection.
-  std::optional<protocol::Response> receive(Method method,
-                                            std::chrono::milliseconds timeout = 30s) {
-    const auto until = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      if (auto message = reader_.next()) return protocol::decode_response(message->get(), method);
-      if (eof_) return std::nullopt;
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-          until - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return std::nullopt;
-      pollfd p{fd_, POLLIN, 0};
-      const int ready = ::poll(&p, 1, static_cast<int>(left.count()));
-      if (ready < 0 && errno == EINTR) continue;
-      if (ready <= 0) return std::nullopt;
-      auto span = reader_.prepare(64 * 1024);
-      const ssize_t n = ::recv(fd_, span.data(), span.size(), 0);
-      reader_.commit(n > 0 ? static_cast<std::size_t>(n) : 0);
-      if (n <= 0) eof_ = true;
-    }
-  }
-
-  std::optional<protocol::Response> call(const protocol::Request& request) {
-    if (!send(request)) return std::nullopt;
-    return receive(request.method);
-  }
-
-  /// True when the agent closes the connection (EOF or reset) within `timeout`.
-  bool closed_by_agent(std::chrono::milliseconds timeout = 10s) {
-    const auto until = std::chrono::steady_clock::now() + timeout;
-    char buffer[4096];
-    while (std::chrono::steady_clock::now() < until) {
-      pollfd p{fd_, POLLIN, 0};
-      if (::poll(&p, 1, 100) <= 0) continue;
-      const ssize_t n = ::recv(fd_, buffer, sizeof(buffer), 0);
-      if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) return true;
-    }
-    return false;
-  }
-
- private:
-  int fd_;
-  bool eof_ = false;
-  protocol::FrameReader reader_;
-};
+// ---- requests sent on a connection made by another uid (RawConnection::adopt) ----------------
 
 std::uint32_t next_msgid() {
   static std::uint32_t id = 1;
@@ -433,10 +366,10 @@ TEST_CASE("policy: a uid that no rule selects is refused at accept, and audited"
   AgentProcess agent(token, agent_options(dir, {"--policy", policy.string()}));
 
   // The kernel lets it in (it is in the socket's group); the agent closes at once, unanswered.
-  PeerConnection stranger(connect_as(kStranger, agent.socket_path()));
+  auto stranger = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
   stranger.send(request(Method::kCapabilities));
-  CHECK_FALSE(stranger.receive(Method::kCapabilities, 10s).has_value());
-  CHECK(stranger.closed_by_agent());
+  CHECK_FALSE(stranger.receive_response(Method::kCapabilities, 10s).has_value());
+  CHECK(stranger.closed_by_peer());
   CHECK(audited(agent, {R"("event":"connection_refused")", R"("result":"permission_denied")",
                         peer_uid(kStranger)}));
   CHECK(agent.stderr_text().find("connection refused (policy)") != std::string::npos);
@@ -455,7 +388,7 @@ TEST_CASE("policy: a uid that no rule selects is refused at accept, and audited"
     }
   });
   CHECK(report.rfind("refused ", 0) == 0);
-  PeerConnection app(connect_as(kApp, agent.socket_path()));
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
   CHECK(succeeded(app.call(request(Method::kCapabilities))));
   CHECK(agent.running());
 }
@@ -479,10 +412,10 @@ TEST_CASE("policy: rules select by gid too, and the first rule that selects a ca
   AgentProcess agent(token, agent_options(dir, {"--policy", policy.string()}));
   { hsm::Client(agent.socket_path()).generate_key("team-a"); }
 
-  PeerConnection member(connect_as(kTeamMember, agent.socket_path()));
+  auto member = RawConnection::adopt(connect_as(kTeamMember, agent.socket_path()));
   CHECK(denied(member.call(sign_request("team-a"))));
   CHECK(succeeded(member.call(request(Method::kHealth))));
-  PeerConnection app(connect_as(kApp, agent.socket_path()));  // gid 10001
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));  // gid 10001
   CHECK(succeeded(app.call(sign_request("team-a"))));
   CHECK(denied(app.call(request(Method::kHealth))));
 }
@@ -552,7 +485,8 @@ TEST_CASE("policy: SIGHUP reloads without dropping connections, and a bad file k
   const auto loads = [&] { return count_of(agent.stderr_text(), "access: policy file"); };
   REQUIRE(loads() == 1);
 
-  PeerConnection app(connect_as(kApp, agent.socket_path()));  // held through every reload
+  auto app =
+      RawConnection::adopt(connect_as(kApp, agent.socket_path()));  // held through every reload
   CHECK(succeeded(app.call(sign_request("app-a"))));
   CHECK(denied(app.call(sign_request("other-b"))));
 
@@ -587,8 +521,8 @@ TEST_CASE("policy: SIGHUP reloads without dropping connections, and a bad file k
   REQUIRE(wait_until([&] { return loads() == 3; }));
   CHECK(denied(app.call(sign_request("other-b"))));
   CHECK(denied(app.call(request(Method::kCapabilities))));
-  PeerConnection again(connect_as(kApp, agent.socket_path()));
-  CHECK(again.closed_by_agent());
+  auto again = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  CHECK(again.closed_by_peer());
   CHECK(agent.running());
 }
 
@@ -601,8 +535,8 @@ TEST_CASE("default access: only root and the agent's uid, then --allow-uid/--all
 
   SECTION("no flags: another uid is refused at accept; root may do everything") {
     AgentProcess agent(token, agent_options(dir, {}));
-    PeerConnection app(connect_as(kApp, agent.socket_path()));
-    CHECK(app.closed_by_agent());
+    auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+    CHECK(app.closed_by_peer());
     CHECK(audited(agent, {R"("event":"connection_refused")", peer_uid(kApp)}));
     hsm::Client root(agent.socket_path());
     root.generate_key("k");
@@ -613,7 +547,7 @@ TEST_CASE("default access: only root and the agent's uid, then --allow-uid/--all
     { hsm::Client(agent.socket_path()).generate_key("any-kid"); }
     for (const auto* who : {&kApp, &kTeamMember}) {
       INFO("uid " << who->uid);
-      PeerConnection caller(connect_as(*who, agent.socket_path()));
+      auto caller = RawConnection::adopt(connect_as(*who, agent.socket_path()));
       CHECK(succeeded(caller.call(sign_request("any-kid"))));
       CHECK(succeeded(caller.call(request(Method::kListKeys))));
       CHECK(succeeded(caller.call(request(Method::kGetPublicKey, protocol::KidParams{"any-kid"}))));
@@ -625,15 +559,15 @@ TEST_CASE("default access: only root and the agent's uid, then --allow-uid/--all
       CHECK(audited(agent, {R"("method":"generate_key")", R"("result":"permission_denied")",
                             peer_uid(*who)}));
     }
-    PeerConnection stranger(connect_as(kStranger, agent.socket_path()));
-    CHECK(stranger.closed_by_agent());
+    auto stranger = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
+    CHECK(stranger.closed_by_peer());
   }
   SECTION("--admin-uid: may also generate and delete keys") {
     AgentProcess agent(token, agent_options(dir, {"--admin-uid", "10004", "--allow-uid", "10001"}));
-    PeerConnection admin(connect_as(kAdmin, agent.socket_path()));
+    auto admin = RawConnection::adopt(connect_as(kAdmin, agent.socket_path()));
     CHECK(succeeded(admin.call(generate_request("made-by-admin"))));
     CHECK(succeeded(admin.call(sign_request("made-by-admin"))));
-    PeerConnection app(connect_as(kApp, agent.socket_path()));
+    auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
     CHECK(denied(app.call(delete_request("made-by-admin"))));
     CHECK(succeeded(admin.call(delete_request("made-by-admin"))));
     CHECK(audited(agent, {R"("method":"generate_key")", R"("result":"ok")", peer_uid(kAdmin)}));
@@ -641,7 +575,7 @@ TEST_CASE("default access: only root and the agent's uid, then --allow-uid/--all
   }
   SECTION("--read-only removes generate and delete, even for admins and root") {
     AgentProcess agent(token, agent_options(dir, {"--admin-uid", "10004", "--read-only"}));
-    PeerConnection admin(connect_as(kAdmin, agent.socket_path()));
+    auto admin = RawConnection::adopt(connect_as(kAdmin, agent.socket_path()));
     const auto generate = error_of(admin.call(generate_request("nope")));
     REQUIRE(generate);
     CHECK(generate->code == ErrorCode::kPermissionDenied);
@@ -672,7 +606,7 @@ TEST_CASE("socket: --socket-mode and --socket-group decide who the kernel lets c
     CHECK((st.st_mode & 07777) == 0660);
     CHECK(st.st_gid == kSocketGroup);
     CHECK(st.st_uid == ::getuid());
-    PeerConnection member(connect_as(kApp, agent.socket_path()));
+    auto member = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
     CHECK(succeeded(member.call(request(Method::kHealth))));
     CHECK(connect_as(kAppWithoutSocketGroup, agent.socket_path()) == -EACCES);
   }
@@ -754,7 +688,7 @@ TEST_CASE(
     REQUIRE(::lstat(socket.c_str(), &st) == 0);
     CHECK((st.st_mode & 07777) == 0660);
     { hsm::Client(socket).generate_key("pod-key"); }
-    PeerConnection app(connect_as(kApp, socket));
+    auto app = RawConnection::adopt(connect_as(kApp, socket));
     CHECK(succeeded(app.call(sign_request("pod-key"))));
     agent.stop();
     ::umount2(open_dir.c_str(), MNT_DETACH);
@@ -787,11 +721,11 @@ TEST_CASE("PIN: never in argv, environ or any log line at debug level, whatever 
       const std::string kid = from_env ? "app-pin-env" : "app-pin-file";
       root.generate_key(kid);
       (void)root.sign(kid, std::string_view(pin));  // the PIN as data is hashed, never shown
-      PeerConnection app(connect_as(kApp, agent.socket_path()));
+      auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
       CHECK(denied(app.call(sign_request("root-only"))));
       CHECK(error_of(app.call(sign_request("app-missing"))).has_value());
-      PeerConnection stranger(connect_as(kStranger, agent.socket_path()));
-      CHECK(stranger.closed_by_agent());
+      auto stranger = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
+      CHECK(stranger.closed_by_peer());
     }
     agent.signal(SIGHUP);
     REQUIRE(wait_until([&] { return count_of(agent.stderr_text(), "access: policy file") == 2; }));
@@ -846,8 +780,8 @@ TEST_CASE("rate limit: a uid flooding gets overloaded while another uid keeps be
   SharedDir dir;
   AgentProcess agent(token, agent_options(dir, {"--allow-uid", "10001,10002", "--rate-limit", "1",
                                                 "--rate-burst", "5"}));
-  PeerConnection noisy(connect_as(kApp, agent.socket_path()));
-  PeerConnection quiet(connect_as(kStranger, agent.socket_path()));
+  auto noisy = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  auto quiet = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
 
   constexpr int kFlood = 100;
   const auto started = std::chrono::steady_clock::now();
@@ -857,7 +791,7 @@ TEST_CASE("rate limit: a uid flooding gets overloaded while another uid keeps be
   for (int i = 0; i < 5; ++i) quiet_ok += succeeded(quiet.call(request(Method::kHealth))) ? 1 : 0;
   int noisy_ok = 0, noisy_overloaded = 0;
   for (int i = 0; i < kFlood; ++i) {
-    const auto answer = noisy.receive(Method::kCapabilities);
+    const auto answer = noisy.receive_response(Method::kCapabilities, 30s);
     if (succeeded(answer)) {
       ++noisy_ok;
     } else if (error_of(answer)->code == ErrorCode::kOverloaded) {
