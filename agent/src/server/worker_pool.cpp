@@ -4,19 +4,32 @@ namespace hsm::agent {
 
 WorkerPool::WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run)
     : run_(std::move(run)), max_queue_(max_queue) {
+  sleepers_.reserve(threads);
+  for (std::size_t i = 0; i < threads; ++i) sleepers_.push_back(std::make_unique<Sleeper>());
+  idle_.reserve(threads);
   threads_.reserve(threads);
-  for (std::size_t i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
+  for (std::size_t i = 0; i < threads; ++i) threads_.emplace_back([this, i] { work(i); });
 }
 
-WorkerPool::~WorkerPool() { stop(); }
+WorkerPool::~WorkerPool() {
+  stop();
+}
 
 bool WorkerPool::submit(std::shared_ptr<Call> call) {
+  Sleeper* to_wake = nullptr;
   {
     std::lock_guard lock(mutex_);
     if (stopping_ || queue_.size() >= max_queue_) return false;
     queue_.push_back(std::move(call));
+    if (!idle_.empty()) {
+      to_wake = sleepers_[idle_.back()].get();
+      idle_.pop_back();
+      to_wake->woken = true;
+    }
   }
-  ready_.notify_one();
+  // Every busy worker takes the next queued call when it finishes, so a call that found no idle
+  // worker is picked up without a wake-up.
+  if (to_wake != nullptr) to_wake->wake.notify_one();
   return true;
 }
 
@@ -25,26 +38,40 @@ std::size_t WorkerPool::queued() const {
   return queue_.size();
 }
 
-void WorkerPool::work() {
+void WorkerPool::work(std::size_t index) {
+  Sleeper& self = *sleepers_[index];
+  std::unique_lock lock(mutex_);
   for (;;) {
-    std::shared_ptr<Call> call;
-    {
-      std::unique_lock lock(mutex_);
-      ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // stopping and drained
-      call = std::move(queue_.front());
-      queue_.pop_front();
+    while (queue_.empty() && !stopping_) {
+      idle_.push_back(index);
+      self.wake.wait(lock, [&] { return self.woken || stopping_; });
+      if (!self.woken) {
+        // Woken by stop(), still listed as idle: leave the list consistent.
+        std::erase(idle_, index);
+      }
+      self.woken = false;
     }
+    if (queue_.empty()) return;  // stopping and drained
+    std::shared_ptr<Call> call = std::move(queue_.front());
+    queue_.pop_front();
+    lock.unlock();
     run_(call);
+    call.reset();  // release the call before sleeping, not when the next one arrives
+    lock.lock();
   }
+}
+
+void WorkerPool::stop_locked_and_wake_all(std::unique_lock<std::mutex>& lock) {
+  stopping_ = true;
+  lock.unlock();
+  for (auto& sleeper : sleepers_) sleeper->wake.notify_all();
 }
 
 void WorkerPool::stop() {
   {
-    std::lock_guard lock(mutex_);
-    stopping_ = true;
+    std::unique_lock lock(mutex_);
+    stop_locked_and_wake_all(lock);
   }
-  ready_.notify_all();
   for (auto& thread : threads_) {
     if (thread.joinable()) thread.join();
   }
@@ -53,11 +80,10 @@ void WorkerPool::stop() {
 
 void WorkerPool::abandon() noexcept {
   {
-    std::lock_guard lock(mutex_);
-    stopping_ = true;
+    std::unique_lock lock(mutex_);
     queue_.clear();
+    stop_locked_and_wake_all(lock);
   }
-  ready_.notify_all();
   for (auto& thread : threads_) {
     if (thread.joinable()) thread.detach();
   }

@@ -3,6 +3,11 @@
 // A bounded FIFO queue sits in front: submit() refuses (the caller answers `overloaded`) rather
 // than queueing without limit.
 //
+// Each worker sleeps on its own condition variable, and submit() wakes the worker that went
+// idle last. With one shared condition variable the kernel wakes an arbitrary waiter, so at low
+// concurrency every request lands on a different, cache-cold thread; waking the most recently
+// idle one keeps a lone client's requests on one warm thread (docs/performance.md).
+//
 // Thread-safety: submit() from any thread (in practice the loop thread); the run function is
 // called on worker threads, concurrently.
 #pragma once
@@ -41,13 +46,21 @@ class WorkerPool {
   void abandon() noexcept;
 
  private:
-  void work();
+  // One per worker thread; guarded by mutex_.
+  struct Sleeper {
+    std::condition_variable wake;
+    bool woken = false;
+  };
+
+  void work(std::size_t index);
+  void stop_locked_and_wake_all(std::unique_lock<std::mutex>& lock);
 
   RunFunction run_;
   std::size_t max_queue_;
   mutable std::mutex mutex_;
-  std::condition_variable ready_;
   std::deque<std::shared_ptr<Call>> queue_;
+  std::vector<std::unique_ptr<Sleeper>> sleepers_;
+  std::vector<std::size_t> idle_;  // indexes of sleeping workers, the most recent last
   bool stopping_ = false;
   std::vector<std::thread> threads_;
 };
