@@ -2,13 +2,17 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <iomanip>
+#include <map>
 #include <sstream>
 #include <utility>
 #include <vector>
 
+#include "bench_command.hpp"
 #include "encoding.hpp"
 #include "json_writer.hpp"
+#include "metrics_summary.hpp"
 
 namespace hsm::hsmctl {
 namespace {
@@ -425,6 +429,134 @@ class DeleteCommand final : public Command {
   std::string kid_;
 };
 
+/// `hsmctl metrics`: the agent's own /metrics and /readyz, summarised (metrics_summary.hpp).
+class MetricsCommand final : public Command {
+ public:
+  void define(CLI::App& command) override {
+    const char* env = std::getenv("HSM_AGENT_METRICS_URL");
+    url_ = env != nullptr && *env != '\0' ? env : "http://127.0.0.1:9464/metrics";
+    command
+        .add_option("--metrics-url", url_,
+                    "the agent's /metrics ($HSM_AGENT_METRICS_URL, else "
+                    "http://127.0.0.1:9464/metrics)")
+        ->type_name("URL")
+        ->capture_default_str();
+  }
+  ExitCode run(Context& context) override {
+    constexpr std::size_t kMaxMetricsBytes = std::size_t{8} * 1024 * 1024;
+    constexpr std::size_t kMaxReadyBytes = 64 * 1024;
+    const auto timeout = std::chrono::milliseconds{context.timeout_ms()};
+    HttpAnswer metrics;
+    HttpAnswer ready;
+    try {
+      metrics = http_get(url_, timeout, kMaxMetricsBytes);
+      ready = http_get(with_path(url_, "/readyz"), timeout, kMaxReadyBytes);
+    } catch (const std::invalid_argument& error) {
+      throw UsageError(error.what());
+    } catch (const MetricsUnreachable& error) {
+      context.err() << "hsmctl: " << error.what() << '\n';
+      return ExitCode::kCannotConnect;
+    }
+    if (metrics.status != 200) {
+      context.err() << "hsmctl: " << url_ << " answered HTTP " << metrics.status << '\n';
+      return ExitCode::kAgentError;
+    }
+    MetricsSummary summary = summarize(parse_exposition(metrics.body));
+    summary.ready = ready.status == 200;
+    summary.ready_text = ready.body.substr(0, ready.body.find('\n'));
+    if (context.json()) {
+      print_json(context.out(), summary);
+    } else {
+      print_text(context.out(), summary);
+    }
+    return ExitCode::kOk;
+  }
+
+ private:
+  static std::string ms(const std::optional<double>& seconds) {
+    return seconds ? format_ms(*seconds * 1000.0) + " ms" : "n/a";
+  }
+  static std::string yes_no(const std::optional<double>& flag) {
+    if (!flag) return "n/a";
+    return *flag == 1 ? "yes" : "no";
+  }
+  static std::string count(const std::optional<double>& value) {
+    if (!value) return "n/a";
+    std::ostringstream text;
+    text << static_cast<long long>(*value);
+    return text.str();
+  }
+  static std::string counts(const std::map<std::string, double>& values) {
+    std::ostringstream text;
+    bool first = true;
+    for (const auto& [name, value] : values) {
+      text << (first ? "" : ", ") << name << ' ' << static_cast<long long>(value);
+      first = false;
+    }
+    return first ? "none" : text.str();
+  }
+  static void print_text(std::ostream& out, const MetricsSummary& s) {
+    double total = 0;
+    for (const auto& [code, value] : s.requests_by_code) total += value;
+    out << "agent:         " << (s.version.empty() ? "?" : s.version) << ", token '"
+        << s.token_label << "'\n"
+        << "hsm up:        " << yes_no(s.hsm_up) << '\n'
+        << "ready:         " << (s.ready ? "yes" : "no (" + s.ready_text + ")") << '\n'
+        << "requests:      " << static_cast<long long>(total) << " (" << counts(s.requests_by_code)
+        << ")\n"
+        << "sign latency:  p50 " << ms(s.sign_p50_seconds) << ", p99 " << ms(s.sign_p99_seconds)
+        << " (" << static_cast<long long>(s.sign_count) << " signs since start)\n"
+        << "queue wait:    p99 " << ms(s.queue_wait_p99_seconds) << ", in flight "
+        << count(s.requests_in_flight) << '\n'
+        << "sessions:      idle " << count(s.sessions_idle) << ", busy " << count(s.sessions_busy)
+        << '\n'
+        << "pkcs11 errors: " << counts(s.pkcs11_errors_by_ckr) << '\n'
+        << "connections:   open " << count(s.connections_open) << ", accepted "
+        << count(s.connections_accepted) << ", rejected "
+        << counts(s.connections_rejected_by_reason) << '\n';
+  }
+  static void number_map(JsonWriter& json, const std::map<std::string, double>& values) {
+    json.begin_object();
+    for (const auto& [name, value] : values) json.key(name).number(value);
+    json.end_object();
+  }
+  static JsonWriter& optional_number(JsonWriter& json, const std::optional<double>& value) {
+    return value ? json.number(*value) : json.null();
+  }
+  static void print_json(std::ostream& out, const MetricsSummary& s) {
+    JsonWriter json(out);
+    json.begin_object().key("version").string(s.version).key("token_label").string(s.token_label);
+    json.key("hsm_up");
+    if (s.hsm_up) {
+      json.boolean(*s.hsm_up == 1);
+    } else {
+      json.null();
+    }
+    json.key("ready").boolean(s.ready).key("ready_text").string(s.ready_text);
+    json.key("requests_by_code");
+    number_map(json, s.requests_by_code);
+    json.key("sign").begin_object().key("count").number(s.sign_count).key("p50_seconds");
+    optional_number(json, s.sign_p50_seconds).key("p99_seconds");
+    optional_number(json, s.sign_p99_seconds).end_object();
+    json.key("queue_wait_p99_seconds");
+    optional_number(json, s.queue_wait_p99_seconds).key("requests_in_flight");
+    optional_number(json, s.requests_in_flight);
+    json.key("sessions").begin_object().key("idle");
+    optional_number(json, s.sessions_idle).key("busy");
+    optional_number(json, s.sessions_busy).end_object();
+    json.key("pkcs11_errors_by_ckr");
+    number_map(json, s.pkcs11_errors_by_ckr);
+    json.key("connections").begin_object().key("open");
+    optional_number(json, s.connections_open).key("accepted");
+    optional_number(json, s.connections_accepted).key("rejected_by_reason");
+    number_map(json, s.connections_rejected_by_reason);
+    json.end_object().end_object();
+    out << '\n';
+  }
+
+  std::string url_;
+};
+
 template <class C>
 std::unique_ptr<Command> make_command() {
   return std::make_unique<C>();
@@ -444,6 +576,10 @@ constexpr std::array kCommands{
     CommandEntry{"pubkey", "print a public key as JWK or PEM", &make_command<PublicKeyCommand>},
     CommandEntry{"delete", "delete a key (exit 1 when there was none)",
                  &make_command<DeleteCommand>},
+    CommandEntry{"metrics", "summarise the agent's /metrics and /readyz (--metrics-url)",
+                 &make_command<MetricsCommand>},
+    CommandEntry{"bench", "signing load: throughput and latency (N connections x depth D)",
+                 &make_bench_command},
 };
 
 void report_error(bool json, const hsm::Error& error, std::ostream& err) {

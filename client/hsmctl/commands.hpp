@@ -38,6 +38,7 @@ class Context {
 
   [[nodiscard]] hsm::Client& client();
   [[nodiscard]] bool json() const noexcept { return options_.json; }
+  [[nodiscard]] std::uint32_t timeout_ms() const noexcept { return options_.timeout_ms; }
   [[nodiscard]] std::ostream& out() noexcept { return out_; }
   [[nodiscard]] std::ostream& err() noexcept { return err_; }
   /// The largest input hsmctl reads from a file for sign/verify.

@@ -2,14 +2,19 @@
 // the protocol's result into the public type.
 #include "hsm/client.hpp"
 
+#include <functional>
 #include <future>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 
 #include "call.hpp"
 #include "call_runner.hpp"
+#include "hsm/jose.hpp"
 #include "hsm/protocol/types.hpp"
+#include "jose_alg.hpp"
 
 namespace hsm {
 
@@ -218,6 +223,44 @@ class Client::Impl {
     return answer;
   }
 
+  /// The key's alg for JOSE headers: cached per kid; `refresh` asks the agent again.
+  std::string jose_alg(std::string_view kid, bool refresh) {
+    {
+      std::lock_guard lock(alg_mutex_);
+      if (auto it = alg_by_kid_.find(kid); it != alg_by_kid_.end() && !refresh) {
+        return it->second;
+      }
+    }
+    std::string alg = call(prepare_get_public_key(kid)).alg;  // no lock held across the call
+    std::lock_guard lock(alg_mutex_);
+    alg_by_kid_.insert_or_assign(std::string(kid), alg);
+    return alg;
+  }
+
+  std::string sign_jws(std::string_view kid, std::string_view header_json,
+                       std::span<const std::uint8_t> payload, std::string_view defaults_json) {
+    const std::string encoded_payload = jose::base64url_encode(payload);
+    for (bool refresh : {false, true}) {
+      const auto header = jose::detail::make_header(header_json, jose_alg(kid, refresh), kid,
+                                                    options_.max_request_bytes, defaults_json);
+      std::string signing_input =
+          jose::base64url_encode(as_bytes(header.json)) + '.' + encoded_payload;
+      SignOptions sign_options;
+      sign_options.alg = header.alg;  // the agent refuses an alg the key cannot do
+      try {
+        const Signature sig =
+            call(prepare_sign(kid, InputKind::kData, as_bytes(signing_input), sign_options));
+        return signing_input + '.' + jose::base64url_encode(sig.signature);
+      } catch (const Error& e) {
+        // A cached alg refused: the key may have been replaced by one of another type.
+        if (refresh || header.alg_from_caller || e.code() != "unsupported_alg") {
+          throw;
+        }
+      }
+    }
+    throw std::logic_error("unreachable");
+  }
+
   template <class T>
   void call_back(Prepared<T> prepared, Callback<T> done) {
     auto call = make<CallbackCall<T>>(std::move(prepared), std::move(done));
@@ -234,6 +277,8 @@ class Client::Impl {
   }
 
   const ClientOptions options_;
+  std::mutex alg_mutex_;
+  std::map<std::string, std::string, std::less<>> alg_by_kid_;  // guarded by alg_mutex_
   client::CallRunner runner_;
 };
 
@@ -439,6 +484,26 @@ std::future<bool> Client::delete_key_async(std::string_view kid) {
 }
 void Client::delete_key_async(std::string_view kid, Callback<bool> done) {
   impl().call_back(prepare_delete(kid), std::move(done));
+}
+
+// ---- JOSE
+// -----------------------------------------------------------------------------------------
+
+std::string Client::sign_jws(std::string_view kid, std::string_view header_json,
+                             std::span<const std::uint8_t> payload) {
+  return impl().sign_jws(kid, header_json, payload, "{}");
+}
+
+std::string Client::sign_jws(std::string_view kid, std::string_view header_json,
+                             std::string_view payload) {
+  return impl().sign_jws(kid, header_json, as_bytes(payload), "{}");
+}
+
+std::string Client::sign_jwt(std::string_view kid, std::string_view claims_json,
+                             std::string_view header_json) {
+  const std::string claims =
+      jose::detail::compact_claims(claims_json, impl().options().max_request_bytes);
+  return impl().sign_jws(kid, header_json, as_bytes(claims), R"({"typ":"JWT"})");
 }
 
 }  // namespace hsm

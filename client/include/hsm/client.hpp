@@ -322,6 +322,31 @@ class Client {
   [[nodiscard]] std::future<bool> delete_key_async(std::string_view kid);
   void delete_key_async(std::string_view kid, Callback<bool> done);
 
+  // ---- JOSE: compact JWS / JWT signed in the HSM (verification: hsm/jose.hpp, offline). ----
+  // The header's "alg" is the caller's when `header_json` has one (any alg the key can do: an
+  // RSA key signs RS256/384/512 and PS256/384/512; the agent refuses others with
+  // unsupported_alg), else the key's alg, looked up once per kid (get_public_key) and cached for
+  // the Client's lifetime; when the agent refuses a cached alg (the key was replaced by one of
+  // another type) the entry is refreshed and the sign made once more. "kid" is the key id; a
+  // caller's "kid" must equal it. Both are placed first in the header.
+  // Blocking and retries are those of sign(). Throws hsm::Error for the agent's errors and
+  // hsm::jose::Error (an hsm::Error, codes "jose_*") for a bad header or claims (kMalformed,
+  // kUnsupportedAlg, kKidMismatch, kTooLarge). Header and payload are each bounded by
+  // ClientOptions::max_request_bytes.
+
+  /// A compact JWS (RFC 7515): `header_json` is a JSON object ("" or "{}" for none); the
+  /// payload is signed as given (base64url-encoded).
+  [[nodiscard]] std::string sign_jws(std::string_view kid, std::string_view header_json,
+                                     std::span<const std::uint8_t> payload);
+  [[nodiscard]] std::string sign_jws(std::string_view kid, std::string_view header_json,
+                                     std::string_view payload);
+  /// A JWT (RFC 7519): payload `claims_json` (a JSON object, re-serialised compactly;
+  /// jose::Error kMalformed otherwise), header {"alg", "kid", "typ": "JWT"} plus `header_json`'s
+  /// members (e.g. R"({"alg":"PS256"})" for an RSA key). Claims are the caller's: set "exp",
+  /// "iat", "iss" and so on yourself.
+  [[nodiscard]] std::string sign_jwt(std::string_view kid, std::string_view claims_json,
+                                     std::string_view header_json = "{}");
+
  private:
   class Impl;
   Impl& impl() const;
