@@ -96,8 +96,8 @@ class SecretBytes {
     std::ifstream in(path, std::ios::binary);
     if (!in) throw std::runtime_error("cannot read the PIN file " + path);
     std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const auto end = std::find_if(bytes.begin(), bytes.end(),
-                                  [](char c) { return c == '\n' || c == '\r'; });
+    const auto end =
+        std::find_if(bytes.begin(), bytes.end(), [](char c) { return c == '\n' || c == '\r'; });
     std::fill(end, bytes.end(), '\0');
     bytes.resize(static_cast<std::size_t>(end - bytes.begin()));
     return SecretBytes(std::move(bytes));
@@ -226,17 +226,22 @@ CK_OBJECT_HANDLE generate_es256_key(const Session& session, const std::string& l
   CK_KEY_TYPE key_type = CKK_EC;
   CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
   std::array<CK_BYTE, kP256Params.size()> params = kP256Params;
-  std::array<CK_ATTRIBUTE, 7> public_template = {
-      attribute(CKA_CLASS, public_class), attribute(CKA_KEY_TYPE, key_type),
-      attribute(CKA_TOKEN, yes),          attribute(CKA_VERIFY, yes),
-      bytes_attribute(CKA_LABEL, label),  bytes_attribute(CKA_ID, label),
-      {CKA_EC_PARAMS, params.data(), params.size()}};
-  std::array<CK_ATTRIBUTE, 9> private_template = {
-      attribute(CKA_CLASS, private_class), attribute(CKA_KEY_TYPE, key_type),
-      attribute(CKA_TOKEN, yes),           attribute(CKA_PRIVATE, yes),
-      attribute(CKA_SIGN, yes),            attribute(CKA_SENSITIVE, yes),
-      attribute(CKA_EXTRACTABLE, no),      bytes_attribute(CKA_LABEL, label),
-      bytes_attribute(CKA_ID, label)};
+  std::array<CK_ATTRIBUTE, 7> public_template = {attribute(CKA_CLASS, public_class),
+                                                 attribute(CKA_KEY_TYPE, key_type),
+                                                 attribute(CKA_TOKEN, yes),
+                                                 attribute(CKA_VERIFY, yes),
+                                                 bytes_attribute(CKA_LABEL, label),
+                                                 bytes_attribute(CKA_ID, label),
+                                                 {CKA_EC_PARAMS, params.data(), params.size()}};
+  std::array<CK_ATTRIBUTE, 9> private_template = {attribute(CKA_CLASS, private_class),
+                                                  attribute(CKA_KEY_TYPE, key_type),
+                                                  attribute(CKA_TOKEN, yes),
+                                                  attribute(CKA_PRIVATE, yes),
+                                                  attribute(CKA_SIGN, yes),
+                                                  attribute(CKA_SENSITIVE, yes),
+                                                  attribute(CKA_EXTRACTABLE, no),
+                                                  bytes_attribute(CKA_LABEL, label),
+                                                  bytes_attribute(CKA_ID, label)};
   CK_MECHANISM mechanism{CKM_EC_KEY_PAIR_GEN, nullptr, 0};
   CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE, private_key = CK_INVALID_HANDLE;
   check(session.api().C_GenerateKeyPair(session.handle(), &mechanism, public_template.data(),
@@ -347,7 +352,8 @@ int run(const Options& options) {
   }
 
   const std::vector<CK_OBJECT_HANDLE> keys = find_private_keys(*sessions.front(), options.kid);
-  if (keys.size() > 1) throw std::runtime_error("more than one private key is labelled " + options.kid);
+  if (keys.size() > 1)
+    throw std::runtime_error("more than one private key is labelled " + options.kid);
   CK_OBJECT_HANDLE key = CK_INVALID_HANDLE;
   if (!keys.empty()) {
     key = keys.front();
@@ -368,9 +374,8 @@ int run(const Options& options) {
     latencies.push_back(std::make_unique<LatencyHistogram>());
   }
   ErrorLog errors;
-  const MeasurementWindow window =
-      MeasurementWindow::starting_now(std::chrono::milliseconds(options.warmup_ms),
-                                      std::chrono::milliseconds(options.duration_ms));
+  const MeasurementWindow window = MeasurementWindow::starting_now(
+      std::chrono::milliseconds(options.warmup_ms), std::chrono::milliseconds(options.duration_ms));
   CpuSample cpu;
   {
     std::vector<std::jthread> threads;

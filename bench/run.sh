@@ -4,12 +4,12 @@
 # On one fresh SoftHSMv2 token in a temporary directory, with one ES256 key, it measures signing
 # throughput and latency for each concurrency in a list, three ways:
 #   direct  hsm-bench-direct: the PKCS#11 module loaded in-process, one session per thread;
-#   agent   hsm-bench-agent: through hsm-agent and the hsm::client library;
+#   agent   `hsmctl bench`: through hsm-agent and the hsm::client library;
 #   p11kit  hsm-bench-direct over p11-kit-client.so, talking to `p11-kit server` (remoting);
 # first on plain SoftHSMv2, then behind the fault-injecting module adding 2 ms to every C_Sign
 # (a network HSM). It prints a table and writes every number as JSON.
 #
-# Binaries come from the environment (HSM_BENCH_AGENT, HSM_BENCH_DIRECT, HSM_BENCH_CLIENT,
+# Binaries come from the environment (HSM_BENCH_AGENT, HSM_BENCH_DIRECT, HSM_BENCH_HSMCTL,
 # HSM_BENCH_FAULT_MODULE) or from the build directory, where they are built or brought up to date
 # first (configuring it when it does not exist yet), unless --no-build.
 set -euo pipefail
@@ -81,6 +81,7 @@ positive_int "$delay_ms" --delay-ms
 positive_int "$repeat" --repeat
 positive_int "$agent_connections" --agent-connections
 [[ $warmup_ms =~ ^[0-9]+$ ]] || die "--warmup-ms must be a number, got '$warmup_ms'"
+warmup_s=$(printf '%d.%03d' $((warmup_ms / 1000)) $((warmup_ms % 1000)))  # for hsmctl bench
 IFS=, read -r -a plain_levels <<<"$concurrency"
 IFS=, read -r -a latency_levels <<<"$latency_concurrency"
 for level in "${plain_levels[@]}" "${latency_levels[@]}"; do positive_int "$level" concurrency; done
@@ -111,12 +112,12 @@ build_dir=$(realpath -m "$build_dir")
 declare -A binary=(
   [hsm-agent]=${HSM_BENCH_AGENT:-$build_dir/agent/hsm-agent}
   [hsm-bench-direct]=${HSM_BENCH_DIRECT:-$build_dir/bench/hsm-bench-direct}
-  [hsm-bench-agent]=${HSM_BENCH_CLIENT:-$build_dir/bench/hsm-bench-agent}
+  [hsmctl]=${HSM_BENCH_HSMCTL:-$build_dir/client/hsmctl}
   [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:-$build_dir/tests/fault_module/libhsm_fault_pkcs11.so}
 )
 declare -A from_env=(
   [hsm-agent]=${HSM_BENCH_AGENT:+1} [hsm-bench-direct]=${HSM_BENCH_DIRECT:+1}
-  [hsm-bench-agent]=${HSM_BENCH_CLIENT:+1} [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:+1}
+  [hsmctl]=${HSM_BENCH_HSMCTL:+1} [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:+1}
 )
 # The targets to (re)build: those taken from the build directory (an up-to-date build is a
 # no-op), unless --no-build; a binary given in the environment must already exist.
@@ -207,8 +208,8 @@ start_agent() {  # module sessions name
   done
   [[ -S $agent_socket ]] || { cat "$work/agent-$3.err" >&2; die "hsm-agent did not listen"; }
   # The key is there and is ES256, seen through the agent.
-  "${binary[hsm-bench-agent]}" --socket "$agent_socket" --kid "$kid" --setup-only \
-    2>>"$work/agent-$3.err" || { cat "$work/agent-$3.err" >&2; die "the agent cannot see the key"; }
+  "${binary[hsmctl]}" --socket "$agent_socket" pubkey "$kid" >/dev/null 2>>"$work/agent-$3.err" ||
+    { cat "$work/agent-$3.err" >&2; die "the agent cannot see the key"; }
 }
 
 p11kit_pid= p11kit_address=
@@ -290,9 +291,9 @@ run_scenario() {  # scenario module levels...
       else
         connections=$agent_connections depth=$(((level + agent_connections - 1) / agent_connections))
       fi
-      record "$scenario" "$level" agent "${binary[hsm-bench-agent]}" --socket "$agent_socket" \
-        --kid "$kid" --connections "$connections" --depth "$depth" --duration-ms "$duration_ms" \
-        --warmup-ms "$warmup_ms" --server-pid "$agent_pid"
+      record "$scenario" "$level" agent "${binary[hsmctl]}" --socket "$agent_socket" --json \
+        bench "$kid" --connections "$connections" --depth "$depth" --duration "$duration_s" \
+        --warmup "$warmup_s" --server-pid "$agent_pid"
       P11_KIT_SERVER_ADDRESS=$p11kit_address record "$scenario" "$level" p11kit \
         "${binary[hsm-bench-direct]}" --module "$p11kit_client" --threads "$level" "${common[@]}" \
         --server-pid "$p11kit_pid"
