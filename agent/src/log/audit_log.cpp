@@ -1,60 +1,32 @@
 #include "log/audit_log.hpp"
 
 #include <fcntl.h>
-#include <spdlog/async.h>
-#include <spdlog/sinks/basic_file_sink.h>
-#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <stdexcept>
+#include <string_view>
 
 #include "log/json_text.hpp"
 
 namespace hsm::agent {
 namespace {
 
-// spdlog preallocates and touches every slot (about 400 bytes each) at start: 64K slots were
-// 26 MiB of the agent's RSS. 8K slots (3 MiB) still hold a third of a second of signing at
-// 25k/s; when the writer falls further behind, the loop blocks rather than lose audit lines.
-constexpr std::size_t kQueueLines = 8 * 1024;
-
-std::shared_ptr<spdlog::details::thread_pool> make_writer_thread() {
-  return std::make_shared<spdlog::details::thread_pool>(kQueueLines, 1);
-}
-
-spdlog::sink_ptr open_sink(const std::string& path) {
-  spdlog::sink_ptr sink;
-  if (path == "-") {
-    sink = std::make_shared<spdlog::sinks::stdout_sink_mt>();
-  } else {
-    // Create with 0600 before spdlog opens it: audit lines name callers and keys.
-    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-    if (fd < 0) throw std::runtime_error("cannot open audit log " + path);
-    ::close(fd);
-    sink = std::make_shared<spdlog::sinks::basic_file_sink_mt>(path, false);
+/// Opens the audit file for append, created 0600 (audit lines name callers and keys); "-" is
+/// stdout. Throws std::runtime_error naming the path.
+int open_output(const std::string& path) {
+  if (path == "-") return STDOUT_FILENO;
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    throw std::runtime_error("cannot open audit log " + path + ": " + std::strerror(errno));
   }
-  sink->set_pattern("%v");
-  return sink;
-}
-
-/// An async logger on `pool`'s writer thread, or a synchronous one when `pool` is null.
-std::shared_ptr<spdlog::logger> make_logger(
-    spdlog::sink_ptr sink, const std::shared_ptr<spdlog::details::thread_pool>& pool) {
-  std::shared_ptr<spdlog::logger> logger;
-  if (pool) {
-    logger = std::make_shared<spdlog::async_logger>("audit", std::move(sink), pool,
-                                                    spdlog::async_overflow_policy::block);
-  } else {
-    logger = std::make_shared<spdlog::logger>("audit", std::move(sink));
-  }
-  logger->set_level(spdlog::level::info);
-  logger->flush_on(spdlog::level::info);
-  return logger;
+  return fd;
 }
 
 void append_time(std::string& out) {
@@ -81,13 +53,13 @@ void append_hex(std::string& out, const std::array<std::uint8_t, 32>& bytes) {
 
 }  // namespace
 
-AuditLog::AuditLog(std::string path)
-    : path_(std::move(path)),
-      pool_(make_writer_thread()),
-      logger_(make_logger(open_sink(path_), pool_)) {}
+AuditLog::AuditLog(std::string path) : path_(std::move(path)), fd_(open_output(path_)) {
+  writer_ = std::thread([this] { run_writer(); });
+}
 
 AuditLog::~AuditLog() {
   close();
+  if (fd_ != STDOUT_FILENO) ::close(fd_);
 }
 
 bool AuditLog::audited(protocol::Method method, std::optional<protocol::ErrorCode> code) noexcept {
@@ -157,7 +129,7 @@ std::string AuditLog::format(const AuditRecord& record) {
 }
 
 void AuditLog::record(const AuditRecord& record) {
-  write(format(record));
+  append(format(record));
 }
 
 void AuditLog::record_refused_connection(const Caller& caller) {
@@ -170,60 +142,127 @@ void AuditLog::record_refused_connection(const Caller& caller) {
                 static_cast<int>(caller.pid), static_cast<unsigned>(caller.uid),
                 static_cast<unsigned>(caller.gid));
   line += rest;
-  write(line);
+  append(line);
 }
 
-void AuditLog::write(const std::string& line) {
-  std::shared_lock lock(mutex_);
-  logger_->info(line);
+void AuditLog::append(std::string_view line) {
+  std::unique_lock lock(mutex_);
+  if (closed_) {
+    // After close() (an exit path): no writer thread; write on the caller's thread.
+    lock.unlock();
+    std::string whole(line);
+    whole += '\n';
+    std::lock_guard output(output_mutex_);
+    write_out(whole);
+    return;
+  }
+  // Backpressure: never drop an audit line; the caller waits for the writer instead.
+  written_.wait(lock, [&] { return pending_.size() < kMaxPendingBytes || stopping_; });
+  const bool was_empty = pending_.empty();
+  pending_.append(line);
+  pending_ += '\n';
+  ++appended_;
+  const bool wake = was_empty || pending_.size() >= kWakeBytes;
+  lock.unlock();
+  // Waking only on empty -> non-empty keeps a busy agent at one wake-up per batch.
+  if (wake) wake_writer_.notify_one();
 }
 
-void AuditLog::drain_locked() {
-  // Queued lines hold their own reference to the logger. Destroying the thread pool queues a
-  // terminate message behind every line and joins the writer thread, so when reset() returns
-  // every line has reached the sink (flush_on(info) flushed each one).
-  logger_.reset();
-  pool_.reset();
+void AuditLog::run_writer() {
+  std::string batch;
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    wake_writer_.wait(lock, [&] { return stopping_ || !pending_.empty(); });
+    if (pending_.empty()) return;  // stopping, nothing left
+    if (!stopping_ && flush_waiters_ == 0 && pending_.size() < kWakeBytes) {
+      // Let the lines of the next few milliseconds join this write.
+      wake_writer_.wait_for(lock, kBatchWindow, [&] {
+        return stopping_ || flush_waiters_ > 0 || pending_.size() >= kWakeBytes;
+      });
+    }
+    batch.swap(pending_);  // pending_ takes the previous batch's capacity
+    const std::uint64_t upto = appended_;
+    lock.unlock();
+    {
+      std::lock_guard output(output_mutex_);
+      write_out(batch);
+    }
+    batch.clear();
+    lock.lock();
+    written_upto_ = upto;
+    written_.notify_all();
+  }
+}
+
+void AuditLog::write_out(std::string_view bytes) {
+  while (!bytes.empty()) {
+    const ssize_t n = ::write(fd_, bytes.data(), bytes.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      // Disk full, stdout closed: nothing to do but say so (once per file) and go on serving.
+      if (!reported_write_error_) {
+        reported_write_error_ = true;
+        spdlog::error("cannot write the audit log {}: {}", path_ == "-" ? "(stdout)" : path_,
+                      n < 0 ? std::strerror(errno) : "no progress");
+      }
+      return;
+    }
+    bytes.remove_prefix(static_cast<std::size_t>(n));
+  }
 }
 
 void AuditLog::reopen() {
   if (path_ == "-") return;
-  spdlog::sink_ptr fresh;
+  int fresh = -1;
   try {
-    fresh = open_sink(path_);
+    fresh = open_output(path_);
   } catch (const std::exception& e) {
     spdlog::error("cannot reopen audit log, keeping the old file: {}", e.what());
     return;
   }
+  // Every line recorded before the reopen belongs to the old file (logrotate moved it and
+  // signalled us; what it asked for must be complete there). Lines recorded concurrently with
+  // the swap may land in either file, but in order: old-file lines all precede new-file ones.
+  flush();
   {
-    std::unique_lock lock(mutex_);
-    // Lines queued before the swap go to the old file first: the order of the log holds.
-    const bool async = pool_ != nullptr;
-    drain_locked();
-    if (async) pool_ = make_writer_thread();
-    logger_ = make_logger(std::move(fresh), pool_);
+    std::lock_guard output(output_mutex_);
+    ::close(fd_);
+    fd_ = fresh;
+    reported_write_error_ = false;
   }
   spdlog::info("audit log reopened: {}", path_);
 }
 
 void AuditLog::flush() {
   std::unique_lock lock(mutex_);
-  if (!pool_) {
-    logger_->flush();
-    return;
-  }
-  auto sink = logger_->sinks().front();
-  drain_locked();
-  pool_ = make_writer_thread();
-  logger_ = make_logger(std::move(sink), pool_);
+  if (closed_) return;  // written synchronously
+  const std::uint64_t target = appended_;
+  ++flush_waiters_;
+  wake_writer_.notify_one();
+  written_.wait(lock, [&] { return written_upto_ >= target; });
+  --flush_waiters_;
 }
 
 void AuditLog::close() {
-  std::unique_lock lock(mutex_);
-  if (!pool_) return;
-  auto sink = logger_->sinks().front();
-  drain_locked();
-  logger_ = make_logger(std::move(sink), nullptr);
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_ || stopping_) return;
+    stopping_ = true;
+  }
+  wake_writer_.notify_one();
+  written_.notify_all();
+  // The writer writes everything pending before it returns.
+  if (writer_.joinable()) writer_.join();
+  std::string leftover;
+  {
+    std::lock_guard lock(mutex_);
+    closed_ = true;
+    // Lines appended after the writer's last look: from here on append() writes directly.
+    leftover.swap(pending_);
+    written_upto_ = appended_;
+  }
+  std::lock_guard output(output_mutex_);
+  write_out(leftover);
 }
 
 }  // namespace hsm::agent

@@ -2,32 +2,30 @@
 // per denied or failed request of any method, with the caller's pid/uid/gid from SO_PEERCRED.
 // For signing it records the SHA-256 of the signed input, never the input itself.
 //
-// Lines are formatted on the caller's thread and written by spdlog's async logger on a writer
-// thread of this object's own, so a slow stdout never stalls the event loop; when its queue
-// (64k lines) is full the caller blocks rather than dropping an audit line. spdlog's own
-// flush() only queues a flush; flush() and close() here wait until every queued line is
-// written (they stop the writer thread, which drains its queue first).
-// Thread-safety: every member is safe from any thread. reopen() swaps the sink (SIGHUP, for
-// log rotation) without losing lines.
+// Lines are formatted on the caller's thread and appended to a buffer that a writer thread of
+// this object's own writes in batches: it wakes when the buffer goes from empty to non-empty,
+// lets lines gather for a few milliseconds, and writes them with one write(2). A busy agent
+// therefore pays one writer wake-up per batch, not per request (a wake-up per line was a
+// context switch on every sign: docs/performance.md), and a slow stdout never stalls the event
+// loop. When the buffer holds kMaxPendingBytes the caller blocks rather than dropping an audit
+// line. flush() and close() return once every line recorded before them is written.
+// Thread-safety: every member is safe from any thread. reopen() swaps the file (SIGHUP, for
+// log rotation) without losing or reordering lines.
 #pragma once
 
 #include <array>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
 #include <cstdint>
-#include <memory>
+#include <mutex>
 #include <optional>
-#include <shared_mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "hsm/protocol/types.hpp"
 #include "policy/caller.hpp"
-
-namespace spdlog {
-class logger;
-namespace details {
-class thread_pool;
-}
-}  // namespace spdlog
 
 namespace hsm::agent {
 
@@ -65,10 +63,10 @@ class AuditLog {
 
   void record(const AuditRecord& record);
   void record_refused_connection(const Caller& caller);
-  /// Reopens the file (after rotation). Keeps the old sink if the new open fails (logged).
+  /// Reopens the file (after rotation). Keeps the old file if the new open fails (logged).
   void reopen();
-  /// Returns once every line recorded before the call is written to the sink and flushed.
-  /// Blocks while the sink blocks (a stdout nobody reads).
+  /// Returns once every line recorded before the call is written (write(2) returned).
+  /// Blocks while the output blocks (a stdout nobody reads).
   void flush();
   /// As flush(), then stops the writer thread: call before any exit path (SIGTERM drain, a
   /// second SIGTERM's immediate exit, std::_Exit with abandoned workers). Lines recorded after
@@ -80,17 +78,30 @@ class AuditLog {
   [[nodiscard]] static std::string format(const AuditRecord& record);
 
  private:
-  void write(const std::string& line);
-  /// Stops the writer thread after it has written every queued line. Needs mutex_ held
-  /// exclusively. Leaves logger_ null.
-  void drain_locked();
+  static constexpr std::size_t kWakeBytes = 64 * 1024;              // write at once from here
+  static constexpr std::size_t kMaxPendingBytes = 4 * 1024 * 1024;  // callers wait from here
+  static constexpr std::chrono::milliseconds kBatchWindow{5};       // lines gather this long
+
+  void append(std::string_view line);
+  void run_writer();
+  /// Writes all of `bytes` to the current output (output_mutex_ held); logs a failure once.
+  void write_out(std::string_view bytes);
 
   std::string path_;
-  // Shared by writers (record), exclusive for swapping the logger (flush, close, reopen), so
-  // no line is queued to a writer thread that is being stopped.
-  mutable std::shared_mutex mutex_;
-  std::shared_ptr<spdlog::details::thread_pool> pool_;  // null once closed
-  std::shared_ptr<spdlog::logger> logger_;
+  int fd_ = -1;              // the file, or 1 (stdout, not ours to close); guarded by output_mutex_
+  std::mutex output_mutex_;  // one write(2) at a time; reopen() swaps fd_ under it
+  bool reported_write_error_ = false;
+
+  std::mutex mutex_;
+  std::condition_variable wake_writer_;
+  std::condition_variable written_;
+  std::string pending_;             // whole lines, each ending in '\n'
+  std::uint64_t appended_ = 0;      // lines appended so far
+  std::uint64_t written_upto_ = 0;  // lines written so far
+  std::uint64_t flush_waiters_ = 0;
+  bool stopping_ = false;
+  bool closed_ = false;  // after close(): lines are written synchronously
+  std::thread writer_;
 };
 
 }  // namespace hsm::agent
