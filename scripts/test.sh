@@ -18,7 +18,7 @@ jobs=${HSM_JOBS:-2}
 section() { printf '\n==== %s ====\n' "$*"; }
 
 section "build (RelWithDebInfo)"
-cmake -S . -B build/test -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake -S . -B build/test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHSM_BUILD_BENCH=ON >/dev/null
 cmake --build build/test -j"$jobs"
 
 section "ctest"
