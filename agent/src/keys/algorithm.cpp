@@ -201,6 +201,12 @@ std::size_t compute_digest(Hash hash, std::span<const std::uint8_t> data,
   return length;
 }
 
+std::vector<CK_MECHANISM_TYPE> allowed_mechanisms(const Algorithm& alg) {
+  std::vector<CK_MECHANISM_TYPE> mechanisms{alg.digest_mechanism};
+  if (alg.combined_mechanism != kNoMechanism) mechanisms.push_back(alg.combined_mechanism);
+  return mechanisms;
+}
+
 protocol::Bytes ec_params_der(const Curve& curve) {
   const ASN1_OBJECT* oid = OBJ_nid2obj(curve.nid);
   const int length = i2d_ASN1_OBJECT(oid, nullptr);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <vector>
 
 #include "hsm/protocol/types.hpp"
 
@@ -71,6 +72,13 @@ inline constexpr std::uint32_t kDefaultRsaBits = 2048;
 /// length. Uses a per-thread EVP_MD_CTX and the cached EVP_MD: no allocation per call.
 [[nodiscard]] std::size_t compute_digest(Hash hash, std::span<const std::uint8_t> data,
                                          std::span<std::uint8_t> out);
+
+/// The mechanisms a key generated for `alg` is restricted to (its CKA_ALLOWED_MECHANISMS, which
+/// records the alg on the token): the one that signs an agent-computed digest, and the combined
+/// hash-and-sign one when the alg has one, in that order. The token then refuses the key with
+/// any other signature scheme; the hash (PS256 vs PS384 over CKM_RSA_PKCS_PSS) is not a
+/// mechanism, so the agent enforces that part (KeyEntry::can_use).
+[[nodiscard]] std::vector<CK_MECHANISM_TYPE> allowed_mechanisms(const Algorithm& alg);
 
 /// DER of the curve's OID: the CKA_EC_PARAMS value the agent writes when generating a key.
 [[nodiscard]] protocol::Bytes ec_params_der(const Curve& curve);

@@ -22,7 +22,8 @@ bool listed(const std::vector<CK_MECHANISM_TYPE>& mechanisms, CK_MECHANISM_TYPE 
 bool curve_rejected(const pkcs11::Token& token, pkcs11::Session& session, const Curve& curve) {
   const Algorithm* alg = algorithm_for_curve(curve);
   KeyPairHandles handles;
-  KeyPairSpec spec{alg, "hsm-agent-curve-probe", kDefaultRsaBits, /*token_objects=*/false};
+  KeyPairSpec spec{alg, "hsm-agent-curve-probe", kDefaultRsaBits, /*token_objects=*/false,
+                   /*record_alg=*/false};
   CK_RV rv = CKR_OK;
   try {
     rv = generate_key_pair(

@@ -40,6 +40,13 @@ CK_RV generate_key_pair(pkcs11::Session& session, const KeyPairSpec& spec, KeyPa
       bytes_attribute(CKA_ID, kid),
   };
 
+  // PKCS#11 2.40 CKA_ALLOWED_MECHANISMS: a CK_MECHANISM_TYPE array.
+  std::vector<CK_MECHANISM_TYPE> allowed = allowed_mechanisms(alg);
+  if (spec.record_alg) {
+    private_template.push_back(CK_ATTRIBUTE{CKA_ALLOWED_MECHANISMS, allowed.data(),
+                                            allowed.size() * sizeof(CK_MECHANISM_TYPE)});
+  }
+
   protocol::Bytes ec_params;
   CK_ULONG modulus_bits = spec.rsa_bits;
   static constexpr std::array<std::uint8_t, 3> kPublicExponent = {0x01, 0x00, 0x01};  // 65537

@@ -1,6 +1,7 @@
 // C_GenerateKeyPair with the agent's templates (issue 2), for every algorithm row.
 //   private: CKA_CLASS, CKA_KEY_TYPE, CKA_TOKEN, CKA_PRIVATE=true, CKA_SIGN=true,
-//            CKA_SENSITIVE=true, CKA_EXTRACTABLE=false, CKA_LABEL=kid, CKA_ID=kid bytes
+//            CKA_SENSITIVE=true, CKA_EXTRACTABLE=false, CKA_LABEL=kid, CKA_ID=kid bytes,
+//            CKA_ALLOWED_MECHANISMS=allowed_mechanisms(alg) (records the alg; see record_alg)
 //   public:  CKA_CLASS, CKA_KEY_TYPE, CKA_TOKEN, CKA_VERIFY=true, CKA_LABEL=kid, CKA_ID=kid bytes,
 //            plus CKA_EC_PARAMS (EC, Ed25519) or CKA_MODULUS_BITS + CKA_PUBLIC_EXPONENT (RSA)
 #pragma once
@@ -29,6 +30,9 @@ struct KeyPairSpec {
   std::string_view kid;  // CKA_LABEL and CKA_ID
   std::uint32_t rsa_bits = kDefaultRsaBits;
   bool token_objects = true;  // false: session objects (the start-up curve probe)
+  // Sets CKA_ALLOWED_MECHANISMS on the private key. false for the probe (whose keys are
+  // destroyed at once) and for a token that rejects the attribute (CKR_ATTRIBUTE_TYPE_INVALID).
+  bool record_alg = true;
 };
 
 /// Generates the key pair into `out`. Returns CKR_OK or one of `accepted`; throws Pkcs11Error

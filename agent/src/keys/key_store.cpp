@@ -167,8 +167,8 @@ void fill_public_key(const pkcs11::Session& session, const std::string& kid,
                            "key '" + kid + "' has no readable public key (CKA_MODULUS)");
       }
       entry->key_type = KeyType::kRsa;
-      // The generation alg is not recorded on the token (docs/keys.md): RSA keys default to
-      // RS256 and may sign with any RS*/PS* alg.
+      // Unless CKA_ALLOWED_MECHANISMS says otherwise (apply_allowed_mechanisms), RSA keys
+      // default to RS256 and may sign with any RS*/PS* alg (docs/keys.md).
       entry->default_alg = find_algorithm(kDefaultRsaAlgorithm);
       entry->public_key_info = make_rsa_public_key(*values[0], *values[1]);
       entry->modulus_bytes =
@@ -181,12 +181,87 @@ void fill_public_key(const pkcs11::Session& session, const std::string& kid,
   }
 }
 
+// The algs a key's type and curve fit, before any allowed-mechanism restriction.
+bool fits_key(const KeyEntry& entry, const Algorithm& alg) noexcept {
+  if (alg.key_type != entry.key_type) return false;
+  return entry.key_type == KeyType::kRsa || alg.curve == entry.curve;
+}
+
+bool allows_alg(const KeyEntry& entry, const Algorithm& alg) noexcept {
+  const auto& allowed = entry.allowed_mechanisms;
+  const auto listed = [&](CK_MECHANISM_TYPE mechanism) {
+    return mechanism != kNoMechanism &&
+           std::find(allowed.begin(), allowed.end(), mechanism) != allowed.end();
+  };
+  return allowed.empty() || listed(alg.digest_mechanism) || listed(alg.combined_mechanism);
+}
+
+// Reads CKA_ALLOWED_MECHANISMS of the private key and derives the key's alg from it (after
+// fill_public_key): the agent writes allowed_mechanisms(alg), in which only that alg's combined
+// mechanism appears, so the alg is the one fitting alg whose combined mechanism is listed, else
+// the one fitting alg at all. Several (CKM_RSA_PKCS_PSS alone: any PS*) leave the alg
+// unrecorded, with the usual default when it fits, else the first fitting alg in table order.
+void apply_allowed_mechanisms(const pkcs11::Session& session, const std::string& kid,
+                              const TokenObject& private_key, KeyEntry* entry) {
+  const auto value = attribute_bytes(session, private_key.handle, CKA_ALLOWED_MECHANISMS);
+  if (!value || value->empty()) return;
+  if (value->size() % sizeof(CK_MECHANISM_TYPE) != 0) {
+    spdlog::warn("key '{}': CKA_ALLOWED_MECHANISMS of {} bytes is not a mechanism array; ignored",
+                 kid, value->size());
+    return;
+  }
+  entry->allowed_mechanisms.resize(value->size() / sizeof(CK_MECHANISM_TYPE));
+  std::memcpy(entry->allowed_mechanisms.data(), value->data(), value->size());
+
+  std::vector<const Algorithm*> fitting;
+  std::vector<const Algorithm*> combined_listed;
+  for (const Algorithm& alg : all_algorithms()) {
+    if (!fits_key(*entry, alg) || !allows_alg(*entry, alg)) continue;
+    fitting.push_back(&alg);
+    const auto& allowed = entry->allowed_mechanisms;
+    if (alg.combined_mechanism != kNoMechanism &&
+        std::find(allowed.begin(), allowed.end(), alg.combined_mechanism) != allowed.end()) {
+      combined_listed.push_back(&alg);
+    }
+  }
+  if (fitting.empty()) {
+    throw RequestError(ErrorCode::kUnsupportedAlg,
+                       "key '" + kid +
+                           "' allows none of the mechanisms the agent signs with "
+                           "(CKA_ALLOWED_MECHANISMS)");
+  }
+  if (combined_listed.size() == 1) {
+    entry->recorded_alg = combined_listed.front();
+  } else if (combined_listed.empty() && fitting.size() == 1) {
+    entry->recorded_alg = fitting.front();
+  }
+  if (entry->recorded_alg != nullptr) {
+    entry->default_alg = entry->recorded_alg;
+  } else if (std::find(fitting.begin(), fitting.end(), entry->default_alg) == fitting.end()) {
+    entry->default_alg = fitting.front();
+  }
+}
+
 }  // namespace
 
 bool KeyEntry::can_use(const Algorithm& alg) const noexcept {
-  if (alg.key_type != key_type) return false;
-  if (key_type == KeyType::kRsa) return true;
-  return alg.curve == curve;
+  if (!fits_key(*this, alg)) return false;
+  if (recorded_alg != nullptr) return &alg == recorded_alg;
+  return allows_alg(*this, alg);
+}
+
+bool KeyEntry::allows_mechanism(CK_MECHANISM_TYPE mechanism) const noexcept {
+  return allowed_mechanisms.empty() ||
+         std::find(allowed_mechanisms.begin(), allowed_mechanisms.end(), mechanism) !=
+             allowed_mechanisms.end();
+}
+
+std::string KeyEntry::refusal(const Algorithm& alg) const {
+  if (recorded_alg != nullptr && fits_key(*this, alg)) {
+    return "key '" + kid + "' is a " + std::string{recorded_alg->name} +
+           " key (its CKA_ALLOWED_MECHANISMS): it cannot be used with " + std::string{alg.name};
+  }
+  return "key '" + kid + "' cannot be used with " + std::string{alg.name};
 }
 
 std::size_t KeyEntry::signature_bytes(const Algorithm& alg) const noexcept {
@@ -273,6 +348,7 @@ KeyEntryPtr KeyStore::load(pkcs11::Session& session, const std::string& kid) con
 
   try {
     fill_public_key(session, kid, private_key, entry.get());
+    apply_allowed_mechanisms(session, kid, private_key, entry.get());
   } catch (const std::invalid_argument& e) {
     // The token's public values do not form a valid key (a point off the curve, ...).
     throw RequestError(ErrorCode::kHsmError, "key '" + kid + "': " + e.what());
@@ -302,7 +378,18 @@ KeyEntryPtr KeyStore::generate(pkcs11::Session& session, const std::string& kid,
   }
 
   KeyPairHandles handles;
-  (void)generate_key_pair(session, KeyPairSpec{&alg, kid, rsa_bits, true}, handles);
+  KeyPairSpec spec{&alg, kid, rsa_bits, true};
+  if (generate_key_pair(session, spec, handles, {CKR_ATTRIBUTE_TYPE_INVALID}) != CKR_OK) {
+    // A token without CKA_ALLOWED_MECHANISMS (pre-2.40): the key is made without its alg
+    // recorded, and is then read back like an external key (docs/keys.md).
+    spdlog::warn(
+        "the token does not take CKA_ALLOWED_MECHANISMS: '{}' is made without its alg "
+        "recorded",
+        kid);
+    spec.record_alg = false;
+    handles = {};
+    (void)generate_key_pair(session, spec, handles);
+  }
   try {
     std::uint64_t epoch = 0;
     {

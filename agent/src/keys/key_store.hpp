@@ -46,13 +46,24 @@ struct KeyEntry {
   CK_OBJECT_HANDLE private_key = CK_INVALID_HANDLE;
   CK_OBJECT_HANDLE public_key = CK_INVALID_HANDLE;  // CK_INVALID_HANDLE when there is none
   KeyType key_type = KeyType::kEc;
-  const Curve* curve = nullptr;   // EC and Edwards keys
-  std::size_t modulus_bytes = 0;  // RSA keys
-  const Algorithm* default_alg = nullptr;
-  PublicKey public_key_info;  // its jwk carries kid, alg=default_alg and use
+  const Curve* curve = nullptr;            // EC and Edwards keys
+  std::size_t modulus_bytes = 0;           // RSA keys
+  const Algorithm* default_alg = nullptr;  // recorded_alg when there is one
+  PublicKey public_key_info;               // its jwk carries kid, alg=default_alg and use
+  // The private key's CKA_ALLOWED_MECHANISMS; empty when it has none (no restriction).
+  std::vector<CK_MECHANISM_TYPE> allowed_mechanisms;
+  // The one alg those mechanisms name (every key the agent generates; docs/keys.md), else
+  // nullptr (no restriction, or one several algs fit, as CKM_RSA_PKCS_PSS alone).
+  const Algorithm* recorded_alg = nullptr;
 
-  /// Whether this key can sign with `alg` (EC: its curve's alg; RSA: any RS* or PS*).
+  /// Whether this key can sign with `alg`: its type and curve fit, and, when the token records
+  /// an alg, it is that alg; else when the key has allowed mechanisms, they include one of the
+  /// alg's (RSA without either: any RS* or PS*).
   [[nodiscard]] bool can_use(const Algorithm& alg) const noexcept;
+  /// Whether the token lets this key use `mechanism` (true when it has no allowed list).
+  [[nodiscard]] bool allows_mechanism(CK_MECHANISM_TYPE mechanism) const noexcept;
+  /// The error message when !can_use(alg): names the recorded alg when there is one.
+  [[nodiscard]] std::string refusal(const Algorithm& alg) const;
   /// Size of a signature by this key with `alg` (RSA: the modulus length).
   [[nodiscard]] std::size_t signature_bytes(const Algorithm& alg) const noexcept;
 };

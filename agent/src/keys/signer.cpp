@@ -29,10 +29,7 @@ CK_BYTE_PTR input_ptr(std::span<const std::uint8_t> bytes) {
 
 void check_usable(const KeyEntry& key, const AlgorithmPlan& plan, SignInputView input) {
   const Algorithm& alg = *plan.alg;
-  if (!key.can_use(alg)) {
-    throw RequestError(ErrorCode::kUnsupportedAlg,
-                       "key '" + key.kid + "' cannot be used with " + std::string{alg.name});
-  }
+  if (!key.can_use(alg)) throw RequestError(ErrorCode::kUnsupportedAlg, key.refusal(alg));
   if (!plan.supported) {
     throw RequestError(ErrorCode::kUnsupportedAlg,
                        "this token does not support " + std::string{alg.name});
@@ -60,8 +57,10 @@ protocol::Bytes sign(pkcs11::Session& session, const KeyEntry& key, const Algori
   CK_MECHANISM mechanism{kNoMechanism, nullptr, 0};
   CK_RSA_PKCS_PSS_PARAMS pss{alg.pss_hash, alg.pss_mgf, alg.digest_bytes};
 
+  // A key with allowed mechanisms that lack the combined one signs an agent-computed digest.
   if (alg.scheme == SignScheme::kEddsa ||
-      (!input.is_digest && plan.message_mechanism != kNoMechanism)) {
+      (!input.is_digest && plan.message_mechanism != kNoMechanism &&
+       key.allows_mechanism(plan.message_mechanism))) {
     // The token signs the message itself (EdDSA, or a combined hash-and-sign mechanism).
     mechanism.mechanism = plan.message_mechanism;
     to_sign = input.bytes;
@@ -70,6 +69,13 @@ protocol::Bytes sign(pkcs11::Session& session, const KeyEntry& key, const Algori
       throw RequestError(ErrorCode::kNotSupported,
                          "this token cannot sign a precomputed digest with " +
                              std::string{alg.name} + "; send data");
+    }
+    if (!key.allows_mechanism(plan.digest_mechanism)) {
+      throw RequestError(ErrorCode::kNotSupported,
+                         "key '" + key.kid + "' may not sign an agent-computed " +
+                             std::string{alg.name} +
+                             " digest (its CKA_ALLOWED_MECHANISMS lack the mechanism)" +
+                             (input.is_digest ? "; send data" : ""));
     }
     mechanism.mechanism = plan.digest_mechanism;
     // PKCS#1 v1.5 over a bare digest: the token signs DigestInfo = prefix || digest.

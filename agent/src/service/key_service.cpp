@@ -246,8 +246,8 @@ class Pkcs11KeyService final : public KeyService {
     keys::KeyEntryPtr entry = with_session(context, &params.kid, [&](pkcs11::Session& session) {
       return context.generation.keys->generate(session, params.kid, alg, rsa_bits);
     });
-    // The alg asked for: for RSA it is not recorded on the token, so later lookups report
-    // the RSA default, RS256 (docs/keys.md).
+    // The alg asked for, which the token records (CKA_ALLOWED_MECHANISMS) so that later lookups
+    // report it too; a token without that attribute reports the RSA default later (docs/keys.md).
     return protocol::KeyDescription{params.kid, std::string{alg.name},
                                     keys::jwk_with(entry->public_key_info, params.kid, alg.name)};
   }
@@ -352,10 +352,7 @@ class Pkcs11KeyService final : public KeyService {
                                      const std::optional<std::string>& requested,
                                      protocol::SignatureFormat format) const {
     const keys::Algorithm& alg = requested ? algorithm_named(*requested) : *key.default_alg;
-    if (!key.can_use(alg)) {
-      throw RequestError(ErrorCode::kUnsupportedAlg,
-                         "key '" + key.kid + "' cannot be used with " + std::string{alg.name});
-    }
+    if (!key.can_use(alg)) throw RequestError(ErrorCode::kUnsupportedAlg, key.refusal(alg));
     if (format == protocol::SignatureFormat::kDer && alg.scheme != keys::SignScheme::kEcdsa) {
       throw RequestError(ErrorCode::kInvalidParams, "format 'der' applies to ECDSA algs only");
     }

@@ -209,3 +209,78 @@ TEST_CASE("a key deleted and re-created behind the agent's back is found afresh"
   CHECK(hsm::test::verify_with_spki(new_spki, "ES256", data, signature));
   CHECK(svc.public_key("swap").spki == new_spki);
 }
+
+TEST_CASE(
+    "keys made by the agent record their alg in CKA_ALLOWED_MECHANISMS, which the token "
+    "enforces",
+    "[external][algs]") {
+  SoftHsmToken token("allowed-mechanisms");
+  OpenService svc(token);
+  svc.generate("pss", "PS256");
+  std::string output;
+  REQUIRE(run_pkcs11_tool({"--login", "--pin", token.user_pin(), "--list-objects", "--type",
+                           "privkey", "--label", "pss"},
+                          output) == 0);
+  INFO(output);
+  CHECK(output.find("Allowed mechanisms: RSA-PKCS-PSS,SHA256-RSA-PKCS-PSS") != std::string::npos);
+
+  // The token itself refuses the key with another scheme, whoever asks (here pkcs11-tool).
+  const auto input = token.directory() / "to-sign.bin";
+  std::ofstream(input) << "signed outside the agent";
+  const auto sign_with = [&](const std::string& mechanism, std::string& out) {
+    return run_pkcs11_tool(
+        {"--login", "--pin", token.user_pin(), "--sign", "--label", "pss", "-m", mechanism, "-i",
+         input.string(), "-o", (token.directory() / "signature.bin").string()},
+        out);
+  };
+  std::string refused;
+  CHECK(sign_with("SHA256-RSA-PKCS", refused) != 0);
+  CHECK(refused.find("CKR_MECHANISM_INVALID") != std::string::npos);
+  std::string accepted;
+  CHECK(sign_with("SHA256-RSA-PKCS-PSS", accepted) == 0);
+}
+
+TEST_CASE("external RSA keys with CKA_ALLOWED_MECHANISMS: the alg follows from them",
+          "[external][algs]") {
+  SoftHsmToken token("external-allowed");
+  OpenService svc(token);
+  const Bytes data = bytes_of("restricted by pkcs11-tool");
+  const auto keypairgen_allowing = [&](const std::string& label, const std::string& mechanisms) {
+    pkcs11_tool(token, {"--keypairgen", "--key-type", "RSA:2048", "--label", label,
+                        "--allowed-mechanisms", mechanisms});
+  };
+
+  SECTION("a combined mechanism names one alg") {
+    keypairgen_allowing("ps384", "SHA384-RSA-PKCS-PSS,RSA-PKCS-PSS");
+    check_usable(svc, "ps384", "PS384");
+    CHECK(svc.error(Method::kSign,
+                    protocol::SignParams{"ps384", {data, std::nullopt}, "PS256", std::nullopt})
+              .code == ErrorCode::kUnsupportedAlg);
+  }
+  SECTION("the scheme alone: any alg of it, PS256 by default") {
+    keypairgen_allowing("pss-any", "RSA-PKCS-PSS");
+    check_usable(svc, "pss-any", "PS256");
+    const auto published = svc.public_key("pss-any");
+    CHECK(hsm::test::verify_with_spki(published.spki, "PS512", data,
+                                      svc.sign_data("pss-any", data, "PS512")));
+    const auto error =
+        svc.error(Method::kSign,
+                  protocol::SignParams{"pss-any", {data, std::nullopt}, "RS256", std::nullopt});
+    CHECK(error.code == ErrorCode::kUnsupportedAlg);
+  }
+  SECTION("only a combined mechanism: data is signed, a digest is not_supported") {
+    keypairgen_allowing("rs512", "SHA512-RSA-PKCS");
+    check_usable(svc, "rs512", "RS512");
+    const auto error = svc.error(
+        Method::kSign,
+        protocol::SignParams{"rs512", {std::nullopt, Bytes(64, 0x01)}, "RS512", std::nullopt});
+    CHECK(error.code == ErrorCode::kNotSupported);
+  }
+  SECTION("no mechanism the agent signs with: refused, and left out of list_keys") {
+    keypairgen_allowing("rsa-x509", "RSA-X-509");
+    CHECK(svc.error(Method::kGetPublicKey, protocol::KidParams{"rsa-x509"}).code ==
+          ErrorCode::kUnsupportedAlg);
+    CHECK(
+        svc.ok<protocol::ListKeysResult>(Method::kListKeys, protocol::EmptyParams{}).keys.empty());
+  }
+}

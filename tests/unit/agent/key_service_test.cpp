@@ -108,8 +108,9 @@ TEST_CASE("every alg: generate, sign data and digest, verify with OpenSSL", "[se
 
       const auto published = svc.public_key(kid);
       CHECK(published.kid == kid);
-      // RSA keys do not record their generation alg on the token (docs/keys.md).
-      CHECK(published.alg == (alg.key_type == keys::KeyType::kRsa ? "RS256" : name));
+      // The token records the generation alg (CKA_ALLOWED_MECHANISMS): RSA keys included.
+      CHECK(published.alg == name);
+      CHECK(published.jwk.at("alg") == name);
       CHECK(hsm::test::spki_from_jwk(published.jwk) == published.spki);
 
       const Bytes data = bytes_of("the payload signed with " + name);
@@ -207,23 +208,36 @@ TEST_CASE("ECDSA signatures in DER form on request", "[service][algs]") {
             .code == ErrorCode::kInvalidParams);
 }
 
-TEST_CASE("an RSA key signs with any RS*/PS* alg; other algs are unsupported_alg",
-          "[service][algs]") {
+TEST_CASE("an agent-made key signs only with the alg it was generated for", "[service][algs]") {
   SoftHsmToken token("rsa-algs");
   OpenService svc(token);
   svc.generate("rsa", "PS256");
   svc.generate("p256", "ES256");
   const auto published = svc.public_key("rsa");
-  const Bytes data = bytes_of("one key, many algs");
-  for (const char* name : {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}) {
-    const auto signature = svc.sign_data("rsa", data, std::string{name});
-    CHECK(hsm::test::verify_with_spki(published.spki, name, data, signature));
-  }
-  // Default alg of an RSA key: RS256.
+  const Bytes data = bytes_of("one key, one alg");
+  // Its alg is the default, for data and for a digest.
   const auto by_default =
       svc.ok<protocol::SignResult>(Method::kSign, sign_params("rsa", data, std::nullopt));
-  CHECK(by_default.alg == "RS256");
-  CHECK(hsm::test::verify_with_spki(published.spki, "RS256", data, by_default.signature));
+  CHECK(by_default.alg == "PS256");
+  CHECK(hsm::test::verify_with_spki(published.spki, "PS256", data, by_default.signature));
+  const auto by_digest = svc.ok<protocol::SignResult>(
+      Method::kSign, sign_params("rsa", std::nullopt, hsm::test::sha256(data), "PS256"));
+  CHECK(hsm::test::verify_with_spki(published.spki, "PS256", data, by_digest.signature));
+  // Every other RSA alg is a clear unsupported_alg (the agent refuses before the token would),
+  // for sign and verify alike.
+  for (const char* name : {"RS256", "RS384", "RS512", "PS384", "PS512"}) {
+    INFO(name);
+    const auto error = svc.error(Method::kSign, sign_params("rsa", data, std::nullopt, name));
+    CHECK(error.code == ErrorCode::kUnsupportedAlg);
+    CHECK(error.message.find("is a PS256 key") != std::string::npos);
+    CHECK(error.message.find(name) != std::string::npos);
+    CHECK(svc.error(Method::kVerify, protocol::VerifyParams{"rsa",
+                                                            {data, std::nullopt},
+                                                            by_default.signature,
+                                                            std::string{name},
+                                                            std::nullopt})
+              .code == ErrorCode::kUnsupportedAlg);
+  }
 
   CHECK(svc.error(Method::kSign, sign_params("rsa", data, std::nullopt, "ES256")).code ==
         ErrorCode::kUnsupportedAlg);
@@ -443,4 +457,33 @@ TEST_CASE("after close, execute answers shutting_down", "[service]") {
   OpenService svc(token);
   svc.service().close();
   CHECK(svc.error(Method::kHealth, protocol::EmptyParams{}).code == ErrorCode::kShuttingDown);
+}
+
+TEST_CASE("every alg: list_keys and get_jwks report the generated alg, also after a restart",
+          "[service][algs][keys]") {
+  SoftHsmToken token("recorded-algs");
+  const auto check_listing = [](OpenService& svc) {
+    const auto listed =
+        svc.ok<protocol::ListKeysResult>(Method::kListKeys, protocol::EmptyParams{});
+    const auto jwks = svc.ok<protocol::JwksResult>(Method::kGetJwks, protocol::EmptyParams{});
+    REQUIRE(listed.keys.size() == kAllAlgs.size());
+    REQUIRE(jwks.keys.size() == kAllAlgs.size());
+    for (std::size_t i = 0; i < listed.keys.size(); ++i) {
+      const auto& key = listed.keys[i];
+      const std::string alg = key.kid.substr(std::string("gen-").size());
+      INFO(key.kid);
+      CHECK(key.alg == alg);
+      CHECK(key.jwk.at("alg") == alg);
+      CHECK(jwks.keys[i].at("alg") == alg);
+      CHECK(svc.public_key(key.kid).alg == alg);
+    }
+  };
+  {
+    OpenService svc(token);
+    for (const std::string& name : kAllAlgs) svc.generate("gen-" + name, name);
+    check_listing(svc);
+  }
+  // A fresh agent reads the alg back from the token alone.
+  OpenService restarted(token);
+  check_listing(restarted);
 }
