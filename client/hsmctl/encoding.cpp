@@ -12,6 +12,8 @@
 #include <limits>
 #include <memory>
 
+#include "hsm/jose.hpp"
+
 namespace hsm::hsmctl {
 namespace {
 
@@ -67,62 +69,20 @@ Bytes decode_hex(std::string_view hex) {
 }
 
 std::string encode_base64url(std::span<const std::uint8_t> bytes) {
-  if (bytes.empty()) {
-    return {};
-  }
-  if (bytes.size() > static_cast<std::size_t>(std::numeric_limits<int>::max() / 4 * 3 - 3)) {
-    throw UsageError("too many bytes to encode");
-  }
-  std::string text(4 * ((bytes.size() + 2) / 3) + 1, '\0');
-  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-reinterpret-cast): OpenSSL takes unsigned char
-  const int written = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text.data()), bytes.data(),
-                                      static_cast<int>(bytes.size()));
-  text.resize(static_cast<std::size_t>(written));
-  while (!text.empty() && text.back() == '=') {
-    text.pop_back();
-  }
-  std::replace(text.begin(), text.end(), '+', '-');
-  std::replace(text.begin(), text.end(), '/', '_');
-  return text;
+  return hsm::jose::base64url_encode(bytes);
 }
 
 Bytes decode_base64url(std::string_view input) {
-  std::string text(trim(input));
-  while (!text.empty() && text.back() == '=') {
-    text.pop_back();
+  // Operators paste signatures from anywhere: surrounding blanks and '=' padding are accepted
+  // here; the strict JOSE decoder does the rest.
+  std::string_view text = trim(input);
+  while (!text.empty() && text.back() == '=') text.remove_suffix(1);
+  if (text.empty()) throw UsageError("empty base64url string");
+  try {
+    return hsm::jose::base64url_decode(text);
+  } catch (const hsm::jose::Error& e) {
+    throw UsageError(std::string("not base64url: ") + e.what());
   }
-  if (text.empty()) {
-    throw UsageError("empty base64url string");
-  }
-  for (char& c : text) {
-    const bool plain = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
-    if (c == '-') {
-      c = '+';
-    } else if (c == '_') {
-      c = '/';
-    } else if (!plain) {
-      throw UsageError("not base64url: unexpected character '" + std::string(1, c) + "'");
-    }
-  }
-  if (text.size() % 4 == 1) {
-    throw UsageError("not base64url: impossible length");
-  }
-  const std::size_t padding = (4 - text.size() % 4) % 4;
-  text.append(padding, '=');
-  if (text.size() > static_cast<std::size_t>(std::numeric_limits<int>::max())) {
-    throw UsageError("base64url string too long");
-  }
-  Bytes bytes(text.size() / 4 * 3);
-  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-reinterpret-cast): OpenSSL takes unsigned char
-  const int decoded =
-      EVP_DecodeBlock(bytes.data(), reinterpret_cast<const unsigned char*>(text.data()),
-                      static_cast<int>(text.size()));
-  if (decoded < 0) {
-    throw UsageError("not base64url");
-  }
-  // EVP_DecodeBlock counts the zero bytes that stand for the padding; drop them.
-  bytes.resize(static_cast<std::size_t>(decoded) - padding);
-  return bytes;
 }
 
 std::string spki_to_pem(std::span<const std::uint8_t> spki_der) {

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -442,25 +443,20 @@ Error::Error(Reason reason, const std::string& message)
     : hsm::Error(std::string(reason_code(reason)), message), reason_(reason) {}
 
 std::string base64url_encode(std::span<const std::uint8_t> bytes) {
-  std::string out;
-  out.reserve((bytes.size() * 4 + 2) / 3);
-  std::size_t i = 0;
-  for (; i + 3 <= bytes.size(); i += 3) {
-    const std::uint32_t v = (bytes[i] << 16U) | (bytes[i + 1] << 8U) | bytes[i + 2];
-    out += kAlphabet[(v >> 18U) & 63U];
-    out += kAlphabet[(v >> 12U) & 63U];
-    out += kAlphabet[(v >> 6U) & 63U];
-    out += kAlphabet[v & 63U];
+  if (bytes.empty()) return {};
+  if (bytes.size() > static_cast<std::size_t>(std::numeric_limits<int>::max() / 4 * 3 - 3)) {
+    throw Error(Reason::kTooLarge, "too many bytes to encode");
   }
-  if (const auto rest = bytes.size() - i; rest > 0) {
-    const std::uint32_t v = (bytes[i] << 16U) | (rest == 2 ? bytes[i + 1] << 8U : 0U);
-    out += kAlphabet[(v >> 18U) & 63U];
-    out += kAlphabet[(v >> 12U) & 63U];
-    if (rest == 2) {
-      out += kAlphabet[(v >> 6U) & 63U];
-    }
-  }
-  return out;
+  // OpenSSL's base64, then the URL alphabet without padding (RFC 7515, appendix C).
+  std::string text(4 * ((bytes.size() + 2) / 3) + 1, '\0');
+  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-reinterpret-cast): OpenSSL takes unsigned char
+  const int written = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text.data()), bytes.data(),
+                                      static_cast<int>(bytes.size()));
+  text.resize(static_cast<std::size_t>(written));
+  while (!text.empty() && text.back() == '=') text.pop_back();
+  std::replace(text.begin(), text.end(), '+', '-');
+  std::replace(text.begin(), text.end(), '/', '_');
+  return text;
 }
 
 Bytes base64url_decode(std::string_view text) {
