@@ -280,28 +280,6 @@ struct Options {
   std::vector<int> server_pids;  // whose CPU time to report (p11-kit server)
 };
 
-/// What every signing thread shares: the first error, for the report.
-class ErrorLog {
- public:
-  void record(std::string what) {
-    errors_.fetch_add(1, std::memory_order_relaxed);
-    const std::lock_guard lock(mutex_);
-    if (first_.empty()) first_ = std::move(what);
-  }
-  [[nodiscard]] std::uint64_t count() const noexcept {
-    return errors_.load(std::memory_order_relaxed);
-  }
-  [[nodiscard]] std::string first() const {
-    const std::lock_guard lock(mutex_);
-    return first_;
-  }
-
- private:
-  std::atomic<std::uint64_t> errors_{0};
-  mutable std::mutex mutex_;
-  std::string first_;
-};
-
 /// One thread's loop: sign until the window ends, sampling what completes inside it.
 void sign_loop(const Session& session, CK_OBJECT_HANDLE key, const MeasurementWindow& window,
                LatencyHistogram& latencies, ErrorLog& errors) {

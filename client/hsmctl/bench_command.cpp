@@ -24,6 +24,7 @@ namespace hsm::hsmctl {
 namespace {
 
 using bench::Clock;
+using bench::ErrorLog;
 using bench::LatencyHistogram;
 using bench::MeasurementWindow;
 
@@ -62,29 +63,6 @@ struct SignJob {
   bool digest = false;
   Bytes payload;
   std::size_t signature_bytes = 0;  // what a good answer carries (from the probe signature)
-};
-
-/// Errors seen by every signer: a count and the first message, for the report.
-/// Thread-safety: record() from any thread.
-class ErrorLog {
- public:
-  void record(const std::string& what) {
-    errors_.fetch_add(1, std::memory_order_relaxed);
-    const std::lock_guard lock(mutex_);
-    if (first_.empty()) first_ = what;
-  }
-  [[nodiscard]] std::uint64_t count() const noexcept {
-    return errors_.load(std::memory_order_relaxed);
-  }
-  [[nodiscard]] std::string first() const {
-    const std::lock_guard lock(mutex_);
-    return first_;
-  }
-
- private:
-  std::atomic<std::uint64_t> errors_{0};
-  mutable std::mutex mutex_;
-  std::string first_;
 };
 
 std::string wrong_size(std::size_t got, std::size_t want) {

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <mutex>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -102,5 +103,28 @@ struct Report {
 /// "throughput_per_s", "latency_us": {"p50","p90","p99","max","mean"}, "cpu_us_per_op":
 /// {"client", "server"?}, "first_error"?} and a newline.
 void write_json(std::ostream& out, const Report& report);
+
+/// Errors seen by every signing thread: a count and the first message, for the report.
+/// Thread-safety: every member from any thread.
+class ErrorLog {
+ public:
+  void record(std::string what) {
+    errors_.fetch_add(1, std::memory_order_relaxed);
+    const std::lock_guard lock(mutex_);
+    if (first_.empty()) first_ = std::move(what);
+  }
+  [[nodiscard]] std::uint64_t count() const noexcept {
+    return errors_.load(std::memory_order_relaxed);
+  }
+  [[nodiscard]] std::string first() const {
+    const std::lock_guard lock(mutex_);
+    return first_;
+  }
+
+ private:
+  std::atomic<std::uint64_t> errors_{0};
+  mutable std::mutex mutex_;
+  std::string first_;
+};
 
 }  // namespace hsm::bench
