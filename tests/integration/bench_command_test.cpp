@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -45,9 +46,7 @@ HsmctlRun hsmctl(const AgentProcess& agent, const std::string& args) {
 double metric(const AgentProcess& agent, const std::string& series) {
   const auto [status, text] = agent.http_get("/metrics");
   REQUIRE(status == 200);
-  const auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return 0;
-  return std::stod(text.substr(at + series.size() + 2));
+  return metric_sample(text, series);
 }
 
 constexpr const char* kSignOk = R"(hsm_agent_requests_total{code="ok",method="sign"})";

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -59,17 +60,10 @@ std::size_t rss_kib(pid_t pid) {
   return 0;
 }
 
-// The value of one sample line of /metrics, 0 when absent (a counter never incremented).
-double sample(const std::string& text, const std::string& series) {
-  const auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return 0;
-  return std::stod(text.substr(at + series.size() + 2));
-}
-
 // One series scraped now; -1 when /metrics does not answer.
 double metric(const AgentProcess& agent, const std::string& series) {
   const auto [status, text] = agent.http_get("/metrics");
-  return status == 200 ? sample(text, series) : -1;
+  return status == 200 ? metric_sample(text, series) : -1;
 }
 
 // The sum over every label set of a metric family, e.g. all reasons of a counter.

@@ -1,25 +1,14 @@
 // /metrics, /healthz and /readyz of the real agent: counters and histograms move as requests
 // succeed and fail, and promtool accepts the exposition.
 #include <catch2/catch.hpp>
-
 #include <cstdio>
 #include <fstream>
 #include <regex>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
-
-namespace {
-
-// The value of one sample line, e.g. sample(text, R"(hsm_agent_requests_total{code="ok",method="sign"})").
-double sample(const std::string& text, const std::string& series) {
-  const auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return 0;
-  return std::stod(text.substr(at + series.size() + 2));
-}
-
-}  // namespace
 
 TEST_CASE("request metrics move with successes and failures", "[metrics]") {
   RunningAgent env;
@@ -33,11 +22,11 @@ TEST_CASE("request metrics move with successes and failures", "[metrics]") {
   }
   const auto [status, text] = env.agent.http_get("/metrics");
   REQUIRE(status == 200);
-  CHECK(sample(text, R"(hsm_agent_requests_total{code="ok",method="sign"})") == 5);
-  CHECK(sample(text, R"(hsm_agent_requests_total{code="not_found",method="sign"})") == 1);
-  CHECK(sample(text, R"(hsm_agent_requests_total{code="ok",method="generate_key"})") == 1);
-  CHECK(sample(text, R"(hsm_agent_request_duration_seconds_count{method="sign"})") == 6);
-  CHECK(sample(text, R"(hsm_agent_connections)") >= 1);
+  CHECK(metric_sample(text, R"(hsm_agent_requests_total{code="ok",method="sign"})") == 5);
+  CHECK(metric_sample(text, R"(hsm_agent_requests_total{code="not_found",method="sign"})") == 1);
+  CHECK(metric_sample(text, R"(hsm_agent_requests_total{code="ok",method="generate_key"})") == 1);
+  CHECK(metric_sample(text, R"(hsm_agent_request_duration_seconds_count{method="sign"})") == 6);
+  CHECK(metric_sample(text, R"(hsm_agent_connections)") >= 1);
   CHECK(text.find("hsm_agent_build_info{") != std::string::npos);
   CHECK(text.find("process_resident_memory_bytes") != std::string::npos);
 

@@ -45,6 +45,7 @@
 #include <thread>
 #include <vector>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -91,18 +92,6 @@ std::pair<int, std::string> run_command(const std::string& command) {
   while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) output += buffer;
   const int status = ::pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
-
-/// Polls `condition` every 20 ms for up to `timeout`. Lines and counters are updated by other
-/// threads and processes (the audit log is written by a writer thread), so tests wait for a
-/// state rather than assume it; no test asserts how long anything takes.
-bool wait_until(const std::function<bool()>& condition, std::chrono::milliseconds timeout = 15s) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
-  while (!condition()) {
-    if (std::chrono::steady_clock::now() >= until) return false;
-    std::this_thread::sleep_for(20ms);
-  }
-  return true;
 }
 
 std::string hex(const Bytes& bytes) {

@@ -11,6 +11,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -89,28 +90,10 @@ hsm::Client direct_client(const std::string& socket, std::chrono::milliseconds t
   return hsm::Client(options);
 }
 
-// Polls `done` every 50 ms until it holds or `limit` passes; returns whether it held.
-template <typename Predicate>
-bool eventually(Predicate done, std::chrono::milliseconds limit = 15s) {
-  const auto until = Clock::now() + limit;
-  for (;;) {
-    if (done()) return true;
-    if (Clock::now() >= until) return false;
-    std::this_thread::sleep_for(50ms);
-  }
-}
-
-// The value of one sample line of /metrics; 0 when absent.
-double sample(const std::string& text, const std::string& series) {
-  const auto at = text.find("\n" + series + " ");
-  if (at == std::string::npos) return 0;
-  return std::stod(text.substr(at + series.size() + 2));
-}
-
 double metric(const AgentProcess& agent, const std::string& series) {
   const auto [status, text] = agent.http_get("/metrics");
   REQUIRE(status == 200);
-  return sample(text, series);
+  return metric_sample(text, series);
 }
 
 const std::string kSignDeviceErrors =
@@ -181,7 +164,7 @@ TEST_CASE(
   std::this_thread::sleep_for(2s);
   faults.clear();
   const auto cleared = Clock::now();
-  const bool recovered = eventually([&] { return successes_since(cleared) >= 20; }, 15s);
+  const bool recovered = wait_until([&] { return successes_since(cleared) >= 20; }, 15s);
   stop = true;
   for (auto& signer : signers) signer.join();
 
@@ -232,7 +215,7 @@ TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds
   env.client.generate_key("retry");
   const auto pub = env.client.get_public_key("retry");
   (void)env.client.sign("retry", "warm the handle cache");
-  REQUIRE(eventually([&] { return faults.count("C_Sign") >= 1; }));
+  REQUIRE(wait_until([&] { return faults.count("C_Sign") >= 1; }));
   std::this_thread::sleep_for(100ms);  // the stats file is rewritten at most every 25 ms
   const long signs_before = faults.count("C_Sign");
 
@@ -241,8 +224,8 @@ TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds
   const auto signature = client.sign("retry", "retried transparently");
   CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("retried transparently"), signature));
   // The fault was hit, and the retry was a second C_Sign for the same request.
-  REQUIRE(eventually([&] { return faults.count("C_Sign.injected") == 1; }));
-  CHECK(eventually([&] { return faults.count("C_Sign") == signs_before + 2; }));
+  REQUIRE(wait_until([&] { return faults.count("C_Sign.injected") == 1; }));
+  CHECK(wait_until([&] { return faults.count("C_Sign") == signs_before + 2; }));
   // A session error is not a token fault: no re-initialisation.
   CHECK(faults.count("C_Finalize") == 0);
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
@@ -261,7 +244,7 @@ TEST_CASE(
   auto hung = env.connect();
   const auto sent = Clock::now();
   REQUIRE(hung.send(sign_request(7, "hang", 1500)));
-  REQUIRE(eventually([&] { return faults.count("C_Sign.injected") == 1; }, 10s));
+  REQUIRE(wait_until([&] { return faults.count("C_Sign.injected") == 1; }, 10s));
 
   // The other three sessions serve everyone else meanwhile.
   hsm::Client client = direct_client(env.agent.socket_path(), 5s);
@@ -283,7 +266,7 @@ TEST_CASE(
 
   // Releasing the hang lets the stuck call finish; the agent discards its late result.
   faults.clear();
-  CHECK(eventually([&] {
+  CHECK(wait_until([&] {
     try {
       (void)client.sign("hang", "after the hang");
       return true;
@@ -335,7 +318,7 @@ TEST_CASE("a PIN refused at re-login: no retry loop, not ready with the reason, 
   } catch (const hsm::Error& e) {
     CHECK(e.code() == "hsm_unavailable");
   }
-  REQUIRE(eventually([&] { return faults.count("C_Login") == logins_before + 1; }));
+  REQUIRE(wait_until([&] { return faults.count("C_Login") == logins_before + 1; }));
   // Several seconds (many probe intervals, past the backoff cap) later: still exactly one.
   std::this_thread::sleep_for(6s);
   CHECK(faults.count("C_Login") == logins_before + 1);
@@ -369,7 +352,7 @@ TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 an
   FaultControl faults;
   RunningAgent env(faults.agent_options({"--sessions", "2", "--probe-interval", "1"}));
   env.client.generate_key("ready");
-  REQUIRE(eventually([&] { return env.agent.http_get("/readyz").first == 200; }));
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
   CHECK(metric(env.agent, kSignDeviceErrors) == 0);
 
@@ -386,7 +369,7 @@ TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 an
   CHECK(metric(env.agent, kSignDeviceErrors) == 1);
   // That took the token down; the agent re-initialises it and a probe confirms it.
   const std::string probes = "hsm_agent_hsm_probe_duration_seconds_count";
-  REQUIRE(eventually([&] {
+  REQUIRE(wait_until([&] {
     return env.agent.http_get("/readyz").first == 200 && metric(env.agent, probes) >= 1;
   }));
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
@@ -394,13 +377,13 @@ TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 an
   // The whole token fails: the next probe notices, /readyz says why, hsm_up drops.
   const double probes_before = metric(env.agent, probes);
   faults.set("* rv=CKR_DEVICE_ERROR");
-  REQUIRE(eventually([&] { return env.agent.http_get("/readyz").first == 503; }));
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 503; }));
   const auto [status, reason] = env.agent.http_get("/readyz");
   CHECK(status == 503);
   CHECK(reason.find("token probe failed") != std::string::npos);
   CHECK(reason.find("CKR_DEVICE_ERROR") != std::string::npos);
   CHECK(metric(env.agent, probes) > probes_before);
-  CHECK(eventually([&] { return metric(env.agent, "hsm_agent_hsm_up") == 0; }));
+  CHECK(wait_until([&] { return metric(env.agent, "hsm_agent_hsm_up") == 0; }));
 
   try {
     (void)client.sign("ready", "y");
@@ -410,8 +393,8 @@ TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 an
   }
 
   faults.clear();
-  CHECK(eventually([&] { return env.agent.http_get("/readyz").first == 200; }));
-  CHECK(eventually([&] { return metric(env.agent, "hsm_agent_hsm_up") == 1; }));
+  CHECK(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
+  CHECK(wait_until([&] { return metric(env.agent, "hsm_agent_hsm_up") == 1; }));
   CHECK(metric(env.agent, R"(hsm_agent_logins_total{result="ok"})") >= 2);  // logged in again
   const auto pub = env.client.get_public_key("ready");
   const auto signature = client.sign("ready", "back");

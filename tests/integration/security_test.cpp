@@ -30,6 +30,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -221,16 +222,6 @@ int count_of(const std::string& text, const std::string& needle) {
   int n = 0;
   for (auto at = text.find(needle); at != std::string::npos; at = text.find(needle, at + 1)) ++n;
   return n;
-}
-
-template <class Predicate>
-bool wait_until(Predicate predicate, std::chrono::milliseconds timeout = 20s) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < until) {
-    if (predicate()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return predicate();
 }
 
 /// Waits (bounded) for an audit line (the agent's stdout) holding every part; the audit log is
