@@ -21,6 +21,8 @@
 set -euo pipefail
 
 readonly repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/softhsm_token.sh
+source "$repo/bench/softhsm_token.sh"
 readonly softhsm_module=${HSM_BENCH_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 build_dir=$repo/build/bench
 out=$repo/bench/results/profile
@@ -63,15 +65,7 @@ cleanup() {
 trap cleanup EXIT
 
 readonly label=hsm-profile kid=bench-es256
-mkdir -p "$work/tokens"
-export SOFTHSM2_CONF=$work/softhsm2.conf
-printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
-  "$work/tokens" >"$SOFTHSM2_CONF"
-user_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-so_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-(umask 077 && printf '%s\n' "$user_pin" >"$work/user.pin")
-softhsm2-util --init-token --free --label "$label" --pin "$user_pin" --so-pin "$so_pin" >/dev/null
-unset user_pin so_pin
+make_throwaway_token "$work" "$label" || die "cannot create the token"
 direct=("$direct_bin" --module "$softhsm_module" --token-label "$label" --pin-file "$work/user.pin"
   --kid "$kid")
 "${direct[@]}" --create-key --setup-only 2>/dev/null

@@ -15,6 +15,8 @@
 set -euo pipefail
 
 readonly repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/softhsm_token.sh
+source "$repo/bench/softhsm_token.sh"
 readonly softhsm_module=${HSM_BENCH_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 
 usage() {
@@ -171,17 +173,7 @@ trap 'exit 130' INT TERM
 
 readonly token_label=hsm-bench
 readonly kid=bench-es256
-mkdir -p "$work/tokens"
-export SOFTHSM2_CONF=$work/softhsm2.conf
-printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' \
-  "$work/tokens" >"$SOFTHSM2_CONF"
-# Throwaway PINs of a throwaway token: softhsm2-util takes them only on its command line.
-user_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-so_pin=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-(umask 077 && printf '%s\n' "$user_pin" >"$work/user.pin")
-softhsm2-util --init-token --free --label "$token_label" --pin "$user_pin" --so-pin "$so_pin" \
-  >"$work/softhsm2-util.log" 2>&1 || { cat "$work/softhsm2-util.log" >&2; die "cannot create the token"; }
-unset user_pin so_pin
+make_throwaway_token "$work" "$token_label" || die "cannot create the token"
 "${binary[hsm-bench-direct]}" --module "$softhsm_module" --token-label "$token_label" \
   --pin-file "$work/user.pin" --kid "$kid" --create-key --setup-only 2>"$work/setup.log" ||
   { cat "$work/setup.log" >&2; die "cannot create the ES256 key"; }
