@@ -28,12 +28,13 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
 
   section "ThreadSanitizer: concurrency tests (agent and client)"
   cmake --preset tsan >/dev/null
-  cmake --build --preset tsan --target hsm-agent hsmctl integration_tests client_unit_tests \
-    client_agent_tests
+  cmake --build --preset tsan --target hsm-agent hsmctl integration_tests agent_unit_tests \
+    client_unit_tests client_agent_tests
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp"
   # The agent runs as a child of the test binary and inherits TSAN_OPTIONS; the fixture fails
   # the test that started it when its stderr holds a ThreadSanitizer report.
   build/tsan/tests/integration/integration_tests "[concurrency]"
+  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency]"  # loop and workers on one socket
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts
   unset TSAN_OPTIONS

@@ -6,9 +6,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 
 #include "hsm/protocol/types.hpp"
 #include "policy/caller.hpp"
+#include "server/connection_output.hpp"
 
 namespace hsm::agent {
 
@@ -18,6 +20,7 @@ struct Call {
   enum State : std::uint8_t { kQueued, kRunning, kAnswered };
 
   std::uint64_t connection_id = 0;
+  std::shared_ptr<ConnectionOutput> output;  // where the answer goes
   protocol::Request request;
   Caller caller;
   SteadyClock::time_point received;

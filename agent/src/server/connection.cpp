@@ -13,12 +13,6 @@ namespace {
 // request is typically ~100 bytes; a large message is assembled over several reads.
 constexpr std::size_t kReadChunkBytes = 8 * 1024;
 
-// One uv_write in progress: owns its bytes until the write callback.
-struct WriteRequest {
-  uv_write_t req{};
-  std::string data;
-};
-
 }  // namespace
 
 Connection::Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits)
@@ -26,7 +20,8 @@ Connection::Connection(std::uint64_t id, ConnectionEvents& events, const Connect
       events_(events),
       limits_(limits),
       reader_(limits.frame, 1024),
-      last_activity_(std::chrono::steady_clock::now()) {
+      last_activity_(std::chrono::steady_clock::now()),
+      output_(std::make_shared<ConnectionOutput>(limits.max_write_buffer_bytes)) {
   pipe_.data = this;
 }
 
@@ -56,6 +51,7 @@ void Connection::read_peer_credentials() {
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &size) == 0) {
     caller_ = Caller{credentials.pid, credentials.uid, credentials.gid};
   }
+  output_->attach(fd);
 }
 
 bool Connection::start() {
@@ -76,7 +72,8 @@ void Connection::pause() {
 }
 
 void Connection::resume() {
-  if (closing_ || !paused_) return;
+  // A connection closing after its flush reads no more, whatever answers come back.
+  if (closing_ || close_when_flushed_ || !paused_) return;
   paused_ = false;
   deliver_messages();  // may pause again
   if (!paused_ && !closing_ && !reading_) {
@@ -131,64 +128,51 @@ void Connection::deliver_messages() {
   }
 }
 
-std::size_t Connection::queued_bytes() const noexcept {
-  return outgoing_.size() + writing_bytes_;
-}
-
 void Connection::send(std::string_view bytes) {
   if (closing_) return;
-  if (queued_bytes() + bytes.size() > limits_.max_write_buffer_bytes) {
-    // The client does not read its answers: drop it rather than buffer without bound.
-    events_.on_slow_reader(*this);
-    close();
+  if (!output_->queue(bytes)) {
+    close_slow_reader();
     return;
   }
-  const bool was_empty = outgoing_.empty();
-  outgoing_.append(bytes);
-  if (was_empty) events_.on_output_pending(*this);
+  schedule_flush();
+}
+
+void Connection::schedule_flush() {
+  if (closing_ || flush_scheduled_) return;
+  flush_scheduled_ = true;
+  events_.on_output_pending(*this);
+}
+
+void Connection::close_slow_reader() {
+  if (closing_) return;
+  // The client does not read its answers: drop it rather than buffer without bound.
+  events_.on_slow_reader(*this);
+  close();
 }
 
 void Connection::flush() {
-  if (closing_ || write_in_progress_ || outgoing_.empty()) return;
-  auto* stream = reinterpret_cast<uv_stream_t*>(&pipe_);
-  uv_buf_t buf = uv_buf_init(outgoing_.data(), static_cast<unsigned>(outgoing_.size()));
-  const int written = uv_try_write(stream, &buf, 1);
-  std::size_t done = 0;
-  if (written > 0) {
-    done = static_cast<std::size_t>(written);
-  } else if (written != UV_EAGAIN && written != UV_ENOSYS) {
-    close();
-    return;
-  }
-  if (done == outgoing_.size()) {
-    outgoing_.clear();
-  } else {
-    auto request = std::make_unique<WriteRequest>();
-    request->data.assign(outgoing_, done);
-    outgoing_.clear();
-    request->req.data = this;
-    uv_buf_t rest = uv_buf_init(request->data.data(), static_cast<unsigned>(request->data.size()));
-    if (uv_write(&request->req, stream, &rest, 1, on_write) != 0) {
+  flush_scheduled_ = false;
+  if (closing_) return;
+  switch (output_->flush(reinterpret_cast<uv_stream_t*>(&pipe_), this, on_write)) {
+    case ConnectionOutput::FlushResult::kFailed:
       close();
       return;
-    }
-    writing_bytes_ = request->data.size();
-    write_in_progress_ = true;
-    request.release();  // owned by libuv until on_write
+    case ConnectionOutput::FlushResult::kWriting:
+      return;  // on_write continues
+    case ConnectionOutput::FlushResult::kDone:
+      break;
   }
-  if (close_when_flushed_ && !write_in_progress_) close_after_flush();
+  if (close_when_flushed_) close_after_flush();
 }
 
 void Connection::on_write(uv_write_t* req, int status) {
-  std::unique_ptr<WriteRequest> request(reinterpret_cast<WriteRequest*>(req));
   auto* self = static_cast<Connection*>(req->data);
-  self->write_in_progress_ = false;
-  self->writing_bytes_ = 0;
+  const bool more = self->output_->finish_write(req);
   if (status != 0) {
     self->close();
     return;
   }
-  if (!self->outgoing_.empty()) {
+  if (more) {
     self->flush();
   } else if (self->close_when_flushed_) {
     self->close_after_flush();
@@ -200,11 +184,10 @@ void Connection::close_after_flush() {
   if (!close_when_flushed_) close_requested_at_ = std::chrono::steady_clock::now();
   close_when_flushed_ = true;
   pause();
-  if (!outgoing_.empty()) {
-    flush();
+  if (!output_->idle()) {
+    flush();  // comes back here when done, now or from on_write
     return;
   }
-  if (write_in_progress_) return;       // on_write comes back here
   auto* request = new uv_shutdown_t{};  // freed in on_shutdown
   request->data = this;
   if (uv_shutdown(request, reinterpret_cast<uv_stream_t*>(&pipe_), on_shutdown) != 0) {
@@ -222,6 +205,7 @@ void Connection::on_shutdown(uv_shutdown_t* req, int) {
 void Connection::close() {
   if (closing_) return;
   closing_ = true;
+  output_->close();  // before uv_close closes the descriptor: no worker writes to it any more
   events_.on_closed(*this);
   uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), on_close);
 }

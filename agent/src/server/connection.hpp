@@ -3,8 +3,9 @@
 // ConnectionEvents it was given; answers come back through send().
 //
 // Lifetime: created by accept(), destroyed in the uv_close callback after close(). The owner is
-// told through ConnectionEvents::on_closed before the memory goes away.
-// Thread-safety: loop thread only.
+// told through ConnectionEvents::on_closed before the memory goes away. Its ConnectionOutput is
+// shared (workers write answers through it) and outlives it while a call holds it.
+// Thread-safety: loop thread only; output() is the part workers may use.
 #pragma once
 
 #include <uv.h>
@@ -17,6 +18,7 @@
 
 #include "hsm/protocol/codec.hpp"
 #include "policy/caller.hpp"
+#include "server/connection_output.hpp"
 
 namespace hsm::agent {
 
@@ -72,8 +74,13 @@ class Connection {
   /// Queues bytes of one or more encoded responses. Closes the connection when the reader is
   /// too slow (more than max_write_buffer_bytes would be queued).
   void send(std::string_view bytes);
-  /// Writes what send() queued: uv_try_write first, the rest through one uv_write.
+  /// Asks the owner for a flush() in this loop iteration (once, however often it is asked).
+  void schedule_flush();
+  /// Writes what is queued (by send() or by a worker): uv_try_write first, the rest through one
+  /// uv_write.
   void flush();
+  /// The client does not read its answers: tells the owner (on_slow_reader) and closes.
+  void close_slow_reader();
   /// Flushes queued answers, then shuts the write side and closes. Idempotent. A client that
   /// never reads can keep that flush from finishing: the owner bounds it with close() (see
   /// closing_after_flush_since()).
@@ -87,8 +94,8 @@ class Connection {
   /// Closes now; queued answers are dropped. Idempotent.
   void close();
 
-  /// Requests of this connection being served (maintained by the owner).
-  std::size_t in_flight = 0;
+  /// The outgoing side and the count of requests in flight, shared with the workers.
+  [[nodiscard]] const std::shared_ptr<ConnectionOutput>& output() const noexcept { return output_; }
   /// Whether the owner admitted it (counted in the connections gauge).
   bool admitted = false;
 
@@ -103,7 +110,6 @@ class Connection {
   static void on_close(uv_handle_t* handle);
   void deliver_messages();
   void read_peer_credentials();
-  [[nodiscard]] std::size_t queued_bytes() const noexcept;
 
   uv_pipe_t pipe_{};  // pipe_.data == this
   std::uint64_t id_;
@@ -112,9 +118,8 @@ class Connection {
   protocol::FrameReader reader_;
   Caller caller_;
   std::chrono::steady_clock::time_point last_activity_;
-  std::string outgoing_;           // answers waiting for flush()
-  std::size_t writing_bytes_ = 0;  // bytes inside the one uv_write in progress
-  bool write_in_progress_ = false;
+  std::shared_ptr<ConnectionOutput> output_;
+  bool flush_scheduled_ = false;
   bool paused_ = false;
   bool reading_ = false;
   bool closing_ = false;

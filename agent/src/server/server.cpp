@@ -36,10 +36,18 @@ uv_handle_t* as_handle(Handle* handle) {
   return reinterpret_cast<uv_handle_t*>(handle);
 }
 
-std::string encode(const protocol::Response& response) {
-  msgpack::sbuffer buffer;
+// Encodes into `buffer`, reused from answer to answer: no allocation once it has grown.
+std::string_view encode(const protocol::Response& response, msgpack::sbuffer& buffer) {
+  buffer.clear();
   protocol::encode_response(response, buffer);
   return {buffer.data(), buffer.size()};
+}
+
+// One per worker thread (and one for the loop thread).
+thread_local msgpack::sbuffer answer_buffer;
+
+std::string_view encode(const protocol::Response& response) {
+  return encode(response, answer_buffer);
 }
 
 protocol::Response error_response(std::uint32_t msgid, ErrorCode code, std::string message) {
@@ -333,23 +341,29 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
   call->deadline = received + (request.timeout_ms ? std::chrono::milliseconds(*request.timeout_ms)
                                                   : deps_.config.limits.request_timeout);
   call->request = std::move(request);
+  call->output = connection.output();
   const auto deadline = call->deadline;
   std::weak_ptr<Call> weak = call;
+  // Counted in before the worker can answer (and count it out).
+  const bool at_limit =
+      call->output->begin_request(deps_.config.limits.max_inflight_per_connection);
+  in_flight_.fetch_add(1);
+  deps_.metrics.requests_in_flight.Increment();
   if (!workers_->submit(call)) {
+    call->output->end_request_on_loop();
+    in_flight_.fetch_sub(1);
+    deps_.metrics.requests_in_flight.Decrement();
     answer_now(connection, call->request,
                error_response(call->request.msgid, ErrorCode::kOverloaded,
                               "the agent's queue is full; retry later"),
                received);
     return;
   }
-  ++connection.in_flight;
-  ++in_flight_;
-  deps_.metrics.requests_in_flight.Increment();
   deadlines_.emplace(deadline, std::move(weak));
   if (deadline < deadline_timer_due_) arm_deadline_timer();
-  if (connection.in_flight >= deps_.config.limits.max_inflight_per_connection) {
-    connection.pause();  // backpressure: read no more until answers drain
-  }
+  // Backpressure: read no more until answers drain. An answer that already brought the count
+  // back under the limit has left a note for the loop, which resumes after this.
+  if (at_limit) connection.pause();
 }
 
 void Server::answer_now(Connection& connection, const protocol::Request& request,
@@ -386,13 +400,23 @@ void Server::run_on_worker(const std::shared_ptr<Call>& call) {
   const auto code = code_of(outcome);
   std::optional<AuditRecord> audit;
   if (AuditLog::audited(call->request.method, code)) audit = audit_record(*call, outcome);
-  Completion completion{call, encode({call->request.msgid, std::move(outcome)}), code,
-                        std::move(audit)};
-  {
-    std::lock_guard lock(completions_mutex_);
-    completions_.push_back(std::move(completion));
+  // Counted and audited before the answer leaves: a client that reads it and asks again finds
+  // the first request in /metrics and in the audit log, in order.
+  count_answered(*call, code, std::move(audit));
+  // The answer leaves from here, without waiting for the loop thread (ConnectionOutput).
+  const auto after =
+      call->output->answer_from_worker(encode({call->request.msgid, std::move(outcome)}));
+  in_flight_.fetch_sub(1);  // after the answer: shutdown closes connections once it reaches 0
+  // The loop hears of this answer only when it has something to do: at steady state nothing.
+  // shutting_down_ is read after in_flight_ was decremented; begin_shutdown()
+  // writes it before reading in_flight_: one of the two sees the other.
+  if (after.loop_needed() || shutting_down_.load()) {
+    {
+      std::lock_guard lock(completions_mutex_);
+      completions_.push_back({call->connection_id, after});
+    }
+    uv_async_send(&completions_async_);
   }
-  uv_async_send(&completions_async_);
   // Counted until after the send, so shutdown never closes the async handle under us.
   running_calls_.fetch_sub(1, std::memory_order_relaxed);
 }
@@ -402,18 +426,27 @@ void Server::drain_completions() {
     std::lock_guard lock(completions_mutex_);
     completions_spare_.swap(completions_);
   }
-  for (auto& completion : completions_spare_) {
-    answer_call(*completion.call, completion.bytes, completion.code, std::move(completion.audit));
+  for (const auto& note : completions_spare_) {
+    const auto it = connections_.find(note.connection_id);
+    if (it == connections_.end()) continue;  // closed meanwhile
+    Connection& connection = *it->second;
+    if (note.after.failed) {
+      connection.close();
+    } else if (note.after.slow_reader) {
+      connection.close_slow_reader();
+    } else {
+      if (note.after.flush) connection.schedule_flush();
+      if (note.after.resume && !shutting_down_) connection.resume();
+    }
   }
   completions_spare_.clear();
   if (shutting_down_ && in_flight_ == 0) finish_shutdown();
 }
 
-void Server::answer_call(Call& call, std::string_view bytes, std::optional<ErrorCode> code,
-                         std::optional<AuditRecord> audit) {
-  --in_flight_;
-  deps_.metrics.requests_in_flight.Decrement();
+void Server::count_answered(const Call& call, std::optional<ErrorCode> code,
+                            std::optional<AuditRecord> audit) {
   const auto elapsed = std::chrono::duration<double>(SteadyClock::now() - call.received).count();
+  deps_.metrics.requests_in_flight.Decrement();
   deps_.metrics.request_counter(call.request.method, code).Increment();
   deps_.metrics.request_histogram(call.request.method).Observe(elapsed);
   if (!audit && code && AuditLog::audited(call.request.method, code)) {
@@ -423,16 +456,19 @@ void Server::answer_call(Call& call, std::string_view bytes, std::optional<Error
     audit->duration_seconds = elapsed;
     deps_.audit.record(*audit);
   }
+}
 
+void Server::answer_on_loop(Call& call, const protocol::Response& response) {
+  std::optional<ErrorCode> code;
+  if (const auto* error = std::get_if<protocol::Error>(&response.body)) code = error->code;
+  count_answered(call, code, std::nullopt);
+  in_flight_.fetch_sub(1);
+  const bool may_resume = call.output->end_request_on_loop();
   const auto it = connections_.find(call.connection_id);
   if (it == connections_.end()) return;  // the client left; the answer has nowhere to go
   Connection& connection = *it->second;
-  connection.send(bytes);
-  if (connection.in_flight > 0) --connection.in_flight;
-  if (connection.paused() && !shutting_down_ &&
-      connection.in_flight < deps_.config.limits.max_inflight_per_connection) {
-    connection.resume();
-  }
+  connection.send(encode(response));
+  if (may_resume && !shutting_down_) connection.resume();
 }
 
 void Server::arm_deadline_timer() {
@@ -459,10 +495,8 @@ void Server::expire_deadlines() {
     deadlines_.pop();
     if (!call || !call->claim_answer()) continue;  // answered already
     // Queued calls are dropped unrun (begin_running fails); a running one's result is dropped.
-    answer_call(*call,
-                encode(error_response(call->request.msgid, ErrorCode::kDeadlineExceeded,
-                                      "no answer from the token within the deadline")),
-                ErrorCode::kDeadlineExceeded, std::nullopt);
+    answer_on_loop(*call, error_response(call->request.msgid, ErrorCode::kDeadlineExceeded,
+                                         "no answer from the token within the deadline"));
   }
   arm_deadline_timer();
   if (shutting_down_ && in_flight_ == 0) finish_shutdown();
@@ -474,7 +508,7 @@ void Server::sweep_idle() {
   const auto cutoff = SteadyClock::now() - idle;
   std::vector<Connection*> idle_connections;
   for (auto& [id, connection] : connections_) {
-    if (connection->in_flight == 0 && connection->last_activity() < cutoff) {
+    if (connection->output()->in_flight() == 0 && connection->last_activity() < cutoff) {
       idle_connections.push_back(connection);
     }
   }
@@ -513,7 +547,7 @@ void Server::on_signal(int signum) {
     std::_Exit(1);
   }
   spdlog::info("{}: shutting down, draining {} requests (at most {}s)",
-               signum == SIGTERM ? "SIGTERM" : "SIGINT", in_flight_,
+               signum == SIGTERM ? "SIGTERM" : "SIGINT", in_flight_.load(),
                deps_.config.limits.shutdown_timeout.count());
   begin_shutdown();
 }
@@ -537,7 +571,7 @@ void Server::begin_shutdown() {
       &drain_timer_,
       [](uv_timer_t* timer) {
         auto* self = static_cast<Server*>(timer->loop->data);
-        spdlog::warn("drain deadline passed with {} requests unanswered", self->in_flight_);
+        spdlog::warn("drain deadline passed with {} requests unanswered", self->in_flight_.load());
         self->finish_shutdown();
       },
       static_cast<std::uint64_t>(deps_.config.limits.shutdown_timeout.count()) * 1000, 0);
@@ -551,10 +585,8 @@ void Server::finish_shutdown() {
     auto call = deadlines_.top().second.lock();
     deadlines_.pop();
     if (!call || !call->claim_answer()) continue;
-    answer_call(*call,
-                encode(error_response(call->request.msgid, ErrorCode::kShuttingDown,
-                                      "the agent shut down before answering")),
-                ErrorCode::kShuttingDown, std::nullopt);
+    answer_on_loop(*call, error_response(call->request.msgid, ErrorCode::kShuttingDown,
+                                         "the agent shut down before answering"));
   }
   std::vector<Connection*> open;
   open.reserve(connections_.size());

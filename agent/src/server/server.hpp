@@ -3,8 +3,10 @@
 // bounds (connections, in-flight per connection, queue, deadlines, idle time), writes answers
 // once per loop iteration per connection, and shuts down gracefully on SIGTERM/SIGINT.
 //
-// Thread-safety: run() owns the calling thread as the loop thread. Workers talk to the loop only
-// through the completion queue (a mutex and a uv_async_t).
+// Thread-safety: run() owns the calling thread as the loop thread. A worker writes its answer
+// through the connection's ConnectionOutput and counts it (metrics, audit, in_flight_); it tells
+// the loop about it, through the completion queue (a mutex and a uv_async_t), only when the loop
+// has something to do (flush the rest, resume reading, close, finish shutting down).
 #pragma once
 
 #include <uv.h>
@@ -66,11 +68,10 @@ class Server final : public ConnectionEvents {
   void on_slow_reader(Connection& connection) override;
 
  private:
+  // What a worker's answer left for the loop to do on its connection.
   struct Completion {
-    std::shared_ptr<Call> call;
-    std::string bytes;  // the encoded response
-    std::optional<protocol::ErrorCode> code;
-    std::optional<AuditRecord> audit;  // built on the worker; duration added on the loop
+    std::uint64_t connection_id = 0;
+    ConnectionOutput::AfterAnswer after;
   };
 
   void listen();
@@ -78,8 +79,12 @@ class Server final : public ConnectionEvents {
   void dispatch(Connection& connection, protocol::Request&& request);
   void answer_now(Connection& connection, const protocol::Request& request,
                   protocol::Response&& response, SteadyClock::time_point received);
-  void answer_call(Call& call, std::string_view bytes, std::optional<protocol::ErrorCode> code,
-                   std::optional<AuditRecord> audit);
+  /// The loop answers a call in flight instead of its worker (deadline, shutdown).
+  void answer_on_loop(Call& call, const protocol::Response& response);
+  /// Metrics and audit line of an answered call, before its answer is written; loop or worker
+  /// thread. The caller decrements in_flight_ once the answer is written.
+  void count_answered(const Call& call, std::optional<protocol::ErrorCode> code,
+                      std::optional<AuditRecord> audit);
   void run_on_worker(const std::shared_ptr<Call>& call);
   void drain_completions();
   void expire_deadlines();
@@ -115,7 +120,7 @@ class Server final : public ConnectionEvents {
   std::unordered_map<std::uint64_t, Connection*> connections_;
   std::uint64_t next_connection_id_ = 1;
   std::vector<Connection*> dirty_;
-  std::size_t in_flight_ = 0;
+  std::atomic<std::size_t> in_flight_{0};  // decremented by workers too
 
   using DeadlineEntry = std::pair<SteadyClock::time_point, std::weak_ptr<Call>>;
   struct LaterFirst {
@@ -132,7 +137,7 @@ class Server final : public ConnectionEvents {
 
   std::atomic<std::size_t> running_calls_{0};
   bool listening_ = false;
-  bool shutting_down_ = false;
+  std::atomic<bool> shutting_down_{false};  // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
   bool abandoned_workers_ = false;
