@@ -7,11 +7,15 @@
 #   agent   `hsmctl bench`: through hsm-agent and the hsm::client library;
 #   p11kit  hsm-bench-direct over p11-kit-client.so, talking to `p11-kit server` (remoting);
 # first on plain SoftHSMv2, then behind the fault-injecting module adding 2 ms to every C_Sign
-# (a network HSM). It prints a table and writes every number as JSON.
+# (a network HSM). On plain SoftHSMv2 it also measures the process-boundary floor, the best any
+# sidecar could do here:
+#   floor   hsm-bench-floor: the same signatures behind a minimal Unix-socket sidecar;
+#   uds_rtt hsm-bench-floor --ping: the bare round trip over that socket, without signing.
+# It prints the tables and writes every number as JSON.
 #
-# Binaries come from the environment (HSM_BENCH_AGENT, HSM_BENCH_DIRECT, HSM_BENCH_HSMCTL,
-# HSM_BENCH_FAULT_MODULE) or from the build directory, where they are built or brought up to date
-# first (configuring it when it does not exist yet), unless --no-build.
+# Binaries come from the environment (HSM_BENCH_AGENT, HSM_BENCH_DIRECT, HSM_BENCH_FLOOR,
+# HSM_BENCH_HSMCTL, HSM_BENCH_FAULT_MODULE) or from the build directory, where they are built or
+# brought up to date first (configuring it when it does not exist yet), unless --no-build.
 set -euo pipefail
 
 readonly repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -114,11 +118,13 @@ build_dir=$(realpath -m "$build_dir")
 declare -A binary=(
   [hsm-agent]=${HSM_BENCH_AGENT:-$build_dir/agent/hsm-agent}
   [hsm-bench-direct]=${HSM_BENCH_DIRECT:-$build_dir/bench/hsm-bench-direct}
+  [hsm-bench-floor]=${HSM_BENCH_FLOOR:-$build_dir/bench/hsm-bench-floor}
   [hsmctl]=${HSM_BENCH_HSMCTL:-$build_dir/client/hsmctl}
   [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:-$build_dir/tests/fault_module/libhsm_fault_pkcs11.so}
 )
 declare -A from_env=(
   [hsm-agent]=${HSM_BENCH_AGENT:+1} [hsm-bench-direct]=${HSM_BENCH_DIRECT:+1}
+  [hsm-bench-floor]=${HSM_BENCH_FLOOR:+1}
   [hsmctl]=${HSM_BENCH_HSMCTL:+1} [hsm_fault_pkcs11]=${HSM_BENCH_FAULT_MODULE:+1}
 )
 # The targets to (re)build: those taken from the build directory (an up-to-date build is a
@@ -223,12 +229,31 @@ start_p11kit_server() {  # module name
   die "p11-kit server did not start"
 }
 
+floor_pid='' floor_socket=''
+start_floor_server() {  # module name
+  floor_socket=$work/floor-$2.sock
+  "${binary[hsm-bench-floor]}" --serve "$floor_socket" --module "$1" --token-label "$token_label" \
+    --pin-file "$work/user.pin" --kid "$kid" >"$work/floor-$2.out" 2>"$work/floor-$2.err" &
+  floor_pid=$!
+  pids+=("$floor_pid")
+  local tries
+  for ((tries = 0; tries < 200; tries++)); do
+    grep -q '^listening on ' "$work/floor-$2.out" 2>/dev/null && return 0
+    kill -0 "$floor_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  cat "$work/floor-$2.err" >&2
+  die "hsm-bench-floor --serve did not start"
+}
+
 stop_servers() {
   local pid
-  for pid in "$agent_pid" "$p11kit_pid"; do
+  for pid in "$agent_pid" "$p11kit_pid" "$floor_pid"; do
+    [[ -n $pid ]] || continue
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
+  agent_pid='' p11kit_pid='' floor_pid=''
   pids=()
 }
 
@@ -259,21 +284,24 @@ print(json.dumps(run))
 EOF
 }
 
-run_scenario() {  # scenario module levels...
-  local scenario=$1 module=$2 level connections depth
-  shift 2
+# with_floor: 1 to also measure the floor and the bare round trip (plain SoftHSMv2 only).
+run_scenario() {  # scenario module with_floor levels...
+  local scenario=$1 module=$2 with_floor=$3 level connections depth
+  shift 3
   local levels=("$@") max=0
   for level in "${levels[@]}"; do ((level > max)) && max=$level; done
   start_agent "$module" "$max" "$scenario"
   start_p11kit_server "$module" "$scenario"
+  if ((with_floor)); then start_floor_server "$module" "$scenario"; fi
   local common=(--token-label "$token_label" --pin-file "$work/user.pin" --kid "$kid"
     --duration-ms "$duration_ms" --warmup-ms "$warmup_ms")
-  local round of
+  local round of modes="direct, agent, p11-kit"
+  if ((with_floor)); then modes+=", floor, uds round trip"; fi
   for level in "${levels[@]}"; do
     for ((round = 1; round <= repeat; round++)); do
       of=
       ((repeat == 1)) || of=", round $round of $repeat"
-      note "$scenario, concurrency $level: direct, agent, p11-kit (${duration_s} s each$of)"
+      note "$scenario, concurrency $level: $modes (${duration_s} s each$of)"
       record "$scenario" "$level" direct "${binary[hsm-bench-direct]}" --module "$module" \
         --threads "$level" "${common[@]}"
       # Up to --agent-connections, one synchronous caller per connection (like direct threads);
@@ -289,15 +317,21 @@ run_scenario() {  # scenario module levels...
       P11_KIT_SERVER_ADDRESS=$p11kit_address record "$scenario" "$level" p11kit \
         "${binary[hsm-bench-direct]}" --module "$p11kit_client" --threads "$level" "${common[@]}" \
         --server-pid "$p11kit_pid"
+      if ((with_floor)); then
+        local floor_run=("${binary[hsm-bench-floor]}" --connect "$floor_socket" --threads "$level"
+          --duration-ms "$duration_ms" --warmup-ms "$warmup_ms" --server-pid "$floor_pid")
+        record "$scenario" "$level" floor "${floor_run[@]}"
+        record "$scenario" "$level" uds_rtt "${floor_run[@]}" --ping
+      fi
     done
   done
   stop_servers
 }
 
 readonly load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-run_scenario softhsm "$softhsm_module" "${plain_levels[@]}"
+run_scenario softhsm "$softhsm_module" 1 "${plain_levels[@]}"
 HSM_FAULT_CONTROL=$work/fault-control run_scenario "softhsm+${delay_ms}ms" \
-  "${binary[hsm_fault_pkcs11]}" "${latency_levels[@]}"
+  "${binary[hsm_fault_pkcs11]}" 0 "${latency_levels[@]}"
 
 # ---- Table and JSON ------------------------------------------------------------------------------
 
@@ -334,28 +368,51 @@ for run in runs:
 def ratio(a, b):
     return round(a / b, 3) if a and b else None
 
+def difference(a, b):
+    return round(a - b, 1) if a is not None and b is not None else None
+
+def cell(modes, m):
+    """One mode's numbers in a table row (errors 1 and no numbers when it did not run)."""
+    run = modes.get(m, {})
+    used = run.get("cpu_us_per_op")
+    cpu = None if not used else {
+        "client": used.get("client"), "server": used.get("server"),
+        "total": round(used.get("client", 0) + used.get("server", 0), 1)}
+    return {"throughput_per_s": run.get("throughput_per_s", 0.0),
+            "p50_us": run.get("latency_us", {}).get("p50"),
+            "p99_us": run.get("latency_us", {}).get("p99"),
+            "cpu_us_per_op": cpu,
+            "errors": run.get("errors", 1)}
+
 table = []
 for (scenario, level), modes in rows.items():
-    tput = {m: modes.get(m, {}).get("throughput_per_s", 0.0) for m in ("direct", "agent", "p11kit")}
-    p50 = {m: modes.get(m, {}).get("latency_us", {}).get("p50") for m in ("direct", "agent", "p11kit")}
-    added = (round(p50["agent"] - p50["direct"], 1)
-             if p50["agent"] is not None and p50["direct"] is not None else None)
-    def cpu(m):
-        used = modes.get(m, {}).get("cpu_us_per_op")
-        if not used:
-            return None
-        return {"client": used.get("client"), "server": used.get("server"),
-                "total": round(used.get("client", 0) + used.get("server", 0), 1)}
+    cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit")}
+    tput = {m: c["throughput_per_s"] for m, c in cells.items()}
     table.append({
-        "scenario": scenario, "concurrency": level,
-        **{m: {"throughput_per_s": tput[m],
-               "p50_us": p50[m],
-               "p99_us": modes.get(m, {}).get("latency_us", {}).get("p99"),
-               "cpu_us_per_op": cpu(m),
-               "errors": modes.get(m, {}).get("errors", 1)} for m in ("direct", "agent", "p11kit")},
+        "scenario": scenario, "concurrency": level, **cells,
         "agent_over_direct": ratio(tput["agent"], tput["direct"]),
         "agent_over_p11kit": ratio(tput["agent"], tput["p11kit"]),
-        "agent_added_p50_us": added,
+        "agent_added_p50_us": difference(cells["agent"]["p50_us"], cells["direct"]["p50_us"]),
+    })
+
+# The process-boundary floor (plain SoftHSMv2 rows only): the same signature behind a minimal
+# Unix-socket sidecar, and the bare round trip over that socket.
+floor_table = []
+for (scenario, level), modes in rows.items():
+    if "floor" not in modes and "uds_rtt" not in modes:
+        continue
+    cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit", "floor", "uds_rtt")}
+    tput = {m: c["throughput_per_s"] for m, c in cells.items()}
+    p50 = {m: c["p50_us"] for m, c in cells.items()}
+    floor_table.append({
+        "scenario": scenario, "concurrency": level,
+        "floor": cells["floor"], "uds_rtt": cells["uds_rtt"],
+        "floor_over_direct": ratio(tput["floor"], tput["direct"]),
+        "floor_over_p11kit": ratio(tput["floor"], tput["p11kit"]),
+        "floor_added_p50_us": difference(p50["floor"], p50["direct"]),
+        "uds_rtt_p50_us": p50["uds_rtt"],
+        "agent_over_floor": ratio(tput["agent"], tput["floor"]),
+        "agent_over_floor_p50_us": difference(p50["agent"], p50["floor"]),
     })
 
 def fmt(value, spec):
@@ -378,6 +435,31 @@ for row in table:
 lines.append("throughput in signatures/s; latencies in microseconds; ag/dir and ag/p11 are "
              "throughput ratios; +p50 = agent p50 - direct p50; ! = the run had errors")
 
+if floor_table:
+    # Each p50/p99 block is followed by its error mark ("!" or a blank), as in the main table.
+    floor_header = (f"{'scenario':<14} {'conc':>4} | {'floor/s':>8} {'p50':>7} {'p99':>7}  | "
+                    f"{'fl/dir':>6} {'fl+p50':>6} | {'rtt p50':>7}  | {'ag/fl':>6} {'ag-fl':>6} | "
+                    f"{'cpu/sig':>7}")
+    lines += ["", "process-boundary floor: the same signature behind a minimal Unix-socket sidecar "
+              "(no sidecar can beat it here)", floor_header, "-" * len(floor_header)]
+    for row in floor_table:
+        f, rtt = row["floor"], row["uds_rtt"]
+        cpu = f["cpu_us_per_op"]
+        lines.append(
+            f"{row['scenario']:<14} {row['concurrency']:>4} | "
+            f"{f['throughput_per_s']:>8.0f} {fmt(f['p50_us'], '7.1f')} {fmt(f['p99_us'], '7.1f')}"
+            f"{'!' if f['errors'] else ' '} | "
+            f"{fmt(row['floor_over_direct'], '6.2f')} {fmt(row['floor_added_p50_us'], '6.1f')} | "
+            f"{fmt(row['uds_rtt_p50_us'], '7.1f')}{'!' if rtt['errors'] else ' '} | "
+            f"{fmt(row['agent_over_floor'], '6.2f')} {fmt(row['agent_over_floor_p50_us'], '6.1f')} | "
+            f"{fmt(cpu and cpu['total'], '7.1f')}")
+    lines.append("floor: one server thread per connection reads 32 bytes, signs inline on its own "
+                 "session (as direct) and writes 64 back; rtt p50 = the bare round trip over that "
+                 "socket (no signing)")
+    lines.append("fl/dir = floor/direct throughput; fl+p50 = floor p50 - direct p50; ag/fl = "
+                 "agent/floor throughput; ag-fl = agent p50 - floor p50; cpu/sig = floor CPU per "
+                 "signature, client + server")
+
 # CPU per signature: independent of other load on the machine, unlike the wall-clock numbers.
 def cpu_cell(r, split):
     c = r["cpu_us_per_op"]
@@ -395,27 +477,47 @@ for row in table:
                  f"{cpu_cell(row['direct'], False)} | {cpu_cell(row['agent'], True)} | "
                  f"{cpu_cell(row['p11kit'], True)}")
 
-# Issue 7's targets, as information (a benchmark is not a test gate).
+# Issue 7's targets, as information (a benchmark is not a test gate). After each target on plain
+# SoftHSMv2, the same ratio for the floor: whether any sidecar could meet the target here at all.
 targets = []
+floor_bounds = []
+target_lines = []
 def target(name, value, ok):
     targets.append({"target": name, "value": value, "met": ok})
+    target_lines.append(f"  {'met ' if ok else 'MISS'}  {name}: {fmt(value, '.2f')}")
+def floor_bound(name, value, comparison, goal, unit="", aside=""):
+    reachable = None if value is None else (value >= goal if comparison == ">=" else value <= goal)
+    floor_bounds.append({"bound": name, "value": value, "target": f"{comparison} {goal}",
+                         "target_within_reach": reachable})
+    verdict = ("" if reachable is None else
+               f", so {comparison} {goal}{unit} is {'within' if reachable else 'out of'} reach")
+    target_lines.append(f"  info  {name} (the floor: no sidecar can beat it here): "
+                        f"{fmt(value, '.2f')}{unit}{verdict}{aside}")
+floors = {(row["scenario"], row["concurrency"]): row for row in floor_table}
 for row in table:
     s, c = row["scenario"], row["concurrency"]
+    fl = floors.get((s, c))
     if s == "softhsm" and c in (1, 2):
         v = row["agent_over_direct"]
         target(f"{s} c={c}: agent/direct >= 0.9", v, v is not None and v >= 0.9)
+        if fl:
+            floor_bound(f"{s} c={c}: floor/direct", fl["floor_over_direct"], ">=", 0.9)
         v = row["agent_over_p11kit"]
         target(f"{s} c={c}: agent/p11kit >= 2.5", v, v is not None and v >= 2.5)
+        if fl:
+            floor_bound(f"{s} c={c}: floor/p11kit", fl["floor_over_p11kit"], ">=", 2.5)
     if s == "softhsm" and c == 1:
         v = row["agent_added_p50_us"]
         target(f"{s} c=1: agent p50 - direct p50 <= 20 us", v, v is not None and v <= 20)
+        if fl:
+            floor_bound(f"{s} c=1: floor p50 - direct p50", fl["floor_added_p50_us"], "<=", 20,
+                        " us", f" (a bare round trip alone: {fmt(fl['uds_rtt_p50_us'], '.1f')} us)")
     if s != "softhsm" and c == 64:
         v = row["agent_over_direct"]
         target(f"{s} c=64: agent/direct >= 0.85", v, v is not None and v >= 0.85)
 lines.append("")
 lines.append("issue 7 targets (information, not a gate):")
-for t in targets:
-    lines.append(f"  {'met ' if t['met'] else 'MISS'}  {t['target']}: {fmt(t['value'], '.2f')}")
+lines += target_lines
 
 lines.append("")
 lines.append(f"load average (1, 5, 15 min) before: {' '.join(loads.split()[:3])}, "
@@ -429,6 +531,8 @@ document = {
                  "signature": "ES256 (CKM_ECDSA over SHA-256 of a 32-byte message)"},
     "table": table,
     "targets": targets,
+    "floor_table": floor_table,
+    "floor_bounds": floor_bounds,
     "runs": runs,
 }
 with open(json_out, "w") as out:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # bench/smoke_test.sh: what CI's `bench_smoke` test runs (bench/CMakeLists.txt). The harness runs
-# end to end (`run.sh --quick`, every run error-free) and produces its table and its JSON: every
-# scenario and concurrency has a row with all three modes, each having signed something. No
-# timing assertions: the numbers are the benchmark's output, not a test gate.
+# end to end (`run.sh --quick`, every run error-free) and produces its tables and its JSON: every
+# scenario and concurrency has a row with all three modes, each having signed something, and the
+# plain SoftHSMv2 rows also have the process-boundary floor and the bare round trip. No timing
+# assertions: the numbers are the benchmark's output, not a test gate.
 #
 #   bench/smoke_test.sh JSON_OUT [run.sh options...]
 set -euo pipefail
@@ -20,6 +21,7 @@ table_text = open(sys.argv[1]).read()
 document = json.load(open(sys.argv[2]))
 problems = []
 for heading in ("scenario", "direct/s", "agent/s", "p11kit/s", "ag/dir", "ag/p11",
+                "process-boundary floor", "floor/s", "fl/dir", "rtt p50", "ag/fl",
                 "CPU time per signature", "issue 7 targets", "load average"):
     if heading not in table_text:
         problems.append(f"the table has no '{heading}'")
@@ -38,6 +40,26 @@ for key, row in rows.items():
         problems.append(f"{key}: ratios missing")
     if f"{key[0]:<14} {key[1]:>4} |" not in table_text:
         problems.append(f"{key}: no line in the printed table")
+# The floor: on plain SoftHSMv2 only, both its modes measured, its own table line, and its
+# bounds listed beside the issue-7 targets.
+floors = {(row["scenario"], row["concurrency"]): row for row in document.get("floor_table", [])}
+if set(floors) != {("softhsm", 1)}:
+    problems.append(f"floor rows {sorted(floors)}, expected [('softhsm', 1)]")
+floor_section = table_text.split("process-boundary floor", 1)[-1]
+for key, row in floors.items():
+    for mode in ("floor", "uds_rtt"):
+        cell = row[mode]
+        if cell["errors"] or not cell["throughput_per_s"] > 0 or cell["p50_us"] is None:
+            problems.append(f"{key} {mode}: {cell}")
+        if cell["cpu_us_per_op"] is None:
+            problems.append(f"{key} {mode}: no CPU per operation")
+    for ratio in ("floor_over_direct", "floor_added_p50_us", "uds_rtt_p50_us", "agent_over_floor"):
+        if row[ratio] is None:
+            problems.append(f"{key}: floor {ratio} missing")
+    if f"{key[0]:<14} {key[1]:>4} |" not in floor_section:
+        problems.append(f"{key}: no line in the printed floor table")
+if "floor/direct (the floor" not in table_text or not document.get("floor_bounds"):
+    problems.append("no floor bounds beside the issue-7 targets")
 for run in document["runs"]:
     if run.get("errors", 1) or not run.get("ops"):
         problems.append(f"run failed: {run}")
@@ -46,5 +68,6 @@ if not document["targets"]:
 if problems:
     print("bench smoke test failed:\n  " + "\n  ".join(problems), file=sys.stderr)
     sys.exit(1)
-print(f"bench smoke test: {len(rows)} rows, {len(document['runs'])} runs, table and JSON ok")
+print(f"bench smoke test: {len(rows)} rows ({len(floors)} with the floor), "
+      f"{len(document['runs'])} runs, tables and JSON ok")
 PY

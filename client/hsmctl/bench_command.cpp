@@ -298,8 +298,8 @@ class BenchCommand final : public Command {
 
     LatencyHistogram all;
     for (const auto& one : latencies) all.merge(*one);
-    bench::Report report;
-    report.mode = "agent";
+    auto report = bench::finished_run_report("agent", all, std::uint64_t{connections_} * depth_,
+                                             window, errors, cpu, !server_pids_.empty());
     report.settings = {{"socket", bench::json_string(job.client.socket_path)},
                        {"kid", bench::json_string(job.kid)},
                        {"alg", bench::json_string(alg_used_)},
@@ -308,13 +308,6 @@ class BenchCommand final : public Command {
                        {"payload_bytes", std::to_string(job.payload.size())},
                        {"connections", std::to_string(connections_)},
                        {"depth", std::to_string(depth_)}};
-    report.concurrency = std::uint64_t{connections_} * depth_;
-    report.seconds = window.seconds();
-    report.errors = errors.count();
-    report.first_error = errors.first();
-    report.latencies = &all;
-    report.cpu = cpu;
-    report.has_server = !server_pids_.empty();
     if (context.json()) {
       bench::write_json(context.out(), report);
     } else {

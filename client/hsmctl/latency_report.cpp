@@ -226,4 +226,19 @@ void write_json(std::ostream& out, const Report& report) {
   out << "}\n";
 }
 
+Report finished_run_report(std::string mode, const LatencyHistogram& all, std::uint64_t concurrency,
+                           const MeasurementWindow& window, const ErrorLog& errors,
+                           const CpuSample& cpu, bool has_server) {
+  Report report;
+  report.mode = std::move(mode);
+  report.concurrency = concurrency;
+  report.seconds = window.seconds();
+  report.errors = errors.count();
+  report.first_error = errors.first();
+  report.latencies = &all;
+  report.cpu = cpu;
+  report.has_server = has_server;
+  return report;
+}
+
 }  // namespace hsm::bench

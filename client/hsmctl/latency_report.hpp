@@ -127,4 +127,11 @@ class ErrorLog {
   std::string first_;
 };
 
+/// The report of a finished run, as every benchmark program ends: the measured window, the
+/// errors and CPU time; `all` (the threads' histograms merged) must outlive it.
+[[nodiscard]] Report finished_run_report(std::string mode, const LatencyHistogram& all,
+                                         std::uint64_t concurrency, const MeasurementWindow& window,
+                                         const ErrorLog& errors, const CpuSample& cpu,
+                                         bool has_server);
+
 }  // namespace hsm::bench
