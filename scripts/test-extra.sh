@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The checks beyond the main ctest run (called by scripts/test.sh, so CI runs all of them):
 #   1. the whole suite under AddressSanitizer + UndefinedBehaviorSanitizer,
-#   2. the concurrency tests (agent and client) under ThreadSanitizer,
+#   2. the agent's core and reliability suites and the client's tests under ThreadSanitizer,
 #   3. a bounded libFuzzer run over the request decoder and access-control dispatch,
 #   4. deployment checks (Prometheus rules, dashboard, Helm chart, image library list).
 # Each builds in its own build/<name> directory. Stages can be skipped for a quick local run:
@@ -26,14 +26,17 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
       -LE "no-sanitizer"
   stage_done asan-ubsan
 
-  section "ThreadSanitizer: concurrency tests (agent and client)"
+  section "ThreadSanitizer: core and reliability suites, agent and client concurrency tests"
   cmake --preset tsan >/dev/null
-  cmake --build --preset tsan --target hsm-agent hsmctl integration_tests agent_unit_tests \
-    client_unit_tests client_agent_tests
+  cmake --build --preset tsan --target hsm-agent hsmctl integration_tests reliability_tests \
+    agent_unit_tests client_unit_tests client_agent_tests
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp"
   # The agent runs as a child of the test binary and inherits TSAN_OPTIONS; the fixture fails
   # the test that started it when its stderr holds a ThreadSanitizer report.
-  build/tsan/tests/integration/integration_tests "[concurrency]"
+  # Workers write answers and count requests out while the loop answers deadlines and shuts
+  # down: the core and reliability suites drive those paths against a real agent.
+  build/tsan/tests/integration/integration_tests
+  build/tsan/tests/integration/reliability_tests
   build/tsan/tests/unit/agent/agent_unit_tests "[concurrency]"  # loop and workers on one socket
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts

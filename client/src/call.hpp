@@ -33,15 +33,22 @@ struct Failure {
   Delivery delivery = Delivery::kMaybeSent;
 };
 
+/// The thread that reports an attempt's outcome to the CallRunner: a thread that made a call
+/// (a synchronous caller that read answers for others, or a caller whose attempt failed before
+/// anything was sent), or one of the client's own threads (a reader thread, the timer thread).
+/// A callback never runs on a caller's thread: the runner hands it to the timer thread.
+enum class ReportingThread : std::uint8_t { kCaller, kClient };
+
 /// Turns the result of a method into the public type; throws Error(protocol_error) when the
 /// result is not the method's.
 template <class T>
 using Converter = T (*)(protocol::Result&&);
 
-/// Shared between the thread that started the call, the reader thread of the connection that
-/// carries it, and the timer thread. Completion happens exactly once (finish()); everything
-/// else either runs on the one thread driving the current attempt (attempts are sequential:
-/// the next starts only after the previous failed) or is guarded by mutex_.
+/// Shared between the thread that started the call, the thread reading the connection that
+/// carries it (its reader thread, or a synchronous caller reading for everyone), and the timer
+/// thread. Completion happens exactly once (finish()); everything else either runs on the one
+/// thread driving the current attempt (attempts are sequential: the next starts only after the
+/// previous failed) or is guarded by mutex_.
 class Call {
  public:
   struct InFlight {
@@ -168,7 +175,8 @@ class FutureCall final : public Call {
   Converter<T> convert_;
 };
 
-/// A synchronous call: the caller blocks in wait_until() on its own thread. The outcome is
+/// A synchronous call: the caller blocks on its own thread until completion() is set (in
+/// CallRunner::run, which may read the answer itself: Connection::await). The outcome is
 /// handed over with a CompletionFlag rather than a std::promise, whose completion costs extra
 /// system calls per call (libstdc++ runs it under call_once, and glibc's once always issues a
 /// futex wake); and the error travels as a value, thrown on the caller's thread, so no
@@ -188,12 +196,12 @@ class SyncCall final : public Call {
 
   [[nodiscard]] bool completes_on_client_thread() const noexcept override { return false; }
 
-  /// Blocks until the call completed (true) or `deadline` passed (false).
-  [[nodiscard]] bool wait_until(Clock::time_point deadline) noexcept {
-    return done_.wait_until(deadline);
-  }
-  /// The outcome. Blocks until the call completed: after a false wait_until() and expiring the
-  /// call, it returns at once, or as soon as the completion that won the race has delivered.
+  /// Set when the call completed (after its outcome is stored); waited on by the calling
+  /// thread only. Lives as long as the call.
+  [[nodiscard]] CompletionFlag& completion() noexcept { return done_; }
+  /// The outcome. Blocks until the call completed: after the caller's deadline passed and the
+  /// call was expired, it returns at once, or as soon as the completion that won the race has
+  /// delivered.
   [[nodiscard]] Outcome<T> take() {
     done_.wait();
     return std::move(*outcome_);

@@ -45,19 +45,28 @@ CallRunner::~CallRunner() {
   timer_.stop();
 }
 
-void CallRunner::start(const std::shared_ptr<Call>& call, bool async) {
-  if (async) {
-    std::weak_ptr<Call> weak = call;
-    auto handle = timer_.schedule(call->deadline(), [this, weak] {
-      if (auto expiring = weak.lock()) {
-        expire(expiring);
-      }
-    });
-    if (handle) {
-      call->set_deadline_timer(*handle);
+void CallRunner::start(const std::shared_ptr<Call>& call) {
+  std::weak_ptr<Call> weak = call;
+  auto handle = timer_.schedule(call->deadline(), [this, weak] {
+    if (auto expiring = weak.lock()) {
+      expire(expiring);
     }
+  });
+  if (handle) {
+    call->set_deadline_timer(*handle);
   }
-  attempt(call, Thread::kCaller);
+  (void)attempt(call, Thread::kCaller);
+}
+
+void CallRunner::run(const std::shared_ptr<Call>& call, CompletionFlag& done) {
+  const std::optional<OwnAnswer> own = attempt(call, Thread::kCaller, ReadBy::kSender);
+  // Not in flight on a connection after the first attempt: it completed already, or a retry
+  // will carry it (read by that connection's reader thread).
+  const bool completed =
+      own ? own->connection->await(call, done, own->msgid) : done.wait_until(call->deadline());
+  if (!completed) {
+    expire(call);
+  }
 }
 
 void CallRunner::expire(const std::shared_ptr<Call>& call) {
@@ -76,13 +85,14 @@ void CallRunner::expire(const std::shared_ptr<Call>& call) {
   }
 }
 
-void CallRunner::attempt(const std::shared_ptr<Call>& call, Thread thread) {
+std::optional<CallRunner::OwnAnswer> CallRunner::attempt(const std::shared_ptr<Call>& call,
+                                                         Thread thread, ReadBy read_by) {
   if (call->finished()) {
-    return;  // timed out while waiting for this retry
+    return std::nullopt;  // timed out while waiting for this retry
   }
   if (closing_.load(std::memory_order_acquire)) {
     finish(call, Error(std::string(kConnectionFailed), "the client is closed"), thread);
-    return;
+    return std::nullopt;
   }
   call->begin_attempt();
   // A connection can die while idle (the agent restarted) without its reader having noticed
@@ -94,32 +104,39 @@ void CallRunner::attempt(const std::shared_ptr<Call>& call, Thread thread) {
     if (auto* unavailable = std::get_if<ConnectionPool::Unavailable>(&acquired)) {
       retry_or_finish(call, {std::move(unavailable->error), Delivery::kNotSent}, thread,
                       unavailable->retry_at);
-      return;
+      return std::nullopt;
     }
-    auto failure = std::get<std::shared_ptr<Connection>>(acquired)->send(call);
-    if (!failure) {
-      return;  // in flight
+    auto& connection = std::get<std::shared_ptr<Connection>>(acquired);
+    auto sent = connection->send(call, read_by);
+    if (const auto* in_flight = std::get_if<Connection::Sent>(&sent)) {
+      if (read_by == ReadBy::kSender) {
+        return OwnAnswer{std::move(connection), in_flight->msgid};
+      }
+      return std::nullopt;
     }
+    auto& failure = std::get<Failure>(sent);
     const bool stale_connection =
-        failure->delivery == Delivery::kNotSent && failure->error.code() == kConnectionFailed;
+        failure.delivery == Delivery::kNotSent && failure.error.code() == kConnectionFailed;
     if (!stale_connection || stale >= kStaleConnectionRetries) {
-      retry_or_finish(call, std::move(*failure), thread, Clock::time_point{});
-      return;
+      retry_or_finish(call, std::move(failure), thread, Clock::time_point{});
+      return std::nullopt;
     }
   }
 }
 
-void CallRunner::on_answer(const std::shared_ptr<Call>& call, Answer&& answer) {
+void CallRunner::on_answer(const std::shared_ptr<Call>& call, Answer&& answer,
+                           ReportingThread thread) {
   if (auto* error = std::get_if<Error>(&answer);
       error != nullptr && call->idempotent() && is_transient(error->code())) {
-    retry_or_finish(call, {std::move(*error), Delivery::kMaybeSent}, Thread::kClient, {});
+    retry_or_finish(call, {std::move(*error), Delivery::kMaybeSent}, thread, {});
     return;
   }
-  finish(call, std::move(answer), Thread::kClient);
+  finish(call, std::move(answer), thread);
 }
 
-void CallRunner::on_failure(const std::shared_ptr<Call>& call, Failure&& failure) {
-  retry_or_finish(call, std::move(failure), Thread::kClient, {});
+void CallRunner::on_failure(const std::shared_ptr<Call>& call, Failure&& failure,
+                            ReportingThread thread) {
+  retry_or_finish(call, std::move(failure), thread, {});
 }
 
 void CallRunner::retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure,
@@ -138,7 +155,7 @@ void CallRunner::retry_or_finish(const std::shared_ptr<Call>& call, Failure&& fa
     finish(call, std::move(failure.error), thread);
     return;
   }
-  auto scheduled = timer_.schedule(at, [this, call] { attempt(call, Thread::kClient); });
+  auto scheduled = timer_.schedule(at, [this, call] { (void)attempt(call, Thread::kClient); });
   if (!scheduled) {
     finish(call, std::move(failure.error), thread);
   }

@@ -3,7 +3,9 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <memory>
+#include <optional>
 
 #include "backoff.hpp"
 #include "call.hpp"
@@ -28,20 +30,34 @@ class CallRunner {
   CallRunner(CallRunner&&) = delete;
   CallRunner& operator=(CallRunner&&) = delete;
 
-  /// Starts a call on the calling thread. An asynchronous call also gets a timer that fails it
-  /// with timeout at its deadline; a synchronous caller enforces its deadline itself (expire()).
-  void start(const std::shared_ptr<Call>& call, bool async);
+  /// Starts an asynchronous call on the calling thread, with a timer that fails it with
+  /// timeout at its deadline.
+  void start(const std::shared_ptr<Call>& call);
+  /// Runs a synchronous call on the calling thread: starts it, then blocks until `done` (the
+  /// call's completion flag) is set or the call's deadline passes, and then expires it. The
+  /// deadline is enforced on the caller's own thread (no timer round trip), and the caller
+  /// reads its own answer from the connection when no other thread reads it
+  /// (Connection::await).
+  void run(const std::shared_ptr<Call>& call, CompletionFlag& done);
   /// Fails the call with timeout unless it completed; its answer, if one comes, is dropped.
   void expire(const std::shared_ptr<Call>& call);
 
-  /// From a connection's reader thread: the agent's answer to one attempt.
-  void on_answer(const std::shared_ptr<Call>& call, Answer&& answer);
-  /// From a connection's reader thread: the connection died with the call pending.
-  void on_failure(const std::shared_ptr<Call>& call, Failure&& failure);
+  /// From the thread reading a connection: the agent's answer to one attempt.
+  void on_answer(const std::shared_ptr<Call>& call, Answer&& answer, ReportingThread thread);
+  /// From the thread reading a connection: the connection died with the call pending.
+  void on_failure(const std::shared_ptr<Call>& call, Failure&& failure, ReportingThread thread);
 
  private:
-  enum class Thread : std::uint8_t { kCaller, kClient };
-  void attempt(const std::shared_ptr<Call>& call, Thread thread);
+  using Thread = ReportingThread;
+  /// Where a synchronous call's first attempt waits for the answer its caller reads.
+  struct OwnAnswer {
+    std::shared_ptr<Connection> connection;
+    std::uint32_t msgid = 0;
+  };
+  /// One attempt: picks a connection and sends. With ReadBy::kSender (the caller's own first
+  /// attempt of a synchronous call) returns where the call is in flight, for await().
+  std::optional<OwnAnswer> attempt(const std::shared_ptr<Call>& call, Thread thread,
+                                   ReadBy read_by = ReadBy::kAnyone);
   void retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure, Thread thread,
                        Clock::time_point not_before);
   void finish(const std::shared_ptr<Call>& call, Answer&& answer, Thread thread);

@@ -207,11 +207,7 @@ class Client::Impl {
   template <class T>
   T call(Prepared<T> prepared) {
     auto call = make<SyncCall<T>>(std::move(prepared));
-    runner_.start(call, /*async=*/false);
-    // The deadline is enforced here, on the caller's own thread: no timer round trip.
-    if (!call->wait_until(call->deadline())) {
-      runner_.expire(call);
-    }
+    runner_.run(call, call->completion());  // may read the answer itself (Connection::await)
     return call->take().value();  // throws the call's hsm::Error here, on the caller's thread
   }
 
@@ -219,7 +215,7 @@ class Client::Impl {
   std::future<T> call_future(Prepared<T> prepared) {
     auto call = make<FutureCall<T>>(std::move(prepared));
     std::future<T> answer = call->future();
-    runner_.start(call, /*async=*/true);
+    runner_.start(call);
     return answer;
   }
 
@@ -264,7 +260,7 @@ class Client::Impl {
   template <class T>
   void call_back(Prepared<T> prepared, Callback<T> done) {
     auto call = make<CallbackCall<T>>(std::move(prepared), std::move(done));
-    runner_.start(call, /*async=*/true);
+    runner_.start(call);
   }
 
  private:

@@ -1,11 +1,44 @@
+// The read side of a connection, who holds it and how it changes hands.
+//
+// Invariant: at most one thread reads the socket at a time: the holder of the read side,
+// recorded in reader_ under mutex_ (kThread: the connection's reader thread; kCaller: the
+// synchronous caller leader_ in await(); kNobody: no one). Only the holder calls recv(), uses
+// frames_, dispatches answers and calls end(); it lets go only through pass_read_side_locked(),
+// which chooses the next holder so that **whenever a pending call's answer can only come
+// through this socket, someone holds the read side or is about to take it**:
+//   - a call sent with ReadBy::kAnyone (asynchronous calls, retries from the timer thread)
+//     gives the read side to the reader thread when nobody holds it; the reader thread reads
+//     while any such call is pending (PendingCalls::without_own_reader()); then it hands the
+//     read side to a waiting caller, or keeps it "idle" (thread_idle_: waiting in poll() for
+//     data, not in recv()), so that a stream of asynchronous calls costs no hand-overs;
+//   - a call sent with ReadBy::kSender is read by its own caller in await(): it takes the read
+//     side when nobody holds it or the reader thread is idle (that is the fast path: no other
+//     thread is woken before its answer; an idle reader thread is told to let go), or follows
+//     (sleeps on its CompletionFlag) while another thread reads; a holder that lets go hands
+//     the read side to the oldest follower whose call is still pending here (a nudge), else to
+//     the reader thread if it is needed, else to nobody (any caller still on its way to
+//     await() takes it then);
+//   - once the peer hangs up or the connection is broken, the read side goes to the reader
+//     thread (it reads up to the end of the stream, then fails what is left), and once it has
+//     ended, nobody reads and the reader thread returns.
+// A caller holds the read side only while its own call is pending here and its deadline has
+// not passed. The reader thread, while it does not hold it, sleeps in poll() on the socket for
+// a hang-up only (data arriving does not wake it) and on an eventfd for a hand-over, so a
+// closed socket is noticed promptly even while nobody reads. Whoever holds the read side
+// dispatches every complete answer it has received before it lets go; an idle reader thread
+// touches the socket again only after checking, under mutex_, that it still holds it.
 #include "connection.hpp"
 
 #include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <span>
 #include <string>
@@ -46,26 +79,71 @@ Answer to_answer(protocol::Response&& response) {
   return std::get<protocol::Result>(std::move(response.body));
 }
 
+/// Called inside a catch block: the error that ends the connection when reading threw.
+Error read_failure() noexcept {
+  try {
+    throw;
+  } catch (const protocol::FrameError& error) {
+    return Error(std::string(kProtocolError),
+                 std::string("the agent sent bytes that break the protocol: ") + error.what());
+  } catch (const Error& error) {
+    return error;
+  } catch (const std::exception& error) {
+    return Error(std::string(kProtocolError), error.what());
+  } catch (...) {
+    return Error(std::string(kProtocolError), "unknown failure while reading the answers");
+  }
+}
+
+timespec to_timespec(Clock::duration duration) {
+  const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(duration);
+  return timespec{
+      static_cast<std::time_t>(seconds.count()),
+      static_cast<long>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(duration - seconds).count())};
+}
+
+UniqueFd make_wake_fd(const std::string& path) {
+  UniqueFd fd{::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)};
+  if (!fd.valid()) {
+    throw connection_error(path, "cannot be read: eventfd: " + describe_errno(errno));
+  }
+  return fd;
+}
+
 }  // namespace
 
 Connection::Connection(UniqueFd fd, const ConnectionSettings& settings, CallRunner& runner)
-    : fd_(std::move(fd)), settings_(settings), runner_(runner) {}
+    : fd_(std::move(fd)),
+      wake_fd_(make_wake_fd(settings.socket_path)),
+      settings_(settings),
+      runner_(runner),
+      frames_(settings.response_limits, kReadChunkBytes) {}
 
-std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
+std::variant<Connection::Sent, Failure> Connection::send(const std::shared_ptr<Call>& call,
+                                                         ReadBy read_by) {
   std::uint32_t msgid = 0;
+  bool wake_reader = false;
   {
-    std::lock_guard lock(pending_mutex_);
-    // Checked under the same lock the reader takes to drain the calls when it dies, so a call
-    // is either drained by the reader or refused here, never lost in between.
+    std::lock_guard lock(mutex_);
+    // Checked under the same lock end() takes to drain the calls, so a call is either drained
+    // by the thread reading or refused here, never lost in between.
     if (!usable()) {
       return Failure{connection_error(settings_.socket_path, "is closed"), Delivery::kNotSent};
     }
-    msgid = pending_.add(call);
+    msgid = pending_.add(call, read_by == ReadBy::kSender);
+    if (read_by == ReadBy::kAnyone && reader_ == ReadSide::kNobody) {
+      reader_ = ReadSide::kThread;
+      wake_reader = true;
+    }
   }
-  auto withdraw = [&](Failure failure) -> std::optional<Failure> {
-    // When the entry is already gone the reader drained it and reports the call itself.
+  if (wake_reader) {
+    wake_reader_thread();
+  }
+  auto withdraw = [&](Failure failure) -> std::variant<Sent, Failure> {
+    // When the entry is already gone the thread reading drained it and reports the call.
     if (!forget(msgid, call.get())) {
-      return std::nullopt;
+      return Sent{msgid};
     }
     return failure;
   };
@@ -103,14 +181,14 @@ std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
   // A timeout that struck before set_in_flight() could not withdraw the entry; do it here.
   if (call->finished()) {
     forget(msgid, call.get());
-    return std::nullopt;
+    return Sent{msgid};
   }
 
   WriteResult written = write_all(encoded.data(), encoded.size(), deadline);
   if (written.status == WriteStatus::kDone) {
-    return std::nullopt;
+    return Sent{msgid};
   }
-  // Withdraw first, then break the connection: the reader then drains only the other calls,
+  // Withdraw first, then break the connection: end() then drains only the other calls,
   // and this one keeps the knowledge that nothing of it was sent (so it may go out again on a
   // fresh connection at once).
   const bool withdrawn = forget(msgid, call.get());
@@ -118,7 +196,7 @@ std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
     mark_broken();
   }
   if (!withdrawn) {
-    return std::nullopt;
+    return Sent{msgid};
   }
   return Failure{std::move(*written.error), written.status == WriteStatus::kNothingWritten
                                                 ? Delivery::kNotSent
@@ -177,72 +255,323 @@ Connection::WriteResult Connection::write_all(const char* data, std::size_t size
 }
 
 bool Connection::forget(std::uint32_t msgid, const Call* call) {
-  std::lock_guard lock(pending_mutex_);
+  std::lock_guard lock(mutex_);
   return pending_.remove(msgid, call);
 }
 
 void Connection::mark_broken() noexcept {
   broken_.store(true, std::memory_order_release);
-  // Wakes the reader thread out of recv() (it then fails the pending calls) and any writer
-  // waiting in poll(). The descriptor itself stays open until the last owner lets go.
+  // Wakes whoever reads out of recv() or poll() (it then reads to the end and fails the pending
+  // calls) and any writer waiting in poll(). The descriptor itself stays open until the last
+  // owner lets go.
   ::shutdown(fd_.get(), SHUT_RDWR);
+  wake_reader_thread();  // the shutdown wakes its poll() too; this does not depend on it
 }
 
 void Connection::close() noexcept {
   mark_broken();
 }
 
-void Connection::read_loop() noexcept {
+void Connection::wake_reader_thread() noexcept {
+  const std::uint64_t one = 1;
+  // Cannot fail short of a counter at 2^64 - 1; a pending wake-up is as good as a new one.
+  (void)::write(wake_fd_.get(), &one, sizeof one);
+}
+
+void Connection::drain_wake_fd() noexcept {
+  std::uint64_t count = 0;
+  (void)::read(wake_fd_.get(), &count, sizeof count);  // resets it; EAGAIN: already reset
+}
+
+void Connection::deliver(Handoff&& handoff) noexcept {
+  if (handoff.nudge != nullptr) {
+    handoff.nudge->nudge();
+  }
+  if (handoff.wake_reader_thread) {
+    wake_reader_thread();
+  }
+}
+
+Connection::Handoff Connection::pass_read_side_locked() {
+  leader_ = nullptr;
+  if (ended_) {
+    reader_ = ReadSide::kNobody;
+    return {nullptr, nullptr, true};  // the reader thread sees the end and returns
+  }
+  if (hangup_seen_ || !usable()) {
+    reader_ = ReadSide::kThread;  // the end of the stream is near: read it, fail what is left
+    return {nullptr, nullptr, true};
+  }
+  if (pending_.empty()) {
+    reader_ = ReadSide::kNobody;
+    return {};
+  }
+  if (auto handoff = offer_to_follower_locked()) {
+    return std::move(*handoff);
+  }
+  if (pending_.without_own_reader() > 0) {
+    reader_ = ReadSide::kThread;
+    return {nullptr, nullptr, true};
+  }
+  // Only calls whose callers have not reached await() yet: the first of them takes it.
+  reader_ = ReadSide::kNobody;
+  return {};
+}
+
+std::optional<Connection::Handoff> Connection::offer_to_follower_locked() {
+  for (auto it = followers_.begin(); it != followers_.end(); ++it) {
+    const Waiter* follower = *it;
+    if (!follower->done->is_set() && pending_.holds(follower->msgid, follower->call.get())) {
+      followers_.erase(it);
+      reader_ = ReadSide::kCaller;
+      leader_ = follower;
+      return Handoff{follower->call, follower->done, false};
+    }
+  }
+  return std::nullopt;
+}
+
+Connection::Handoff Connection::leave_locked(const Waiter& me) {
+  std::erase(followers_, &me);
+  if (reader_ == ReadSide::kCaller && leader_ == &me) {
+    return pass_read_side_locked();
+  }
+  return {};
+}
+
+bool Connection::await(const std::shared_ptr<Call>& call, CompletionFlag& done,
+                       std::uint32_t msgid) {
+  const Clock::time_point deadline = call->deadline();
+  const Waiter me{call, &done, msgid};
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    if (done.is_set() || ended_ || !pending_.holds(msgid, call.get())) {
+      // Completed, or its answer will not come through here (it was read and the call is being
+      // retried elsewhere, or the connection ended and failed it): wait without reading.
+      Handoff handoff = leave_locked(me);
+      lock.unlock();
+      deliver(std::move(handoff));
+      return done.wait_until(deadline);
+    }
+    // Nobody reads, or the reader thread has nothing to read but waits for more: read.
+    bool taken_from_thread = false;
+    if (reader_ == ReadSide::kNobody || (reader_ == ReadSide::kThread && thread_idle_)) {
+      taken_from_thread = reader_ == ReadSide::kThread;
+      reader_ = ReadSide::kCaller;
+      leader_ = &me;
+    }
+    if (reader_ == ReadSide::kCaller && leader_ == &me) {
+      std::erase(followers_, &me);
+      lock.unlock();
+      if (taken_from_thread) {
+        wake_reader_thread();  // it sees the read side gone and stops watching for data
+      }
+      const LeadEnd lead_end = lead(me, deadline);
+      lock.lock();
+      if (lead_end == LeadEnd::kDeadline) {
+        Handoff handoff = leave_locked(me);
+        lock.unlock();
+        deliver(std::move(handoff));
+        return done.is_set();
+      }
+      continue;  // answered, or the connection ended: the check above lets go
+    }
+    // Someone else reads: follow, until the answer is in or the read side is handed over.
+    if (std::find(followers_.begin(), followers_.end(), &me) == followers_.end()) {
+      followers_.push_back(&me);
+    }
+    lock.unlock();
+    const CompletionFlag::Wake wake = done.wait_until_set_or_nudged(deadline);
+    lock.lock();
+    if (wake == CompletionFlag::Wake::kTimedOut) {
+      Handoff handoff = leave_locked(me);
+      lock.unlock();
+      deliver(std::move(handoff));
+      return done.is_set();
+    }
+  }
+}
+
+Connection::LeadEnd Connection::lead(const Waiter& me, Clock::time_point deadline) noexcept {
   Error reason = connection_error(settings_.socket_path, "was closed by the agent");
   try {
-    protocol::FrameReader reader(settings_.response_limits, kReadChunkBytes);
     for (;;) {
-      std::span<char> space = reader.prepare(kReadChunkBytes);
-      if (space.empty()) {
-        throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,
-                                   "an answer exceeds the client's max_response_bytes");
+      const auto left = deadline - Clock::now();
+      if (left <= Clock::duration::zero()) {
+        return LeadEnd::kDeadline;
       }
-      const ssize_t n = ::recv(fd_.get(), space.data(), space.size(), 0);
-      if (n < 0) {
-        if (errno == EINTR) {
-          continue;
-        }
-        reason = connection_error(settings_.socket_path, "failed: " + describe_errno(errno));
+      // poll() bounds the wait by the deadline; recv() then takes what is there.
+      pollfd descriptor{fd_.get(), POLLIN, 0};
+      const timespec timeout = to_timespec(left);
+      const int ready = ::ppoll(&descriptor, 1, &timeout, nullptr);
+      if (ready == 0 || (ready < 0 && errno == EINTR)) {
+        continue;
+      }
+      if (ready < 0) {
+        reason = connection_error(settings_.socket_path, "failed: poll: " + describe_errno(errno));
         break;
       }
-      if (n == 0) {
-        if (!usable()) {
-          reason = connection_error(settings_.socket_path, "was closed");
-        }
+      const auto chunk = read_chunk(MSG_DONTWAIT, reason);
+      if (chunk == ChunkRead::kNothing) {
+        continue;
+      }
+      if (chunk == ChunkRead::kEnd) {
         break;
       }
-      reader.commit(static_cast<std::size_t>(n));
-      while (auto message = reader.next()) {
-        dispatch(message->get());
+      // Every complete answer is dispatched, not only up to our own: nobody may be reading
+      // after we let go.
+      bool answered = false;
+      while (auto message = frames_.next()) {
+        answered = dispatch(message->get(), ReportingThread::kCaller) == me.call.get() || answered;
+      }
+      if (answered) {
+        return LeadEnd::kAnswered;
       }
     }
-  } catch (const protocol::FrameError& error) {
-    reason = Error(std::string(kProtocolError),
-                   std::string("the agent sent bytes that break the protocol: ") + error.what());
-  } catch (const Error& error) {
-    reason = error;
-  } catch (const std::exception& error) {
-    reason = Error(std::string(kProtocolError), error.what());
+  } catch (...) {
+    reason = read_failure();
   }
+  end(reason, ReportingThread::kCaller);
+  return LeadEnd::kEnded;
+}
 
+void Connection::read_loop() noexcept {
+  while (wait_for_read_side()) {
+    if (!read_for_others()) {
+      return;
+    }
+  }
+}
+
+bool Connection::wait_for_read_side() noexcept {
+  std::unique_lock lock(mutex_);
+  for (;;) {
+    if (ended_) {
+      return false;
+    }
+    if (reader_ == ReadSide::kThread) {
+      return true;
+    }
+    if (reader_ == ReadSide::kNobody && (hangup_seen_ || !usable())) {
+      reader_ = ReadSide::kThread;  // read up to the end of the stream and fail what is left
+      return true;
+    }
+    // A hang-up seen once stays (poll() would report it at once again): from then on only a
+    // hand-over wakes us.
+    const bool watch_socket = !hangup_seen_;
+    lock.unlock();
+    std::array<pollfd, 2> descriptors{
+        {{watch_socket ? fd_.get() : -1, POLLRDHUP, 0}, {wake_fd_.get(), POLLIN, 0}}};
+    const int ready = ::poll(descriptors.data(), descriptors.size(), -1);
+    const int poll_error = ready < 0 ? errno : 0;
+    if (ready > 0 && (descriptors[1].revents & POLLIN) != 0) {
+      drain_wake_fd();
+    }
+    lock.lock();
+    if ((ready > 0 && (descriptors[0].revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) != 0) ||
+        (ready < 0 && poll_error != EINTR)) {
+      // (poll() itself failing cannot be waited out: read instead, as soon as we may.)
+      hangup_seen_ = true;
+    }
+  }
+}
+
+bool Connection::read_for_others() noexcept {
+  Error reason = connection_error(settings_.socket_path, "was closed by the agent");
+  try {
+    for (;;) {
+      int recv_flags = 0;  // blocks in recv() while answers only we will read are pending
+      {
+        std::unique_lock lock(mutex_);
+        if (usable() && !hangup_seen_ && pending_.without_own_reader() == 0) {
+          // Nothing is left that only we would read. A waiting caller reads for itself from
+          // now on; with none waiting, keep the read side (the next asynchronous call then
+          // needs no wake-up) but wait where a caller can take it from us: in poll().
+          if (auto handoff = offer_to_follower_locked()) {
+            lock.unlock();
+            deliver(std::move(*handoff));
+            return true;
+          }
+          thread_idle_ = true;
+          lock.unlock();
+          std::array<pollfd, 2> descriptors{{{fd_.get(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}}};
+          const int ready = ::poll(descriptors.data(), descriptors.size(), -1);
+          const int poll_error = ready < 0 ? errno : 0;
+          if (ready > 0 && (descriptors[1].revents & POLLIN) != 0) {
+            drain_wake_fd();
+          }
+          lock.lock();
+          thread_idle_ = false;
+          if (reader_ != ReadSide::kThread) {
+            return true;  // a caller took the read side
+          }
+          if (ready < 0 && poll_error != EINTR) {
+            recv_flags = 0;  // poll() itself fails: wait in recv() instead
+          } else if (ready <= 0 || descriptors[0].revents == 0) {
+            continue;  // woken for something else: look again
+          } else {
+            recv_flags = MSG_DONTWAIT;  // a caller may have read what poll() saw meanwhile
+          }
+        }
+      }
+      const auto chunk = read_chunk(recv_flags, reason);
+      if (chunk == ChunkRead::kNothing) {
+        continue;
+      }
+      if (chunk == ChunkRead::kEnd) {
+        break;
+      }
+      while (auto message = frames_.next()) {
+        dispatch(message->get(), ReportingThread::kClient);
+      }
+    }
+  } catch (...) {
+    reason = read_failure();
+  }
+  end(reason, ReportingThread::kClient);
+  return false;
+}
+
+Connection::ChunkRead Connection::read_chunk(int recv_flags, Error& reason) {
+  std::span<char> space = frames_.prepare(kReadChunkBytes);
+  if (space.empty()) {
+    throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,
+                               "an answer exceeds the client's max_response_bytes");
+  }
+  const ssize_t n = ::recv(fd_.get(), space.data(), space.size(), recv_flags);
+  if (n < 0) {
+    const int error = errno;
+    if (error == EINTR || error == EAGAIN || error == EWOULDBLOCK) {
+      return ChunkRead::kNothing;
+    }
+    reason = connection_error(settings_.socket_path, "failed: " + describe_errno(error));
+    return ChunkRead::kEnd;
+  }
+  if (n == 0) {
+    if (!usable()) {
+      reason = connection_error(settings_.socket_path, "was closed");
+    }
+    return ChunkRead::kEnd;
+  }
+  frames_.commit(static_cast<std::size_t>(n));
+  return ChunkRead::kBytes;
+}
+
+void Connection::end(const Error& reason, ReportingThread thread) noexcept {
   std::vector<std::shared_ptr<Call>> orphans;
   {
-    std::lock_guard lock(pending_mutex_);
+    std::lock_guard lock(mutex_);
     broken_.store(true, std::memory_order_release);
+    ended_ = true;
     orphans = pending_.take_all();
   }
   ::shutdown(fd_.get(), SHUT_RDWR);  // writers blocked in poll() see the end too
   for (auto& call : orphans) {
-    runner_.on_failure(call, {reason, Delivery::kMaybeSent});
+    runner_.on_failure(call, {reason, Delivery::kMaybeSent}, thread);
   }
 }
 
-void Connection::dispatch(const msgpack::object& message) {
+const Call* Connection::dispatch(const msgpack::object& message, ReportingThread thread) {
   const auto msgid = protocol::response_msgid(message);
   if (!msgid) {
     // The stream is framed correctly but the peer is not speaking the protocol: nothing it
@@ -251,11 +580,11 @@ void Connection::dispatch(const msgpack::object& message) {
   }
   std::shared_ptr<Call> call;
   {
-    std::lock_guard lock(pending_mutex_);
+    std::lock_guard lock(mutex_);
     call = pending_.take(*msgid);
   }
   if (!call || call->finished()) {
-    return;  // its call timed out: the late answer is dropped
+    return nullptr;  // its call timed out: the late answer is dropped
   }
 
   Answer answer = [&]() -> Answer {
@@ -268,7 +597,8 @@ void Connection::dispatch(const msgpack::object& message) {
                        ": " + error.what());
     }
   }();
-  runner_.on_answer(call, std::move(answer));
+  runner_.on_answer(call, std::move(answer), thread);
+  return call.get();
 }
 
 }  // namespace hsm::client

@@ -7,7 +7,7 @@
 
 namespace hsm::client {
 
-std::uint32_t PendingCalls::add(std::shared_ptr<Call> call) {
+std::uint32_t PendingCalls::add(std::shared_ptr<Call> call, bool sender_reads) {
   // 2^32 calls in flight on one connection cannot happen (memory runs out long before), but
   // the loop below must still terminate.
   if (calls_.size() >= std::size_t{0xFFFFFFFFu}) {
@@ -17,8 +17,18 @@ std::uint32_t PendingCalls::add(std::shared_ptr<Call> call) {
   while (calls_.contains(msgid)) {
     msgid = next_msgid_++;
   }
-  calls_.emplace(msgid, std::move(call));
+  calls_.emplace(msgid, Entry{std::move(call), sender_reads});
+  if (!sender_reads) {
+    ++without_own_reader_;
+  }
   return msgid;
+}
+
+void PendingCalls::erase(std::unordered_map<std::uint32_t, Entry>::iterator it) {
+  if (!it->second.sender_reads) {
+    --without_own_reader_;
+  }
+  calls_.erase(it);
 }
 
 std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
@@ -26,28 +36,34 @@ std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
   if (it == calls_.end()) {
     return nullptr;
   }
-  auto call = std::move(it->second);
-  calls_.erase(it);
+  auto call = std::move(it->second.call);
+  erase(it);
   return call;
 }
 
 bool PendingCalls::remove(std::uint32_t msgid, const Call* call) {
   auto it = calls_.find(msgid);
-  if (it == calls_.end() || it->second.get() != call) {
+  if (it == calls_.end() || it->second.call.get() != call) {
     return false;
   }
-  calls_.erase(it);
+  erase(it);
   return true;
 }
 
 std::vector<std::shared_ptr<Call>> PendingCalls::take_all() {
   std::vector<std::shared_ptr<Call>> all;
   all.reserve(calls_.size());
-  for (auto& [msgid, call] : calls_) {
-    all.push_back(std::move(call));
+  for (auto& [msgid, entry] : calls_) {
+    all.push_back(std::move(entry.call));
   }
   calls_.clear();
+  without_own_reader_ = 0;
   return all;
+}
+
+bool PendingCalls::holds(std::uint32_t msgid, const Call* call) const {
+  auto it = calls_.find(msgid);
+  return it != calls_.end() && it->second.call.get() == call;
 }
 
 }  // namespace hsm::client

@@ -13,12 +13,16 @@ class Call;
 /// Hands out msgids and remembers which call each belongs to. msgids count up and wrap around
 /// at 2^32; an id still in flight is skipped, never reused. Not thread-safe: the connection
 /// guards it with its mutex.
+///
+/// Each entry also records whether the thread that sent it will read the answer itself (a
+/// synchronous caller, see Connection::await); the connection keeps its reader thread reading
+/// while any other entry waits (without_own_reader()).
 class PendingCalls {
  public:
   explicit PendingCalls(std::uint32_t first_msgid = 1) : next_msgid_(first_msgid) {}
 
   /// Registers `call` under a fresh msgid and returns the msgid.
-  std::uint32_t add(std::shared_ptr<Call> call);
+  std::uint32_t add(std::shared_ptr<Call> call, bool sender_reads = false);
   /// Removes and returns the call waiting for `msgid`; nullptr when there is none (an answer
   /// that came after its call timed out, or a msgid we never sent).
   std::shared_ptr<Call> take(std::uint32_t msgid);
@@ -27,13 +31,26 @@ class PendingCalls {
   bool remove(std::uint32_t msgid, const Call* call);
   /// Removes and returns every waiting call.
   std::vector<std::shared_ptr<Call>> take_all();
+  /// Whether `msgid` is still waiting and belongs to `call`.
+  [[nodiscard]] bool holds(std::uint32_t msgid, const Call* call) const;
   [[nodiscard]] std::size_t size() const noexcept { return calls_.size(); }
+  [[nodiscard]] bool empty() const noexcept { return calls_.empty(); }
+  /// Entries added with sender_reads false: their answers need a reading thread other than
+  /// their sender's.
+  [[nodiscard]] std::size_t without_own_reader() const noexcept { return without_own_reader_; }
   /// Where the msgid counter continues. Tests use it to reach the wrap-around and the ids in
   /// flight without 2^32 calls.
   void set_next_msgid(std::uint32_t msgid) noexcept { next_msgid_ = msgid; }
 
  private:
-  std::unordered_map<std::uint32_t, std::shared_ptr<Call>> calls_;
+  struct Entry {
+    std::shared_ptr<Call> call;
+    bool sender_reads = false;
+  };
+  void erase(std::unordered_map<std::uint32_t, Entry>::iterator it);
+
+  std::unordered_map<std::uint32_t, Entry> calls_;
+  std::size_t without_own_reader_ = 0;
   std::uint32_t next_msgid_;
 };
 

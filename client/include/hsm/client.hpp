@@ -34,11 +34,14 @@
 // do not make one per request.
 //
 // Threads: a Client owns one reader thread per open connection and one timer thread (started
-// by the first retry or asynchronous call). Callbacks run on one of those internal threads,
-// never on the thread that made the call: on the reader thread of the connection that carried
-// the answer, or on the timer thread for timeouts and failures found before sending. A callback
-// must not block (it holds up every answer on its connection), must not call synchronous
-// methods of the same Client, and must not destroy the Client; it may start asynchronous calls.
+// by the first retry or asynchronous call). A synchronous call reads its own answer on the
+// calling thread when no other thread is reading its connection, and then also reads the
+// answers of other calls that arrive meanwhile. Callbacks run on one of the internal threads,
+// never on a thread that made a call: on the reader thread of the connection that carried the
+// answer, or on the timer thread (timeouts, failures found before sending, and answers read by
+// a synchronous caller). A callback must not block (it holds up every answer on its
+// connection), must not call synchronous methods of the same Client, and must not destroy the
+// Client; it may start asynchronous calls.
 // Exceptions thrown by a callback are caught and dropped.
 //
 // Destruction: ~Client closes the connections and completes every call still pending with

@@ -1,14 +1,17 @@
-// The client's internal pieces: msgid allocation, backoff delays, the timer queue.
+// The client's internal pieces: msgid allocation, backoff delays, the timer queue, the
+// completion flag.
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <future>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "backoff.hpp"
 #include "call.hpp"
+#include "completion_flag.hpp"
 #include "pending_calls.hpp"
 #include "timer_queue.hpp"
 
@@ -84,6 +87,54 @@ TEST_CASE("take_all() returns every pending call", "[client][internals]") {
   }
   CHECK(pending.take_all().size() == 5);
   CHECK(pending.size() == 0);
+}
+
+TEST_CASE("pending calls count those that only a reading thread will read", "[client][internals]") {
+  hsm::client::PendingCalls pending;
+  auto async_call = make_call();
+  auto sync_call = make_call();
+  const auto a = pending.add(async_call);
+  const auto s = pending.add(sync_call, /*sender_reads=*/true);
+  const auto b = pending.add(make_call());
+  CHECK(pending.without_own_reader() == 2);
+  CHECK(pending.holds(s, sync_call.get()));
+  CHECK_FALSE(pending.holds(s, async_call.get()));
+  CHECK(pending.take(a) == async_call);
+  CHECK(pending.without_own_reader() == 1);
+  CHECK(pending.remove(s, sync_call.get()));
+  CHECK_FALSE(pending.holds(s, sync_call.get()));
+  CHECK(pending.without_own_reader() == 1);
+  (void)pending.add(sync_call, true);
+  CHECK(pending.take(b) != nullptr);
+  CHECK(pending.without_own_reader() == 0);
+  CHECK(pending.size() == 1);
+  CHECK(pending.take_all().size() == 1);
+  CHECK(pending.empty());
+}
+
+TEST_CASE("a completion flag reports set, nudges and its deadline apart", "[client][internals]") {
+  using Wake = hsm::client::CompletionFlag::Wake;
+  hsm::client::CompletionFlag flag;
+  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 1ms) == Wake::kTimedOut);
+  CHECK_FALSE(flag.wait_until(Clock::now() + 1ms));
+
+  flag.nudge();  // before the wait: reported once, by the wait that asks for nudges
+  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kNudged);
+  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 1ms) == Wake::kTimedOut);
+  flag.nudge();
+  CHECK_FALSE(flag.wait_until(Clock::now() + 1ms));  // a plain wait ignores it
+
+  std::thread nudger([&] { flag.nudge(); });  // while the waiter sleeps (most likely)
+  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kNudged);
+  nudger.join();
+
+  std::thread setter([&] { flag.set(); });
+  CHECK(flag.wait_until(Clock::now() + 10s));
+  setter.join();
+  flag.nudge();  // after set(): set wins
+  CHECK(flag.is_set());
+  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kSet);
+  flag.wait();
 }
 
 TEST_CASE("backoff doubles up to its cap with jitter in the upper half", "[client][internals]") {

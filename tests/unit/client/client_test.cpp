@@ -51,6 +51,17 @@ hsm::Error error_of(F&& call) {
   throw std::logic_error("unreachable");
 }
 
+/// The error code `call` throws, or "ok"; usable off the test's thread (no Catch macros).
+template <class F>
+std::string code_of(F&& call) {
+  try {
+    call();
+  } catch (const hsm::Error& error) {
+    return error.code();
+  }
+  return "ok";
+}
+
 /// Waits (bounded) until the agent has received `n` requests of `method`.
 bool wait_for_requests(const FakeAgent& agent, Method method, std::size_t n) {
   for (int i = 0; i < 5000; ++i) {
@@ -69,6 +80,89 @@ const hsm::protocol::SignParams& sign_params(const hsm::protocol::Request& reque
 std::string data_of(const hsm::protocol::Request& request) {
   const auto& data = sign_params(request).input.data;
   return data ? std::string(data->begin(), data->end()) : std::string();
+}
+
+/// A fake agent's handler that holds every request until the test answers it, by its sign
+/// data, so a test decides the order (and the moment) in which answers arrive.
+class Switchboard {
+ public:
+  hsm::test::Handler handler() {
+    return [this](const std::shared_ptr<FakeConnection>& connection,
+                  const hsm::protocol::Request& request) {
+      std::lock_guard lock(mutex_);
+      held_.push_back({connection, request});
+      arrived_.notify_all();
+    };
+  }
+  /// Waits (bounded) until `n` requests are held.
+  bool wait_for(std::size_t n) {
+    std::unique_lock lock(mutex_);
+    return arrived_.wait_for(lock, 20s, [&] { return held_.size() >= n; });
+  }
+  /// Answers the held request signing `data` (false when there is none).
+  bool answer(const std::string& data) {
+    std::lock_guard lock(mutex_);
+    for (auto it = held_.begin(); it != held_.end(); ++it) {
+      if (data_of(it->request) == data) {
+        it->connection->answer_result(it->request.msgid, hsm::test::default_result(it->request));
+        held_.erase(it);
+        return true;
+      }
+    }
+    return false;
+  }
+  /// Answers every held request whose sign data starts with `prefix`, newest first.
+  std::size_t answer_all(const std::string& prefix) {
+    std::lock_guard lock(mutex_);
+    std::size_t answered = 0;
+    for (auto it = held_.rbegin(); it != held_.rend();) {
+      if (data_of(it->request).rfind(prefix, 0) == 0) {
+        it->connection->answer_result(it->request.msgid, hsm::test::default_result(it->request));
+        it = std::make_reverse_iterator(held_.erase(std::next(it).base()));
+        ++answered;
+      } else {
+        ++it;
+      }
+    }
+    return answered;
+  }
+
+ private:
+  struct Held {
+    std::shared_ptr<FakeConnection> connection;
+    hsm::protocol::Request request;
+  };
+  std::mutex mutex_;
+  std::condition_variable arrived_;
+  std::vector<Held> held_;
+};
+
+struct ThreadedSigning {
+  int wrong = 0;   // answers that were not the caller's own
+  int failed = 0;  // calls that threw
+};
+
+// `threads` threads each make `calls` signatures with sign(thread, call, message); the fake
+// agent's signature of a message is the message itself, so a caller can tell its own answer.
+template <typename Sign>
+ThreadedSigning sign_from_threads(int threads, int calls, Sign sign) {
+  std::atomic<int> wrong{0};
+  std::atomic<int> failed{0};
+  std::vector<std::thread> workers;
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] {
+      for (int i = 0; i < calls; ++i) {
+        const std::string message = std::to_string(t) + "/" + std::to_string(i);
+        try {
+          if (sign(t, i, message) != bytes_of(message)) ++wrong;
+        } catch (const std::exception&) {
+          ++failed;
+        }
+      }
+    });
+  }
+  for (auto& worker : workers) worker.join();
+  return {wrong.load(), failed.load()};
 }
 
 }  // namespace
@@ -225,35 +319,259 @@ TEST_CASE("many threads share one client and one connection", "[client]") {
   hsm::Client client(options_for(agent));
   constexpr int kThreads = 16;
   constexpr int kCallsPerThread = 200;
-  std::atomic<int> wrong{0};
-  std::atomic<int> failed{0};
-  std::vector<std::thread> threads;
-  for (int t = 0; t < kThreads; ++t) {
-    threads.emplace_back([&, t] {
-      for (int i = 0; i < kCallsPerThread; ++i) {
-        const std::string message = std::to_string(t) + "/" + std::to_string(i);
-        try {
-          hsm::Bytes signature;
-          if (i % 2 == 0) {
-            signature = client.sign("k", std::string_view(message));
-          } else {  // half of them through the asynchronous form
-            signature = client.sign_async("k", bytes_of(message)).get().signature;
-          }
-          if (signature != bytes_of(message)) {
-            ++wrong;
-          }
-        } catch (const hsm::Error&) {
-          ++failed;
-        }
-      }
-    });
-  }
-  for (auto& thread : threads) {
-    thread.join();
-  }
+  const auto [wrong, failed] = sign_from_threads(
+      kThreads, kCallsPerThread, [&](int /*thread*/, int call, const std::string& message) {
+        if (call % 2 == 0) return client.sign("k", std::string_view(message));
+        // half of them through the asynchronous form
+        return client.sign_async("k", bytes_of(message)).get().signature;
+      });
   CHECK(wrong == 0);
   CHECK(failed == 0);
   CHECK(agent.count(Method::kSign) == std::size_t{kThreads * kCallsPerThread});
+  CHECK(agent.connections_accepted() == 1);
+}
+
+// A synchronous caller reads its own answer when nobody else reads the connection, and then
+// reads for everyone until its answer is in: the cases below put a caller in that position
+// (its call sent first, the others while it waits) and check that every other call still gets
+// its own answer, from the right thread, however the leader stops reading.
+TEST_CASE("a synchronous caller reading the connection hands other calls their answers",
+          "[client][leader]") {
+  Switchboard board;
+  FakeAgent agent(board.handler());
+  auto options = options_for(agent, 30'000ms);  // a hang would end in timeout, not in a value
+  options.retry.max_attempts = 1;
+  hsm::Client client(options);
+
+  // The leader's call goes out first, so it finds nobody reading; the others are sent while
+  // it waits for its answer (the pause only makes that likely; every check holds either way).
+  std::thread::id leader_thread;
+  auto leader = std::async(std::launch::async, [&] {
+    leader_thread = std::this_thread::get_id();
+    return client.sign("k", std::string_view("leader"));
+  });
+  REQUIRE(board.wait_for(1));
+  std::this_thread::sleep_for(50ms);
+
+  std::vector<std::future<hsm::Signature>> futures;
+  for (int i = 0; i < 4; ++i) {
+    futures.push_back(client.sign_async("k", bytes_of("async-" + std::to_string(i))));
+  }
+  std::promise<std::pair<std::thread::id, hsm::Bytes>> callback;
+  client.sign_async("k", bytes_of("async-callback"), [&](hsm::Outcome<hsm::Signature> outcome) {
+    callback.set_value(
+        {std::this_thread::get_id(), outcome.ok() ? outcome.value().signature : hsm::Bytes{}});
+  });
+  std::vector<std::thread::id> follower_threads(3);
+  std::vector<std::future<hsm::Bytes>> followers;
+  for (std::size_t i = 0; i < follower_threads.size(); ++i) {
+    followers.push_back(std::async(std::launch::async, [&, i] {
+      follower_threads[i] = std::this_thread::get_id();
+      return client.sign("k", std::string_view("sync-" + std::to_string(i)));
+    }));
+  }
+  REQUIRE(board.wait_for(1 + 4 + 1 + 3));
+
+  SECTION("answers before the leader's own") {
+    CHECK(board.answer_all("async-") == 5);
+    CHECK(board.answer_all("sync-") == 3);
+    CHECK(board.answer("leader"));
+  }
+  SECTION("answers after the leader's own: someone still reads them") {
+    CHECK(board.answer("leader"));
+    CHECK(leader.get() == bytes_of("leader"));
+    std::this_thread::sleep_for(20ms);  // the leader has let go (not needed for the checks)
+    CHECK(board.answer_all("sync-") == 3);
+    CHECK(board.answer_all("async-") == 5);
+  }
+  if (leader.valid()) {
+    CHECK(leader.get() == bytes_of("leader"));
+  }
+  for (int i = 0; i < 4; ++i) {
+    CHECK(futures[static_cast<std::size_t>(i)].get().signature ==
+          bytes_of("async-" + std::to_string(i)));
+  }
+  for (std::size_t i = 0; i < followers.size(); ++i) {
+    CHECK(followers[i].get() == bytes_of("sync-" + std::to_string(i)));
+  }
+  auto [thread, signature] = callback.get_future().get();
+  CHECK(signature == bytes_of("async-callback"));
+  // A callback never runs on a thread that made a call, even one that read its answer.
+  CHECK(thread != leader_thread);
+  CHECK(thread != std::this_thread::get_id());
+  for (const auto& follower : follower_threads) {
+    CHECK(thread != follower);
+  }
+  CHECK(agent.connections_accepted() == 1);
+}
+
+TEST_CASE("a synchronous call that times out while it reads leaves the others to be read",
+          "[client][leader]") {
+  Switchboard board;
+  FakeAgent agent(board.handler());
+  // The asynchronous calls start a second after the synchronous one, so their deadlines are a
+  // second after its own: they are answered in that second.
+  hsm::Client client(options_for(agent, 2000ms));
+
+  std::vector<std::future<hsm::Signature>> futures;
+  std::promise<std::string> callback;
+  std::thread others([&] {
+    (void)board.wait_for(1);
+    std::this_thread::sleep_for(1000ms);
+    for (int i = 0; i < 4; ++i) {
+      futures.push_back(client.sign_async("k", bytes_of("async-" + std::to_string(i))));
+    }
+    client.sign_async("k", bytes_of("async-callback"), [&](hsm::Outcome<hsm::Signature> outcome) {
+      callback.set_value(outcome.ok() ? "ok" : outcome.error().code());
+    });
+  });
+  CHECK(error_of([&] { (void)client.sign("k", std::string_view("slow")); }).code() ==
+        hsm::kTimeout);
+  others.join();
+  REQUIRE(board.wait_for(6));
+  CHECK(board.answer("slow"));  // late: dropped
+  CHECK(board.answer_all("async-") == 5);
+  for (int i = 0; i < 4; ++i) {
+    CHECK(futures[static_cast<std::size_t>(i)].get().signature ==
+          bytes_of("async-" + std::to_string(i)));
+  }
+  CHECK(callback.get_future().get() == "ok");
+
+  // The connection is still in order, and the next synchronous caller reads for itself again.
+  std::thread answer([&] {
+    (void)board.wait_for(1);
+    (void)board.answer("after");
+  });
+  CHECK(client.sign("k", std::string_view("after")) == bytes_of("after"));
+  answer.join();
+  CHECK(agent.connections_accepted() == 1);
+}
+
+TEST_CASE("the agent going away while a synchronous caller reads fails every pending call",
+          "[client][leader]") {
+  Switchboard board;
+  FakeAgent agent(board.handler());
+  auto options = options_for(agent, 30'000ms);  // a call left hanging would report timeout
+  options.retry.max_attempts = 1;
+  hsm::Client client(options);
+
+  auto leader = std::async(std::launch::async, [&] {
+    return code_of([&] { (void)client.sign("k", std::string_view("leader")); });
+  });
+  REQUIRE(board.wait_for(1));
+  std::this_thread::sleep_for(50ms);
+  std::vector<std::future<hsm::Signature>> futures;
+  for (int i = 0; i < 4; ++i) {
+    futures.push_back(client.sign_async("k", bytes_of("async-" + std::to_string(i))));
+  }
+  std::vector<std::future<std::string>> followers;
+  for (int i = 0; i < 3; ++i) {
+    followers.push_back(std::async(std::launch::async, [&, i] {
+      return code_of(
+          [&] { (void)client.sign("k", std::string_view("sync-" + std::to_string(i))); });
+    }));
+  }
+  REQUIRE(board.wait_for(1 + 4 + 3));
+  agent.stop();
+
+  CHECK(leader.get() == hsm::kConnectionFailed);
+  for (auto& follower : followers) {
+    CHECK(follower.get() == hsm::kConnectionFailed);
+  }
+  for (auto& future : futures) {
+    CHECK(error_of([&] { (void)future.get(); }).code() == hsm::kConnectionFailed);
+  }
+}
+
+TEST_CASE("synchronous and asynchronous calls on one connection, answers shuffled",
+          "[client][leader]") {
+  // The agent answers in batches, newest first, from its own thread: the calls that read for
+  // others keep changing, and the read side keeps passing between callers and the reader thread.
+  struct Shuffler {
+    std::mutex mutex;
+    std::condition_variable arrived;
+    std::vector<std::pair<std::shared_ptr<FakeConnection>, hsm::protocol::Request>> held;
+    bool stop = false;
+  };
+  auto shuffler = std::make_shared<Shuffler>();
+  FakeAgent agent([shuffler](const std::shared_ptr<FakeConnection>& connection,
+                             const hsm::protocol::Request& request) {
+    std::lock_guard lock(shuffler->mutex);
+    shuffler->held.emplace_back(connection, request);
+    shuffler->arrived.notify_one();
+  });
+  std::thread answering([shuffler] {
+    std::unique_lock lock(shuffler->mutex);
+    for (;;) {
+      shuffler->arrived.wait(lock, [&] { return shuffler->stop || !shuffler->held.empty(); });
+      if (shuffler->stop) {
+        return;
+      }
+      auto batch = std::move(shuffler->held);
+      shuffler->held.clear();
+      lock.unlock();
+      std::this_thread::sleep_for(200us);  // let more requests queue up behind this batch
+      for (auto it = batch.rbegin(); it != batch.rend(); ++it) {
+        it->first->answer_result(it->second.msgid, hsm::test::default_result(it->second));
+      }
+      lock.lock();
+    }
+  });
+
+  hsm::Client client(options_for(agent, 30'000ms));
+  constexpr int kThreads = 8;
+  constexpr int kCallsPerThread = 150;
+  const auto [wrong, failed] = sign_from_threads(
+      kThreads, kCallsPerThread, [&](int thread, int call, const std::string& message) {
+        switch ((thread + call) % 3) {
+          case 0:
+            return client.sign("k", std::string_view(message));
+          case 1:
+            return client.sign_async("k", bytes_of(message)).get().signature;
+          default: {
+            // A callback call in flight while this thread makes a synchronous one.
+            std::promise<hsm::Bytes> done;
+            client.sign_async(
+                "k", bytes_of(message + "/cb"), [&done](hsm::Outcome<hsm::Signature> outcome) {
+                  done.set_value(outcome.ok() ? outcome.value().signature : hsm::Bytes{});
+                });
+            auto signature = client.sign("k", std::string_view(message));
+            // A callback that got another call's answer makes this one count as wrong.
+            if (done.get_future().get() != bytes_of(message + "/cb")) signature.clear();
+            return signature;
+          }
+        }
+      });
+  {
+    std::lock_guard lock(shuffler->mutex);
+    shuffler->stop = true;
+  }
+  shuffler->arrived.notify_one();
+  answering.join();
+  CHECK(wrong == 0);
+  CHECK(failed == 0);
+  CHECK(agent.connections_accepted() == 1);
+}
+
+TEST_CASE("the read side moves between the reader thread and callers as call kinds alternate",
+          "[client][leader]") {
+  FakeAgent agent;
+  hsm::Client client(options_for(agent, 30'000ms));
+  for (int i = 0; i < 200; ++i) {
+    const std::string n = std::to_string(i);
+    // After an asynchronous call the reader thread keeps the read side; the synchronous call
+    // that follows takes it back; a callback call answered while a caller reads runs elsewhere.
+    CHECK(client.sign_async("k", bytes_of("future-" + n)).get().signature ==
+          bytes_of("future-" + n));
+    CHECK(client.sign("k", std::string_view("sync-" + n)) == bytes_of("sync-" + n));
+    std::promise<hsm::Bytes> callback;
+    client.sign_async("k", bytes_of("callback-" + n), [&](hsm::Outcome<hsm::Signature> outcome) {
+      callback.set_value(outcome.ok() ? outcome.value().signature : hsm::Bytes{});
+    });
+    CHECK(client.sign("k", std::string_view("after-callback-" + n)) ==
+          bytes_of("after-callback-" + n));
+    CHECK(callback.get_future().get() == bytes_of("callback-" + n));
+  }
   CHECK(agent.connections_accepted() == 1);
 }
 
@@ -297,7 +615,7 @@ TEST_CASE("a call the agent never answers times out and its late answer is dropp
   const auto error = error_of([&] { (void)client.sign("k", std::string_view("slow")); });
   CHECK(error.code() == hsm::kTimeout);
   CHECK(std::chrono::steady_clock::now() - started >= 1000ms);  // not before its deadline
-  CHECK(agent.count(Method::kSign) == 1);                      // a timeout is not retried
+  CHECK(agent.count(Method::kSign) == 1);                       // a timeout is not retried
 
   CHECK(client.sign("k", std::string_view("fast")) == bytes_of("fast"));
 }
