@@ -93,15 +93,11 @@ int run(const Options& options) {
     cpu = cpu_during(window, options.server_pids);
   }
 
-  LatencyHistogram all;
-  for (const auto& one : latencies) all.merge(*one);
-  auto report = finished_run_report("direct", all, sessions.size(), window, errors, cpu,
+  auto report = finished_run_report("direct", sessions.size(), window, errors, cpu,
                                     !options.server_pids.empty());
   report.settings = {{"module", json_string(options.module)},
                      {"threads", std::to_string(sessions.size())}};
-  write_json(std::cout, report);
-  std::cout.flush();
-  return all.count() > 0 ? 0 : 1;
+  return write_run_json(std::cout, std::move(report), latencies);
 }
 
 }  // namespace

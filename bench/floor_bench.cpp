@@ -402,15 +402,11 @@ int measure(const ConnectOptions& options) {
     cpu = cpu_during(window, options.server_pids);
   }
 
-  LatencyHistogram all;
-  for (const auto& one : latencies) all.merge(*one);
-  auto report = finished_run_report(options.ping ? "uds_rtt" : "floor", all, connections.size(),
-                                    window, errors, cpu, !options.server_pids.empty());
+  auto report = finished_run_report(options.ping ? "uds_rtt" : "floor", connections.size(), window,
+                                    errors, cpu, !options.server_pids.empty());
   report.settings = {{"socket", json_string(options.socket_path)},
                      {"threads", std::to_string(connections.size())}};
-  write_json(std::cout, report);
-  std::cout.flush();
-  return all.count() > 0 ? 0 : 1;
+  return write_run_json(std::cout, std::move(report), latencies);
 }
 
 }  // namespace

@@ -298,8 +298,9 @@ class BenchCommand final : public Command {
 
     LatencyHistogram all;
     for (const auto& one : latencies) all.merge(*one);
-    auto report = bench::finished_run_report("agent", all, std::uint64_t{connections_} * depth_,
-                                             window, errors, cpu, !server_pids_.empty());
+    auto report = bench::finished_run_report("agent", std::uint64_t{connections_} * depth_, window,
+                                             errors, cpu, !server_pids_.empty());
+    report.latencies = &all;
     report.settings = {{"socket", bench::json_string(job.client.socket_path)},
                        {"kid", bench::json_string(job.kid)},
                        {"alg", bench::json_string(alg_used_)},

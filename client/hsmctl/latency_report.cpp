@@ -226,7 +226,7 @@ void write_json(std::ostream& out, const Report& report) {
   out << "}\n";
 }
 
-Report finished_run_report(std::string mode, const LatencyHistogram& all, std::uint64_t concurrency,
+Report finished_run_report(std::string mode, std::uint64_t concurrency,
                            const MeasurementWindow& window, const ErrorLog& errors,
                            const CpuSample& cpu, bool has_server) {
   Report report;
@@ -235,10 +235,19 @@ Report finished_run_report(std::string mode, const LatencyHistogram& all, std::u
   report.seconds = window.seconds();
   report.errors = errors.count();
   report.first_error = errors.first();
-  report.latencies = &all;
   report.cpu = cpu;
   report.has_server = has_server;
   return report;
+}
+
+int write_run_json(std::ostream& out, Report report,
+                   const std::vector<std::unique_ptr<LatencyHistogram>>& per_thread) {
+  LatencyHistogram all;
+  for (const auto& one : per_thread) all.merge(*one);
+  report.latencies = &all;
+  write_json(out, report);
+  out.flush();
+  return all.count() > 0 ? 0 : 1;
 }
 
 }  // namespace hsm::bench

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <ostream>
 #include <string>
@@ -128,10 +129,15 @@ class ErrorLog {
 };
 
 /// The report of a finished run, as every benchmark program ends: the measured window, the
-/// errors and CPU time; `all` (the threads' histograms merged) must outlive it.
-[[nodiscard]] Report finished_run_report(std::string mode, const LatencyHistogram& all,
-                                         std::uint64_t concurrency, const MeasurementWindow& window,
-                                         const ErrorLog& errors, const CpuSample& cpu,
-                                         bool has_server);
+/// errors and CPU time. Its latencies are set by the caller (or by write_run_json()).
+[[nodiscard]] Report finished_run_report(std::string mode, std::uint64_t concurrency,
+                                         const MeasurementWindow& window, const ErrorLog& errors,
+                                         const CpuSample& cpu, bool has_server);
+
+/// How hsm-bench-direct and hsm-bench-floor end: the threads' histograms merged into the
+/// report, its JSON line written to `out` and flushed. Returns the exit status: 0 when anything
+/// was measured.
+int write_run_json(std::ostream& out, Report report,
+                   const std::vector<std::unique_ptr<LatencyHistogram>>& per_thread);
 
 }  // namespace hsm::bench
