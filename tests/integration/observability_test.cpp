@@ -421,6 +421,7 @@ const std::vector<std::pair<std::string, std::string>> kCatalogue = {
     {"hsm_agent_sessions", "gauge"},
     {"hsm_agent_session_wait_seconds", "histogram"},
     {"hsm_agent_queue_wait_seconds", "histogram"},
+    {"hsm_agent_loop_hand_overs_total", "counter"},
     {"hsm_agent_hsm_up", "gauge"},
     {"hsm_agent_hsm_probe_duration_seconds", "histogram"},
     {"hsm_agent_logins_total", "counter"},

@@ -107,6 +107,18 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
   return {msgid, Method::kSign, params, timeout_ms};
 }
 
+// An agent behind the fault module, with one ES256 key and its public key.
+struct FaultyAgent {
+  FaultyAgent(std::vector<std::string> agent_args, const std::string& kid)
+      : env(faults.agent_options(std::move(agent_args))) {
+    env.client.generate_key(kid);
+    pub = env.client.get_public_key(kid);
+  }
+  FaultControl faults;
+  RunningAgent env;
+  hsm::PublicKey pub;
+};
+
 }  // namespace
 
 TEST_CASE(
@@ -210,10 +222,8 @@ TEST_CASE(
 
 TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds",
           "[reliability]") {
-  FaultControl faults;
-  RunningAgent env(faults.agent_options({"--sessions", "2"}));
-  env.client.generate_key("retry");
-  const auto pub = env.client.get_public_key("retry");
+  FaultyAgent agent({"--sessions", "2"}, "retry");
+  auto& [faults, env, pub] = agent;
   (void)env.client.sign("retry", "warm the handle cache");
   REQUIRE(wait_until([&] { return faults.count("C_Sign") >= 1; }));
   std::this_thread::sleep_for(100ms);  // the stats file is rewritten at most every 25 ms
@@ -235,10 +245,8 @@ TEST_CASE(
     "C_Sign hung on one session: other sessions keep signing, the hung request ends in "
     "deadline_exceeded",
     "[reliability]") {
-  FaultControl faults;
-  RunningAgent env(faults.agent_options({"--sessions", "4", "--request-timeout", "1500"}));
-  env.client.generate_key("hang");
-  const auto pub = env.client.get_public_key("hang");
+  FaultyAgent agent({"--sessions", "4", "--request-timeout", "1500"}, "hang");
+  auto& [faults, env, pub] = agent;
 
   faults.set("C_Sign hang=1 session=first");
   auto hung = env.connect();
@@ -263,6 +271,9 @@ TEST_CASE(
   CHECK(error->code == ErrorCode::kDeadlineExceeded);
   CHECK(waited >= 1400ms);          // answered at its deadline, not before
   CHECK(waited < 1500ms + 5000ms);  // and then: not left hanging (slack for a loaded machine)
+  // The agent was idle, so the hung sign ran on the thread that read it (docs/performance.md):
+  // the watchdog handed the event loop to another worker, which served everything above.
+  CHECK(metric(env.agent, "hsm_agent_loop_hand_overs_total") >= 1);
 
   // Releasing the hang lets the stuck call finish; the agent discards its late result.
   faults.clear();
@@ -275,6 +286,21 @@ TEST_CASE(
     }
   }));
   CHECK(env.agent.running());
+}
+
+TEST_CASE("a slow token's signs stop running inline after the first one overstays",
+          "[reliability]") {
+  FaultyAgent agent({"--sessions", "2"}, "slow");
+  auto& [faults, env, pub] = agent;
+  faults.set("C_Sign delay_ms=50");
+  for (int i = 0; i < 20; ++i) {
+    const std::string data = "slow token " + std::to_string(i);
+    CHECK(verify_with_spki(pub.spki, "ES256", to_bytes(data), env.client.sign("slow", data)));
+  }
+  // The first sign ran inline (nothing known of the token yet) and overstayed the watchdog's
+  // 2 ms: the loop was handed over. Its 50 ms put the average sign time far past the inline
+  // limit, so the other 19 went to the workers, and no loop was handed over again.
+  CHECK(metric(env.agent, "hsm_agent_loop_hand_overs_total") == 1);
 }
 
 TEST_CASE("a wrong PIN at start: one C_Login, one clear line, exit 1", "[reliability]") {

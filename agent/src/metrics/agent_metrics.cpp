@@ -62,6 +62,12 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                              .Help("Time from a request being read to a worker starting it")
                              .Register(registry)
                              .Add({}, latency_buckets())),
+      loop_hand_overs_total(
+          BuildCounter()
+              .Name("hsm_agent_loop_hand_overs_total")
+              .Help("Inline signs that overstayed, so the event loop was handed to another worker")
+              .Register(registry)
+              .Add({})),
       hsm_up(BuildGauge()
                  .Name("hsm_agent_hsm_up")
                  .Help("1 when the last token probe succeeded, else 0")

@@ -56,6 +56,9 @@ class AgentMetrics {
   /// workers. With one worker per session this, not session_wait_seconds, is where requests
   /// wait when the agent is saturated.
   prometheus::Histogram& queue_wait_seconds;
+  /// Signs run inline (by the thread that read them, see server/loop_turn.hpp) that overstayed,
+  /// so that the event loop was handed to another worker: a token call that hung or ran long.
+  prometheus::Counter& loop_hand_overs_total;
 
   // token health
   prometheus::Gauge& hsm_up;

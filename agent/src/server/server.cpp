@@ -31,6 +31,16 @@ constexpr auto kCloseFlushLimit = std::chrono::seconds(2);
 // written at the deadline reach a client that reads. Then whatever is unsent is dropped.
 constexpr auto kFinalFlushGrace = std::chrono::milliseconds(500);
 
+// A sign runs on the thread that read it only while the token's signs take less than this on
+// average (SoftHSMv2 ES256: ~70 us): a slow token (a network HSM) gains nothing from it, and its
+// calls would have the loop handed over every time.
+constexpr auto kInlineSignLatencyLimit = std::chrono::microseconds(500);
+// How long an inline call may keep the loop unattended before the watchdog hands the loop to
+// another worker (plus up to one tick).
+constexpr LoopTurn::Timing kLoopTurnTiming{.overstay = std::chrono::milliseconds(2),
+                                           .tick = std::chrono::milliseconds(1),
+                                           .idle_after = std::chrono::milliseconds(50)};
+
 template <typename Handle>
 uv_handle_t* as_handle(Handle* handle) {
   return reinterpret_cast<uv_handle_t*>(handle);
@@ -149,8 +159,6 @@ void Server::request_shutdown() {
 void Server::run(const std::function<void()>& on_listening,
                  const std::function<void()>& on_reload) {
   on_reload_ = on_reload;
-  workers_ = std::make_unique<WorkerPool>(deps_.config.hsm.sessions, deps_.config.limits.max_queue,
-                                          [this](const auto& call) { run_on_worker(call); });
 
   uv_async_init(&loop_, &completions_async_, [](uv_async_t* async) {
     static_cast<Server*>(async->loop->data)->drain_completions();
@@ -185,9 +193,63 @@ void Server::run(const std::function<void()>& on_listening,
         signal);
   }
 
-  listen();
+  // One thread more than sessions: the one holding the loop turn, so that `sessions` calls can
+  // run while the loop is run. Started before the socket exists: a client that finds the socket
+  // finds the agent ready.
+  workers_ = std::make_unique<WorkerPool>(
+      deps_.config.hsm.sessions + 1, deps_.config.limits.max_queue,
+      [this](const auto& call) { run_on_worker(call); }, [this] { run_loop_turn(); });
+  turn_ = std::make_unique<LoopTurn>(kLoopTurnTiming, [this] {
+    deps_.metrics.loop_hand_overs_total.Increment();
+    spdlog::debug("an inline call overstayed; another worker runs the loop");
+    workers_->want_loop_runner();
+  });
+  try {
+    listen();
+  } catch (...) {
+    turn_.reset();
+    workers_->stop();  // idle: nothing was submitted
+    throw;
+  }
   if (on_listening) on_listening();
-  uv_run(&loop_, UV_RUN_DEFAULT);
+  workers_->want_loop_runner();
+  {
+    std::unique_lock lock(loop_ended_mutex_);
+    loop_ended_cv_.wait(lock, [this] { return loop_ended_; });
+  }
+  // turn_ lives on (until ~Server): a worker returning from an inline call still uses it.
+  if (running_calls_.load() == 0) {
+    workers_->stop();
+  } else {
+    // A worker is stuck inside the token; joining would hang the exit.
+    spdlog::warn("{} PKCS#11 calls still running; not waiting for them", running_calls_.load());
+    workers_->abandon();
+    abandoned_workers_ = true;
+  }
+}
+
+void Server::run_loop_turn() {
+  if (!turn_->try_take()) return;  // someone else runs the loop
+  for (;;) {
+    uv_run(&loop_, UV_RUN_DEFAULT);
+    std::shared_ptr<Call> call = std::move(inline_call_);
+    if (!call) {
+      // uv_run returns without a call to run only when the loop has ended: every handle closed.
+      turn_->release();
+      {
+        std::lock_guard lock(loop_ended_mutex_);
+        loop_ended_ = true;
+      }
+      loop_ended_cv_.notify_all();
+      return;
+    }
+    const auto ticket = turn_->release_for_inline_call();
+    run_on_worker(call);
+    call.reset();
+    turn_->inline_call_done(ticket);
+    // Back to the loop, unless the watchdog handed it over meanwhile (then back to the pool).
+    if (!turn_->try_take()) return;
+  }
 }
 
 void Server::listen() {
@@ -347,9 +409,13 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
   // Counted in before the worker can answer (and count it out).
   const bool at_limit =
       call->output->begin_request(deps_.config.limits.max_inflight_per_connection);
-  in_flight_.fetch_add(1);
+  const auto in_flight_before = in_flight_.fetch_add(1);
   deps_.metrics.requests_in_flight.Increment();
-  if (!workers_->submit(call)) {
+  if (runs_inline(*call, in_flight_before)) {
+    // Run by this thread once this loop iteration ends (run_loop_turn).
+    inline_call_ = call;
+    uv_stop(&loop_);
+  } else if (!workers_->submit(call)) {
     call->output->end_request_on_loop();
     in_flight_.fetch_sub(1);
     deps_.metrics.requests_in_flight.Decrement();
@@ -390,6 +456,10 @@ void Server::run_on_worker(const std::shared_ptr<Call>& call) {
   if (SteadyClock::now() >= call->deadline) {
     outcome = protocol::Error{ErrorCode::kDeadlineExceeded, "the request waited past its deadline",
                               std::nullopt};
+  } else if (call->request.method == Method::kSign) {
+    const auto started = SteadyClock::now();
+    outcome = deps_.keys.execute(call->request);
+    note_sign_latency(SteadyClock::now() - started);
   } else {
     outcome = deps_.keys.execute(call->request);
   }
@@ -419,6 +489,24 @@ void Server::run_on_worker(const std::shared_ptr<Call>& call) {
   }
   // Counted until after the send, so shutdown never closes the async handle under us.
   running_calls_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+bool Server::runs_inline(const Call& call, std::size_t in_flight_before) const {
+  // Only when nothing else is in flight or still inside the token (a call answered at its
+  // deadline may be): every other worker is idle, one can take the loop if the call overstays,
+  // a session is free, and at most one thread is ever stuck in an inline call.
+  return call.request.method == Method::kSign && in_flight_before == 0 && !inline_call_ &&
+         running_calls_.load(std::memory_order_relaxed) == 0 &&
+         std::chrono::nanoseconds(sign_latency_ns_.load(std::memory_order_relaxed)) <
+             kInlineSignLatencyLimit;
+}
+
+void Server::note_sign_latency(SteadyClock::duration elapsed) {
+  // An exponential moving average over ~8 signs. Workers update it concurrently without a lock:
+  // a lost update only delays the average by one sign.
+  const auto sample = std::chrono::duration_cast<std::chrono::nanoseconds>(elapsed).count();
+  const auto average = sign_latency_ns_.load(std::memory_order_relaxed);
+  sign_latency_ns_.store(average + (sample - average) / 8, std::memory_order_relaxed);
 }
 
 void Server::drain_completions() {
@@ -616,14 +704,7 @@ void Server::finish_shutdown() {
         0);
   }
 
-  if (running_calls_.load() == 0) {
-    workers_->stop();
-  } else {
-    // A worker is stuck inside the token; joining would hang the exit.
-    spdlog::warn("{} PKCS#11 calls still running; not waiting for them", running_calls_.load());
-    workers_->abandon();
-    abandoned_workers_ = true;
-  }
+  // The workers are stopped (or abandoned) by run() once the loop has ended.
   for (auto* handle :
        {as_handle(&completions_async_), as_handle(&shutdown_async_), as_handle(&deadline_timer_),
         as_handle(&tick_timer_), as_handle(&drain_timer_), as_handle(&flush_check_),

@@ -3,15 +3,20 @@
 // bounds (connections, in-flight per connection, queue, deadlines, idle time), writes answers
 // once per loop iteration per connection, and shuts down gracefully on SIGTERM/SIGINT.
 //
-// Thread-safety: run() owns the calling thread as the loop thread. A worker writes its answer
-// through the connection's ConnectionOutput and counts it (metrics, audit, in_flight_); it tells
-// the loop about it, through the completion queue (a mutex and a uv_async_t), only when the loop
-// has something to do (flush the rest, resume reading, close, finish shutting down).
+// Thread-safety: run() blocks its caller until the loop ends. The loop is run by one worker at a
+// time, whichever holds the LoopTurn ("the loop thread" below is that worker). A sign that
+// arrives while nothing else is in flight, on a token that signs fast, is run by the thread that
+// read it, after it gives the turn up (loop_turn.hpp: a watchdog hands the turn over if the call
+// overstays). A worker writes its answer through the connection's ConnectionOutput and counts it
+// (metrics, audit, in_flight_); it tells the loop about it, through the completion queue (a mutex
+// and a uv_async_t), only when the loop has something to do (flush the rest, resume reading,
+// close, finish shutting down).
 #pragma once
 
 #include <uv.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -27,6 +32,7 @@
 #include "metrics/health_state.hpp"
 #include "server/call.hpp"
 #include "server/connection.hpp"
+#include "server/loop_turn.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
 
@@ -86,6 +92,12 @@ class Server final : public ConnectionEvents {
   void count_answered(const Call& call, std::optional<protocol::ErrorCode> code,
                       std::optional<AuditRecord> audit);
   void run_on_worker(const std::shared_ptr<Call>& call);
+  /// Whether `call` (counted in already) runs on the thread that read it; see loop_turn.hpp.
+  [[nodiscard]] bool runs_inline(const Call& call, std::size_t in_flight_before) const;
+  /// A worker's loop duty: takes the turn if free and runs the loop, and the calls it gives the
+  /// turn up for, until the loop ends or another worker holds the turn.
+  void run_loop_turn();
+  void note_sign_latency(SteadyClock::duration elapsed);
   void drain_completions();
   void expire_deadlines();
   void arm_deadline_timer();
@@ -136,12 +148,18 @@ class Server final : public ConnectionEvents {
   std::vector<Completion> completions_spare_;  // swapped in, to keep the capacity
 
   std::atomic<std::size_t> running_calls_{0};
+  std::shared_ptr<Call> inline_call_;  // read this loop iteration, to run when uv_run returns
+  std::atomic<std::int64_t> sign_latency_ns_{0};  // moving average of the token's signs
+  std::mutex loop_ended_mutex_;
+  std::condition_variable loop_ended_cv_;
+  bool loop_ended_ = false;
   bool listening_ = false;
   std::atomic<bool> shutting_down_{false};  // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
   bool abandoned_workers_ = false;
   std::unique_ptr<WorkerPool> workers_;
+  std::unique_ptr<LoopTurn> turn_;  // declared after workers_: its watchdog stops first
 };
 
 }  // namespace hsm::agent

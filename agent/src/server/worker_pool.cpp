@@ -2,8 +2,9 @@
 
 namespace hsm::agent {
 
-WorkerPool::WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run)
-    : run_(std::move(run)), max_queue_(max_queue) {
+WorkerPool::WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run,
+                       LoopDuty loop_duty)
+    : run_(std::move(run)), loop_duty_(std::move(loop_duty)), max_queue_(max_queue) {
   sleepers_.reserve(threads);
   for (std::size_t i = 0; i < threads; ++i) sleepers_.push_back(std::make_unique<Sleeper>());
   idle_.reserve(threads);
@@ -21,16 +22,31 @@ bool WorkerPool::submit(std::shared_ptr<Call> call) {
     std::lock_guard lock(mutex_);
     if (stopping_ || queue_.size() >= max_queue_) return false;
     queue_.push_back(std::move(call));
-    if (!idle_.empty()) {
-      to_wake = sleepers_[idle_.back()].get();
-      idle_.pop_back();
-      to_wake->woken = true;
-    }
+    to_wake = pop_idle_locked();
   }
   // Every busy worker takes the next queued call when it finishes, so a call that found no idle
   // worker is picked up without a wake-up.
   if (to_wake != nullptr) to_wake->wake.notify_one();
   return true;
+}
+
+void WorkerPool::want_loop_runner() {
+  Sleeper* to_wake = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    if (stopping_ || !loop_duty_) return;
+    loop_wanted_ = true;
+    to_wake = pop_idle_locked();
+  }
+  if (to_wake != nullptr) to_wake->wake.notify_one();
+}
+
+WorkerPool::Sleeper* WorkerPool::pop_idle_locked() {
+  if (idle_.empty()) return nullptr;
+  Sleeper* sleeper = sleepers_[idle_.back()].get();
+  idle_.pop_back();
+  sleeper->woken = true;
+  return sleeper;
 }
 
 std::size_t WorkerPool::queued() const {
@@ -42,7 +58,7 @@ void WorkerPool::work(std::size_t index) {
   Sleeper& self = *sleepers_[index];
   std::unique_lock lock(mutex_);
   for (;;) {
-    while (queue_.empty() && !stopping_) {
+    while (queue_.empty() && !loop_wanted_ && !stopping_) {
       idle_.push_back(index);
       self.wake.wait(lock, [&] { return self.woken || stopping_; });
       if (!self.woken) {
@@ -50,6 +66,13 @@ void WorkerPool::work(std::size_t index) {
         std::erase(idle_, index);
       }
       self.woken = false;
+    }
+    if (loop_wanted_ && !stopping_) {
+      loop_wanted_ = false;
+      lock.unlock();
+      loop_duty_();
+      lock.lock();
+      continue;
     }
     if (queue_.empty()) return;  // stopping and drained
     std::shared_ptr<Call> call = std::move(queue_.front());

@@ -8,8 +8,11 @@
 // concurrency every request lands on a different, cache-cold thread; waking the most recently
 // idle one keeps a lone client's requests on one warm thread (docs/performance.md).
 //
-// Thread-safety: submit() from any thread (in practice the loop thread); the run function is
-// called on worker threads, concurrently.
+// The workers also run the event loop, one at a time (server/loop_turn.hpp): want_loop_runner()
+// has an idle worker, or the next one to finish its call, run `loop_duty`, before any queued call.
+//
+// Thread-safety: submit() and want_loop_runner() from any thread; the run function and the loop
+// duty are called on worker threads, concurrently.
 #pragma once
 
 #include <condition_variable>
@@ -28,14 +31,17 @@ namespace hsm::agent {
 class WorkerPool {
  public:
   using RunFunction = std::function<void(const std::shared_ptr<Call>&)>;
+  using LoopDuty = std::function<void()>;
 
-  WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run);
+  WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run, LoopDuty loop_duty = {});
   ~WorkerPool();  // stops and joins (see stop())
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;
 
   /// Queues a call. False when the queue is full or the pool is stopping.
   [[nodiscard]] bool submit(std::shared_ptr<Call> call);
+  /// Has one worker run the loop duty: the most recently idle one, or else the first to finish.
+  void want_loop_runner();
   /// Calls queued and not yet taken by a worker.
   [[nodiscard]] std::size_t queued() const;
   /// Stops taking new work, lets the workers finish what is queued, and joins them. A worker
@@ -55,7 +61,12 @@ class WorkerPool {
   void work(std::size_t index);
   void stop_locked_and_wake_all(std::unique_lock<std::mutex>& lock);
 
+  /// Wakes the most recently idle worker, if any; under mutex_. Returns whom to notify.
+  Sleeper* pop_idle_locked();
+
   RunFunction run_;
+  LoopDuty loop_duty_;
+  bool loop_wanted_ = false;
   std::size_t max_queue_;
   mutable std::mutex mutex_;
   std::deque<std::shared_ptr<Call>> queue_;
