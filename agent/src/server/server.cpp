@@ -425,7 +425,7 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
                received);
     return;
   }
-  deadlines_.emplace(deadline, std::move(weak));
+  deadlines_.push(deadline, std::move(weak));
   if (deadline < deadline_timer_due_) arm_deadline_timer();
   // Backpressure: read no more until answers drain. An answer that already brought the count
   // back under the limit has left a note for the loop, which resumes after this.
@@ -565,7 +565,7 @@ void Server::arm_deadline_timer() {
     deadline_timer_due_ = SteadyClock::time_point::max();
     return;
   }
-  const auto due = deadlines_.top().first;
+  const auto due = deadlines_.top().deadline;
   const auto now = SteadyClock::now();
   const auto wait = due > now ? std::chrono::ceil<std::chrono::milliseconds>(due - now).count() : 0;
   deadline_timer_due_ = due;
@@ -578,9 +578,8 @@ void Server::arm_deadline_timer() {
 void Server::expire_deadlines() {
   deadline_timer_due_ = SteadyClock::time_point::max();
   const auto now = SteadyClock::now();
-  while (!deadlines_.empty() && deadlines_.top().first <= now) {
-    auto call = deadlines_.top().second.lock();
-    deadlines_.pop();
+  while (!deadlines_.empty() && deadlines_.top().deadline <= now) {
+    auto call = deadlines_.pop().call.lock();
     if (!call || !call->claim_answer()) continue;  // answered already
     // Queued calls are dropped unrun (begin_running fails); a running one's result is dropped.
     answer_on_loop(*call, error_response(call->request.msgid, ErrorCode::kDeadlineExceeded,
@@ -670,8 +669,7 @@ void Server::finish_shutdown() {
   finished_ = true;
   // Whatever is still in flight gets a clear answer before its connection closes.
   while (!deadlines_.empty()) {
-    auto call = deadlines_.top().second.lock();
-    deadlines_.pop();
+    auto call = deadlines_.pop().call.lock();
     if (!call || !call->claim_answer()) continue;
     answer_on_loop(*call, error_response(call->request.msgid, ErrorCode::kShuttingDown,
                                          "the agent shut down before answering"));

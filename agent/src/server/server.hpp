@@ -21,7 +21,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <queue>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -32,6 +31,7 @@
 #include "metrics/health_state.hpp"
 #include "server/call.hpp"
 #include "server/connection.hpp"
+#include "server/deadline_queue.hpp"
 #include "server/loop_turn.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
@@ -134,13 +134,7 @@ class Server final : public ConnectionEvents {
   std::vector<Connection*> dirty_;
   std::atomic<std::size_t> in_flight_{0};  // decremented by workers too
 
-  using DeadlineEntry = std::pair<SteadyClock::time_point, std::weak_ptr<Call>>;
-  struct LaterFirst {
-    bool operator()(const DeadlineEntry& a, const DeadlineEntry& b) const {
-      return a.first > b.first;
-    }
-  };
-  std::priority_queue<DeadlineEntry, std::vector<DeadlineEntry>, LaterFirst> deadlines_;
+  DeadlineQueue deadlines_;
   SteadyClock::time_point deadline_timer_due_ = SteadyClock::time_point::max();
 
   std::mutex completions_mutex_;
