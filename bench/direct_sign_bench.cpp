@@ -15,12 +15,10 @@
 #include <algorithm>
 #include <array>
 #include <exception>
-#include <functional>
 #include <iostream>
 #include <memory>
 #include <optional>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "es256_token.hpp"
@@ -76,22 +74,13 @@ int run(const Options& options) {
     sessions.push_back(token.open_session());
   }
 
-  std::vector<std::unique_ptr<LatencyHistogram>> latencies;
-  for (std::size_t i = 0; i < sessions.size(); ++i) {
-    latencies.push_back(std::make_unique<LatencyHistogram>());
-  }
+  const auto latencies = histograms_for(sessions.size());
   ErrorLog errors;
   const MeasurementWindow window = MeasurementWindow::starting_now(
       std::chrono::milliseconds(options.warmup_ms), std::chrono::milliseconds(options.duration_ms));
-  CpuSample cpu;
-  {
-    std::vector<std::jthread> threads;
-    for (std::size_t i = 0; i < sessions.size(); ++i) {
-      threads.emplace_back(sign_loop, std::cref(*sessions[i]), token.key(), std::cref(window),
-                           std::ref(*latencies[i]), std::ref(errors));
-    }
-    cpu = cpu_during(window, options.server_pids);
-  }
+  const CpuSample cpu = run_in_threads(
+      sessions.size(), window, options.server_pids,
+      [&](std::size_t i) { sign_loop(*sessions[i], token.key(), window, *latencies[i], errors); });
 
   auto report = finished_run_report("direct", sessions.size(), window, errors, cpu,
                                     !options.server_pids.empty());

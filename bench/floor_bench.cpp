@@ -385,22 +385,14 @@ int measure(const ConnectOptions& options) {
   for (unsigned i = 0; i < std::max(1U, options.threads); ++i) {
     connections.push_back(connect_to(options.socket_path, kind));
   }
-  std::vector<std::unique_ptr<LatencyHistogram>> latencies;
-  for (std::size_t i = 0; i < connections.size(); ++i) {
-    latencies.push_back(std::make_unique<LatencyHistogram>());
-  }
+  const auto latencies = histograms_for(connections.size());
   ErrorLog errors;
   const MeasurementWindow window = MeasurementWindow::starting_now(
       std::chrono::milliseconds(options.warmup_ms), std::chrono::milliseconds(options.duration_ms));
-  CpuSample cpu;
-  {
-    std::vector<std::jthread> threads;
-    for (std::size_t i = 0; i < connections.size(); ++i) {
-      threads.emplace_back(request_loop, connections[i].get(), kind, std::cref(window),
-                           std::ref(*latencies[i]), std::ref(errors));
-    }
-    cpu = cpu_during(window, options.server_pids);
-  }
+  const CpuSample cpu =
+      run_in_threads(connections.size(), window, options.server_pids, [&](std::size_t i) {
+        request_loop(connections[i].get(), kind, window, *latencies[i], errors);
+      });
 
   auto report = finished_run_report(options.ping ? "uds_rtt" : "floor", connections.size(), window,
                                     errors, cpu, !options.server_pids.empty());

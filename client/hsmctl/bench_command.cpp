@@ -14,7 +14,6 @@
 #include <sstream>
 #include <string>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include "encoding.hpp"
@@ -268,10 +267,7 @@ class BenchCommand final : public Command {
   }
 
   ExitCode measure(Context& context, const SignJob& job) {
-    std::vector<std::unique_ptr<LatencyHistogram>> latencies;
-    for (unsigned i = 0; i < connections_; ++i) {
-      latencies.push_back(std::make_unique<LatencyHistogram>());
-    }
+    const auto latencies = bench::histograms_for(connections_);
     ErrorLog errors;
     const auto to_ms = [](double seconds) {
       return std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000.0 + 0.5));
@@ -280,12 +276,9 @@ class BenchCommand final : public Command {
         to_ms(warmup_s_), std::max(to_ms(duration_s_), std::chrono::milliseconds(1)));
     bench::CpuSample cpu;
     if (depth_ == 1) {
-      std::vector<std::jthread> threads;
-      for (unsigned i = 0; i < connections_; ++i) {
-        threads.emplace_back(sync_sign_loop, std::cref(job), std::cref(window),
-                             std::ref(*latencies[i]), std::ref(errors));
-      }
-      cpu = bench::cpu_during(window, server_pids_);
+      cpu = bench::run_in_threads(connections_, window, server_pids_, [&](std::size_t i) {
+        sync_sign_loop(job, window, *latencies[i], errors);
+      });
     } else {
       std::vector<std::unique_ptr<PipelinedSigner>> signers;
       for (unsigned i = 0; i < connections_; ++i) {

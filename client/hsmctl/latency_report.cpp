@@ -226,6 +226,23 @@ void write_json(std::ostream& out, const Report& report) {
   out << "}\n";
 }
 
+std::vector<std::unique_ptr<LatencyHistogram>> histograms_for(std::size_t threads) {
+  std::vector<std::unique_ptr<LatencyHistogram>> histograms;
+  histograms.reserve(threads);
+  for (std::size_t i = 0; i < threads; ++i)
+    histograms.push_back(std::make_unique<LatencyHistogram>());
+  return histograms;
+}
+
+CpuSample run_in_threads(std::size_t threads, const MeasurementWindow& window,
+                         const std::vector<int>& server_pids,
+                         const std::function<void(std::size_t)>& work) {
+  std::vector<std::jthread> running;
+  running.reserve(threads);
+  for (std::size_t i = 0; i < threads; ++i) running.emplace_back(work, i);
+  return cpu_during(window, server_pids);  // the jthreads join on the way out
+}
+
 Report finished_run_report(std::string mode, std::uint64_t concurrency,
                            const MeasurementWindow& window, const ErrorLog& errors,
                            const CpuSample& cpu, bool has_server) {

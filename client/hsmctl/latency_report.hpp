@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <ostream>
@@ -127,6 +128,15 @@ class ErrorLog {
   mutable std::mutex mutex_;
   std::string first_;
 };
+
+/// One histogram per measuring thread (each records into its own; write_run_json() merges).
+[[nodiscard]] std::vector<std::unique_ptr<LatencyHistogram>> histograms_for(std::size_t threads);
+
+/// Runs work(0) .. work(threads - 1), each on its own thread, while the calling thread samples
+/// the CPU spent inside `window` (cpu_during); returns that once every thread has returned.
+CpuSample run_in_threads(std::size_t threads, const MeasurementWindow& window,
+                         const std::vector<int>& server_pids,
+                         const std::function<void(std::size_t)>& work);
 
 /// The report of a finished run, as every benchmark program ends: the measured window, the
 /// errors and CPU time. Its latencies are set by the caller (or by write_run_json()).

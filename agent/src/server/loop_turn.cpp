@@ -37,9 +37,8 @@ void LoopTurn::release() noexcept {
 
 std::int64_t LoopTurn::release_for_inline_call() noexcept {
   // The start time is the ticket: unique, as only the turn's holder gets here.
-  const auto ticket = std::max(now_ns(), last_ticket_ + 1);
-  last_ticket_ = ticket;
-  inline_calls_.fetch_add(1);
+  const auto ticket = std::max(now_ns(), last_ticket_.load(std::memory_order_relaxed) + 1);
+  last_ticket_.store(ticket, std::memory_order_relaxed);
   inline_since_ns_.store(ticket);  // seq_cst, paired with watch(): see there
   release();
   if (asleep_.load()) {
@@ -59,21 +58,21 @@ void LoopTurn::inline_call_done(std::int64_t ticket) noexcept {
 void LoopTurn::watch() {
   const auto overstay_ns = std::chrono::nanoseconds(timing_.overstay).count();
   const auto idle_after_ns = std::chrono::nanoseconds(timing_.idle_after).count();
-  std::uint64_t handed_over_call = 0;  // the inline call handed over already
-  std::uint64_t last_seen_call = 0;
+  std::int64_t handed_over_ticket = 0;  // the inline call handed over already
+  std::int64_t last_seen_ticket = 0;
   std::int64_t last_active_ns = now_ns();
 
   std::unique_lock lock(mutex_);
   while (!stopping_) {
     const auto now = now_ns();
     const auto since = inline_since_ns_.load();
-    const auto call = inline_calls_.load();
-    if (since != 0 || call != last_seen_call) {
+    const auto ticket = last_ticket_.load(std::memory_order_relaxed);
+    if (since != 0 || ticket != last_seen_ticket) {  // an inline call runs, or ran since
       last_active_ns = now;
-      last_seen_call = call;
+      last_seen_ticket = ticket;
     }
-    if (since != 0 && now - since >= overstay_ns && call != handed_over_call && !held()) {
-      handed_over_call = call;
+    if (since != 0 && now - since >= overstay_ns && since != handed_over_ticket && !held()) {
+      handed_over_ticket = since;
       hand_overs_.fetch_add(1);
       lock.unlock();
       hand_over_();

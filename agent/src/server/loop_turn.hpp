@@ -61,9 +61,8 @@ class LoopTurn {
   const Timing timing_;
   const std::function<void()> hand_over_;
   std::atomic<bool> held_{false};
-  std::atomic<std::int64_t> inline_since_ns_{0};  // 0: no inline call; else also its ticket
-  std::int64_t last_ticket_ = 0;                  // written only by the turn's holder
-  std::atomic<std::uint64_t> inline_calls_{0};    // tells one inline call from the next
+  std::atomic<std::int64_t> inline_since_ns_{0};  // 0: no inline call; else its ticket
+  std::atomic<std::int64_t> last_ticket_{0};      // written only by the turn's holder
   std::atomic<std::uint64_t> hand_overs_{0};
 
   std::mutex mutex_;  // the watchdog's sleep
