@@ -20,7 +20,10 @@
 //     await() takes it then);
 //   - once the peer hangs up or the connection is broken, the read side goes to the reader
 //     thread (it reads up to the end of the stream, then fails what is left), and once it has
-//     ended, nobody reads and the reader thread returns.
+//     ended, nobody reads and the reader thread returns. A call whose request is still being
+//     written when the connection ends is failed by its writer instead, who alone knows whether
+//     any byte of it left (none: it goes out again on a fresh connection, not counted as a
+//     retry).
 // A caller holds the read side only while its own call is pending here and its deadline has
 // not passed. The reader thread, while it does not hold it, sleeps in poll() on the socket for
 // a hang-up only (data arriving does not wake it) and on an eventfd for a hand-over, so a
@@ -185,22 +188,30 @@ std::variant<Connection::Sent, Failure> Connection::send(const std::shared_ptr<C
   }
 
   WriteResult written = write_all(encoded.data(), encoded.size(), deadline);
-  if (written.status == WriteStatus::kDone) {
-    return Sent{msgid};
+  // While its request was being written the call was ours alone to fail: a connection that
+  // ended meanwhile left it here (end() cannot know whether any byte of it left; we do).
+  std::optional<Failure> failure;
+  {
+    std::lock_guard lock(mutex_);
+    const bool still_pending = pending_.written(msgid, call.get());
+    if (still_pending && (written.status != WriteStatus::kDone || ended_)) {
+      pending_.remove(msgid, call.get());
+      if (written.status != WriteStatus::kDone) {
+        failure = Failure{std::move(*written.error), written.status == WriteStatus::kNothingWritten
+                                                         ? Delivery::kNotSent
+                                                         : Delivery::kMaybeSent};
+      } else {
+        failure = Failure{*end_reason_, Delivery::kMaybeSent};
+      }
+    }
   }
-  // Withdraw first, then break the connection: end() then drains only the other calls,
-  // and this one keeps the knowledge that nothing of it was sent (so it may go out again on a
-  // fresh connection at once).
-  const bool withdrawn = forget(msgid, call.get());
   if (written.breaks_connection) {
     mark_broken();
   }
-  if (!withdrawn) {
-    return Sent{msgid};
+  if (failure) {
+    return std::move(*failure);
   }
-  return Failure{std::move(*written.error), written.status == WriteStatus::kNothingWritten
-                                                ? Delivery::kNotSent
-                                                : Delivery::kMaybeSent};
+  return Sent{msgid};  // on its way, or already answered, timed out or failed by others
 }
 
 Connection::WriteResult Connection::write_all(const char* data, std::size_t size,
@@ -563,7 +574,9 @@ void Connection::end(const Error& reason, ReportingThread thread) noexcept {
     std::lock_guard lock(mutex_);
     broken_.store(true, std::memory_order_release);
     ended_ = true;
-    orphans = pending_.take_all();
+    end_reason_ = reason;
+    // A call whose request is still being written is failed by its writer (send()).
+    orphans = pending_.take_all_written();
   }
   ::shutdown(fd_.get(), SHUT_RDWR);  // writers blocked in poll() see the end too
   for (auto& call : orphans) {

@@ -143,8 +143,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void deliver(Handoff&& handoff) noexcept;
   void wake_reader_thread() noexcept;
   void drain_wake_fd() noexcept;
-  /// The connection is over: every pending call fails with `reason`. Only the holder of the
-  /// read side calls it.
+  /// The connection is over: every pending call fails with `reason`, except those whose
+  /// requests are still being written (their writers fail them). Only the holder of the read
+  /// side calls it.
   void end(const Error& reason, ReportingThread thread) noexcept;
   void mark_broken() noexcept;
 
@@ -160,6 +161,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   const Waiter* leader_ = nullptr;        // guarded by mutex_: the holder when reader_ is kCaller
   std::vector<const Waiter*> followers_;  // guarded by mutex_: callers waiting, oldest first
   bool ended_ = false;                    // guarded by mutex_: end() ran
+  std::optional<Error> end_reason_;       // guarded by mutex_: why it ended
   bool hangup_seen_ = false;              // guarded by mutex_: the reader thread saw the hang-up
   // guarded by mutex_: the reader thread holds the read side with nothing only it would read,
   // and waits in poll() (not recv()); a caller may take the read side from it then.

@@ -1,5 +1,6 @@
 #include "pending_calls.hpp"
 
+#include <iterator>
 #include <stdexcept>
 #include <utility>
 
@@ -50,15 +51,29 @@ bool PendingCalls::remove(std::uint32_t msgid, const Call* call) {
   return true;
 }
 
-std::vector<std::shared_ptr<Call>> PendingCalls::take_all() {
-  std::vector<std::shared_ptr<Call>> all;
-  all.reserve(calls_.size());
-  for (auto& [msgid, entry] : calls_) {
-    all.push_back(std::move(entry.call));
+bool PendingCalls::written(std::uint32_t msgid, const Call* call) {
+  auto it = calls_.find(msgid);
+  if (it == calls_.end() || it->second.call.get() != call) {
+    return false;
   }
-  calls_.clear();
-  without_own_reader_ = 0;
-  return all;
+  it->second.being_written = false;
+  return true;
+}
+
+std::vector<std::shared_ptr<Call>> PendingCalls::take_all_written() {
+  std::vector<std::shared_ptr<Call>> taken;
+  taken.reserve(calls_.size());
+  for (auto it = calls_.begin(); it != calls_.end();) {
+    if (it->second.being_written) {
+      ++it;
+      continue;
+    }
+    taken.push_back(std::move(it->second.call));
+    auto next = std::next(it);
+    erase(it);
+    it = next;
+  }
+  return taken;
 }
 
 bool PendingCalls::holds(std::uint32_t msgid, const Call* call) const {

@@ -16,21 +16,28 @@ class Call;
 ///
 /// Each entry also records whether the thread that sent it will read the answer itself (a
 /// synchronous caller, see Connection::await); the connection keeps its reader thread reading
-/// while any other entry waits (without_own_reader()).
+/// while any other entry waits (without_own_reader()). And whether its request is still being
+/// written: only its writer knows then whether any byte of it left, so a connection that ends
+/// leaves such an entry to its writer (take_all_written()).
 class PendingCalls {
  public:
   explicit PendingCalls(std::uint32_t first_msgid = 1) : next_msgid_(first_msgid) {}
 
-  /// Registers `call` under a fresh msgid and returns the msgid.
+  /// Registers `call` under a fresh msgid and returns the msgid. Its request counts as being
+  /// written until written() is called.
   std::uint32_t add(std::shared_ptr<Call> call, bool sender_reads = false);
+  /// The request of `msgid` (if it still belongs to `call`) is no longer being written. True
+  /// when the entry is still here.
+  bool written(std::uint32_t msgid, const Call* call);
   /// Removes and returns the call waiting for `msgid`; nullptr when there is none (an answer
   /// that came after its call timed out, or a msgid we never sent).
   std::shared_ptr<Call> take(std::uint32_t msgid);
   /// Removes the entry of `msgid` only if it belongs to `call` (a retried call's old msgid may
   /// already belong to another call). True when it was removed.
   bool remove(std::uint32_t msgid, const Call* call);
-  /// Removes and returns every waiting call.
-  std::vector<std::shared_ptr<Call>> take_all();
+  /// Removes and returns every waiting call whose request is no longer being written; the
+  /// others stay for their writers.
+  std::vector<std::shared_ptr<Call>> take_all_written();
   /// Whether `msgid` is still waiting and belongs to `call`.
   [[nodiscard]] bool holds(std::uint32_t msgid, const Call* call) const;
   [[nodiscard]] std::size_t size() const noexcept { return calls_.size(); }
@@ -46,6 +53,7 @@ class PendingCalls {
   struct Entry {
     std::shared_ptr<Call> call;
     bool sender_reads = false;
+    bool being_written = true;
   };
   void erase(std::unordered_map<std::uint32_t, Entry>::iterator it);
 

@@ -1,5 +1,6 @@
 // The client's internal pieces: msgid allocation, backoff delays, the timer queue, the
 // completion flag.
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -77,16 +78,37 @@ TEST_CASE("remove() withdraws a msgid only for its own call", "[client][internal
   CHECK(pending.size() == 1);
   CHECK(pending.remove(id, mine.get()));
   CHECK(pending.size() == 0);
-  CHECK(pending.take_all().empty());
+  CHECK(pending.take_all_written().empty());
 }
 
-TEST_CASE("take_all() returns every pending call", "[client][internals]") {
+TEST_CASE("take_all_written() leaves the calls still being written to their writers",
+          "[client][internals]") {
   hsm::client::PendingCalls pending;
+  std::vector<std::shared_ptr<hsm::client::Call>> calls;
+  std::vector<std::uint32_t> ids;
   for (int i = 0; i < 5; ++i) {
-    pending.add(make_call());
+    calls.push_back(make_call());
+    ids.push_back(pending.add(calls.back(), /*sender_reads=*/i % 2 == 0));
   }
-  CHECK(pending.take_all().size() == 5);
-  CHECK(pending.size() == 0);
+  CHECK(pending.written(ids[0], calls[0].get()));
+  CHECK(pending.written(ids[1], calls[1].get()));
+  CHECK(pending.written(ids[3], calls[3].get()));
+  CHECK_FALSE(pending.written(ids[2], calls[4].get()));  // not its call
+  CHECK_FALSE(pending.written(12345, calls[2].get()));   // a msgid never sent
+
+  const auto taken = pending.take_all_written();
+  CHECK(taken.size() == 3);
+  CHECK(std::find(taken.begin(), taken.end(), calls[2]) == taken.end());
+  CHECK(std::find(taken.begin(), taken.end(), calls[4]) == taken.end());
+  CHECK(pending.size() == 2);
+  CHECK(pending.holds(ids[2], calls[2].get()));
+  CHECK(pending.holds(ids[4], calls[4].get()));
+  CHECK(pending.without_own_reader() == 0);  // 2 and 4 are read by their senders
+
+  CHECK(pending.written(ids[2], calls[2].get()));
+  CHECK(pending.take_all_written().size() == 1);
+  CHECK(pending.take(ids[4]) == calls[4]);
+  CHECK(pending.empty());
 }
 
 TEST_CASE("pending calls count those that only a reading thread will read", "[client][internals]") {
@@ -108,8 +130,9 @@ TEST_CASE("pending calls count those that only a reading thread will read", "[cl
   CHECK(pending.take(b) != nullptr);
   CHECK(pending.without_own_reader() == 0);
   CHECK(pending.size() == 1);
-  CHECK(pending.take_all().size() == 1);
-  CHECK(pending.empty());
+  CHECK(pending.without_own_reader() == 0);
+  CHECK(pending.take_all_written().empty());  // its request is still being written
+  CHECK(pending.size() == 1);
 }
 
 TEST_CASE("a completion flag reports set, nudges and its deadline apart", "[client][internals]") {
