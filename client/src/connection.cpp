@@ -404,7 +404,7 @@ bool Connection::await(const std::shared_ptr<Call>& call, CompletionFlag& done,
 }
 
 Connection::LeadEnd Connection::lead(const Waiter& me, Clock::time_point deadline) noexcept {
-  Error reason = connection_error(settings_.socket_path, "was closed by the agent");
+  std::optional<Error> reason;  // built only when the connection ends (not on every read)
   try {
     for (;;) {
       const auto left = deadline - Clock::now();
@@ -442,7 +442,7 @@ Connection::LeadEnd Connection::lead(const Waiter& me, Clock::time_point deadlin
   } catch (...) {
     reason = read_failure();
   }
-  end(reason, ReportingThread::kCaller);
+  end(reason ? *reason : closed_by_agent(), ReportingThread::kCaller);
   return LeadEnd::kEnded;
 }
 
@@ -488,7 +488,7 @@ bool Connection::wait_for_read_side() noexcept {
 }
 
 bool Connection::read_for_others() noexcept {
-  Error reason = connection_error(settings_.socket_path, "was closed by the agent");
+  std::optional<Error> reason;  // built only when the connection ends (not on every read)
   try {
     for (;;) {
       int recv_flags = 0;  // blocks in recv() while answers only we will read are pending
@@ -539,11 +539,15 @@ bool Connection::read_for_others() noexcept {
   } catch (...) {
     reason = read_failure();
   }
-  end(reason, ReportingThread::kClient);
+  end(reason ? *reason : closed_by_agent(), ReportingThread::kClient);
   return false;
 }
 
-Connection::ChunkRead Connection::read_chunk(int recv_flags, Error& reason) {
+Error Connection::closed_by_agent() const {
+  return connection_error(settings_.socket_path, "was closed by the agent");
+}
+
+Connection::ChunkRead Connection::read_chunk(int recv_flags, std::optional<Error>& reason) {
   std::span<char> space = frames_.prepare(kReadChunkBytes);
   if (space.empty()) {
     throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,

@@ -100,7 +100,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   };
   /// One recv() into frames_ (the read side's holder only). Throws protocol::FrameError when
   /// an answer would exceed the response limit.
-  ChunkRead read_chunk(int recv_flags, Error& reason);
+  ChunkRead read_chunk(int recv_flags, std::optional<Error>& reason);
+  /// Why the connection ended when nothing else was found wrong: the agent closed it.
+  [[nodiscard]] Error closed_by_agent() const;
   enum class WriteStatus : std::uint8_t { kDone, kNothingWritten, kPartlyWritten };
   struct WriteResult {
     WriteStatus status = WriteStatus::kDone;
