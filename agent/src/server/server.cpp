@@ -205,13 +205,12 @@ void Server::run(const std::function<void()>& on_listening,
     workers_->want_loop_runner();
   });
   try {
-    listen();
+    listen(on_listening);
   } catch (...) {
     turn_.reset();
     workers_->stop();  // idle: nothing was submitted
     throw;
   }
-  if (on_listening) on_listening();
   workers_->want_loop_runner();
   {
     std::unique_lock lock(loop_ended_mutex_);
@@ -252,7 +251,7 @@ void Server::run_loop_turn() {
   }
 }
 
-void Server::listen() {
+void Server::listen(const std::function<void()>& on_listening) {
   const auto& path = deps_.config.socket_path;
   prepare_socket_path(path, deps_.config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot
                                                            : SharedDirPolicy::kRefuse);
@@ -268,6 +267,9 @@ void Server::listen() {
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
   apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
+  // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
+  // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
+  if (on_listening) on_listening();
   rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
                  [](uv_stream_t* server, int status) {
                    auto* self = static_cast<Server*>(server->loop->data);

@@ -60,7 +60,8 @@ class Server final : public ConnectionEvents {
   Server& operator=(const Server&) = delete;
 
   /// Binds the socket (throws SocketSetupError), then runs the loop until shutdown completes.
-  /// `on_listening` is called once the socket accepts connections; `on_reload` on SIGHUP.
+  /// `on_listening` is called just before the socket starts accepting connections (so a client
+  /// that can connect finds it done: readiness); `on_reload` on SIGHUP.
   void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
 
   /// Asks the loop to shut down as on SIGTERM. Thread-safe.
@@ -80,7 +81,7 @@ class Server final : public ConnectionEvents {
     ConnectionOutput::AfterAnswer after;
   };
 
-  void listen();
+  void listen(const std::function<void()>& on_listening);
   void accept_one();
   void dispatch(Connection& connection, protocol::Request&& request);
   void answer_now(Connection& connection, const protocol::Request& request,
