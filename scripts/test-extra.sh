@@ -37,7 +37,7 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   # down: the core and reliability suites drive those paths against a real agent.
   build/tsan/tests/integration/integration_tests
   build/tsan/tests/integration/reliability_tests
-  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[loop_turn]"  # loop, workers, watchdog
+  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[loop_turn],[heap_trimmer]"  # the agent's threads
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts
   unset TSAN_OPTIONS

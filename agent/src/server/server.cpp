@@ -21,6 +21,9 @@ using protocol::Method;
 
 constexpr std::uint64_t kTickMs = 1000;
 
+// How often free heap pages go back to the system (see heap_trimmer.hpp).
+constexpr auto kHeapTrimInterval = std::chrono::seconds(60);
+
 // How long a connection being closed after a flush (idle, or a request without a msgid) may keep
 // answers the client does not read before it is closed with them unsent. Without a bound, a
 // client that never reads would hold its connection, and its buffered answers, for ever.
@@ -211,6 +214,7 @@ void Server::run(const std::function<void()>& on_listening,
     workers_->stop();  // idle: nothing was submitted
     throw;
   }
+  heap_trimmer_ = std::make_unique<HeapTrimmer>(kHeapTrimInterval);
   workers_->want_loop_runner();
   {
     std::unique_lock lock(loop_ended_mutex_);

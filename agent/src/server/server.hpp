@@ -32,6 +32,7 @@
 #include "server/call.hpp"
 #include "server/connection.hpp"
 #include "server/deadline_queue.hpp"
+#include "server/heap_trimmer.hpp"
 #include "server/loop_turn.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
@@ -154,7 +155,8 @@ class Server final : public ConnectionEvents {
   bool finished_ = false;
   bool abandoned_workers_ = false;
   std::unique_ptr<WorkerPool> workers_;
-  std::unique_ptr<LoopTurn> turn_;  // declared after workers_: its watchdog stops first
+  std::unique_ptr<LoopTurn> turn_;             // declared after workers_: its watchdog stops first
+  std::unique_ptr<HeapTrimmer> heap_trimmer_;  // started by run()
 };
 
 }  // namespace hsm::agent
