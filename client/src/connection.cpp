@@ -194,7 +194,7 @@ std::variant<Connection::Sent, Failure> Connection::send(const std::shared_ptr<C
   {
     std::lock_guard lock(mutex_);
     const bool still_pending = pending_.written(msgid, call.get());
-    if (still_pending && (written.status != WriteStatus::kDone || ended_)) {
+    if (still_pending && (written.status != WriteStatus::kDone || end_reason_)) {
       pending_.remove(msgid, call.get());
       if (written.status != WriteStatus::kDone) {
         failure = Failure{std::move(*written.error), written.status == WriteStatus::kNothingWritten
@@ -305,7 +305,7 @@ void Connection::deliver(Handoff&& handoff) noexcept {
 
 Connection::Handoff Connection::pass_read_side_locked() {
   leader_ = nullptr;
-  if (ended_) {
+  if (end_reason_) {
     reader_ = ReadSide::kNobody;
     return {nullptr, nullptr, true};  // the reader thread sees the end and returns
   }
@@ -356,7 +356,7 @@ bool Connection::await(const std::shared_ptr<Call>& call, CompletionFlag& done,
   const Waiter me{call, &done, msgid};
   std::unique_lock lock(mutex_);
   for (;;) {
-    if (done.is_set() || ended_ || !pending_.holds(msgid, call.get())) {
+    if (done.is_set() || end_reason_ || !pending_.holds(msgid, call.get())) {
       // Completed, or its answer will not come through here (it was read and the call is being
       // retried elsewhere, or the connection ended and failed it): wait without reading.
       Handoff handoff = leave_locked(me);
@@ -442,7 +442,7 @@ Connection::LeadEnd Connection::lead(const Waiter& me, Clock::time_point deadlin
   } catch (...) {
     reason = read_failure();
   }
-  end(reason ? *reason : closed_by_agent(), ReportingThread::kCaller);
+  end(std::move(reason), ReportingThread::kCaller);
   return LeadEnd::kEnded;
 }
 
@@ -457,7 +457,7 @@ void Connection::read_loop() noexcept {
 bool Connection::wait_for_read_side() noexcept {
   std::unique_lock lock(mutex_);
   for (;;) {
-    if (ended_) {
+    if (end_reason_) {
       return false;
     }
     if (reader_ == ReadSide::kThread) {
@@ -539,12 +539,8 @@ bool Connection::read_for_others() noexcept {
   } catch (...) {
     reason = read_failure();
   }
-  end(reason ? *reason : closed_by_agent(), ReportingThread::kClient);
+  end(std::move(reason), ReportingThread::kClient);
   return false;
-}
-
-Error Connection::closed_by_agent() const {
-  return connection_error(settings_.socket_path, "was closed by the agent");
 }
 
 Connection::ChunkRead Connection::read_chunk(int recv_flags, std::optional<Error>& reason) {
@@ -572,19 +568,21 @@ Connection::ChunkRead Connection::read_chunk(int recv_flags, std::optional<Error
   return ChunkRead::kBytes;
 }
 
-void Connection::end(const Error& reason, ReportingThread thread) noexcept {
+void Connection::end(std::optional<Error> reason, ReportingThread thread) noexcept {
+  // Built here, not by the readers up front: most connections never end while in use.
+  Error why = reason ? std::move(*reason)
+                     : connection_error(settings_.socket_path, "was closed by the agent");
   std::vector<std::shared_ptr<Call>> orphans;
   {
     std::lock_guard lock(mutex_);
     broken_.store(true, std::memory_order_release);
-    ended_ = true;
-    end_reason_ = reason;
+    end_reason_ = why;
     // A call whose request is still being written is failed by its writer (send()).
     orphans = pending_.take_all_written();
   }
   ::shutdown(fd_.get(), SHUT_RDWR);  // writers blocked in poll() see the end too
   for (auto& call : orphans) {
-    runner_.on_failure(call, {reason, Delivery::kMaybeSent}, thread);
+    runner_.on_failure(call, {why, Delivery::kMaybeSent}, thread);
   }
 }
 

@@ -101,8 +101,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
   /// One recv() into frames_ (the read side's holder only). Throws protocol::FrameError when
   /// an answer would exceed the response limit.
   ChunkRead read_chunk(int recv_flags, std::optional<Error>& reason);
-  /// Why the connection ended when nothing else was found wrong: the agent closed it.
-  [[nodiscard]] Error closed_by_agent() const;
   enum class WriteStatus : std::uint8_t { kDone, kNothingWritten, kPartlyWritten };
   struct WriteResult {
     WriteStatus status = WriteStatus::kDone;
@@ -145,10 +143,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void deliver(Handoff&& handoff) noexcept;
   void wake_reader_thread() noexcept;
   void drain_wake_fd() noexcept;
-  /// The connection is over: every pending call fails with `reason`, except those whose
-  /// requests are still being written (their writers fail them). Only the holder of the read
-  /// side calls it.
-  void end(const Error& reason, ReportingThread thread) noexcept;
+  /// The connection is over: every pending call fails with `reason` (none: the agent closed
+  /// it), except those whose requests are still being written (their writers fail them). Only
+  /// the holder of the read side calls it.
+  void end(std::optional<Error> reason, ReportingThread thread) noexcept;
   void mark_broken() noexcept;
 
   UniqueFd fd_;
@@ -162,8 +160,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ReadSide reader_ = ReadSide::kNobody;   // guarded by mutex_
   const Waiter* leader_ = nullptr;        // guarded by mutex_: the holder when reader_ is kCaller
   std::vector<const Waiter*> followers_;  // guarded by mutex_: callers waiting, oldest first
-  bool ended_ = false;                    // guarded by mutex_: end() ran
-  std::optional<Error> end_reason_;       // guarded by mutex_: why it ended
+  std::optional<Error> end_reason_;       // guarded by mutex_: set by end(): why it ended
   bool hangup_seen_ = false;              // guarded by mutex_: the reader thread saw the hang-up
   // guarded by mutex_: the reader thread holds the read side with nothing only it would read,
   // and waits in poll() (not recv()); a caller may take the read side from it then.

@@ -1,6 +1,5 @@
 #include "pending_calls.hpp"
 
-#include <iterator>
 #include <stdexcept>
 #include <utility>
 
@@ -25,11 +24,11 @@ std::uint32_t PendingCalls::add(std::shared_ptr<Call> call, bool sender_reads) {
   return msgid;
 }
 
-void PendingCalls::erase(std::unordered_map<std::uint32_t, Entry>::iterator it) {
+PendingCalls::Map::iterator PendingCalls::erase(Map::iterator it) {
   if (!it->second.sender_reads) {
     --without_own_reader_;
   }
-  calls_.erase(it);
+  return calls_.erase(it);
 }
 
 std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
@@ -69,9 +68,7 @@ std::vector<std::shared_ptr<Call>> PendingCalls::take_all_written() {
       continue;
     }
     taken.push_back(std::move(it->second.call));
-    auto next = std::next(it);
-    erase(it);
-    it = next;
+    it = erase(it);
   }
   return taken;
 }

@@ -55,9 +55,11 @@ class PendingCalls {
     bool sender_reads = false;
     bool being_written = true;
   };
-  void erase(std::unordered_map<std::uint32_t, Entry>::iterator it);
+  using Map = std::unordered_map<std::uint32_t, Entry>;
+  /// Removes the entry, keeping without_own_reader_ right; returns the next one.
+  Map::iterator erase(Map::iterator it);
 
-  std::unordered_map<std::uint32_t, Entry> calls_;
+  Map calls_;
   std::size_t without_own_reader_ = 0;
   std::uint32_t next_msgid_;
 };
