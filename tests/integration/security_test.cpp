@@ -804,3 +804,40 @@ TEST_CASE("rate limit: a uid flooding gets overloaded while another uid keeps be
     }
   }
 }
+
+TEST_CASE(
+    "rate limit: counts signatures, so a sign_batch takes a token per item or is refused whole",
+    "[security][rate-limit]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  // A token every 10 s: none comes back while the test runs, however slow the machine.
+  AgentProcess agent(token, agent_options(dir, {"--allow-uid", "10001", "--rate-limit", "0.1",
+                                                "--rate-burst", "5"}));
+  RawConnection admin(agent.socket_path());  // root: creates the key; root's own bucket
+  REQUIRE(succeeded(admin.call(generate_request("app-batch"))));
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+
+  const auto batch_of = [](std::size_t items) {
+    protocol::SignBatchParams batch;
+    for (std::size_t i = 0; i < items; ++i) {
+      protocol::SignParams item;
+      item.kid = "app-batch";
+      item.input.data = protocol::Bytes{static_cast<std::uint8_t>(i)};
+      batch.items.push_back(item);
+    }
+    return request(Method::kSignBatch, batch);
+  };
+  // The attack of issue 15: 256 signatures in one request, far past the burst of 5.
+  const auto big = error_of(app.call(batch_of(256)));
+  REQUIRE(big.has_value());
+  CHECK(big->code == ErrorCode::kOverloaded);
+  // Refused whole: it took nothing, so the whole burst is still there for five signatures...
+  const auto five = app.call(batch_of(5));
+  REQUIRE(succeeded(five));
+  const auto& results =
+      std::get<protocol::SignBatchResult>(std::get<protocol::Result>(five->body)).results;
+  CHECK(results.size() == 5);
+  // ...and they used it up: even one more signature, alone or in a batch, is over the rate.
+  CHECK(error_of(app.call(batch_of(2)))->code == ErrorCode::kOverloaded);
+  CHECK(error_of(app.call(sign_request("app-batch")))->code == ErrorCode::kOverloaded);
+}

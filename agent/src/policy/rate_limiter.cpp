@@ -55,8 +55,11 @@ void RateLimiter::evict_full_buckets(Clock::time_point now) {
   std::erase_if(buckets_, [now](const auto& entry) { return entry.second <= now; });
 }
 
-bool RateLimiter::try_acquire(uid_t uid, Clock::time_point now) {
+bool RateLimiter::try_acquire(uid_t uid, Clock::time_point now, std::size_t tokens) {
   if (!enabled()) return true;
+  tokens = std::max<std::size_t>(tokens, 1);
+  // More than the burst: no bucket ever holds that many (and the arithmetic below stays small).
+  if (static_cast<double>(tokens) > burst_) return false;
   auto it = buckets_.find(uid);
   if (it == buckets_.end()) {
     if (buckets_.size() >= max_callers_ && now >= next_sweep_) {
@@ -66,12 +69,13 @@ bool RateLimiter::try_acquire(uid_t uid, Clock::time_point now) {
     if (buckets_.size() >= max_callers_) return false;  // fail closed; see the header
     it = buckets_.emplace(uid, now).first;              // a new bucket is full
   }
-  // GCRA: the bucket holds at least one token when its full-again time is no more than
-  // (burst - 1) tokens' worth ahead of now; taking one moves that time one token later.
+  // GCRA: the bucket holds at least n tokens when its full-again time is no more than
+  // (burst - n) tokens' worth ahead of now; taking n moves that time n tokens later.
   Clock::time_point& full_at = it->second;
   const Clock::time_point base = std::max(full_at, now);
-  if (base - now > tolerance_) return false;
-  full_at = base + interval_;
+  const auto taken = interval_ * static_cast<Clock::rep>(tokens);
+  if (base - now + (taken - interval_) > tolerance_) return false;
+  full_at = base + taken;
   return true;
 }
 

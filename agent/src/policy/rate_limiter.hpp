@@ -1,7 +1,8 @@
 // RateLimiter: a token bucket per caller uid (--rate-limit RPS, --rate-burst N), so one noisy
 // container cannot starve its neighbours: each uid has its own bucket of `burst` tokens that
-// refills at `rate` tokens per second, and a request takes one token or is refused (the server
-// answers `overloaded`). Off when the rate is 0 (the default).
+// refills at `rate` tokens per second, and a signature takes one token: a request takes one per
+// signature it asks for (a sign_batch one per item), all of them or none (the server answers
+// `overloaded`). Off when the rate is 0 (the default).
 //
 // Memory is bounded: at most `max_callers` buckets. A bucket that has refilled to full is
 // indistinguishable from a new one, so it is dropped when room is needed (never changing any
@@ -39,9 +40,10 @@ class RateLimiter {
   /// From --rate-limit and --rate-burst.
   explicit RateLimiter(const AccessConfig& config);
 
-  /// Takes one token from `uid`'s bucket: true when the request may proceed, false when it is
-  /// over its rate (answer `overloaded`).
-  [[nodiscard]] bool try_acquire(uid_t uid, Clock::time_point now);
+  /// Takes `tokens` tokens (at least 1) from `uid`'s bucket, all or none: true when the request
+  /// may proceed, false when the bucket cannot cover them now (answer `overloaded`). A request
+  /// for more than the burst can never pass.
+  [[nodiscard]] bool try_acquire(uid_t uid, Clock::time_point now, std::size_t tokens = 1);
 
   [[nodiscard]] bool enabled() const noexcept { return rate_ > 0; }
   [[nodiscard]] double rate() const noexcept { return rate_; }

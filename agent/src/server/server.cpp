@@ -84,6 +84,14 @@ const std::string* kid_of(const protocol::Request& request) {
       request.params);
 }
 
+// How many signatures a request asks for: what the rate limit counts (one for other methods).
+std::size_t signatures_asked(const protocol::Request& request) {
+  if (const auto* batch = std::get_if<protocol::SignBatchParams>(&request.params)) {
+    return batch->items.size();
+  }
+  return 1;
+}
+
 std::array<std::uint8_t, 32> sha256_of(const protocol::SignInput& input) {
   const auto& bytes = input.digest ? *input.digest : input.data.value();
   std::array<std::uint8_t, 32> digest{};
@@ -389,8 +397,10 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
     answer_now(connection, request, {request.msgid, std::move(*denied)}, received);
     return;
   }
-  // After the access check (a denied request uses no tokens), before any work.
-  if (!deps_.rate_limiter.try_acquire(connection.caller().uid, received)) {
+  // After the access check (a denied request uses no tokens), before any work. The limit counts
+  // signatures: a batch takes a token per item, and is refused whole when they are not there.
+  if (!deps_.rate_limiter.try_acquire(connection.caller().uid, received,
+                                      signatures_asked(request))) {
     answer_now(connection, request,
                error_response(request.msgid, ErrorCode::kOverloaded,
                               "rate limit for this caller exceeded; retry later"),

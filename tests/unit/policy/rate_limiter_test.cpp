@@ -127,6 +127,28 @@ TEST_CASE("many distinct uids never grow the table beyond its cap") {
   }
 }
 
+TEST_CASE("a request for n signatures takes n tokens, all of them or none") {
+  RateLimiter limiter(10, 5);  // one token per 100 ms
+  CHECK(limiter.try_acquire(1000, kStart, 3));
+  // Two tokens left: a batch of three is refused whole and takes nothing.
+  CHECK_FALSE(limiter.try_acquire(1000, kStart, 3));
+  CHECK(limiter.try_acquire(1000, kStart, 2));
+  CHECK_FALSE(limiter.try_acquire(1000, kStart));
+  // 300 ms later three tokens came back: exactly a batch of three.
+  CHECK_FALSE(limiter.try_acquire(1000, kStart + 299ms, 3));
+  CHECK(limiter.try_acquire(1000, kStart + 300ms, 3));
+  CHECK_FALSE(limiter.try_acquire(1000, kStart + 300ms));
+}
+
+TEST_CASE("a request for more signatures than the burst never passes, and takes nothing") {
+  RateLimiter limiter(5, 5);
+  CHECK_FALSE(limiter.try_acquire(1000, kStart, 256));
+  CHECK_FALSE(limiter.try_acquire(1000, kStart + 1h, 6));
+  CHECK(passed(limiter, 1000, kStart + 1h, 10) == 5);
+  CHECK(limiter.try_acquire(1000, kStart + 2h, 0));  // 0 counts as one
+  CHECK(passed(limiter, 1000, kStart + 2h, 10) == 4);
+}
+
 TEST_CASE("invalid settings are refused with the flag's name") {
   CHECK_THROWS_WITH(RateLimiter(-1, 0), Catch::Contains("--rate-limit"));
   CHECK_THROWS_WITH(RateLimiter(std::numeric_limits<double>::infinity(), 0),
