@@ -426,3 +426,126 @@ TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 an
   const auto signature = client.sign("ready", "back");
   CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("back"), signature));
 }
+
+namespace {
+
+// How late after its deadline a request may be answered. The agent's goal is 10 ms (issue 15);
+// the test measures from the client, on a shared 2-core machine whose scheduler alone can add
+// that much now and then. So most answers must meet the goal, and none may miss it by more than
+// a scheduling hiccup: the faults this catches were 290 ms (a loop left without a thread) and up
+// to 1 s (answers waiting for the next tick). Sanitizer builds run several times slower.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr auto kDeadlineGoal = 20ms;
+constexpr auto kDeadlineSlack = 100ms;
+#else
+constexpr auto kDeadlineGoal = 10ms;
+constexpr auto kDeadlineSlack = 50ms;
+#endif
+// The share of answers that must meet kDeadlineGoal.
+constexpr double kOnTimeShare = 0.75;
+
+// Sends one sign with `timeout_ms` on `connection` and returns how long its answer took, which
+// must be deadline_exceeded.
+Clock::duration time_deadline_answer(RawConnection& connection, std::uint32_t msgid,
+                                     std::uint32_t timeout_ms) {
+  const auto sent = Clock::now();
+  REQUIRE(connection.send(sign_request(msgid, "slow", timeout_ms)));
+  const auto response = connection.receive_response(Method::kSign, 10s);
+  const auto waited = Clock::now() - sent;
+  REQUIRE(response);
+  CHECK(response->msgid == msgid);
+  const auto* error = std::get_if<hsm::protocol::Error>(&response->body);
+  REQUIRE(error != nullptr);
+  CHECK(error->code == ErrorCode::kDeadlineExceeded);
+  return waited;
+}
+
+}  // namespace
+
+TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queued or running",
+          "[reliability][deadline]") {
+  // Every sign takes 2.5 s in the token: each request below ends at its own deadline, whether
+  // it is running in the token, waiting for a session or waiting for a worker.
+  FaultyAgent agent({"--sessions", "2"}, "slow");
+  auto& [faults, env, pub] = agent;
+  faults.set("C_Sign delay_ms=2500");
+  // The module looks at its rules at most once a millisecond, on a call: give it that.
+  std::this_thread::sleep_for(20ms);
+
+  SECTION("idle: one request at a time, at several timeouts") {
+    auto connection = env.connect();
+    std::uint32_t msgid = 1;
+    int on_time = 0, answers = 0;
+    for (const std::uint32_t timeout_ms : {20U, 100U, 500U, 1500U, 20U, 100U, 500U, 20U}) {
+      const auto waited = time_deadline_answer(connection, msgid++, timeout_ms);
+      const auto timeout = std::chrono::milliseconds(timeout_ms);
+      INFO("timeout_ms " << timeout_ms << ": answered after "
+                         << (std::chrono::duration<double, std::milli>(waited).count()) << " ms");
+      CHECK(waited >= timeout - 1ms);
+      CHECK(waited <= timeout + kDeadlineSlack);
+      ++answers;
+      on_time += waited <= timeout + kDeadlineGoal ? 1 : 0;
+    }
+    CHECK(on_time >= kOnTimeShare * answers);
+  }
+
+  SECTION("under load: 24 requests in flight on 2 sessions, each answered at its own deadline") {
+    constexpr std::size_t kConnections = 4;
+    constexpr std::size_t kPerConnection = 6;
+    std::vector<RawConnection> connections;
+    for (std::size_t c = 0; c < kConnections; ++c) connections.push_back(env.connect());
+    struct Sent {
+      Clock::time_point at;
+      std::chrono::milliseconds timeout;
+    };
+    std::map<std::uint32_t, Sent> sent;
+    std::uint32_t msgid = 100;
+    for (std::size_t i = 0; i < kPerConnection; ++i) {
+      for (std::size_t c = 0; c < kConnections; ++c) {
+        const auto timeout = std::chrono::milliseconds(50 + 40 * ((msgid * 7) % 10));
+        sent[msgid] = {Clock::now(), timeout};
+        REQUIRE(connections[c].send(
+            sign_request(msgid, "slow", static_cast<std::uint32_t>(timeout.count()))));
+        ++msgid;
+      }
+    }
+    // Answers arrive in deadline order across connections: read each connection on its own
+    // thread so that no answer waits for the test to get round to it.
+    std::mutex mutex;
+    std::vector<std::tuple<std::uint32_t, Clock::duration, std::optional<ErrorCode>>> answers;
+    std::vector<std::thread> readers;
+    for (std::size_t c = 0; c < kConnections; ++c) {
+      readers.emplace_back([&, c] {
+        for (std::size_t i = 0; i < kPerConnection; ++i) {
+          const auto response = connections[c].receive_response(Method::kSign, 10s);
+          const auto now = Clock::now();
+          std::lock_guard lock(mutex);
+          if (!response) {
+            answers.emplace_back(0, Clock::duration::max(), std::nullopt);
+            return;
+          }
+          std::optional<ErrorCode> code;
+          if (const auto* error = std::get_if<hsm::protocol::Error>(&response->body)) {
+            code = error->code;
+          }
+          answers.emplace_back(response->msgid, now - sent.at(response->msgid).at, code);
+        }
+      });
+    }
+    for (auto& reader : readers) reader.join();
+    REQUIRE(answers.size() == kConnections * kPerConnection);
+    int on_time = 0;
+    for (const auto& [id, waited, code] : answers) {
+      REQUIRE(id != 0);
+      const auto timeout = sent.at(id).timeout;
+      INFO("msgid " << id << ", timeout " << timeout.count() << " ms: answered after "
+                    << (std::chrono::duration<double, std::milli>(waited).count()) << " ms");
+      CHECK(code == ErrorCode::kDeadlineExceeded);
+      CHECK(waited >= timeout - 1ms);
+      CHECK(waited <= timeout + kDeadlineSlack);
+      on_time += waited <= timeout + kDeadlineGoal ? 1 : 0;
+    }
+    CHECK(on_time >= kOnTimeShare * static_cast<double>(answers.size()));
+  }
+  CHECK(env.agent.running());
+}

@@ -204,12 +204,16 @@ void Server::run(const std::function<void()>& on_listening,
         signal);
   }
 
-  // One thread more than sessions: the one holding the loop turn, so that `sessions` calls can
-  // run while the loop is run. Started before the socket exists: a client that finds the socket
-  // finds the agent ready.
+  // Two threads more than sessions: one holds the loop turn while `sessions` calls run, and one
+  // more is free for the loop while a call runs inline (it holds a session too). Started before
+  // the socket exists: a client that finds the socket finds the agent ready.
   workers_ = std::make_unique<WorkerPool>(
-      deps_.config.hsm.sessions + 1, deps_.config.limits.max_queue,
+      deps_.config.hsm.sessions + 2, deps_.config.hsm.sessions, deps_.config.limits.max_queue,
       [this](const auto& call) { run_on_worker(call); }, [this] { run_loop_turn(); });
+  // Answers are written once per loop iteration per connection: after the reads of the
+  // iteration (check), and before the loop blocks in its poll (prepare), so that what a timer or
+  // a wake-up answered (deadline_exceeded, shutdown) leaves at once rather than with the next
+  // event (issue 15: deadlines were answered on the one-second tick).
   turn_ = std::make_unique<LoopTurn>(kLoopTurnTiming, [this] {
     deps_.metrics.loop_hand_overs_total.Increment();
     spdlog::debug("an inline call overstayed; another worker runs the loop");
@@ -217,6 +221,10 @@ void Server::run(const std::function<void()>& on_listening,
   });
   try {
     listen(on_listening);
+  uv_prepare_init(&loop_, &flush_prepare_);
+  uv_prepare_start(&flush_prepare_, [](uv_prepare_t* prepare) {
+    static_cast<Server*>(prepare->loop->data)->flush_dirty();
+  });
   } catch (...) {
     turn_.reset();
     workers_->stop();  // idle: nothing was submitted
@@ -279,8 +287,10 @@ void Server::listen(const std::function<void()>& on_listening) {
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
   apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
+    workers_->run_outside_queue();  // it holds a session like a queued call
   // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
   // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
+    workers_->run_outside_queue_done();
   if (on_listening) on_listening();
   rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
                  [](uv_stream_t* server, int status) {
@@ -474,7 +484,7 @@ void Server::run_on_worker(const std::shared_ptr<Call>& call) {
                               std::nullopt};
   } else {
     const auto started = SteadyClock::now();
-    outcome = deps_.keys.execute(call->request);
+    outcome = deps_.keys.execute(call->request, call->deadline);
     if (call->request.method == Method::kSign) note_sign_latency(SteadyClock::now() - started);
   }
   if (!call->claim_answer()) {  // the loop answered deadline_exceeded meanwhile
@@ -720,7 +730,8 @@ void Server::finish_shutdown() {
   for (auto* handle :
        {as_handle(&completions_async_), as_handle(&shutdown_async_), as_handle(&deadline_timer_),
         as_handle(&tick_timer_), as_handle(&drain_timer_), as_handle(&flush_check_),
-        as_handle(&sigterm_), as_handle(&sigint_), as_handle(&sighup_)}) {
+        as_handle(&flush_prepare_), as_handle(&sigterm_), as_handle(&sigint_),
+        as_handle(&sighup_)}) {
     if (!uv_is_closing(handle)) uv_close(handle, nullptr);
   }
   // Connections finish flushing and close; then uv_run returns.

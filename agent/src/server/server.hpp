@@ -127,7 +127,9 @@ class Server final : public ConnectionEvents {
   uv_timer_t tick_timer_{};
   uv_timer_t drain_timer_{};
   uv_timer_t final_flush_timer_{};  // bounds the last flush after shutdown (see finish_shutdown)
-  uv_check_t flush_check_{};
+  uv_check_t flush_check_{};        // writes what reads in this iteration answered
+  uv_prepare_t flush_prepare_{};    // writes what timers and wake-ups answered, before the poll
+                                    // blocks (a deadline's answer would wait for the next tick)
   uv_signal_t sigterm_{}, sigint_{}, sighup_{};
   std::function<void()> on_reload_;
 

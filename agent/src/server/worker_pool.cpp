@@ -2,9 +2,12 @@
 
 namespace hsm::agent {
 
-WorkerPool::WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run,
-                       LoopDuty loop_duty)
-    : run_(std::move(run)), loop_duty_(std::move(loop_duty)), max_queue_(max_queue) {
+WorkerPool::WorkerPool(std::size_t threads, std::size_t max_running, std::size_t max_queue,
+                       RunFunction run, LoopDuty loop_duty)
+    : run_(std::move(run)),
+      loop_duty_(std::move(loop_duty)),
+      max_running_(max_running),
+      max_queue_(max_queue) {
   sleepers_.reserve(threads);
   for (std::size_t i = 0; i < threads; ++i) sleepers_.push_back(std::make_unique<Sleeper>());
   idle_.reserve(threads);
@@ -22,7 +25,7 @@ bool WorkerPool::submit(std::shared_ptr<Call> call) {
     std::lock_guard lock(mutex_);
     if (stopping_ || queue_.size() >= max_queue_) return false;
     queue_.push_back(std::move(call));
-    to_wake = pop_idle_locked();
+    if (running_ < max_running_) to_wake = pop_idle_locked();
   }
   // Every busy worker takes the next queued call when it finishes, so a call that found no idle
   // worker is picked up without a wake-up.
@@ -37,6 +40,21 @@ void WorkerPool::want_loop_runner() {
     if (stopping_ || !loop_duty_) return;
     loop_wanted_ = true;
     to_wake = pop_idle_locked();
+  }
+  if (to_wake != nullptr) to_wake->wake.notify_one();
+}
+
+void WorkerPool::run_outside_queue() {
+  std::lock_guard lock(mutex_);
+  ++running_;
+}
+
+void WorkerPool::run_outside_queue_done() {
+  Sleeper* to_wake = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    --running_;
+    if (!queue_.empty()) to_wake = pop_idle_locked();
   }
   if (to_wake != nullptr) to_wake->wake.notify_one();
 }
@@ -58,7 +76,7 @@ void WorkerPool::work(std::size_t index) {
   Sleeper& self = *sleepers_[index];
   std::unique_lock lock(mutex_);
   for (;;) {
-    while (queue_.empty() && !loop_wanted_ && !stopping_) {
+    while ((queue_.empty() || running_ >= max_running_) && !loop_wanted_ && !stopping_) {
       idle_.push_back(index);
       self.wake.wait(lock, [&] { return self.woken || stopping_; });
       if (!self.woken) {
@@ -77,10 +95,12 @@ void WorkerPool::work(std::size_t index) {
     if (queue_.empty()) return;  // stopping and drained
     std::shared_ptr<Call> call = std::move(queue_.front());
     queue_.pop_front();
+    ++running_;
     lock.unlock();
     run_(call);
     call.reset();  // release the call before sleeping, not when the next one arrives
     lock.lock();
+    --running_;
   }
 }
 

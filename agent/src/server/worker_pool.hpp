@@ -10,6 +10,9 @@
 //
 // The workers also run the event loop, one at a time (server/loop_turn.hpp): want_loop_runner()
 // has an idle worker, or the next one to finish its call, run `loop_duty`, before any queued call.
+// At most `max_running` queued calls run at once (one per session), and there are more threads
+// than that: so a thread is always free to run the loop, even while every session is taken and
+// a call waits for one (issue 15: a loop handed over to no one answered deadlines 290 ms late).
 //
 // Thread-safety: submit() and want_loop_runner() from any thread; the run function and the loop
 // duty are called on worker threads, concurrently.
@@ -33,7 +36,9 @@ class WorkerPool {
   using RunFunction = std::function<void(const std::shared_ptr<Call>&)>;
   using LoopDuty = std::function<void()>;
 
-  WorkerPool(std::size_t threads, std::size_t max_queue, RunFunction run, LoopDuty loop_duty = {});
+  /// `threads` workers, of which at most `max_running` run queued calls at once.
+  WorkerPool(std::size_t threads, std::size_t max_running, std::size_t max_queue, RunFunction run,
+             LoopDuty loop_duty = {});
   ~WorkerPool();  // stops and joins (see stop())
   WorkerPool(const WorkerPool&) = delete;
   WorkerPool& operator=(const WorkerPool&) = delete;
@@ -42,6 +47,11 @@ class WorkerPool {
   [[nodiscard]] bool submit(std::shared_ptr<Call> call);
   /// Has one worker run the loop duty: the most recently idle one, or else the first to finish.
   void want_loop_runner();
+  /// A call runs outside the queue (inline, on the thread that held the loop): it counts
+  /// against `max_running` until run_outside_queue_done(), so queued calls wait in the queue
+  /// rather than for its session.
+  void run_outside_queue();
+  void run_outside_queue_done();
   /// Calls queued and not yet taken by a worker.
   [[nodiscard]] std::size_t queued() const;
   /// Stops taking new work, lets the workers finish what is queued, and joins them. A worker
@@ -67,6 +77,8 @@ class WorkerPool {
   RunFunction run_;
   LoopDuty loop_duty_;
   bool loop_wanted_ = false;
+  std::size_t max_running_;
+  std::size_t running_ = 0;  // queued calls being run now
   std::size_t max_queue_;
   mutable std::mutex mutex_;
   std::deque<std::shared_ptr<Call>> queue_;

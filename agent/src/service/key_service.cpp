@@ -36,8 +36,6 @@ namespace {
 using keys::RequestError;
 using protocol::ErrorCode;
 
-constexpr std::chrono::milliseconds kDefaultSessionWait{5000};
-
 protocol::Error error_from_current_exception() {
   try {
     throw;
@@ -119,7 +117,8 @@ class Pkcs11KeyService final : public KeyService {
 
   ~Pkcs11KeyService() override { close(); }
 
-  Outcome execute(const protocol::Request& request) override {
+  Outcome execute(const protocol::Request& request,
+                  std::chrono::steady_clock::time_point deadline) override {
     try {
       if (closed_.load(std::memory_order_acquire)) {
         return protocol::Error{ErrorCode::kShuttingDown, "the agent is shutting down",
@@ -134,7 +133,7 @@ class Pkcs11KeyService final : public KeyService {
         if (request.method == protocol::Method::kHealth) return health_while_down();
         return token_down_error(state_->fault());
       }
-      return dispatch(request, *generation);
+      return dispatch(request, *generation, deadline);
     } catch (...) {
       return error_from_current_exception();
     }
@@ -159,8 +158,9 @@ class Pkcs11KeyService final : public KeyService {
   }
 
  private:
-  protocol::Result dispatch(const protocol::Request& request, TokenGeneration& generation) {
-    Context context{request, generation};
+  protocol::Result dispatch(const protocol::Request& request, TokenGeneration& generation,
+                            std::chrono::steady_clock::time_point deadline) {
+    Context context{request, generation, deadline};
     switch (request.method) {
       case protocol::Method::kCapabilities:
         return capabilities_;
@@ -197,6 +197,7 @@ class Pkcs11KeyService final : public KeyService {
   struct Context {
     const protocol::Request& request;
     TokenGeneration& generation;
+    std::chrono::steady_clock::time_point deadline;  // bounds the wait for a session
   };
 
   protocol::HealthResult health(Context& context) {
@@ -367,12 +368,13 @@ class Pkcs11KeyService final : public KeyService {
   template <typename Work>
   auto with_session(Context& context, const std::string* kid, Work&& work)
       -> decltype(work(std::declval<pkcs11::Session&>())) {
-    const protocol::Request& request = context.request;
     pkcs11::SessionPool& pool = *context.generation.pool;
     keys::KeyStore& store = *context.generation.keys;
-    const std::chrono::milliseconds wait =
-        request.timeout_ms ? std::chrono::milliseconds(*request.timeout_ms) : kDefaultSessionWait;
     for (int attempt = 0;; ++attempt) {
+      // The request's own deadline bounds the wait, whatever its timeout was.
+      const auto wait = std::max(std::chrono::ceil<std::chrono::milliseconds>(
+                                     context.deadline - std::chrono::steady_clock::now()),
+                                 std::chrono::milliseconds(0));
       auto lease = [&] {
         try {
           return pool.acquire(wait);  // PoolClosedError once the token is marked down
@@ -382,8 +384,8 @@ class Pkcs11KeyService final : public KeyService {
         }
       }();
       if (!lease) {
-        throw RequestError(ErrorCode::kOverloaded, "no PKCS#11 session came free within " +
-                                                       std::to_string(wait.count()) + " ms");
+        throw RequestError(ErrorCode::kDeadlineExceeded,
+                           "no PKCS#11 session came free before the request's deadline");
       }
       try {
         return work(lease->session());

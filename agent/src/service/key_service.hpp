@@ -29,8 +29,8 @@ struct HsmConfig {
   std::optional<std::string> token_label;  // matched against present tokens, trimmed
   std::optional<unsigned> slot_index;      // index into the list of slots with a token
   SecretString pin;
-  bool read_only = false;                  // read-only sessions; no generate/delete
-  unsigned sessions = 8;                   // size of the session pool (>= 1)
+  bool read_only = false;  // read-only sessions; no generate/delete
+  unsigned sessions = 8;   // size of the session pool (>= 1)
 };
 
 /// Startup failed in a way an operator must fix (module missing, token not found, PIN wrong).
@@ -62,7 +62,11 @@ class KeyService {
   /// Runs one request (any method but the transport-level ones). Never throws: every failure
   /// is an Error with a protocol code (and the CKR name when PKCS#11 failed). While the token is
   /// down it answers hsm_unavailable at once, without a PKCS#11 call (health answers ok=false).
-  [[nodiscard]] virtual Outcome execute(const protocol::Request& request) = 0;
+  /// `deadline` bounds the wait for a free session (deadline_exceeded when none comes free by
+  /// then); a PKCS#11 call already running is not interrupted (the server answers at the
+  /// deadline and drops the late result).
+  [[nodiscard]] virtual Outcome execute(const protocol::Request& request,
+                                        std::chrono::steady_clock::time_point deadline) = 0;
 
   /// capabilities: answered without touching the token (computed once at start).
   [[nodiscard]] virtual const protocol::CapabilitiesResult& capabilities() const = 0;

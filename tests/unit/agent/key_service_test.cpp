@@ -296,7 +296,8 @@ TEST_CASE("concurrent generate_key calls for one kid: exactly one creates it", "
         protocol::Request request;
         request.method = Method::kGenerateKey;
         request.params = protocol::GenerateKeyParams{kid, "ES256", std::nullopt};
-        const Outcome outcome = svc.service().execute(request);
+        const Outcome outcome =
+            svc.service().execute(request, std::chrono::steady_clock::now() + std::chrono::seconds(5));
         if (std::holds_alternative<protocol::Result>(outcome)) {
           ++created;
         } else if (std::get<protocol::Error>(outcome).code == ErrorCode::kAlreadyExists) {

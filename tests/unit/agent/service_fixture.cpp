@@ -38,7 +38,7 @@ Outcome OpenService::call(protocol::Method method, protocol::Params params) {
   request.msgid = 1;
   request.method = method;
   request.params = std::move(params);
-  return service_->execute(request);
+  return service_->execute(request, std::chrono::steady_clock::now() + std::chrono::seconds(5));
 }
 
 protocol::Error OpenService::error(protocol::Method method, protocol::Params params) {
