@@ -430,6 +430,9 @@ const std::vector<std::pair<std::string, std::string>> kCatalogue = {
     {"hsm_agent_connections_rejected_total", "counter"},
     {"hsm_agent_protocol_errors_total", "counter"},
     {"hsm_agent_connections_closed_total", "counter"},
+    {"hsm_agent_buffered_bytes", "gauge"},
+    {"hsm_agent_buffered_bytes_limit", "gauge"},
+    {"hsm_agent_memory_budget_waits_total", "counter"},
     {"hsm_agent_build_info", "gauge"},
     {"process_cpu_seconds_total", "counter"},
     {"process_resident_memory_bytes", "gauge"},
@@ -1114,10 +1117,11 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
         CHECK(protocol_reasons.count(value) == 1);
       }
       if (label == "reason" && sample.name == "hsm_agent_connections_rejected_total") {
-        CHECK((value == "max_connections" || value == "policy" || value == "shutting_down"));
+        CHECK((value == "max_connections" || value == "max_connections_per_uid" ||
+               value == "policy" || value == "shutting_down"));
       }
       if (label == "reason" && sample.name == "hsm_agent_connections_closed_total") {
-        CHECK((value == "slow_reader" || value == "idle_timeout"));
+        CHECK((value == "slow_reader" || value == "idle_timeout" || value == "read_timeout"));
       }
     }
   }
@@ -1136,7 +1140,8 @@ TEST_CASE("metrics: bounded label sets exist at zero from the first scrape",
   const Scrape scrape(env.agent);
   // rate() and the alerts need a zero before the first increment, and promtool/Prometheus need
   // the # TYPE line: the bounded reasons are created when the metrics are declared.
-  for (const char* reason : {"max_connections", "policy", "shutting_down"}) {
+  for (const char* reason :
+       {"max_connections", "max_connections_per_uid", "policy", "shutting_down"}) {
     INFO(reason);
     CHECK(scrape.value("hsm_agent_connections_rejected_total", {{"reason", reason}}) == 0);
   }
@@ -1145,7 +1150,7 @@ TEST_CASE("metrics: bounded label sets exist at zero from the first scrape",
     INFO(reason);
     CHECK(scrape.value("hsm_agent_protocol_errors_total", {{"reason", reason}}) == 0);
   }
-  for (const char* reason : {"slow_reader", "idle_timeout"}) {
+  for (const char* reason : {"slow_reader", "idle_timeout", "read_timeout"}) {
     INFO(reason);
     CHECK(scrape.value("hsm_agent_connections_closed_total", {{"reason", reason}}) == 0);
   }

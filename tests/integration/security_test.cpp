@@ -841,3 +841,149 @@ TEST_CASE(
   CHECK(error_of(app.call(batch_of(2)))->code == ErrorCode::kOverloaded);
   CHECK(error_of(app.call(sign_request("app-batch")))->code == ErrorCode::kOverloaded);
 }
+
+// ---- connection slots and memory: one caller cannot take what the others need ----------------
+
+namespace {
+
+// The policy of the deployment examples plus a caller (kStranger) allowed only capabilities.
+std::string app_and_stranger_policy() {
+  return app_policy() +
+         "  - name: stranger-capabilities\n"
+         "    match: { uids: [10002] }\n"
+         "    methods: [capabilities]\n";
+}
+
+}  // namespace
+
+TEST_CASE(
+    "connections: another uid holding its whole share cannot stop the app connecting and "
+    "signing",
+    "[security][limits]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  write_file(dir.path / "policy.yaml", app_and_stranger_policy());
+  AgentProcess agent(
+      token, agent_options(dir, {"--policy", (dir.path / "policy.yaml").string(),
+                                 "--max-connections", "8", "--max-connections-per-uid", "4"}));
+  RawConnection admin(agent.socket_path());  // root's one connection
+  REQUIRE(succeeded(admin.call(generate_request("app-slots"))));
+  const auto spki = [&] {
+    const auto answer =
+        admin.call(request(Method::kGetPublicKey, protocol::KidParams{"app-slots"}));
+    REQUIRE(succeeded(answer));
+    return std::get<protocol::PublicKeyResult>(std::get<protocol::Result>(answer->body)).spki;
+  }();
+
+  // The stranger tries to take every slot, trickling a byte now and then to look busy.
+  std::vector<RawConnection> held;
+  int refused = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto connection = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
+    (void)connection.send(std::string_view("\x94", 1));
+    held.push_back(std::move(connection));
+  }
+  for (auto& connection : held) refused += connection.closed_by_peer(2s) ? 1 : 0;
+  CHECK(refused == 4);  // its share is 4 of the 8
+
+  // The app still gets a slot, and signs.
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  const auto answer = app.call(sign_request("app-slots", "through the stranger's flood"));
+  REQUIRE(succeeded(answer));
+  const auto& signature =
+      std::get<protocol::SignResult>(std::get<protocol::Result>(answer->body)).signature;
+  CHECK(verify_with_spki(spki, "ES256", to_bytes("through the stranger's flood"), signature));
+  const auto [status, text] = agent.http_get("/metrics");
+  REQUIRE(status == 200);
+  CHECK(metric_sample(
+            text, R"(hsm_agent_connections_rejected_total{reason="max_connections_per_uid"})") ==
+        4);
+  CHECK(agent.stderr_text().find("connection refused (max_connections_per_uid)") !=
+        std::string::npos);
+}
+
+TEST_CASE(
+    "memory: 250 connections each holding an incomplete 1 MiB message stay within the "
+    "budget, the app keeps signing, and RSS comes back when they leave",
+    "[security][memory]") {
+  constexpr std::size_t kConnections = 250;
+  constexpr std::size_t kMiB = 1024 * 1024;
+  constexpr std::size_t kBudget = 64 * kMiB;  // the default --max-buffered-bytes
+  SoftHsmToken token;
+  SharedDir dir;
+  write_file(dir.path / "policy.yaml", app_and_stranger_policy());
+  // The read timeout is longer than the test: the attackers leave when the test says so.
+  AgentProcess agent(token, agent_options(dir, {"--policy", (dir.path / "policy.yaml").string(),
+                                                "--read-timeout", "120"}));
+  RawConnection admin(agent.socket_path());
+  REQUIRE(succeeded(admin.call(generate_request("app-memory"))));
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  REQUIRE(succeeded(app.call(sign_request("app-memory", "before"))));
+  const std::size_t rss_start = resident_kib(agent.pid());
+
+  // Each: the start of a sign whose data is a bin32 of 1 MiB - 256 bytes, never finished.
+  constexpr char kHead[] =
+      "\x94\x00\x01\xa4"
+      "sign\x82\xa3"
+      "kid\xa4"
+      "x-kk\xa4"
+      "data\xc6";
+  std::string head(kHead, sizeof(kHead) - 1);  // the literal holds a NUL byte
+  const std::uint32_t length = kMiB - 256;
+  for (int shift = 24; shift >= 0; shift -= 8) head.push_back(static_cast<char>(length >> shift));
+  const std::string body(64 * 1024, 'z');
+  std::vector<RawConnection> attackers;
+  std::vector<std::size_t> sent(kConnections, 0);
+  for (std::size_t i = 0; i < kConnections; ++i) {
+    attackers.push_back(RawConnection::adopt(connect_as(kStranger, agent.socket_path())));
+    REQUIRE(attackers.back().send(head));
+  }
+  // Push as much as the agent takes (non-blocking), round after round, until it takes no more.
+  std::size_t peak_rss = 0, app_signed = 0, app_tries = 0;
+  for (int round = 0; round < 200; ++round) {
+    std::size_t progress = 0;
+    for (std::size_t i = 0; i < kConnections; ++i) {
+      while (sent[i] + body.size() < length) {
+        const ssize_t n =
+            ::send(attackers[i].fd(), body.data(), body.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (n <= 0) break;
+        sent[i] += static_cast<std::size_t>(n);
+        progress += static_cast<std::size_t>(n);
+      }
+    }
+    peak_rss = std::max(peak_rss, resident_kib(agent.pid()));
+    if (round % 10 == 0) {
+      ++app_tries;
+      app_signed += succeeded(app.call(sign_request("app-memory", "during"))) ? 1U : 0U;
+    }
+    if (progress == 0 && round > 20) break;
+    std::this_thread::sleep_for(20ms);
+  }
+  CHECK(app_signed == app_tries);
+  const auto [status, text] = agent.http_get("/metrics");
+  REQUIRE(status == 200);
+  // What the agent holds, by its own count: the budget plus a light allowance per connection.
+  const double held = metric_sample(text, "hsm_agent_buffered_bytes");
+  CHECK(held <= static_cast<double>(kBudget + (kConnections + 2) * 24 * 1024));
+  CHECK(metric_sample(text, "hsm_agent_memory_budget_waits_total") >= 1);
+  peak_rss = std::max(peak_rss, resident_kib(agent.pid()));
+  WARN("agent VmRSS " << rss_start << " KiB at start, " << peak_rss << " KiB at the peak, "
+                      << held / kMiB << " MiB held by the budget's count");
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  // docs/reliability.md, "Memory": at most twice what the budget admits, over the start.
+  CHECK(peak_rss <= rss_start + 2 * (kBudget + kConnections * 24 * 1024) / 1024);
+#endif
+
+  attackers.clear();
+  CHECK(succeeded(app.call(sign_request("app-memory", "after"))));
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  std::size_t rss_after = 0;
+  CHECK(wait_until(
+      [&] {
+        rss_after = resident_kib(agent.pid());
+        return rss_after <= rss_start + 20 * 1024;
+      },
+      10s));
+  WARN("agent VmRSS after the attackers left: " << rss_after << " KiB");
+#endif
+}

@@ -66,6 +66,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   unsigned sessions = 16;
   std::size_t request_timeout_ms = 5000;
   std::size_t idle_timeout_s = 300, shutdown_timeout_s = 10, probe_interval_s = 10;
+  unsigned read_timeout_s = 10;
   std::string pin_file, policy, socket_group;
 
   add_option(app, "--module", module, "PKCS#11 module (shared library) to load")->required();
@@ -104,6 +105,19 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
              "connections beyond this are closed at accept")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{1'000'000}));
+  add_option(app, "--max-connections-per-uid", config.limits.max_connections_per_uid,
+             "connections one caller uid may hold; default a quarter of --max-connections (at "
+             "least 16)")
+      ->check(CLI::Range(std::size_t{1}, std::size_t{1'000'000}));
+  add_option(app, "--max-buffered-bytes", config.limits.max_buffered_bytes,
+             "bytes held for callers in all (incomplete messages, requests, unsent answers); "
+             "past it the heaviest connections stop being read")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{1} << 20, std::size_t{1} << 40));
+  add_option(app, "--read-timeout", read_timeout_s,
+             "seconds a message may take to arrive once its first byte did")
+      ->capture_default_str()
+      ->check(CLI::Range(1U, 3600U));
   add_option(app, "--max-inflight-per-connection", config.limits.max_inflight_per_connection,
              "requests in flight per connection before reading it pauses")
       ->capture_default_str()
@@ -179,6 +193,14 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   config.log_format = log_format == "json" ? LogFormat::kJson : LogFormat::kText;
   config.limits.request_timeout = std::chrono::milliseconds(request_timeout_ms);
   config.limits.idle_timeout = std::chrono::seconds(idle_timeout_s);
+  config.limits.read_timeout = std::chrono::seconds(read_timeout_s);
+  if (config.limits.max_connections_per_uid == 0) {
+    // A quarter of the connections, so that one caller cannot take every slot; at least 16 (or
+    // every connection, when fewer are allowed), which a busy app's pool needs.
+    const auto& limits = config.limits;
+    config.limits.max_connections_per_uid =
+        std::max(limits.max_connections / 4, std::min<std::size_t>(16, limits.max_connections));
+  }
   config.limits.shutdown_timeout = std::chrono::seconds(shutdown_timeout_s);
   config.probe_interval = std::chrono::seconds(probe_interval_s);
   if (config.socket_path.empty()) throw ConfigError("--socket must not be empty");

@@ -22,6 +22,15 @@ enum class LogFormat : std::uint8_t { kText, kJson };
 struct ServerLimits {
   std::size_t max_message_bytes = 1024 * 1024;
   std::size_t max_connections = 1024;
+  /// Connections one uid may hold at once; 0 here means max_connections / 4, at least 16
+  /// (parse_config fills it in), so that one caller cannot take every slot.
+  std::size_t max_connections_per_uid = 0;
+  /// Bytes held for callers in all (incomplete messages, requests, unsent answers); see
+  /// server/memory_budget.hpp. The default fits the Helm chart's 256 MiB memory limit with the
+  /// formula in docs/reliability.md.
+  std::size_t max_buffered_bytes = 64 * 1024 * 1024;
+  /// How long a message may take to arrive once its first byte did.
+  std::chrono::seconds read_timeout{10};
   std::size_t max_inflight_per_connection = 256;
   std::size_t max_queue = 4096;
   std::size_t max_write_buffer_bytes = 4 * 1024 * 1024;

@@ -106,6 +106,25 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                                    .Register(registry)),
       connections_closed_slow_reader(connections_closed_total.Add({{"reason", "slow_reader"}})),
       connections_closed_idle(connections_closed_total.Add({{"reason", "idle_timeout"}})),
+      connections_closed_read_timeout(connections_closed_total.Add({{"reason", "read_timeout"}})),
+      buffered_bytes(BuildGauge()
+                         .Name("hsm_agent_buffered_bytes")
+                         .Help("Bytes held for callers: incomplete messages, requests, unsent "
+                               "answers")
+                         .Register(registry)
+                         .Add({})),
+      buffered_bytes_limit(BuildGauge()
+                               .Name("hsm_agent_buffered_bytes_limit")
+                               .Help("The memory budget for bytes held for callers "
+                                     "(--max-buffered-bytes)")
+                               .Register(registry)
+                               .Add({})),
+      memory_budget_waits_total(BuildCounter()
+                                    .Name("hsm_agent_memory_budget_waits_total")
+                                    .Help("Times a connection stopped reading because the memory "
+                                          "budget had no room for it")
+                                    .Register(registry)
+                                    .Add({})),
       build_info(BuildGauge()
                      .Name("hsm_agent_build_info")
                      .Help("Always 1; labels tell the agent version, PKCS#11 module and token")

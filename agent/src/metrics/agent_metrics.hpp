@@ -29,8 +29,8 @@ namespace hsm::agent {
 /// The bounded label values created at zero when the metrics are declared, so that every
 /// `# TYPE` line and series exists from the first scrape (rate() and alerts need a zero before
 /// the first increment). docs/metrics.md lists them.
-inline constexpr std::array<std::string_view, 3> kConnectionRejectReasons = {
-    "max_connections", "policy", "shutting_down"};
+inline constexpr std::array<std::string_view, 4> kConnectionRejectReasons = {
+    "max_connections", "max_connections_per_uid", "policy", "shutting_down"};
 inline constexpr std::array<std::string_view, 5> kProtocolErrorReasons = {
     "malformed", "too_large", "limit_exceeded", "invalid_request", "unknown_method"};
 
@@ -74,6 +74,13 @@ class AgentMetrics {
   prometheus::Family<prometheus::Counter>& connections_closed_total;  // {reason}
   prometheus::Counter& connections_closed_slow_reader;                // answers piled up unread
   prometheus::Counter& connections_closed_idle;                       // --idle-timeout passed
+  prometheus::Counter& connections_closed_read_timeout;  // a message did not complete in time
+
+  // memory (server/memory_budget.hpp)
+  prometheus::Gauge& buffered_bytes;        // held for callers now (sampled every second)
+  prometheus::Gauge& buffered_bytes_limit;  // --max-buffered-bytes
+  /// Times a connection stopped reading because the budget had no room for it.
+  prometheus::Counter& memory_budget_waits_total;
 
   prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
 

@@ -11,6 +11,7 @@
 #include "hsm/protocol/types.hpp"
 #include "policy/caller.hpp"
 #include "server/connection_output.hpp"
+#include "server/memory_budget.hpp"
 
 namespace hsm::agent {
 
@@ -26,6 +27,7 @@ struct Call {
   SteadyClock::time_point received;
   SteadyClock::time_point deadline;
   std::atomic<std::uint8_t> state{kQueued};
+  MemoryBudget::Charge charge;  // the request's bytes, until the call is gone
 
   /// Claims the right to run the call (worker). False when it was answered already (expired).
   bool begin_running() noexcept {

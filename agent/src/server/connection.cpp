@@ -1,5 +1,6 @@
 #include "server/connection.hpp"
 
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <cstring>
@@ -54,13 +55,47 @@ void Connection::read_peer_credentials() {
   output_->attach(fd);
 }
 
+void Connection::charge_to(MemoryBudget& budget, std::shared_ptr<MemoryBudget::Meter> meter) {
+  budget_ = &budget;
+  meter_ = std::move(meter);
+  read_charge_ = MemoryBudget::Charge(meter_, reader_.buffered_bytes());
+  output_->charge_to(meter_);
+}
+
 bool Connection::start() {
+  return start_reading();
+}
+
+bool Connection::start_reading() {
   if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) != 0) {
     close();
     return false;
   }
   reading_ = true;
   return true;
+}
+
+void Connection::read_again() {
+  if (!waiting_for_memory_) return;
+  waiting_for_memory_ = false;
+  if (closing_ || close_when_flushed_ || paused_ || reading_) return;
+  (void)start_reading();
+}
+
+bool Connection::peer_hung_up() const {
+  uv_os_fd_t fd = -1;
+  if (uv_fileno(reinterpret_cast<const uv_handle_t*>(&pipe_), &fd) != 0) return false;
+  pollfd p{fd, POLLRDHUP, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
+}
+
+void Connection::note_buffered() {
+  read_charge_.resize(reader_.buffered_bytes());
+  if (reader_.buffered_bytes() == 0) {
+    incomplete_since_.reset();
+  } else if (!incomplete_since_) {
+    incomplete_since_ = std::chrono::steady_clock::now();
+  }
 }
 
 void Connection::pause() {
@@ -75,21 +110,26 @@ void Connection::resume() {
   // A connection closing after its flush reads no more, whatever answers come back.
   if (closing_ || close_when_flushed_ || !paused_) return;
   paused_ = false;
+  // The time paused was the agent's doing: an incomplete message's read timeout starts again.
+  if (incomplete_since_) incomplete_since_ = std::chrono::steady_clock::now();
   deliver_messages();  // may pause again
-  if (!paused_ && !closing_ && !reading_) {
-    if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) == 0) {
-      reading_ = true;
-    } else {
-      close();
-    }
-  }
+  if (!paused_ && !closing_ && !reading_) (void)start_reading();
 }
 
 void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
   auto* self = static_cast<Connection*>(handle->data);
+  const std::size_t room =
+      self->budget_ ? self->budget_->read_room(*self->meter_, kReadChunkBytes) : kReadChunkBytes;
+  if (room == 0) {
+    self->waiting_for_memory_ = true;
+    *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS to on_read
+    return;
+  }
   try {
-    const auto span = self->reader_.prepare(kReadChunkBytes);
-    *buf = uv_buf_init(span.data(), static_cast<unsigned>(span.size()));
+    const auto span = self->reader_.prepare(room);
+    // The reader may offer more than asked for (its buffer's capacity): read no more than room.
+    const auto size = std::min(span.size(), room);
+    *buf = uv_buf_init(span.data(), static_cast<unsigned>(size));
   } catch (const std::exception&) {
     *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS to on_read
   }
@@ -97,12 +137,19 @@ void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
 
 void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
   auto* self = static_cast<Connection*>(stream->data);
+  if (nread == UV_ENOBUFS && self->waiting_for_memory_) {
+    // No room in the memory budget: stop reading (libuv would ask again at once) until bytes
+    // are released. The client's bytes wait in the kernel.
+    uv_read_stop(stream);
+    self->reading_ = false;
+    self->events_.on_waiting_for_memory(*self);
+    return;
+  }
   if (nread < 0) {
     self->close();  // EOF or error: the client is gone
     return;
   }
   if (nread == 0) return;
-  self->last_activity_ = std::chrono::steady_clock::now();
   try {
     self->reader_.commit(static_cast<std::size_t>(nread));
   } catch (const protocol::FrameError& error) {
@@ -110,12 +157,14 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
     self->close();
     return;
   }
+  self->note_buffered();
   self->deliver_messages();
 }
 
 void Connection::deliver_messages() {
   while (!paused_ && !closing_) {
     std::optional<msgpack::object_handle> message;
+    const std::size_t before = reader_.buffered_bytes();
     try {
       message = reader_.next();
     } catch (const protocol::FrameError& error) {
@@ -124,7 +173,12 @@ void Connection::deliver_messages() {
       return;
     }
     if (!message) return;
-    events_.on_message(*this, message->get());
+    const std::size_t bytes = before - std::min(before, reader_.buffered_bytes());
+    last_activity_ = std::chrono::steady_clock::now();
+    // A message completed: whatever follows it in the buffer is a new one, with its own time.
+    incomplete_since_.reset();
+    note_buffered();
+    events_.on_message(*this, message->get(), bytes);
   }
 }
 

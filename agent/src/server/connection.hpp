@@ -19,6 +19,7 @@
 #include "hsm/protocol/codec.hpp"
 #include "policy/caller.hpp"
 #include "server/connection_output.hpp"
+#include "server/memory_budget.hpp"
 
 namespace hsm::agent {
 
@@ -26,8 +27,10 @@ class Connection;
 
 class ConnectionEvents {
  public:
-  /// A complete MessagePack message arrived. Called only while the connection is not paused.
-  virtual void on_message(Connection& connection, const msgpack::object& message) = 0;
+  /// A complete MessagePack message of `bytes` bytes arrived. Called only while the connection
+  /// is not paused.
+  virtual void on_message(Connection& connection, const msgpack::object& message,
+                          std::size_t bytes) = 0;
   /// The stream was abandoned for a protocol violation (bytes, size or limits).
   virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
   /// The connection is closing; it must not be used after this returns.
@@ -37,6 +40,9 @@ class ConnectionEvents {
   virtual void on_slow_reader(Connection& /*connection*/) {}
   /// The connection has bytes to write; the owner calls flush() once per loop iteration.
   virtual void on_output_pending(Connection& connection) = 0;
+  /// The memory budget has no room for the connection's next read: it stopped reading. The
+  /// owner calls read_again() once bytes were released.
+  virtual void on_waiting_for_memory(Connection& connection) = 0;
 
  protected:
   ~ConnectionEvents() = default;
@@ -59,9 +65,34 @@ class Connection {
   [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
   [[nodiscard]] const Caller& caller() const noexcept { return caller_; }
   [[nodiscard]] bool closing() const noexcept { return closing_; }
+  /// When the last complete message arrived (or the connection was accepted). Bytes that do not
+  /// complete a message are no activity: trickling them cannot keep a connection open.
   [[nodiscard]] std::chrono::steady_clock::time_point last_activity() const noexcept {
     return last_activity_;
   }
+  /// Since when the read buffer holds the start of a message that is not complete yet, while
+  /// reading is not paused by the agent's own in-flight limit (its wait is not the client's
+  /// fault); nullopt otherwise. The owner closes connections whose message does not complete
+  /// within the read timeout.
+  [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> incomplete_since()
+      const noexcept {
+    if (paused_) return std::nullopt;
+    return incomplete_since_;
+  }
+
+  /// Charges everything the connection holds (read buffer, answers) to `meter`, and asks
+  /// `budget` before every read. Call before start().
+  void charge_to(MemoryBudget& budget, std::shared_ptr<MemoryBudget::Meter> meter);
+  [[nodiscard]] const std::shared_ptr<MemoryBudget::Meter>& meter() const noexcept {
+    return meter_;
+  }
+  /// Reads again after on_waiting_for_memory(), unless paused or closing meanwhile.
+  void read_again();
+  /// Not reading for want of memory (the owner calls read_again() later).
+  [[nodiscard]] bool waiting_for_memory() const noexcept { return waiting_for_memory_; }
+  /// Whether the client closed its side, seen without reading (a connection that does not read
+  /// never sees its EOF otherwise): one poll(2) that does not block.
+  [[nodiscard]] bool peer_hung_up() const;
 
   /// Starts reading. Returns false (and closes) when libuv refuses.
   bool start();
@@ -110,6 +141,9 @@ class Connection {
   static void on_close(uv_handle_t* handle);
   void deliver_messages();
   void read_peer_credentials();
+  bool start_reading();
+  /// The read buffer's bytes, charged to the meter; and whether a message is incomplete.
+  void note_buffered();
 
   uv_pipe_t pipe_{};  // pipe_.data == this
   std::uint64_t id_;
@@ -119,6 +153,11 @@ class Connection {
   Caller caller_;
   std::chrono::steady_clock::time_point last_activity_;
   std::shared_ptr<ConnectionOutput> output_;
+  MemoryBudget* budget_ = nullptr;
+  std::shared_ptr<MemoryBudget::Meter> meter_;
+  MemoryBudget::Charge read_charge_;
+  std::optional<std::chrono::steady_clock::time_point> incomplete_since_;
+  bool waiting_for_memory_ = false;
   bool flush_scheduled_ = false;
   bool paused_ = false;
   bool reading_ = false;

@@ -14,6 +14,9 @@ struct WriteRequest {
   std::string data;
 };
 
+// An emptied queue keeps up to this much capacity for the next answers; more goes back.
+constexpr std::size_t kKeptQueueCapacity = 64 * 1024;
+
 }  // namespace
 
 void ConnectionOutput::attach(int fd) {
@@ -21,10 +24,21 @@ void ConnectionOutput::attach(int fd) {
   fd_ = fd;
 }
 
+void ConnectionOutput::charge_to(std::shared_ptr<MemoryBudget::Meter> meter) {
+  std::lock_guard lock(mutex_);
+  charge_ = MemoryBudget::Charge(std::move(meter), buffered_locked());
+}
+
+void ConnectionOutput::note_buffered_locked() noexcept {
+  if (queued_.empty() && queued_.capacity() > kKeptQueueCapacity) std::string().swap(queued_);
+  charge_.resize(buffered_locked());
+}
+
 bool ConnectionOutput::queue(std::string_view bytes) {
   std::lock_guard lock(mutex_);
   if (buffered_locked() + bytes.size() > max_buffered_bytes_) return false;
   queued_.append(bytes);
+  note_buffered_locked();
   return true;
 }
 
@@ -45,6 +59,7 @@ ConnectionOutput::FlushResult ConnectionOutput::flush(uv_stream_t* stream, void*
   }
   if (done == queued_.size()) {
     queued_.clear();
+    note_buffered_locked();
     return FlushResult::kDone;
   }
   auto request = std::make_unique<WriteRequest>();
@@ -52,9 +67,13 @@ ConnectionOutput::FlushResult ConnectionOutput::flush(uv_stream_t* stream, void*
   queued_.clear();
   request->req.data = write_data;
   uv_buf_t rest = uv_buf_init(request->data.data(), static_cast<unsigned>(request->data.size()));
-  if (uv_write(&request->req, stream, &rest, 1, on_write) != 0) return FlushResult::kFailed;
+  if (uv_write(&request->req, stream, &rest, 1, on_write) != 0) {
+    note_buffered_locked();
+    return FlushResult::kFailed;
+  }
   writing_bytes_ = request->data.size();
   write_in_progress_ = true;
+  note_buffered_locked();
   request.release();  // owned by libuv until finish_write()
   return FlushResult::kWriting;
 }
@@ -64,6 +83,7 @@ bool ConnectionOutput::finish_write(uv_write_t* request) {
   std::lock_guard lock(mutex_);
   write_in_progress_ = false;
   writing_bytes_ = 0;
+  note_buffered_locked();
   return !queued_.empty();
 }
 
@@ -77,6 +97,7 @@ void ConnectionOutput::close() {
   fd_ = -1;
   queued_.clear();
   queued_.shrink_to_fit();
+  note_buffered_locked();
 }
 
 bool ConnectionOutput::begin_request(std::size_t max_in_flight) {
@@ -138,6 +159,7 @@ ConnectionOutput::AfterAnswer ConnectionOutput::answer_from_worker(std::string_v
     return after;
   }
   queued_.append(rest);
+  note_buffered_locked();
   return after;
 }
 

@@ -30,6 +30,8 @@
 #include <string>
 #include <string_view>
 
+#include "server/memory_budget.hpp"
+
 namespace hsm::agent {
 
 class ConnectionOutput {
@@ -41,6 +43,8 @@ class ConnectionOutput {
 
   /// Loop thread, once the connection is accepted: the socket workers may write to.
   void attach(int fd);
+  /// Loop thread: from now on the answers queued or being written are charged to `meter`.
+  void charge_to(std::shared_ptr<MemoryBudget::Meter> meter);
 
   /// Loop thread: queues bytes for the next flush(). False, with nothing queued, when they
   /// would take the buffered bytes past the limit (the client does not read its answers).
@@ -92,6 +96,9 @@ class ConnectionOutput {
   [[nodiscard]] std::size_t buffered_locked() const noexcept {
     return queued_.size() + writing_bytes_;
   }
+  /// After the queue or the write in progress changed: the charge follows, and a queue that
+  /// emptied gives a large buffer back (one slow reader's 4 MiB is not kept for ever).
+  void note_buffered_locked() noexcept;
 
   const std::size_t max_buffered_bytes_;
   mutable std::mutex mutex_;
@@ -102,6 +109,7 @@ class ConnectionOutput {
   std::size_t in_flight_ = 0;
   std::size_t max_in_flight_ = 0;  // the limit given to the last begin_request()
   bool paused_at_limit_ = false;
+  MemoryBudget::Charge charge_;  // the bytes queued or being written
 };
 
 }  // namespace hsm::agent

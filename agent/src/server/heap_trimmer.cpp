@@ -20,12 +20,21 @@ HeapTrimmer::HeapTrimmer(std::chrono::milliseconds interval, std::function<bool(
       trim_(std::move(trim)),
       thread_([this](const std::stop_token& stop) { run(stop); }) {}
 
+void HeapTrimmer::trim_soon() {
+  {
+    std::lock_guard lock(mutex_);
+    trim_soon_ = true;
+  }
+  wake_.notify_one();
+}
+
 void HeapTrimmer::run(const std::stop_token& stop) {
   for (;;) {
     {
       std::unique_lock lock(mutex_);
-      // Returns when the interval is up, or at once when the thread is asked to stop.
-      (void)wake_.wait_for(lock, stop, interval_, [] { return false; });
+      // Returns when the interval is up, or at once when asked to trim or to stop.
+      (void)wake_.wait_for(lock, stop, interval_, [this] { return trim_soon_; });
+      trim_soon_ = false;
     }
     if (stop.stop_requested()) return;
     const auto started = std::chrono::steady_clock::now();

@@ -30,14 +30,19 @@ class HeapTrimmer {
   HeapTrimmer(const HeapTrimmer&) = delete;
   HeapTrimmer& operator=(const HeapTrimmer&) = delete;
 
+  /// Trims now rather than at the end of the interval (then the interval starts again): after a
+  /// burst of large requests was freed, so that RSS comes back down soon. Thread-safe.
+  void trim_soon();
+
  private:
   void run(const std::stop_token& stop);
 
   const std::chrono::milliseconds interval_;
   const std::function<bool()> trim_;
-  std::mutex mutex_;                  // only for the wait below: no state of its own
-  std::condition_variable_any wake_;  // woken by the thread's stop request
-  std::jthread thread_;               // last: started once everything above exists, stopped first
+  std::mutex mutex_;                  // guards trim_soon_
+  std::condition_variable_any wake_;  // woken by trim_soon() and by the thread's stop request
+  bool trim_soon_ = false;
+  std::jthread thread_;  // last: started once everything above exists, stopped first
 };
 
 }  // namespace hsm::agent

@@ -143,7 +143,14 @@ AuditRecord audit_record(const Call& call, const Outcome& outcome) {
 
 }  // namespace
 
-Server::Server(Dependencies deps) : deps_(deps), capabilities_(deps.keys.capabilities()) {
+Server::Server(Dependencies deps)
+    : deps_(deps),
+      capabilities_(deps.keys.capabilities()),
+      budget_(deps.config.limits.max_buffered_bytes, [this] {
+        // Any thread: bytes were released while a connection waited for room.
+        std::lock_guard lock(memory_async_mutex_);
+        if (memory_async_open_) uv_async_send(&memory_async_);
+      }) {
   const auto& limits = deps_.config.limits;
   // The transport's limit, which the token side does not know.
   capabilities_.max_message_bytes = limits.max_message_bytes;
@@ -177,6 +184,14 @@ void Server::run(const std::function<void()>& on_listening,
   uv_async_init(&loop_, &shutdown_async_, [](uv_async_t* async) {
     static_cast<Server*>(async->loop->data)->begin_shutdown();
   });
+  uv_async_init(&loop_, &memory_async_, [](uv_async_t* async) {
+    static_cast<Server*>(async->loop->data)->resume_memory_waiters();
+  });
+  {
+    std::lock_guard lock(memory_async_mutex_);
+    memory_async_open_ = true;
+  }
+  deps_.metrics.buffered_bytes_limit.Set(static_cast<double>(budget_.limit()));
   uv_timer_init(&loop_, &deadline_timer_);
   uv_timer_init(&loop_, &drain_timer_);
   uv_timer_init(&loop_, &final_flush_timer_);
@@ -187,12 +202,25 @@ void Server::run(const std::function<void()>& on_listening,
         auto* self = static_cast<Server*>(timer->loop->data);
         self->deps_.health.heartbeat();
         self->sweep_idle();
+        self->close_slow_messages();
+        self->watch_memory();
+        // A release can slip between a reader finding no room and its wait being noted: the
+        // tick retries whoever still waits.
+        self->resume_memory_waiters();
         self->close_stuck_flushes(SteadyClock::now() - kCloseFlushLimit);
       },
       0, kTickMs);
+  // Answers are written once per loop iteration per connection: after the reads of the
+  // iteration (check), and before the loop blocks in its poll (prepare), so that what a timer or
+  // a wake-up answered (deadline_exceeded, shutdown) leaves at once rather than with the next
+  // event (issue 15: deadlines were answered on the one-second tick).
   uv_check_init(&loop_, &flush_check_);
   uv_check_start(&flush_check_,
                  [](uv_check_t* check) { static_cast<Server*>(check->loop->data)->flush_dirty(); });
+  uv_prepare_init(&loop_, &flush_prepare_);
+  uv_prepare_start(&flush_prepare_, [](uv_prepare_t* prepare) {
+    static_cast<Server*>(prepare->loop->data)->flush_dirty();
+  });
   for (auto [signal, handle] :
        {std::pair{SIGTERM, &sigterm_}, std::pair{SIGINT, &sigint_}, std::pair{SIGHUP, &sighup_}}) {
     uv_signal_init(&loop_, handle);
@@ -210,10 +238,6 @@ void Server::run(const std::function<void()>& on_listening,
   workers_ = std::make_unique<WorkerPool>(
       deps_.config.hsm.sessions + 2, deps_.config.hsm.sessions, deps_.config.limits.max_queue,
       [this](const auto& call) { run_on_worker(call); }, [this] { run_loop_turn(); });
-  // Answers are written once per loop iteration per connection: after the reads of the
-  // iteration (check), and before the loop blocks in its poll (prepare), so that what a timer or
-  // a wake-up answered (deadline_exceeded, shutdown) leaves at once rather than with the next
-  // event (issue 15: deadlines were answered on the one-second tick).
   turn_ = std::make_unique<LoopTurn>(kLoopTurnTiming, [this] {
     deps_.metrics.loop_hand_overs_total.Increment();
     spdlog::debug("an inline call overstayed; another worker runs the loop");
@@ -221,10 +245,6 @@ void Server::run(const std::function<void()>& on_listening,
   });
   try {
     listen(on_listening);
-  uv_prepare_init(&loop_, &flush_prepare_);
-  uv_prepare_start(&flush_prepare_, [](uv_prepare_t* prepare) {
-    static_cast<Server*>(prepare->loop->data)->flush_dirty();
-  });
   } catch (...) {
     turn_.reset();
     workers_->stop();  // idle: nothing was submitted
@@ -263,8 +283,10 @@ void Server::run_loop_turn() {
       return;
     }
     const auto ticket = turn_->release_for_inline_call();
+    workers_->run_outside_queue();  // it holds a session like a queued call
     run_on_worker(call);
     call.reset();
+    workers_->run_outside_queue_done();
     turn_->inline_call_done(ticket);
     // Back to the loop, unless the watchdog handed it over meanwhile (then back to the pool).
     if (!turn_->try_take()) return;
@@ -287,10 +309,8 @@ void Server::listen(const std::function<void()>& on_listening) {
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
   apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
-    workers_->run_outside_queue();  // it holds a session like a queued call
   // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
   // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
-    workers_->run_outside_queue_done();
   if (on_listening) on_listening();
   rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
                  [](uv_stream_t* server, int status) {
@@ -312,10 +332,14 @@ void Server::accept_one() {
   if (connection == nullptr) return;
   const Caller& caller = connection->caller();
   std::string_view reject_reason;
+  const auto same_uid = uid_connections_.find(caller.uid);
   if (shutting_down_) {
     reject_reason = "shutting_down";
   } else if (connections_.size() >= deps_.config.limits.max_connections) {
     reject_reason = "max_connections";
+  } else if (same_uid != uid_connections_.end() &&
+             same_uid->second >= deps_.config.limits.max_connections_per_uid) {
+    reject_reason = "max_connections_per_uid";
   } else if (!deps_.access.admits(caller)) {
     reject_reason = "policy";
   }
@@ -330,6 +354,8 @@ void Server::accept_one() {
     return;
   }
   connection->admitted = true;
+  ++uid_connections_[caller.uid];
+  connection->charge_to(budget_, MemoryBudget::meter(budget_.account(caller.uid)));
   deps_.metrics.connections_total.Increment();
   deps_.metrics.connections.Increment();
   spdlog::debug("connection {} from pid {} uid {} gid {}", connection->id(), caller.pid, caller.uid,
@@ -339,7 +365,11 @@ void Server::accept_one() {
 
 void Server::on_closed(Connection& connection) {
   connections_.erase(connection.id());
-  if (connection.admitted) deps_.metrics.connections.Decrement();
+  if (connection.admitted) {
+    deps_.metrics.connections.Decrement();
+    const auto it = uid_connections_.find(connection.caller().uid);
+    if (it != uid_connections_.end() && --it->second == 0) uid_connections_.erase(it);
+  }
   // The last connection has flushed: nothing left for the final flush bound, so let the loop end.
   if (finished_ && connections_.empty() && !uv_is_closing(as_handle(&final_flush_timer_))) {
     uv_close(as_handle(&final_flush_timer_), nullptr);
@@ -360,13 +390,67 @@ void Server::flush_dirty() {
   dirty_.clear();
 }
 
+void Server::on_waiting_for_memory(Connection& connection) {
+  deps_.metrics.memory_budget_waits_total.Increment();
+  spdlog::debug("connection {} waits for room in the memory budget ({} of {} bytes held)",
+                connection.id(), budget_.used(), budget_.limit());
+  memory_waiters_.push_back(connection.id());
+  budget_.wait_for_room();
+}
+
+void Server::resume_memory_waiters() {
+  if (memory_waiters_.empty()) return;
+  std::vector<std::uint64_t> waiting;
+  waiting.swap(memory_waiters_);
+  // Each asks the budget again; one that still finds no room comes back to the list.
+  for (const auto id : waiting) {
+    const auto it = connections_.find(id);
+    if (it != connections_.end()) it->second->read_again();
+  }
+}
+
+void Server::watch_memory() {
+  const std::size_t used = budget_.used();
+  deps_.metrics.buffered_bytes.Set(static_cast<double>(used));
+  // Large requests freed on the workers leave their pages in glibc's arenas; hand them back now
+  // rather than at the next minute's trim (issue 15: RSS comes back after a burst).
+  constexpr std::size_t kTrimAfterFreeing = 16 * 1024 * 1024;
+  const std::size_t peak = budget_.take_peak();
+  if (peak > used + kTrimAfterFreeing && heap_trimmer_) heap_trimmer_->trim_soon();
+}
+
+void Server::close_slow_messages() {
+  const auto cutoff = SteadyClock::now() - deps_.config.limits.read_timeout;
+  std::vector<Connection*> slow;
+  std::vector<Connection*> gone;
+  for (auto& [id, connection] : connections_) {
+    if (connection->closing()) continue;
+    // A connection that waits for memory reads nothing, so it would not see its client leave
+    // until the read timeout, holding its bytes: look.
+    if (connection->waiting_for_memory() && connection->peer_hung_up()) {
+      gone.push_back(connection);
+      continue;
+    }
+    const auto since = connection->incomplete_since();
+    if (since && *since < cutoff) slow.push_back(connection);
+  }
+  for (auto* connection : gone) connection->close();
+  for (auto* connection : slow) {
+    deps_.metrics.connections_closed_read_timeout.Increment();
+    spdlog::warn("connection {} closed: a message did not complete within {}s (uid {})",
+                 connection->id(), deps_.config.limits.read_timeout.count(),
+                 connection->caller().uid);
+    connection->close();
+  }
+}
+
 void Server::on_frame_error(Connection& connection, const protocol::FrameError& error) {
   deps_.metrics.protocol_errors_total.Add({{"reason", std::string(to_string(error.reason()))}})
       .Increment();
   spdlog::warn("connection {} closed: {}", connection.id(), error.what());
 }
 
-void Server::on_message(Connection& connection, const msgpack::object& message) {
+void Server::on_message(Connection& connection, const msgpack::object& message, std::size_t bytes) {
   auto decoded = protocol::decode_request(message);
   if (auto* failure = std::get_if<protocol::RequestDecodeError>(&decoded)) {
     if (failure->method && failure->msgid) {
@@ -391,10 +475,10 @@ void Server::on_message(Connection& connection, const msgpack::object& message) 
     connection.send(encode({*failure->msgid, std::move(failure->error)}));
     return;
   }
-  dispatch(connection, std::get<protocol::Request>(std::move(decoded)));
+  dispatch(connection, std::get<protocol::Request>(std::move(decoded)), bytes);
 }
 
-void Server::dispatch(Connection& connection, protocol::Request&& request) {
+void Server::dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes) {
   const auto received = SteadyClock::now();
   if (shutting_down_) {
     answer_now(
@@ -430,6 +514,8 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
                                                   : deps_.config.limits.request_timeout);
   call->request = std::move(request);
   call->output = connection.output();
+  // The decoded request holds about what its message did, until the call is gone.
+  call->charge = MemoryBudget::Charge(connection.meter(), bytes);
   const auto deadline = call->deadline;
   std::weak_ptr<Call> weak = call;
   // Counted in before the worker can answer (and count it out).
@@ -726,6 +812,11 @@ void Server::finish_shutdown() {
         0);
   }
 
+  {
+    std::lock_guard lock(memory_async_mutex_);
+    memory_async_open_ = false;
+  }
+  uv_close(as_handle(&memory_async_), nullptr);
   // The workers are stopped (or abandoned) by run() once the loop has ended.
   for (auto* handle :
        {as_handle(&completions_async_), as_handle(&shutdown_async_), as_handle(&deadline_timer_),

@@ -34,6 +34,7 @@
 #include "server/deadline_queue.hpp"
 #include "server/heap_trimmer.hpp"
 #include "server/loop_turn.hpp"
+#include "server/memory_budget.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
 
@@ -69,11 +70,13 @@ class Server final : public ConnectionEvents {
   void request_shutdown();
 
   // ConnectionEvents (loop thread)
-  void on_message(Connection& connection, const msgpack::object& message) override;
+  void on_message(Connection& connection, const msgpack::object& message,
+                  std::size_t bytes) override;
   void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
   void on_closed(Connection& connection) override;
   void on_output_pending(Connection& connection) override;
   void on_slow_reader(Connection& connection) override;
+  void on_waiting_for_memory(Connection& connection) override;
 
  private:
   // What a worker's answer left for the loop to do on its connection.
@@ -84,7 +87,7 @@ class Server final : public ConnectionEvents {
 
   void listen(const std::function<void()>& on_listening);
   void accept_one();
-  void dispatch(Connection& connection, protocol::Request&& request);
+  void dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes);
   void answer_now(Connection& connection, const protocol::Request& request,
                   protocol::Response&& response, SteadyClock::time_point received);
   /// The loop answers a call in flight instead of its worker (deadline, shutdown).
@@ -104,6 +107,12 @@ class Server final : public ConnectionEvents {
   void expire_deadlines();
   void arm_deadline_timer();
   void sweep_idle();
+  /// Closes connections whose incomplete message did not complete within --read-timeout.
+  void close_slow_messages();
+  /// Connections that stopped reading for want of memory read again (they ask the budget anew).
+  void resume_memory_waiters();
+  /// Samples the budget for /metrics; after a burst was freed, has the heap trimmed soon.
+  void watch_memory();
   void close_stuck_flushes(SteadyClock::time_point requested_before);
   void flush_dirty();
   void begin_shutdown();
@@ -123,6 +132,7 @@ class Server final : public ConnectionEvents {
   uv_pipe_t listener_{};
   uv_async_t completions_async_{};
   uv_async_t shutdown_async_{};
+  uv_async_t memory_async_{};  // bytes were released while a connection waited for room
   uv_timer_t deadline_timer_{};
   uv_timer_t tick_timer_{};
   uv_timer_t drain_timer_{};
@@ -136,6 +146,12 @@ class Server final : public ConnectionEvents {
   std::unordered_map<std::uint64_t, Connection*> connections_;
   std::uint64_t next_connection_id_ = 1;
   std::vector<Connection*> dirty_;
+  std::unordered_map<uid_t, std::size_t> uid_connections_;  // admitted connections per uid
+
+  MemoryBudget budget_;
+  std::vector<std::uint64_t> memory_waiters_;  // connection ids
+  std::mutex memory_async_mutex_;              // workers signal memory_async_ only while open
+  bool memory_async_open_ = false;
   std::atomic<std::size_t> in_flight_{0};  // decremented by workers too
 
   DeadlineQueue deadlines_;

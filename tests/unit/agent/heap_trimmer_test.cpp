@@ -53,6 +53,21 @@ TEST_CASE("heap trimmer: trims at each interval, and never again once destroyed"
   CHECK(trims.load() == after_destruction);
 }
 
+TEST_CASE("heap trimmer: trim_soon trims at once, not at the end of a long interval",
+          "[heap_trimmer]") {
+  std::atomic<int> trims{0};
+  HeapTrimmer trimmer(1h, [&] {
+    ++trims;
+    return false;
+  });
+  std::this_thread::sleep_for(20ms);
+  CHECK(trims.load() == 0);  // an hour's interval: nothing yet
+  trimmer.trim_soon();
+  CHECK(wait_until([&] { return trims.load() == 1; }));
+  trimmer.trim_soon();
+  CHECK(wait_until([&] { return trims.load() == 2; }));
+}
+
 TEST_CASE("heap trimmer: destruction does not wait for the interval", "[heap_trimmer]") {
   std::atomic<int> trims{0};
   {
