@@ -434,6 +434,67 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "a probe that hangs: not ready within 5 s of it, still alive and answering, ready again "
+    "once the call returns",
+    "[reliability][probe]") {
+  FaultyAgent agent({"--sessions", "2", "--probe-interval", "1"}, "probe");
+  auto& [faults, env, pub] = agent;
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
+  const pid_t pid = env.agent.pid();
+  const long finalized = faults.count("C_Finalize");
+  hsm::Client client = direct_client(env.agent.socket_path(), 2s);
+
+  // The probe's call: C_GetSessionInfo on the anchor session. Nothing else makes it while the
+  // agent is idle and no call fails, so only the probe hangs.
+  const auto set = Clock::now();
+  faults.set("C_GetSessionInfo hang=1");
+  REQUIRE(wait_until([&] { return faults.count("C_GetSessionInfo.injected") == 1; }, 5s));
+  const auto hung = Clock::now();
+  // A slow probe is tolerated up to the probe timeout (5 s), then the token is marked down.
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 503; }, 15s));
+  const auto down = Clock::now();
+  INFO("down " << std::chrono::duration_cast<std::chrono::milliseconds>(down - hung).count()
+               << " ms after the hang was seen");
+  CHECK(down - hung >= 4s);           // the hang began before we saw it
+  CHECK(down - set <= 5s + 1s + 3s);  // timeout + probe interval + a loaded machine
+  const auto [status, reason] = env.agent.http_get("/readyz");
+  CHECK(status == 503);
+  CHECK(reason.find("token probe has not answered for 5000 ms") != std::string::npos);
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 0);
+
+  // The agent is alive and answers what needs no token; signs are refused at once.
+  CHECK(env.agent.http_get("/healthz").first == 200);
+  CHECK(client.capabilities().default_alg == "ES256");
+  const hsm::Health health = client.health();
+  CHECK_FALSE(health.ok);
+  CHECK(health.error.value_or("").find("probe has not answered") != std::string::npos);
+  const long signs = faults.count("C_Sign");
+  try {
+    (void)client.sign("probe", "while the probe hangs");
+    FAIL("signed while the token is down");
+  } catch (const hsm::Error& e) {
+    CHECK(e.code() == "hsm_unavailable");
+  }
+  // The hung probe holds the recovery up: the library is never finalised under a call.
+  CHECK(wait_until([&] {
+    return env.agent.http_get("/readyz").second.find(
+               "waiting for PKCS#11 calls still in progress") != std::string::npos;
+  }));
+  CHECK(faults.count("C_Finalize") == finalized);
+  CHECK(faults.count("C_Sign") == signs);
+
+  // The call returns: the agent re-initialises and is ready again, same process.
+  faults.clear();
+  CHECK(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
+  CHECK(faults.count("C_Finalize") == finalized + 1);
+  const auto signature = client.sign("probe", "after the hang");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("after the hang"), signature));
+  CHECK(env.agent.running());
+  CHECK(env.agent.pid() == pid);
+}
+
 TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 and 1 after",
           "[reliability][metrics]") {
   FaultControl faults;
