@@ -328,6 +328,34 @@ TEST_CASE("a wrong PIN at start: one C_Login, one clear line, exit 1", "[reliabi
   CHECK(faults.count("C_Login") == 1);  // exact: the stats file is written at C_Finalize
 }
 
+TEST_CASE("a locked or expired PIN at start: one C_Login, one line naming it, exit 1",
+          "[reliability][pin]") {
+  for (const auto& [ckr, condition] :
+       {std::pair<std::string, std::string>{"CKR_PIN_LOCKED", "locked user PIN"},
+        std::pair<std::string, std::string>{"CKR_PIN_EXPIRED", "expired user PIN"}}) {
+    INFO(ckr);
+    FaultControl faults;
+    SoftHsmToken token("refused-pin", "73915286");  // a PIN no log line holds by chance
+    const auto pin_file = token.write_pin_file();
+    faults.set("C_Login rv=" + ckr);
+    auto env = faults.env();
+    env["SOFTHSM2_CONF"] = token.config_path().string();
+    const auto result =
+        run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(), "--pin-file",
+                   pin_file.string(), "--socket", (faults.directory() / "agent.sock").string(),
+                   "--metrics-listen", ""},
+                  env);
+    INFO(result.err);
+    CHECK(result.status.exited);
+    CHECK(result.status.code == 1);
+    CHECK(result.err.find("hsm-agent: " + condition + " for token 'refused-pin': " + ckr) !=
+          std::string::npos);
+    CHECK(result.err.find("wrong PIN") == std::string::npos);
+    CHECK(result.err.find(token.user_pin()) == std::string::npos);
+    CHECK(faults.count("C_Login") == 1);  // exact: the stats file is written at C_Finalize
+  }
+}
+
 TEST_CASE(
     "a PIN refused at re-login (wrong, locked, expired): one C_Login, not ready naming the "
     "condition, still up, signs refused with its CKR",
