@@ -38,8 +38,7 @@ constexpr std::array kPinRefusals = {
 };
 
 std::string describe_pin_refusal(const std::string& token_label, CK_RV rv) {
-  const auto* found = std::find_if(kPinRefusals.begin(), kPinRefusals.end(),
-                                   [rv](const PinRefusal& refusal) { return refusal.rv == rv; });
+  const auto found = std::ranges::find(kPinRefusals, rv, &PinRefusal::rv);
   const PinRefusal refusal =
       found != kPinRefusals.end() ? *found : PinRefusal{rv, "PIN refused", kGiveRightPin};
   return std::string{refusal.condition} + " for token '" + token_label +
