@@ -2,12 +2,14 @@
 // agent runs on the fault-injecting module (tests/fault_module) in front of a private SoftHSMv2
 // token, and each scenario writes the module's control file and reads its stats file.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -303,74 +305,209 @@ TEST_CASE("a slow token's signs stop running inline after the first one overstay
   CHECK(metric(env.agent, "hsm_agent_loop_hand_overs_total") == 1);
 }
 
-TEST_CASE("a wrong PIN at start: one C_Login, one clear line, exit 1", "[reliability]") {
-  FaultControl faults;
-  SoftHsmToken token("wrong-pin");
-  const auto pin_file = faults.directory() / "wrong-pin";
-  { std::ofstream(pin_file) << "99999999"; }
-  std::filesystem::permissions(
-      pin_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
-  auto env = faults.env();
-  env["SOFTHSM2_CONF"] = token.config_path().string();
-  const auto result =
-      run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(), "--pin-file",
-                 pin_file.string(), "--socket", (faults.directory() / "agent.sock").string(),
-                 "--metrics-listen", ""},
-                env);
-  CHECK(result.status.exited);
-  CHECK(result.status.code == 1);
-  INFO(result.err);
-  CHECK(result.err.find("hsm-agent: wrong PIN for token 'wrong-pin'") != std::string::npos);
-  CHECK(result.err.find("CKR_PIN_INCORRECT") != std::string::npos);
-  CHECK(result.err.find("99999999") == std::string::npos);
-  CHECK(faults.count("C_Login") == 1);  // exact: the stats file is written at C_Finalize
+TEST_CASE(
+    "a PIN refused at start (wrong, locked, expired): one C_Login, one line naming it, exit 1",
+    "[reliability][pin]") {
+  struct Refusal {
+    std::string ckr;
+    std::string condition;
+    bool by_rule;  // refused by the fault module; else SoftHSMv2 refuses a wrong PIN itself
+  };
+  for (const Refusal& refusal : {Refusal{"CKR_PIN_INCORRECT", "wrong PIN", false},
+                                 Refusal{"CKR_PIN_LOCKED", "locked user PIN", true},
+                                 Refusal{"CKR_PIN_EXPIRED", "expired user PIN", true}}) {
+    INFO(refusal.ckr);
+    FaultControl faults;
+    SoftHsmToken token("refused-pin", "73915286");  // PINs no log line holds by chance
+    const std::string given = refusal.by_rule ? token.user_pin() : "99999999";
+    const auto pin_file = faults.directory() / "pin";
+    { std::ofstream(pin_file) << given; }
+    std::filesystem::permissions(
+        pin_file, std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+    if (refusal.by_rule) faults.set("C_Login rv=" + refusal.ckr);
+    auto env = faults.env();
+    env["SOFTHSM2_CONF"] = token.config_path().string();
+    const auto result =
+        run_agent({"--module", HSM_FAULT_MODULE, "--token-label", token.label(), "--pin-file",
+                   pin_file.string(), "--socket", (faults.directory() / "agent.sock").string(),
+                   "--metrics-listen", ""},
+                  env);
+    INFO(result.err);
+    CHECK(result.status.exited);
+    CHECK(result.status.code == 1);
+    CHECK(result.err.find("hsm-agent: " + refusal.condition + " for token 'refused-pin': " +
+                          refusal.ckr + " (not retried)") != std::string::npos);
+    if (refusal.by_rule) CHECK(result.err.find("wrong PIN") == std::string::npos);
+    CHECK(result.err.find(given) == std::string::npos);
+    CHECK(faults.count("C_Login") == 1);  // exact: the stats file is written at C_Finalize
+  }
 }
 
-TEST_CASE("a PIN refused at re-login: no retry loop, not ready with the reason, still up",
-          "[reliability]") {
-  FaultControl faults;
-  RunningAgent env(faults.agent_options({"--sessions", "2", "--probe-interval", "1"}));
-  env.client.generate_key("pin");
-  REQUIRE(env.agent.http_get("/readyz").first == 200);
-  const long logins_before = faults.count("C_Login");
-  CHECK(logins_before == 1);
-
-  // The token fails (forcing a re-initialisation) and then refuses the PIN.
-  faults.set("C_Login rv=CKR_PIN_INCORRECT\nC_Sign rv=CKR_DEVICE_ERROR");
-  hsm::Client client = direct_client(env.agent.socket_path(), 2s);
-  try {
-    (void)client.sign("pin", "x");
-    FAIL("signed during a device error");
-  } catch (const hsm::Error& e) {
-    CHECK(e.code() == "hsm_unavailable");
+TEST_CASE(
+    "a PIN refused at re-login (wrong, locked, expired): one C_Login, not ready naming the "
+    "condition, still up, signs refused with its CKR",
+    "[reliability][pin]") {
+  // What the agent must say for each refusal: the CKR and the condition in words. A locked or
+  // expired PIN is not a wrong one: the operator's remedy differs (docs/reliability.md).
+  struct Refusal {
+    std::string ckr;
+    std::string condition;
+  };
+  const std::array<Refusal, 3> refusals = {{{"CKR_PIN_INCORRECT", "wrong PIN"},
+                                            {"CKR_PIN_LOCKED", "locked user PIN"},
+                                            {"CKR_PIN_EXPIRED", "expired user PIN"}}};
+  // A PIN no log line, port or timestamp contains by chance.
+  const std::string pin = "73915286";
+  // One agent per refusal, all at once, so that they share the wait that shows no retry comes.
+  struct Subject {
+    Subject(const Refusal& which, const std::string& pin)
+        : refusal(which),
+          token("relogin", pin),
+          agent(token, faults.agent_options({"--sessions", "2", "--probe-interval", "1"})),
+          client(direct_client(agent.socket_path(), 2s)) {}
+    Refusal refusal;
+    FaultControl faults;
+    SoftHsmToken token;
+    AgentProcess agent;
+    hsm::Client client;
+    long logins_before = 0;
+  };
+  // An array destroys its elements last to first, as nested tokens require.
+  std::array<std::optional<Subject>, 3> subjects;
+  for (std::size_t i = 0; i < refusals.size(); ++i) {
+    Subject& s = subjects[i].emplace(refusals[i], pin);
+    (void)s.client.generate_key("pin");
+    REQUIRE(wait_until([&] { return s.agent.http_get("/readyz").first == 200; }));
+    s.logins_before = s.faults.count("C_Login");
+    CHECK(s.logins_before == 1);
   }
-  REQUIRE(wait_until([&] { return faults.count("C_Login") == logins_before + 1; }));
+
+  // The token goes away (a re-initialisation follows) and then refuses the PIN.
+  for (auto& subject : subjects) {
+    Subject& s = *subject;
+    INFO(s.refusal.ckr);
+    s.faults.set("C_Login rv=" + s.refusal.ckr + "\nC_Sign rv=CKR_DEVICE_REMOVED count=1");
+    try {
+      (void)s.client.sign("pin", "x");
+      FAIL("signed during a device error");
+    } catch (const hsm::Error& e) {
+      CHECK(e.code() == "hsm_unavailable");
+      CHECK(e.ckr() == std::optional<std::string>("CKR_DEVICE_REMOVED"));
+    }
+  }
+  for (auto& subject : subjects) {
+    INFO(subject->refusal.ckr);
+    REQUIRE(
+        wait_until([&] { return subject->faults.count("C_Login") == subject->logins_before + 1; }));
+  }
   // Several seconds (many probe intervals, past the backoff cap) later: still exactly one.
   std::this_thread::sleep_for(6s);
-  CHECK(faults.count("C_Login") == logins_before + 1);
-  CHECK(faults.count("C_Login.injected") == 1);
 
-  CHECK(env.agent.running());
-  const auto [status, body] = env.agent.http_get("/readyz");
+  for (auto& subject : subjects) {
+    Subject& s = *subject;
+    const std::string& ckr = s.refusal.ckr;
+    INFO(ckr);
+    CHECK(s.faults.count("C_Login") == s.logins_before + 1);
+    CHECK(s.faults.count("C_Login.injected") == 1);
+    CHECK(s.agent.running());
+    CHECK(s.agent.http_get("/healthz").first == 200);
+
+    const auto [status, reason] = s.agent.http_get("/readyz");
+    INFO("/readyz: " << reason);
+    CHECK(status == 503);
+    CHECK(reason.find("refused the PIN") != std::string::npos);
+    CHECK(reason.find(s.refusal.condition) != std::string::npos);
+    CHECK(reason.find(ckr) != std::string::npos);
+    CHECK(reason.find(pin) == std::string::npos);
+    CHECK(std::count(reason.begin(), reason.end(), '\n') <= 1);  // one line
+    const std::string log = s.agent.stderr_text();
+    CHECK(log.find("refused the PIN") != std::string::npos);
+    CHECK(log.find(s.refusal.condition) != std::string::npos);
+    CHECK(log.find(pin) == std::string::npos);
+    CHECK(metric(s.agent, R"(hsm_agent_logins_total{result=")" + ckr + R"("})") == 1);
+    CHECK(metric(s.agent, "hsm_agent_hsm_up") == 0);
+
+    // Requests answer at once without touching the token, with the refusal's CKR and
+    // condition, and without promising a re-initialisation that will not come. (A request
+    // left waiting would end in a client timeout at the client's 2 s deadline.)
+    const long signs = s.faults.count("C_Sign");
+    try {
+      (void)s.client.sign("pin", "y");
+      FAIL("signed without a login");
+    } catch (const hsm::Error& e) {
+      CHECK(e.code() == "hsm_unavailable");
+      CHECK(e.ckr() == std::optional<std::string>(ckr));
+      CHECK(e.message().find(s.refusal.condition) != std::string::npos);
+      CHECK(e.message().find("re-initialising") == std::string::npos);
+      CHECK(e.message().find(pin) == std::string::npos);
+    }
+    const hsm::Health health = s.client.health();
+    CHECK_FALSE(health.ok);
+    CHECK(health.error.value_or("").find(s.refusal.condition) != std::string::npos);
+    std::this_thread::sleep_for(100ms);
+    CHECK(s.faults.count("C_Sign") == signs);
+  }
+}
+
+TEST_CASE(
+    "a probe that hangs: not ready within 5 s of it, still alive and answering, ready again "
+    "once the call returns",
+    "[reliability][probe]") {
+  FaultyAgent agent({"--sessions", "2", "--probe-interval", "1"}, "probe");
+  auto& [faults, env, pub] = agent;
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
+  const pid_t pid = env.agent.pid();
+  const long finalized = faults.count("C_Finalize");
+  hsm::Client client = direct_client(env.agent.socket_path(), 2s);
+
+  // The probe's call: C_GetSessionInfo on the anchor session. Nothing else makes it while the
+  // agent is idle and no call fails, so only the probe hangs.
+  const auto set = Clock::now();
+  faults.set("C_GetSessionInfo hang=1");
+  REQUIRE(wait_until([&] { return faults.count("C_GetSessionInfo.injected") == 1; }, 5s));
+  const auto hung = Clock::now();
+  // A slow probe is tolerated up to the probe timeout (5 s), then the token is marked down.
+  REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 503; }, 15s));
+  const auto down = Clock::now();
+  INFO("down " << std::chrono::duration_cast<std::chrono::milliseconds>(down - hung).count()
+               << " ms after the hang was seen");
+  CHECK(down - hung >= 4s);           // the hang began before we saw it
+  CHECK(down - set <= 5s + 1s + 3s);  // timeout + probe interval + a loaded machine
+  const auto [status, reason] = env.agent.http_get("/readyz");
   CHECK(status == 503);
-  CHECK(body.find("PIN") != std::string::npos);
-  CHECK(body.find("CKR_PIN_INCORRECT") != std::string::npos);
-  CHECK(std::count(body.begin(), body.end(), '\n') <= 1);  // one line
-  CHECK(env.agent.stderr_text().find("refused the PIN") != std::string::npos);
-  CHECK(metric(env.agent, R"(hsm_agent_logins_total{result="CKR_PIN_INCORRECT"})") == 1);
+  CHECK(reason.find("token probe has not answered for 5000 ms") != std::string::npos);
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 0);
 
-  // Requests answer at once, naming the reason, without touching the token. (A request left
-  // waiting would end in deadline_exceeded or a client timeout at the client's 2 s deadline.)
+  // The agent is alive and answers what needs no token; signs are refused at once.
+  CHECK(env.agent.http_get("/healthz").first == 200);
+  CHECK(client.capabilities().default_alg == "ES256");
+  const hsm::Health health = client.health();
+  CHECK_FALSE(health.ok);
+  CHECK(health.error.value_or("").find("probe has not answered") != std::string::npos);
   const long signs = faults.count("C_Sign");
   try {
-    (void)client.sign("pin", "y");
-    FAIL("signed without a login");
+    (void)client.sign("probe", "while the probe hangs");
+    FAIL("signed while the token is down");
   } catch (const hsm::Error& e) {
     CHECK(e.code() == "hsm_unavailable");
   }
-  std::this_thread::sleep_for(100ms);
+  // The hung probe holds the recovery up: the library is never finalised under a call.
+  CHECK(wait_until([&] {
+    return env.agent.http_get("/readyz").second.find(
+               "waiting for PKCS#11 calls still in progress") != std::string::npos;
+  }));
+  CHECK(faults.count("C_Finalize") == finalized);
   CHECK(faults.count("C_Sign") == signs);
+
+  // The call returns: the agent re-initialises and is ready again, same process.
+  faults.clear();
+  CHECK(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
+  CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
+  CHECK(faults.count("C_Finalize") == finalized + 1);
+  const auto signature = client.sign("probe", "after the hang");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("after the hang"), signature));
+  CHECK(env.agent.running());
+  CHECK(env.agent.pid() == pid);
 }
 
 TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 and 1 after",

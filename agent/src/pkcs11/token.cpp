@@ -2,13 +2,48 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <array>
+
 #include "metrics/agent_metrics.hpp"
+#include "pkcs11/error.hpp"
 #include "pkcs11/module.hpp"
 
 namespace hsm::agent::pkcs11 {
 namespace {
 
 constexpr CK_BBOOL kTokenPresent = CK_TRUE;
+
+/// How a refused PIN is worded: the condition, and what the operator must do about it. Every
+/// CKR of ErrorClass::kPin (error.cpp, classify) has a row.
+struct PinRefusal {
+  CK_RV rv;
+  std::string_view condition;
+  std::string_view remedy;
+};
+
+constexpr std::string_view kGiveRightPin = "give the agent the right PIN and restart it";
+constexpr std::array kPinRefusals = {
+    PinRefusal{CKR_PIN_INCORRECT, "wrong PIN", kGiveRightPin},
+    PinRefusal{CKR_PIN_INVALID, "wrong PIN", kGiveRightPin},
+    PinRefusal{CKR_PIN_LEN_RANGE, "wrong PIN", kGiveRightPin},
+    PinRefusal{CKR_PIN_LOCKED, "locked user PIN",
+               "the token's security officer must unlock it (set a new user PIN); then give the "
+               "agent that PIN and restart it"},
+    PinRefusal{CKR_PIN_EXPIRED, "expired user PIN",
+               "set a new user PIN on the token, give the agent that PIN and restart it"},
+    PinRefusal{CKR_USER_PIN_NOT_INITIALIZED, "no user PIN set",
+               "the token's security officer must set a user PIN; then give the agent that PIN "
+               "and restart it"},
+};
+
+std::string describe_pin_refusal(const std::string& token_label, CK_RV rv) {
+  const auto found = std::ranges::find(kPinRefusals, rv, &PinRefusal::rv);
+  const PinRefusal refusal =
+      found != kPinRefusals.end() ? *found : PinRefusal{rv, "PIN refused", kGiveRightPin};
+  return std::string{refusal.condition} + " for token '" + token_label +
+         "': " + std::string{ckr_name(rv)} + " (not retried); " + std::string{refusal.remedy};
+}
 
 std::vector<CK_SLOT_ID> slots_with_token(const Module& module) {
   // The list can change between the size query and the fetch (a token plugged in): ask again.
@@ -60,6 +95,13 @@ std::string trim(std::string_view text) {
 }
 
 }  // namespace
+
+PinRejectedError::PinRejectedError(const std::string& token_label, CK_RV rv)
+    : StartupError(describe_pin_refusal(token_label, rv)), rv_(rv) {}
+
+std::string_view PinRejectedError::ckr() const noexcept {
+  return ckr_name(rv_);
+}
 
 std::string trim_field(const unsigned char* field, std::size_t size) {
   std::string_view text(reinterpret_cast<const char*>(field), size);
@@ -128,10 +170,7 @@ void Token::login(const SecretString& pin) {
   } catch (const Pkcs11Error& e) {
     // The CKR name is a bounded label value (ckr_name maps anything unknown to one of two names).
     logins.Add({{"result", std::string{e.ckr()}}}).Increment();
-    if (e.error_class() == ErrorClass::kPin) {
-      throw PinRejectedError("wrong PIN for token '" + description_.label +
-                             "': " + std::string{e.ckr()} + " (not retried)");
-    }
+    if (e.error_class() == ErrorClass::kPin) throw PinRejectedError(description_.label, e.rv());
     throw StartupError("cannot log in to token '" + description_.label +
                        "': " + describe_rv(e.rv()));
   }

@@ -17,6 +17,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "hsm/protocol/types.hpp"
@@ -29,10 +30,18 @@ namespace hsm::agent::pkcs11 {
 class Module;
 
 /// The token was found but refused the PIN (CKR_PIN_INCORRECT, _LOCKED, _EXPIRED, ...).
-/// Never retried: another attempt can lock the token.
+/// Never retried: another attempt can lock the token. what() is one line naming the condition
+/// in words, the CKR and the operator's remedy, which differs per condition (a locked PIN is not
+/// a wrong one), e.g. "locked user PIN for token 'X': CKR_PIN_LOCKED (not retried); the token's
+/// security officer must unlock it ...". It never holds the PIN.
 class PinRejectedError : public StartupError {
  public:
-  using StartupError::StartupError;
+  PinRejectedError(const std::string& token_label, CK_RV rv);
+  /// The refusal's CKR name ("CKR_PIN_LOCKED").
+  [[nodiscard]] std::string_view ckr() const noexcept;
+
+ private:
+  CK_RV rv_;
 };
 
 /// Which token: by label (matched against the tokens present, both sides trimmed of blanks) or

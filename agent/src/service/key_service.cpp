@@ -88,11 +88,17 @@ const T& params_as(const protocol::Request& request) {
                      "import_key is not supported: keys are generated inside the HSM");
 }
 
-// The answer to every request while the token is down: at once, naming the fault.
+// The answer to every request while the token is down: at once, naming the fault, and not
+// promising a re-initialisation when none will come (a refused PIN).
 protocol::Error token_down_error(const std::optional<TokenFault>& fault) {
   if (!fault) {
     return protocol::Error{ErrorCode::kHsmUnavailable, "the token is down; re-initialising",
                            std::nullopt};
+  }
+  if (fault->until_restart) {
+    return protocol::Error{ErrorCode::kHsmUnavailable,
+                           "the token is down until the agent restarts: " + fault->reason,
+                           fault->ckr};
   }
   return protocol::Error{ErrorCode::kHsmUnavailable,
                          "the token is down (" + fault->reason + "); re-initialising", fault->ckr};

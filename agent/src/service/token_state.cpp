@@ -171,9 +171,15 @@ Recovery TokenState::reinitialise(std::chrono::milliseconds drain_wait) {
     publish(std::move(next));
     return {Recovery::Result::kRecovered, "generation " + std::to_string(number)};
   } catch (const pkcs11::PinRejectedError& e) {
+    // The refusal replaces the fault that took the token down as the reason it is down: it is
+    // what every answer, /readyz and the log must name from now on, until a restart.
+    std::string reason =
+        std::string("the token refused the PIN when logging in again (") + e.what() + ")";
     std::lock_guard lock(mutex_);
     pin_rejected_ = true;
-    return {Recovery::Result::kPinRejected, e.what()};
+    fault_ = TokenFault{reason, std::string{e.ckr()}, std::chrono::steady_clock::now(),
+                        /*until_restart=*/true};
+    return {Recovery::Result::kPinRejected, std::move(reason)};
   } catch (const std::exception& e) {
     // StartupError (token not found, login refused for another reason) or Pkcs11Error.
     return {Recovery::Result::kFailed, e.what()};

@@ -83,6 +83,10 @@ struct TokenFault {
   std::string reason;              // one line, e.g. "C_Sign failed: CKR_DEVICE_ERROR (0x30)"
   std::optional<std::string> ckr;  // "CKR_DEVICE_ERROR" when a PKCS#11 call failed
   std::chrono::steady_clock::time_point since;
+  /// No re-initialisation will be attempted any more: the token refused the PIN when logging in
+  /// again (then `reason` and `ckr` name the refusal, no longer the fault that took it down).
+  /// Only a restart brings the token back.
+  bool until_restart = false;
 };
 
 /// What one token probe found.
@@ -142,7 +146,8 @@ class TokenState {
   /// retired generation's users to leave, tears it down (C_Logout, C_CloseSession, C_Finalize),
   /// builds the next generation (C_Initialize, find the slot again, log in, open the pool, a
   /// fresh handle cache) and publishes it. Never throws. After kPinRejected it does nothing
-  /// more (returns kPinRejected again): a retried PIN can lock the token.
+  /// more (returns kPinRejected again): a retried PIN can lock the token; fault() then names
+  /// the refusal, until_restart.
   [[nodiscard]] Recovery reinitialise(std::chrono::milliseconds drain_wait);
 
   /// One real call to the token on the published generation: C_GetSessionInfo on the anchor

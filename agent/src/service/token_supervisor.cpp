@@ -246,8 +246,8 @@ class TokenSupervisor::Core {
         if (!pin_rejected_) {
           pin_rejected_ = recovery.detail;
           spdlog::error(
-              "the token refused the PIN when logging in again: {}. Not retried (a retry can "
-              "lock the token): the agent stays up and not ready; fix the PIN and restart it",
+              "{}. The agent stays up and not ready, and never logs in again by itself (a "
+              "retry can lock the token)",
               recovery.detail);
         }
         break;
@@ -283,8 +283,7 @@ class TokenSupervisor::Core {
     if (!serving_) return;  // HealthState says "starting" until the server listens
     std::optional<std::string> reason;
     if (pin_rejected_) {
-      reason = "the token refused the PIN when logging in again (" + *pin_rejected_ +
-               "); fix the PIN and restart the agent";
+      reason = *pin_rejected_;  // names the refusal and its remedy (TokenState::reinitialise)
     } else if (state_.is_down()) {
       const auto fault = state_.fault();
       reason = "token down (" + (fault ? fault->reason : std::string("unknown fault")) +

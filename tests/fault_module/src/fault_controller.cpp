@@ -70,21 +70,29 @@ void FaultController::poll() noexcept {
   if (control_path_.empty()) {
     return;
   }
-  if (poll_interval_ns_ > 0) {
-    const std::int64_t now = monotonic_ns();
-    std::int64_t due = next_poll_ns_.load(std::memory_order_relaxed);
-    if (now < due) {
-      return;
-    }
-    // One caller per interval does the stat(); the others carry on with the current rules.
-    if (!next_poll_ns_.compare_exchange_strong(due, now + poll_interval_ns_,
-                                               std::memory_order_relaxed)) {
-      return;
-    }
+  if (poll_interval_ns_ == 0) {
+    // Every call must see what was written before it. A re-read already under way may have
+    // stat()ed the file before that write, so wait for it and check again ourselves (a stat()
+    // when nothing changed) instead of going on with the rules it has not replaced yet.
+    std::unique_lock lock(reload_mutex_);
+    reload_if_changed(lock);
+    return;
+  }
+  const std::int64_t now = monotonic_ns();
+  std::int64_t due = next_poll_ns_.load(std::memory_order_relaxed);
+  if (now < due) {
+    return;
+  }
+  // One caller per interval does the stat(); the others carry on with the current rules.
+  if (!next_poll_ns_.compare_exchange_strong(due, now + poll_interval_ns_,
+                                             std::memory_order_relaxed)) {
+    return;
   }
   std::unique_lock lock(reload_mutex_, std::try_to_lock);
   if (!lock.owns_lock()) {
-    return;  // someone is re-reading right now; their result will do
+    // Someone is re-reading right now. With a poll interval the rules may lag a change by
+    // about that long anyway, so do not wait for it.
+    return;
   }
   reload_if_changed(lock);
 }

@@ -51,7 +51,9 @@ class FaultController {
   ~FaultController() = default;
 
   /// Re-reads the control file if it changed and the poll interval has passed. Cheap when it has
-  /// not: a clock read and an atomic compare. Never blocks on another thread's re-read.
+  /// not: a clock read and an atomic compare. With a poll interval it never blocks on another
+  /// thread's re-read; with none (0), it waits for one under way and checks again, so that a
+  /// change made before the call is in force for it, however many threads are calling.
   void poll() noexcept;
 
   /// Whether any rule is in force. The fast path: when false, calls skip take_fault().

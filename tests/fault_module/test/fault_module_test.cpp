@@ -3,12 +3,14 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <filesystem>
 #include <future>
 #include <map>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -39,6 +41,52 @@ struct SigningSetup {
   CK_SESSION_HANDLE session;
   EcKeyPair key;
 };
+
+using hsm::fault::FunctionId;
+using hsm::fault::kFunctionCount;
+using hsm::fault::kFunctionNames;
+
+/// Calls a PKCS#11 function with every argument zero: handle 0 (CK_INVALID_HANDLE), null
+/// pointers. Only for calls a rule answers without reaching the target, and for those the
+/// module forwards (CallKind::kEndsOperation), which SoftHSMv2 refuses at once for handle 0.
+template <typename... Args>
+CK_RV call_with_zero_arguments(CK_RV (*function)(Args...)) {
+  return function(Args{}...);
+}
+
+/// One entry per PKCS#11 function, from the module's own list, so a function added there is
+/// tested here too.
+using ZeroArgumentCall = CK_RV (*)(CK_FUNCTION_LIST&);
+constexpr std::array<ZeroArgumentCall, kFunctionCount> kZeroArgumentCalls = {
+#define HSM_FAULT_ZERO_ARGUMENT_CALL(name, kind) \
+  [](CK_FUNCTION_LIST& p11) { return call_with_zero_arguments(p11.name); },
+    HSM_FAULT_PKCS11_FUNCTIONS(HSM_FAULT_ZERO_ARGUMENT_CALL)
+#undef HSM_FAULT_ZERO_ARGUMENT_CALL
+};
+
+/// Every function a rule can name: all but C_GetFunctionList.
+std::vector<std::size_t> faultable_functions() {
+  std::vector<std::size_t> functions;
+  for (std::size_t i = 0; i < kFunctionCount; ++i) {
+    if (static_cast<FunctionId>(i) != FunctionId::C_GetFunctionList) {
+      functions.push_back(i);
+    }
+  }
+  return functions;
+}
+
+/// Vendor-defined return values SoftHSMv2 never gives, so a call that returns one was faulted.
+constexpr CK_RV kVendorDefined = 0x80000000UL;  // CKR_VENDOR_DEFINED, whose macro has a C cast
+constexpr CK_RV kOnce = kVendorDefined | 0x101;
+constexpr CK_RV kTwice = kVendorDefined | 0x102;
+constexpr CK_RV kAlways = kVendorDefined | 0x103;
+constexpr CK_RV kAfterHang = kVendorDefined | 0x104;
+
+std::string hex(CK_RV rv) {
+  std::ostringstream text;
+  text << "0x" << std::hex << rv;
+  return text.str();
+}
 
 /// Removes the control file when a test leaves, before futures that may be hung are joined
 /// (declare it after them).
@@ -199,6 +247,117 @@ TEST_CASE("`*` faults every function except C_Finalize and C_GetFunctionList", "
   args.flags = CKF_OS_LOCKING_OK;
   CHECK(p11.C_Initialize(&args) == CKR_DEVICE_REMOVED);            // not forwarded
   CHECK(p11.C_Finalize(nullptr) == CKR_CRYPTOKI_NOT_INITIALIZED);  // from SoftHSMv2 itself
+}
+
+TEST_CASE("every function can be failed once, N times and always, by the same rules",
+          "[fault_module][every_function]") {
+  TokenConnection token;
+  Harness& harness = Harness::instance();
+  const std::vector<std::size_t> functions = faultable_functions();
+  REQUIRE(functions.size() == kFunctionCount - 1);
+  const auto before = harness.read_stats();
+  // First match wins: one kOnce, then two kTwice, then kAlways for good.
+  std::string rules;
+  for (const std::size_t i : functions) {
+    const std::string name{kFunctionNames[i]};
+    rules += name + " rv=" + hex(kOnce) + " count=1\n";
+    rules += name + " rv=" + hex(kTwice) + " count=2\n";
+    rules += name + " rv=" + hex(kAlways) + "\n";
+  }
+  harness.write_rules(rules);
+  ClearRulesOnExit clear_rules;
+
+  for (const std::size_t i : functions) {
+    INFO(kFunctionNames[i]);
+    CK_FUNCTION_LIST& p11 = token.p11();
+    CHECK(kZeroArgumentCalls[i](p11) == kOnce);
+    CHECK(kZeroArgumentCalls[i](p11) == kTwice);
+    CHECK(kZeroArgumentCalls[i](p11) == kTwice);
+    CHECK(kZeroArgumentCalls[i](p11) == kAlways);
+    CHECK(kZeroArgumentCalls[i](p11) == kAlways);
+  }
+  // Each call was counted under its own function's name.
+  const std::string last{kFunctionNames[functions.back()]};
+  const auto old_count = [&before](const std::string& key) {
+    const auto it = before.find(key);
+    return it == before.end() ? std::uint64_t{0} : it->second;
+  };
+  harness.wait_for_stat(last + ".injected", old_count(last + ".injected") + 5);
+  const auto after = harness.read_stats();
+  for (const std::size_t i : functions) {
+    const std::string name{kFunctionNames[i]};
+    INFO(name);
+    const auto now = [&after](const std::string& key) {
+      const auto it = after.find(key);
+      return it == after.end() ? std::uint64_t{0} : it->second;
+    };
+    CHECK(now(name + ".injected") - old_count(name + ".injected") == 5);
+  }
+}
+
+TEST_CASE("every function can be hung until released, all at once, each on its own thread",
+          "[fault_module][every_function]") {
+  TokenConnection token;
+  Harness& harness = Harness::instance();
+  const std::vector<std::size_t> functions = faultable_functions();
+  std::map<std::string, std::uint64_t> hung_before;
+  for (const auto& [key, value] : harness.read_stats()) {
+    hung_before[key] = value;
+  }
+  // With an rv, a released call does not reach SoftHSMv2 with its zero arguments (only the
+  // kEndsOperation ones are forwarded, and refused there for session handle 0).
+  std::string rules;
+  for (const std::size_t i : functions) {
+    rules += std::string{kFunctionNames[i]} + " hang=1 rv=" + hex(kAfterHang) + "\n";
+  }
+  harness.write_rules(rules);
+  std::vector<std::future<CK_RV>> calls;
+  calls.reserve(functions.size());
+  for (const std::size_t i : functions) {
+    calls.push_back(
+        std::async(std::launch::async, [&token, i] { return kZeroArgumentCalls[i](token.p11()); }));
+  }
+  ClearRulesOnExit clear_rules;
+
+  // Every call has reached its hang (counted as injected) ...
+  for (const std::size_t i : functions) {
+    const std::string key = std::string{kFunctionNames[i]} + ".injected";
+    INFO(key);
+    CHECK(harness.wait_for_stat(key, hung_before[key] + 1) == hung_before[key] + 1);
+  }
+  // ... and none has returned while its rule is in the file.
+  for (std::size_t n = 0; n < functions.size(); ++n) {
+    INFO(kFunctionNames[functions[n]]);
+    CHECK(calls[n].wait_for(0ms) == std::future_status::timeout);
+  }
+  harness.remove_rules();
+  for (std::size_t n = 0; n < functions.size(); ++n) {
+    INFO(kFunctionNames[functions[n]]);
+    REQUIRE(calls[n].wait_for(30s) == std::future_status::ready);
+    CHECK(calls[n].get() == kAfterHang);
+  }
+}
+
+TEST_CASE("hang=1 count=1 hangs one call only; the next ones pass while it hangs",
+          "[fault_module]") {
+  SigningSetup setup;
+  Harness& harness = Harness::instance();
+  CK_FUNCTION_LIST& p11 = setup.token.p11();
+  const std::uint64_t hung_before = harness.stat("C_GetSessionInfo.injected");
+  harness.write_rules("C_GetSessionInfo hang=1 count=1\n");
+  auto hung = std::async(std::launch::async, [&] {
+    CK_SESSION_INFO info{};
+    return p11.C_GetSessionInfo(setup.session, &info);
+  });
+  ClearRulesOnExit clear_rules;
+  REQUIRE(harness.wait_for_stat("C_GetSessionInfo.injected", hung_before + 1) == hung_before + 1);
+  CK_SESSION_INFO info{};
+  CHECK(p11.C_GetSessionInfo(setup.session, &info) == CKR_OK);
+  CHECK(info.state == CKS_RW_USER_FUNCTIONS);
+  CHECK(hung.wait_for(0ms) == std::future_status::timeout);
+  harness.remove_rules();  // a spent rule still holds its hung call until its line goes
+  REQUIRE(hung.wait_for(30s) == std::future_status::ready);
+  CHECK(hung.get() == CKR_OK);
 }
 
 TEST_CASE("session=<handle> faults only that session", "[fault_module]") {

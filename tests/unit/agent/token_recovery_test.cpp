@@ -187,6 +187,18 @@ TEST_CASE("a PIN refused at re-login is never retried", "[recovery][pin]") {
   CHECK(first.detail.find(token.user_pin()) == std::string::npos);
   CHECK(pkcs11_calls(svc.metrics(), "C_Login") == login_calls + 1);
   CHECK(logins(svc, "CKR_PIN_INCORRECT") == 1);
+  // From now on the token is down for the refusal, not for the fault that started the recovery,
+  // and requests are not told a re-initialisation is coming.
+  const auto fault = state.fault();
+  REQUIRE(fault);
+  CHECK(fault->until_restart);
+  CHECK(fault->ckr == std::optional<std::string>("CKR_PIN_INCORRECT"));
+  CHECK(fault->reason.find("wrong PIN") != std::string::npos);
+  const protocol::Error refused = svc.error(Method::kSign, sign_params("k", "x"));
+  CHECK(refused.code == ErrorCode::kHsmUnavailable);
+  CHECK(refused.ckr == std::optional<std::string>("CKR_PIN_INCORRECT"));
+  CHECK(refused.message.find("until the agent restarts") != std::string::npos);
+  CHECK(refused.message.find(token.user_pin()) == std::string::npos);
 
   // Even once the PIN would work again, nothing more is tried: a retry can lock the token.
   faults.clear();
@@ -341,6 +353,8 @@ TEST_CASE("the supervisor: a PIN refused at re-login leaves the agent not ready,
     return reason && reason->find("PIN") != std::string::npos;
   }));
   CHECK(health.not_ready_reason()->find("CKR_PIN_LOCKED") != std::string::npos);
+  CHECK(health.not_ready_reason()->find("locked user PIN") != std::string::npos);
+  CHECK(health.not_ready_reason()->find("security officer") != std::string::npos);
   std::this_thread::sleep_for(300ms);  // many probe intervals and backoff caps
   CHECK(pkcs11_calls(svc.metrics(), "C_Login") == login_calls + 1);
   CHECK(svc.metrics().hsm_up.Value() == 0);
