@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   # toolchain
-  build-essential cmake pkg-config git
+  build-essential cmake pkg-config git ccache
   # libraries
   libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libcivetweb-dev libssl-dev libp11-kit-dev
   libcli11-dev libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev

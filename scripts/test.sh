@@ -11,18 +11,31 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+section() { printf '\n==== %s ====\n' "$*"; }
+stage_started=$SECONDS
+stage_done() { printf '(%s: %d s)\n' "$1" $((SECONDS - stage_started)); stage_started=$SECONDS; }
 
+section "Debian packages"
 scripts/install-deps.sh
+stage_done install-deps
 
 jobs=${HSM_JOBS:-2}
-section() { printf '\n==== %s ====\n' "$*"; }
+# Every build below (this one, the sanitizer and fuzzing builds of test-extra.sh) goes through
+# ccache: a machine that built the same sources before, in any checkout, compiles only what
+# changed. Paths are made relative to the checkout, so another clone hits the same cache.
+if command -v ccache >/dev/null 2>&1; then
+  export CMAKE_C_COMPILER_LAUNCHER=ccache CMAKE_CXX_COMPILER_LAUNCHER=ccache
+  export CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=1
+fi
 
 section "build (RelWithDebInfo)"
 cmake -S . -B build/test -DCMAKE_BUILD_TYPE=RelWithDebInfo -DHSM_BUILD_BENCH=ON >/dev/null
 cmake --build build/test -j"$jobs"
+stage_done build
 
 section "ctest"
 ctest --test-dir build/test --output-on-failure -j"$jobs" --timeout 600
+stage_done ctest
 
 if [[ "${HSM_TEST_QUICK:-0}" == "1" ]]; then exit 0; fi
 
