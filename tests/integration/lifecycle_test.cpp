@@ -86,6 +86,14 @@ TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycl
     args[7] = "/proc/hsm-agent.sock";
     expect = "/proc";
   }
+  SECTION("metrics address not HOST:PORT") {
+    args[9] = "9464";
+    expect = "cannot listen for metrics on 9464: not HOST:PORT";
+  }
+  SECTION("metrics address not on this machine") {
+    args[9] = "192.0.2.1:9464";  // TEST-NET-1: bind fails, nothing is sent
+    expect = "cannot listen for metrics on 192.0.2.1:9464";
+  }
   SECTION("unknown flag") {
     args.push_back("--frobnicate");
     expect = "frobnicate";

@@ -72,6 +72,12 @@ sockaddr_storage listen_address(const std::string& listen) {
   return address;
 }
 
+std::uint16_t port_of(const sockaddr_storage& address) {
+  return ntohs(address.ss_family == AF_INET6
+                   ? reinterpret_cast<const sockaddr_in6*>(&address)->sin6_port
+                   : reinterpret_cast<const sockaddr_in*>(&address)->sin_port);
+}
+
 // An eventfd that wakes the serving thread's poll; owns the descriptor.
 class Wakeup {
  public:
@@ -141,13 +147,14 @@ class HttpEndpoint::Server {
     if (address.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
     // No MHD_OPTION_LISTENING_ADDRESS_REUSE: without it libmicrohttpd sets SO_REUSEADDR (and
     // not SO_REUSEPORT, which would let a second agent share the port).
+    // The logger first: libmicrohttpd reports on the options after it through it.
     daemon_.reset(MHD_start_daemon(
-        flags, 0, nullptr, nullptr, &Server::on_request, this, MHD_OPTION_SOCK_ADDR,
+        flags, port_of(address), nullptr, nullptr, &Server::on_request, this,
+        MHD_OPTION_EXTERNAL_LOGGER, &Server::on_log, this, MHD_OPTION_SOCK_ADDR,
         reinterpret_cast<sockaddr*>(&address), MHD_OPTION_CONNECTION_LIMIT, kMaxConnections,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerPeer, MHD_OPTION_CONNECTION_TIMEOUT,
         kStallTimeoutSeconds, MHD_OPTION_CONNECTION_MEMORY_LIMIT, kConnectionMemory,
-        MHD_OPTION_NOTIFY_CONNECTION, &Server::on_connection, this, MHD_OPTION_EXTERNAL_LOGGER,
-        &Server::on_log, this, MHD_OPTION_END));
+        MHD_OPTION_NOTIFY_CONNECTION, &Server::on_connection, this, MHD_OPTION_END));
     if (!daemon_) {
       throw std::runtime_error(start_error_.empty() ? "libmicrohttpd did not start" : start_error_);
     }

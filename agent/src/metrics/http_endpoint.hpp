@@ -32,8 +32,8 @@ class HttpEndpoint {
   static constexpr unsigned kMaxConnectionsPerPeer = 8;
   /// Connections open in all; further ones wait in the listen backlog until one ends.
   static constexpr unsigned kMaxConnections = 256;
-  /// libmicrohttpd's memory pool per connection. The request line and headers must fit in about
-  /// half of it: a larger request is answered 414 or 431 and closed.
+  /// libmicrohttpd's memory pool per connection: the request line and headers must fit in it
+  /// (with room for the answer's headers); a larger request is answered 414 or 431 and closed.
   static constexpr std::size_t kConnectionMemory = 16 * 1024;
 
   /// Binds `listen` ("HOST:PORT": HOST an IPv4 address, an IPv6 address in brackets or a name;
