@@ -158,6 +158,9 @@ class HttpEndpoint::Server {
     if (!daemon_) {
       throw std::runtime_error(start_error_.empty() ? "libmicrohttpd did not start" : start_error_);
     }
+    const auto* epoll = MHD_get_daemon_info(daemon_.get(), MHD_DAEMON_INFO_EPOLL_FD);
+    if (epoll == nullptr) throw std::runtime_error("libmicrohttpd has no epoll descriptor");
+    epoll_fd_ = epoll->epoll_fd;
     started_ = true;
     thread_ = std::jthread([this](const std::stop_token& stop) { serve(stop); });
   }
@@ -172,8 +175,7 @@ class HttpEndpoint::Server {
  private:
   void serve(const std::stop_token& stop) {
     const std::stop_callback wake_on_stop(stop, [this] { wake_.signal(); });
-    const auto* epoll = MHD_get_daemon_info(daemon_.get(), MHD_DAEMON_INFO_EPOLL_FD);
-    std::array<pollfd, 2> fds{pollfd{epoll->epoll_fd, POLLIN, 0}, pollfd{wake_.fd(), POLLIN, 0}};
+    std::array<pollfd, 2> fds{pollfd{epoll_fd_, POLLIN, 0}, pollfd{wake_.fd(), POLLIN, 0}};
     while (!stop.stop_requested()) {
       int timeout_ms = -1;  // nothing to time: wait for a connection
       MHD_UNSIGNED_LONG_LONG daemon_ms = 0;
@@ -304,6 +306,7 @@ class HttpEndpoint::Server {
   std::unordered_map<MHD_Connection*, Clock::time_point> awaiting_request_;
   Wakeup wake_;
   std::unique_ptr<MHD_Daemon, DaemonStop> daemon_;  // stopped after the thread ended
+  int epoll_fd_ = -1;                               // daemon_'s, which owns it
   std::jthread thread_;  // last: started once everything above exists, stopped first
 };
 
