@@ -7,7 +7,7 @@ PACKAGES=(
   # toolchain
   build-essential cmake pkg-config git ccache
   # libraries
-  libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libcivetweb-dev libssl-dev libp11-kit-dev
+  libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libmicrohttpd-dev libssl-dev libp11-kit-dev
   libcli11-dev libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev
   # tokens and PKCS#11 tools
   softhsm2 opensc p11-kit openssl

@@ -28,6 +28,7 @@ CHECK_LIBS = os.path.join(HERE, "check_runtime_libs.sh")
 # -dev packages whose shared libraries the binaries do not load, with the reason.
 NOT_LOADED = {
     "libprometheus-cpp-push1.0": "the agent exposes /metrics (pull); it never pushes",
+    "libprometheus-cpp-pull1.0": "the agent serves /metrics with libmicrohttpd, not the Exposer",
 }
 HEADER_ONLY = {"libmsgpack-cxx-dev", "libcli11-dev"}
 

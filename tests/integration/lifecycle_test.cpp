@@ -2,6 +2,7 @@
 // every operator mistake, the socket's safety rules, the PIN kept out of argv and environ.
 #include <catch2/catch.hpp>
 
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -10,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -83,6 +85,14 @@ TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycl
   SECTION("socket directory not writable") {
     args[7] = "/proc/hsm-agent.sock";
     expect = "/proc";
+  }
+  SECTION("metrics address not HOST:PORT") {
+    args[9] = "9464";
+    expect = "cannot listen for metrics on 9464: not HOST:PORT";
+  }
+  SECTION("metrics address not on this machine") {
+    args[9] = "192.0.2.1:9464";  // TEST-NET-1: bind fails, nothing is sent
+    expect = "cannot listen for metrics on 192.0.2.1:9464";
   }
   SECTION("unknown flag") {
     args.push_back("--frobnicate");
@@ -191,4 +201,32 @@ TEST_CASE("the PIN is not in argv, the environment or the logs", "[lifecycle][se
     CHECK(agent.stderr_text().find("73915286") == std::string::npos);  // debug level logs
     CHECK(agent.stdout_text().find("73915286") == std::string::npos);  // audit log
   }
+}
+
+TEST_CASE(
+    "an idle agent exits within 200 ms of SIGTERM, and a new one binds its metrics port at once",
+    "[lifecycle][signals]") {
+  SoftHsmToken token;
+  const int port = free_tcp_port();
+  AgentProcess first(token, AgentOptions{.metrics_port = port});
+  REQUIRE(wait_until([&] { return first.http_get("/readyz").first == 200; }));
+  // Answered probes: the agent closes each of these connections first, so its ends wait in
+  // TIME_WAIT on the port, which a listener without SO_REUSEADDR cannot bind over.
+  for (int i = 0; i < 3; ++i) REQUIRE(first.http_get("/healthz").first == 200);
+
+  const auto signalled = std::chrono::steady_clock::now();
+  first.signal(SIGTERM);
+  const auto status = first.wait_exit(10s);
+  const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::chrono::steady_clock::now() - signalled);
+  INFO("exited " << took.count() << " ms after SIGTERM");
+  REQUIRE(status);
+  CHECK(status->exited);
+  CHECK(status->code == 0);
+  CHECK(took <= 200ms);
+  CHECK(first.stderr_text().find("stopped") != std::string::npos);
+
+  // A restart right away (as a supervisor does) gets the same metrics port.
+  AgentProcess second(token, AgentOptions{.metrics_port = port});
+  CHECK(second.http_get("/healthz").first == 200);
 }

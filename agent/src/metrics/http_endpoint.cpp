@@ -1,123 +1,330 @@
 #include "metrics/http_endpoint.hpp"
 
-#include <CivetServer.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
 #include <prometheus/text_serializer.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
-#include <chrono>
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <charconv>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <iterator>
+#include <optional>
+#include <stop_token>
 #include <string_view>
+#include <thread>
+#include <unordered_map>
 #include <vector>
 
 namespace hsm::agent {
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 // The loop ticks every second; three missed ticks mean it is stuck.
 constexpr std::chrono::milliseconds kMaxLoopSilence{3000};
 
-void reply(mg_connection* conn, int status, std::string_view content_type,
-           std::string_view body) {
-  mg_printf(conn,
-            "HTTP/1.1 %d %s\r\nContent-Type: %.*s\r\nContent-Length: %zu\r\n"
-            "Cache-Control: no-store\r\nConnection: close\r\n\r\n",
-            status, status == 200 ? "OK" : "Service Unavailable",
-            static_cast<int>(content_type.size()), content_type.data(), body.size());
-  mg_write(conn, body.data(), body.size());
+// "HOST:PORT" to the address to bind: HOST an IPv4 address, an IPv6 address in brackets or a
+// name (its first address). Throws std::runtime_error saying what is wrong.
+sockaddr_storage listen_address(const std::string& listen) {
+  const auto colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == listen.size()) {
+    throw std::runtime_error("not HOST:PORT");
+  }
+  std::string host = listen.substr(0, colon);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  const std::string_view port_text = std::string_view(listen).substr(colon + 1);
+  std::uint16_t port = 0;
+  const auto [end, error] =
+      std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (error != std::errc() || end != port_text.data() + port_text.size()) {
+    throw std::runtime_error("port '" + std::string(port_text) + "' is not a number 0-65535");
+  }
+
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (const int rc = ::getaddrinfo(host.c_str(), nullptr, &hints, &found); rc != 0) {
+    throw std::runtime_error("cannot resolve '" + host + "': " + ::gai_strerror(rc));
+  }
+  const std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owned(found, &::freeaddrinfo);
+  sockaddr_storage address{};
+  if (found->ai_family == AF_INET) {
+    std::memcpy(&address, found->ai_addr, sizeof(sockaddr_in));
+    reinterpret_cast<sockaddr_in*>(&address)->sin_port = htons(port);
+  } else if (found->ai_family == AF_INET6) {
+    std::memcpy(&address, found->ai_addr, sizeof(sockaddr_in6));
+    reinterpret_cast<sockaddr_in6*>(&address)->sin6_port = htons(port);
+  } else {
+    throw std::runtime_error("'" + host + "' is neither an IPv4 nor an IPv6 address");
+  }
+  return address;
+}
+
+std::uint16_t port_of(const sockaddr_storage& address) {
+  return ntohs(address.ss_family == AF_INET6
+                   ? reinterpret_cast<const sockaddr_in6*>(&address)->sin6_port
+                   : reinterpret_cast<const sockaddr_in*>(&address)->sin_port);
+}
+
+// An eventfd that wakes the serving thread's poll; owns the descriptor.
+class Wakeup {
+ public:
+  Wakeup() : fd_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {
+    if (fd_ < 0) throw std::runtime_error(std::string("eventfd: ") + std::strerror(errno));
+  }
+  ~Wakeup() { ::close(fd_); }
+  Wakeup(const Wakeup&) = delete;
+  Wakeup& operator=(const Wakeup&) = delete;
+
+  void signal() const noexcept {
+    const std::uint64_t one = 1;
+    (void)!::write(fd_, &one, sizeof(one));
+  }
+  [[nodiscard]] int fd() const noexcept { return fd_; }
+
+ private:
+  int fd_;
+};
+
+struct DaemonStop {
+  void operator()(MHD_Daemon* daemon) const noexcept { MHD_stop_daemon(daemon); }
+};
+struct ResponseDestroy {
+  void operator()(MHD_Response* response) const noexcept { MHD_destroy_response(response); }
+};
+
+struct Answer {
+  unsigned status;
+  std::string_view content_type;
+  std::string body;
+};
+
+MHD_Result queue_answer(MHD_Connection* connection, const Answer& answer) {
+  const std::unique_ptr<MHD_Response, ResponseDestroy> response(MHD_create_response_from_buffer(
+      answer.body.size(), const_cast<char*>(answer.body.data()), MHD_RESPMEM_MUST_COPY));
+  if (!response) return MHD_NO;
+  const std::string content_type(answer.content_type);
+  if (MHD_add_response_header(response.get(), MHD_HTTP_HEADER_CONTENT_TYPE, content_type.c_str()) !=
+          MHD_YES ||
+      MHD_add_response_header(response.get(), MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") !=
+          MHD_YES ||
+      // One request per connection: the header deadline runs from accept, and a client cannot
+      // keep a connection by asking again.
+      MHD_add_response_header(response.get(), MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES) {
+    return MHD_NO;
+  }
+  if (answer.status == MHD_HTTP_METHOD_NOT_ALLOWED &&
+      MHD_add_response_header(response.get(), MHD_HTTP_HEADER_ALLOW, "GET") != MHD_YES) {
+    return MHD_NO;
+  }
+  return MHD_queue_response(connection, answer.status, response.get());
 }
 
 }  // namespace
 
-class HttpEndpoint::Handlers {
+// The daemon, run by hand on one thread: poll on libmicrohttpd's epoll descriptor and on a
+// wake-up, then MHD_run, then close the connections whose headers are late. libmicrohttpd's own
+// connection timeout is reset by every byte received, so the header deadline is kept here.
+class HttpEndpoint::Server {
  public:
-  Handlers(std::shared_ptr<prometheus::Registry> registry, const HealthState& health,
-           std::shared_ptr<prometheus::Collectable> extra)
-      : metrics_(std::move(registry), std::move(extra)), health_(health), ready_(health) {}
+  Server(const std::string& listen, std::shared_ptr<prometheus::Registry> registry,
+         const HealthState& health, std::shared_ptr<prometheus::Collectable> extra)
+      : registry_(std::move(registry)), extra_(std::move(extra)), health_(health) {
+    sockaddr_storage address = listen_address(listen);
+    unsigned flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    if (address.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
+    // No MHD_OPTION_LISTENING_ADDRESS_REUSE: without it libmicrohttpd sets SO_REUSEADDR (and
+    // not SO_REUSEPORT, which would let a second agent share the port).
+    // The logger first: libmicrohttpd reports on the options after it through it.
+    daemon_.reset(MHD_start_daemon(
+        flags, port_of(address), nullptr, nullptr, &Server::on_request, this,
+        MHD_OPTION_EXTERNAL_LOGGER, &Server::on_log, this, MHD_OPTION_SOCK_ADDR,
+        reinterpret_cast<sockaddr*>(&address), MHD_OPTION_CONNECTION_LIMIT, kMaxConnections,
+        MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerPeer, MHD_OPTION_CONNECTION_TIMEOUT,
+        kStallTimeoutSeconds, MHD_OPTION_CONNECTION_MEMORY_LIMIT, kConnectionMemory,
+        MHD_OPTION_NOTIFY_CONNECTION, &Server::on_connection, this, MHD_OPTION_END));
+    if (!daemon_) {
+      throw std::runtime_error(start_error_.empty() ? "libmicrohttpd did not start" : start_error_);
+    }
+    const auto* epoll = MHD_get_daemon_info(daemon_.get(), MHD_DAEMON_INFO_EPOLL_FD);
+    if (epoll == nullptr) throw std::runtime_error("libmicrohttpd has no epoll descriptor");
+    epoll_fd_ = epoll->epoll_fd;
+    started_ = true;
+    thread_ = std::jthread([this](const std::stop_token& stop) { serve(stop); });
+  }
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
 
-  class Metrics final : public CivetHandler {
-   public:
-    Metrics(std::shared_ptr<prometheus::Registry> registry,
-            std::shared_ptr<prometheus::Collectable> extra)
-        : registry_(std::move(registry)), extra_(std::move(extra)) {}
-    bool handleGet(CivetServer*, mg_connection* conn) override {
+  [[nodiscard]] int port() const {
+    const auto* info = MHD_get_daemon_info(daemon_.get(), MHD_DAEMON_INFO_BIND_PORT);
+    return info == nullptr ? 0 : info->port;
+  }
+
+ private:
+  void serve(const std::stop_token& stop) {
+    const std::stop_callback wake_on_stop(stop, [this] { wake_.signal(); });
+    std::array<pollfd, 2> fds{pollfd{epoll_fd_, POLLIN, 0}, pollfd{wake_.fd(), POLLIN, 0}};
+    while (!stop.stop_requested()) {
+      int timeout_ms = -1;  // nothing to time: wait for a connection
+      MHD_UNSIGNED_LONG_LONG daemon_ms = 0;
+      if (MHD_get_timeout(daemon_.get(), &daemon_ms) == MHD_YES) {
+        timeout_ms = static_cast<int>(std::min<MHD_UNSIGNED_LONG_LONG>(daemon_ms, 60'000));
+      }
+      if (const auto next = close_late_requests()) {
+        const int ms = static_cast<int>(next->count());
+        timeout_ms = timeout_ms < 0 ? ms : std::min(timeout_ms, ms);
+      }
+      if (::poll(fds.data(), fds.size(), timeout_ms) < 0 && errno != EINTR) {
+        spdlog::error("metrics endpoint: poll failed: {}", std::strerror(errno));
+        return;
+      }
+      (void)MHD_run(daemon_.get());
+    }
+  }
+
+  // Ends every connection whose request headers have not arrived by their deadline, by shutting
+  // its socket down: libmicrohttpd sees the end on its next turn and closes it. Returns the time
+  // until the next deadline, nullopt when no connection waits for its request.
+  std::optional<std::chrono::milliseconds> close_late_requests() {
+    const auto now = Clock::now();
+    std::optional<std::chrono::milliseconds> next;
+    for (auto it = awaiting_request_.begin(); it != awaiting_request_.end();) {
+      if (it->second <= now) {
+        const auto* info = MHD_get_connection_info(it->first, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (info != nullptr) ::shutdown(info->connect_fd, SHUT_RDWR);
+        it = awaiting_request_.erase(it);
+        continue;
+      }
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(it->second - now);
+      next = next ? std::min(*next, left) : left;
+      ++it;
+    }
+    return next;
+  }
+
+  Answer answer(std::string_view url, std::string_view method) const {
+    if (method != MHD_HTTP_METHOD_GET) {
+      return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET\n"};
+    }
+    if (url == "/metrics") {
       auto families = registry_->Collect();
       if (extra_) {
         auto more = extra_->Collect();
         families.insert(families.end(), std::make_move_iterator(more.begin()),
                         std::make_move_iterator(more.end()));
       }
-      const std::string body = prometheus::TextSerializer().Serialize(families);
-      reply(conn, 200, "text/plain; version=0.0.4; charset=utf-8", body);
-      return true;
+      return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
+              prometheus::TextSerializer().Serialize(families)};
     }
-
-   private:
-    std::shared_ptr<prometheus::Registry> registry_;
-    std::shared_ptr<prometheus::Collectable> extra_;
-  };
-
-  class Liveness final : public CivetHandler {
-   public:
-    explicit Liveness(const HealthState& health) : health_(health) {}
-    bool handleGet(CivetServer*, mg_connection* conn) override {
-      if (health_.loop_alive(kMaxLoopSilence)) {
-        reply(conn, 200, "text/plain", "ok\n");
-      } else {
-        reply(conn, 503, "text/plain", "event loop not responding\n");
-      }
-      return true;
+    if (url == "/healthz") {
+      if (health_.loop_alive(kMaxLoopSilence)) return {MHD_HTTP_OK, "text/plain", "ok\n"};
+      return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", "event loop not responding\n"};
     }
-
-   private:
-    const HealthState& health_;
-  };
-
-  class Readiness final : public CivetHandler {
-   public:
-    explicit Readiness(const HealthState& health) : health_(health) {}
-    bool handleGet(CivetServer*, mg_connection* conn) override {
+    if (url == "/readyz") {
       if (const auto reason = health_.not_ready_reason()) {
-        reply(conn, 503, "text/plain", *reason + "\n");
-      } else {
-        reply(conn, 200, "text/plain", "ready\n");
+        return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", *reason + "\n"};
       }
-      return true;
+      return {MHD_HTTP_OK, "text/plain", "ready\n"};
     }
+    return {MHD_HTTP_NOT_FOUND, "text/plain", "not found\n"};
+  }
 
-   private:
-    const HealthState& health_;
-  };
+  // libmicrohttpd calls this once the request headers are in (and again for each piece of a
+  // body). The answer goes out at once; a body is never read: the answer closes the connection.
+  static MHD_Result on_request(void* cls, MHD_Connection* connection, const char* url,
+                               const char* method, const char* /*version*/,
+                               const char* /*upload_data*/, std::size_t* upload_data_size,
+                               void** request_state) noexcept {
+    auto& self = *static_cast<Server*>(cls);
+    if (*request_state != nullptr) {  // body bytes after the answer was queued: dropped
+      *upload_data_size = 0;
+      return MHD_YES;
+    }
+    *request_state = &self;
+    self.awaiting_request_.erase(connection);
+    try {
+      return queue_answer(connection, self.answer(url, method));
+    } catch (const std::exception& e) {
+      spdlog::error("metrics endpoint: {} {}: {}", method, url, e.what());
+      return MHD_NO;  // closes the connection
+    }
+  }
 
-  Metrics metrics_;
-  Liveness health_;
-  Readiness ready_;
+  static void on_connection(void* cls, MHD_Connection* connection, void** /*socket_context*/,
+                            MHD_ConnectionNotificationCode code) noexcept {
+    auto& self = *static_cast<Server*>(cls);
+    if (code == MHD_CONNECTION_NOTIFY_STARTED) {
+      try {
+        self.awaiting_request_.emplace(connection, Clock::now() + kHeaderTimeout);
+      } catch (const std::bad_alloc&) {
+        // Not tracked: libmicrohttpd's own stall timeout still ends it.
+      }
+    } else {
+      self.awaiting_request_.erase(connection);
+    }
+  }
+
+  // libmicrohttpd's messages: while starting, the reason it could not (for the exception);
+  // afterwards, debug lines (a refused connection is one: never more than a debug line each).
+  static void on_log(void* cls, const char* format, va_list arguments) noexcept {
+    auto& self = *static_cast<Server*>(cls);
+    std::array<char, 512> text{};
+    const int length = std::vsnprintf(text.data(), text.size(), format, arguments);
+    if (length <= 0) return;
+    std::string_view line(text.data(), std::min(static_cast<std::size_t>(length), text.size() - 1));
+    while (!line.empty() && (line.back() == '\n' || line.back() == '.')) line.remove_suffix(1);
+    if (!self.started_) {
+      try {
+        if (!self.start_error_.empty()) self.start_error_ += "; ";
+        self.start_error_ += line;
+      } catch (const std::bad_alloc&) {
+      }
+      return;
+    }
+    spdlog::debug("metrics endpoint: {}", line);
+  }
+
+  const std::shared_ptr<prometheus::Registry> registry_;
+  const std::shared_ptr<prometheus::Collectable> extra_;
+  const HealthState& health_;
+  bool started_ = false;     // set before the serving thread starts
+  std::string start_error_;  // libmicrohttpd's messages while starting
+  // Connections still waiting for their request headers, with their deadline. Used on the
+  // serving thread only (and by MHD_stop_daemon, after it has ended).
+  std::unordered_map<MHD_Connection*, Clock::time_point> awaiting_request_;
+  Wakeup wake_;
+  std::unique_ptr<MHD_Daemon, DaemonStop> daemon_;  // stopped after the thread ended
+  int epoll_fd_ = -1;                               // daemon_'s, which owns it
+  std::jthread thread_;  // last: started once everything above exists, stopped first
 };
 
 HttpEndpoint::HttpEndpoint(const std::string& listen,
                            std::shared_ptr<prometheus::Registry> registry,
                            const HealthState& health,
-                           std::shared_ptr<prometheus::Collectable> extra)
-    : handlers_(std::make_unique<Handlers>(std::move(registry), health, std::move(extra))) {
-  const std::vector<std::string> options = {"listening_ports", listen, "num_threads", "2",
-                                            "request_timeout_ms", "5000"};
+                           std::shared_ptr<prometheus::Collectable> extra) {
   try {
-    server_ = std::make_unique<CivetServer>(options);
-  } catch (const CivetException& e) {
+    server_ = std::make_unique<Server>(listen, std::move(registry), health, std::move(extra));
+  } catch (const std::runtime_error& e) {
     throw std::runtime_error("cannot listen for metrics on " + listen + ": " + e.what());
   }
-  if (server_->getContext() == nullptr) {
-    throw std::runtime_error("cannot listen for metrics on " + listen);
-  }
-  server_->addHandler("/metrics", handlers_->metrics_);
-  server_->addHandler("/healthz", handlers_->health_);
-  server_->addHandler("/readyz", handlers_->ready_);
 }
 
-HttpEndpoint::~HttpEndpoint() {
-  if (server_) server_->close();
-}
+HttpEndpoint::~HttpEndpoint() = default;
 
 int HttpEndpoint::port() const {
-  const auto ports = server_->getListeningPorts();
-  return ports.empty() ? 0 : ports.front();
+  return server_->port();
 }
 
 }  // namespace hsm::agent
