@@ -255,10 +255,26 @@ void Server::run_loop_turn() {
   }
 }
 
+namespace {
+
+SharedDirPolicy shared_dir_policy(const AgentConfig& config) {
+  return config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot : SharedDirPolicy::kRefuse;
+}
+
+}  // namespace
+
 void Server::listen(const std::function<void()>& on_listening) {
+  prepare_socket_path(deps_.config.socket_path, shared_dir_policy(deps_.config));
+  bind_listener();
+  // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
+  // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
+  if (on_listening) on_listening();
+  start_accepting();
+  spdlog::info("listening on {}", deps_.config.socket_path);
+}
+
+void Server::bind_listener() {
   const auto& path = deps_.config.socket_path;
-  prepare_socket_path(path, deps_.config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot
-                                                           : SharedDirPolicy::kRefuse);
   uv_pipe_init(&loop_, &listener_, 0);
   int rc = 0;
   {
@@ -270,22 +286,28 @@ void Server::listen(const std::function<void()>& on_listening) {
     uv_close(as_handle(&listener_), nullptr);
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
-  apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
-  // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
-  // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
-  if (on_listening) on_listening();
-  rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
-                 [](uv_stream_t* server, int status) {
-                   auto* self = static_cast<Server*>(server->loop->data);
-                   if (status < 0) {
-                     spdlog::warn("accept failed: {}", uv_strerror(status));
-                     return;
-                   }
-                   self->accept_one();
-                 });
-  if (rc != 0) throw SocketSetupError("cannot listen on " + path + ": " + uv_strerror(rc));
+  try {
+    socket_file_ = secure_bound_socket(path, deps_.config.socket_mode, deps_.config.socket_group);
+  } catch (const SocketSetupError&) {
+    uv_close(as_handle(&listener_), nullptr);
+    throw;
+  }
+}
+
+void Server::start_accepting() {
+  const int rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
+                           [](uv_stream_t* server, int status) {
+                             auto* self = static_cast<Server*>(server->loop->data);
+                             if (status < 0) {
+                               spdlog::warn("accept failed: {}", uv_strerror(status));
+                               return;
+                             }
+                             self->accept_one();
+                           });
+  if (rc != 0) {
+    throw SocketSetupError("cannot listen on " + deps_.config.socket_path + ": " + uv_strerror(rc));
+  }
   listening_ = true;
-  spdlog::info("listening on {}", path);
 }
 
 void Server::accept_one() {
@@ -632,7 +654,7 @@ void Server::on_signal(int signum) {
   if (shutting_down_) {
     // A second SIGTERM/SIGINT: the operator wants out now.
     spdlog::warn("second termination signal: exiting at once");
-    ::unlink(deps_.config.socket_path.c_str());
+    remove_socket_if_ours(deps_.config.socket_path, socket_file_);
     deps_.audit.close();  // every audit line recorded so far is written
     spdlog::shutdown();
     std::_Exit(1);
@@ -651,7 +673,7 @@ void Server::begin_shutdown() {
   if (listening_) {
     uv_close(as_handle(&listener_), nullptr);
     listening_ = false;
-    ::unlink(deps_.config.socket_path.c_str());
+    remove_socket_if_ours(deps_.config.socket_path, socket_file_);
   }
   for (auto& [id, connection] : connections_) connection->pause();
   if (in_flight_ == 0) {

@@ -34,6 +34,7 @@
 #include "server/deadline_queue.hpp"
 #include "server/heap_trimmer.hpp"
 #include "server/loop_turn.hpp"
+#include "server/socket_path.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
 
@@ -83,6 +84,10 @@ class Server final : public ConnectionEvents {
   };
 
   void listen(const std::function<void()>& on_listening);
+  /// Binds listener_ at the socket path and applies its mode and group; on failure closes it
+  /// and throws SocketSetupError.
+  void bind_listener();
+  void start_accepting();
   void accept_one();
   void dispatch(Connection& connection, protocol::Request&& request);
   void answer_now(Connection& connection, const protocol::Request& request,
@@ -150,6 +155,7 @@ class Server final : public ConnectionEvents {
   std::condition_variable loop_ended_cv_;
   bool loop_ended_ = false;
   bool listening_ = false;
+  SocketFile socket_file_;                  // the file bind made: what the socket path should name
   std::atomic<bool> shutting_down_{false};  // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
