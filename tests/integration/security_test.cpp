@@ -882,6 +882,83 @@ TEST_CASE(
   }
 }
 
+TEST_CASE(
+    "socket: deleted, the agent binds it again; replaced, /readyz says why until the path is "
+    "free",
+    "[security][socket][readyz]") {
+  AgentUnderAppPolicy env({"app-a"});
+  auto& agent = env.agent;
+  const auto& dir = env.dir;
+  const auto socket = agent.socket_path();
+  const auto is_our_socket = [&] {
+    struct stat st {};
+    return ::lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+           (st.st_mode & 07777) == 0660 && st.st_gid == kSocketGroup;
+  };
+  const auto ready = [&] { return agent.http_get("/readyz").first == 200; };
+  REQUIRE(ready());
+  auto before = RawConnection::adopt(connect_as(kApp, socket));  // stays open throughout
+  REQUIRE(succeeded(before.call(sign_request("app-a"))));
+
+  SECTION("deleted: bound again within a tick or two, and new connections sign") {
+    REQUIRE(::unlink(socket.c_str()) == 0);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until([&] { return agent.stderr_text().find("bound again") != std::string::npos; },
+                     3s));
+    CHECK(agent.stderr_text().find(socket) != std::string::npos);
+    CHECK(wait_until(ready, 3s));
+    auto app = RawConnection::adopt(connect_as(kApp, socket));
+    CHECK(succeeded(app.call(sign_request("app-a"))));
+  }
+  SECTION("renamed and something else put in its place: not ready, nothing removed") {
+    const auto moved = socket + ".moved";
+    REQUIRE(::rename(socket.c_str(), moved.c_str()) == 0);
+    { std::ofstream(socket) << "not the agent's"; }
+    std::string reason;
+    CHECK(wait_until(
+        [&] {
+          const auto [status, body] = agent.http_get("/readyz");
+          reason = body;
+          return status == 503;
+        },
+        3s));
+    INFO(reason);
+    CHECK(reason.find(socket) != std::string::npos);
+    CHECK(reason.find("not this agent's socket") != std::string::npos);
+    // It stays that way: the agent never removes a file it did not make.
+    std::this_thread::sleep_for(1500ms);
+    CHECK(agent.http_get("/readyz").first == 503);
+    CHECK(std::filesystem::is_regular_file(socket));
+    CHECK(succeeded(before.call(sign_request("app-a"))));  // open connections are unaffected
+
+    // Once the path is free again the agent binds it again.
+    std::filesystem::remove(socket);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until(ready, 3s));
+    auto app = RawConnection::adopt(connect_as(kApp, socket));
+    CHECK(succeeded(app.call(sign_request("app-a"))));
+    CHECK(std::filesystem::is_socket(moved));  // the old one is left where it was put
+  }
+  SECTION("deleted while the directory no longer passes the check: not bound again") {
+    REQUIRE(::chmod(dir.path.c_str(), 0775) == 0);  // writable by group root now
+    REQUIRE(::unlink(socket.c_str()) == 0);
+    std::string reason;
+    CHECK(wait_until(
+        [&] {
+          const auto [status, body] = agent.http_get("/readyz");
+          reason = body;
+          return status == 503 && body.find("writable by group") != std::string::npos;
+        },
+        3s));
+    INFO(reason);
+    CHECK_FALSE(std::filesystem::exists(socket));
+    REQUIRE(::chmod(dir.path.c_str(), 0755) == 0);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until(ready, 3s));
+  }
+  CHECK(agent.running());
+}
+
 TEST_CASE("policy: a policy file a caller owns or the callers' group may write is refused at start",
           "[security][policy][trusted-path]") {
   SoftHsmToken token;

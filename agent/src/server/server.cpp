@@ -178,6 +178,7 @@ void Server::run(const std::function<void()>& on_listening,
       [](uv_timer_t* timer) {
         auto* self = static_cast<Server*>(timer->loop->data);
         self->deps_.health.heartbeat();
+        self->watch_socket();
         self->sweep_idle();
         self->close_stuck_flushes(SteadyClock::now() - kCloseFlushLimit);
       },
@@ -283,13 +284,13 @@ void Server::bind_listener() {
     rc = uv_pipe_bind(&listener_, path.c_str());
   }
   if (rc != 0) {
-    uv_close(as_handle(&listener_), nullptr);
+    close_listener(false);
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
   try {
     socket_file_ = secure_bound_socket(path, deps_.config.socket_mode, deps_.config.socket_group);
   } catch (const SocketSetupError&) {
-    uv_close(as_handle(&listener_), nullptr);
+    close_listener(false);
     throw;
   }
 }
@@ -308,6 +309,73 @@ void Server::start_accepting() {
     throw SocketSetupError("cannot listen on " + deps_.config.socket_path + ": " + uv_strerror(rc));
   }
   listening_ = true;
+}
+
+void Server::watch_socket() {
+  // One lstat a second. Before the first bind, during shutdown and while a close for a new bind
+  // is on its way, there is nothing to watch.
+  if (shutting_down_ || listener_closing_ || socket_file_ == SocketFile{}) return;
+  const auto state = inspect_socket_path(deps_.config.socket_path, socket_file_);
+  if (listening_ && state.ours) return;
+  if (!listening_) {  // an earlier attempt to bind again failed: try again
+    rebind_listener();
+    return;
+  }
+  // Clients that connect to the path no longer reach this listener. A file someone put there is
+  // left alone (it may be evidence, and it is not ours to delete); once the path is free, the
+  // old listener is closed and a new one bound at the path.
+  report_socket_problem(state.problem);
+  if (state.free) close_listener(true);
+}
+
+void Server::close_listener(bool bind_again) {
+  listening_ = false;
+  listener_closing_ = true;
+  rebind_after_close_ = bind_again;
+  uv_close(as_handle(&listener_), [](uv_handle_t* handle) {
+    // listener_ may be initialised again from here on (libuv is done with it).
+    auto* self = static_cast<Server*>(handle->loop->data);
+    self->listener_closing_ = false;
+    if (self->rebind_after_close_) self->rebind_listener();
+  });
+}
+
+void Server::rebind_listener() {
+  if (shutting_down_) return;
+  const auto& path = deps_.config.socket_path;
+  const auto state = inspect_socket_path(path, socket_file_);
+  if (!state.free) {
+    report_socket_problem(state.problem);
+    return;
+  }
+  try {
+    // Only where it is still safe: the directory passes the start-up check again, and bind()
+    // fails rather than replace anything that appeared meanwhile.
+    check_socket_directory(path, shared_dir_policy(deps_.config));
+    bind_listener();
+  } catch (const SocketSetupError& e) {
+    report_socket_problem(state.problem + "; not bound again: " + e.what());
+    return;
+  }
+  try {
+    start_accepting();
+  } catch (const SocketSetupError& e) {
+    remove_socket_if_ours(path, socket_file_);
+    close_listener(false);
+    report_socket_problem(state.problem + "; not bound again: " + e.what());
+    return;
+  }
+  spdlog::warn("socket {} bound again: new connections reach the agent", path);
+  socket_problem_.reset();
+  deps_.health.set_socket_problem(std::nullopt);
+}
+
+void Server::report_socket_problem(const std::string& problem) {
+  if (socket_problem_ == problem) return;  // logged once, not once a tick
+  socket_problem_ = problem;
+  const std::string reason = "socket " + deps_.config.socket_path + " " + problem;
+  spdlog::error("{}", reason);
+  deps_.health.set_socket_problem(reason);
 }
 
 void Server::accept_one() {

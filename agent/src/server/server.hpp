@@ -88,6 +88,13 @@ class Server final : public ConnectionEvents {
   /// and throws SocketSetupError.
   void bind_listener();
   void start_accepting();
+  /// On the tick: while the path still names our socket, nothing; else not ready with the
+  /// reason, and a new listener once the path is free (issue 15, item 9).
+  void watch_socket();
+  void rebind_listener();
+  /// Closes listener_ (not for shutdown); with `bind_again`, binds a new one once it is closed.
+  void close_listener(bool bind_again);
+  void report_socket_problem(const std::string& problem);
   void accept_one();
   void dispatch(Connection& connection, protocol::Request&& request);
   void answer_now(Connection& connection, const protocol::Request& request,
@@ -155,8 +162,11 @@ class Server final : public ConnectionEvents {
   std::condition_variable loop_ended_cv_;
   bool loop_ended_ = false;
   bool listening_ = false;
-  SocketFile socket_file_;                  // the file bind made: what the socket path should name
-  std::atomic<bool> shutting_down_{false};  // read by workers
+  bool listener_closing_ = false;  // uv_close's callback has not run yet (close_listener)
+  bool rebind_after_close_ = false;
+  SocketFile socket_file_;  // the file bind made: what the socket path should name
+  std::optional<std::string> socket_problem_;  // as reported to HealthState; nullopt: none
+  std::atomic<bool> shutting_down_{false};     // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
   bool abandoned_workers_ = false;
