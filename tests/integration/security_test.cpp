@@ -1031,6 +1031,49 @@ TEST_CASE("policy: at SIGHUP a policy file the app took over is refused and the 
 }
 
 TEST_CASE(
+    "policy: SIGHUP with a FIFO or a directory at the policy path: the agent keeps answering and "
+    "keeps the old policy",
+    "[security][policy][reload]") {
+  AgentUnderAppPolicy env({"app-a", "other-b"});
+  auto& agent = env.agent;
+  const auto& policy = env.policy;
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  REQUIRE(succeeded(app.call(sign_request("app-a"))));
+  const auto hups = [&] { return count_of(agent.stderr_text(), "SIGHUP: reloading"); };
+  const auto loads = [&] { return count_of(agent.stderr_text(), "access: policy file"); };
+
+  std::filesystem::remove(policy);
+  SECTION("a FIFO (opening it for reading would wait for a writer)") {
+    REQUIRE(::mkfifo(policy.c_str(), 0644) == 0);
+  }
+  SECTION("a directory") {
+    std::filesystem::create_directory(policy);
+  }
+  agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return hups() == 1; }));
+  // The agent answers within 1 s, by the policy in force.
+  CHECK(succeeded(app.call(sign_request("app-a"), 1s)));
+  CHECK(denied(app.call(sign_request("other-b"), 1s)));
+  CHECK(wait_until(
+      [&] { return agent.stderr_text().find("policy not reloaded") != std::string::npos; }));
+  CHECK(agent.stderr_text().find("not a regular file") != std::string::npos);
+  CHECK(loads() == 1);
+
+  // A good file again: the next SIGHUP loads it.
+  std::filesystem::remove(policy);
+  write_file(policy,
+             "rules:\n"
+             "  - match: { uids: [10001] }\n"
+             "    methods: [sign]\n"
+             "    kids: [\"other-*\"]\n");
+  agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return loads() == 2; }));
+  CHECK(succeeded(app.call(sign_request("other-b"), 1s)));
+  CHECK(denied(app.call(sign_request("app-a"), 1s)));
+  CHECK(agent.running());
+}
+
+TEST_CASE(
     "policy: a Kubernetes ConfigMap mount (read-only, 0777, ..data symlinks) is accepted and "
     "follows updates at SIGHUP",
     "[security][policy][reload][trusted-path]") {

@@ -716,7 +716,7 @@ void Server::close_stuck_flushes(SteadyClock::time_point requested_before) {
 void Server::on_signal(int signum) {
   if (signum == SIGHUP) {
     spdlog::info("SIGHUP: reloading");
-    if (on_reload_) on_reload_();
+    request_reload();
     return;
   }
   if (shutting_down_) {
@@ -731,6 +731,33 @@ void Server::on_signal(int signum) {
                signum == SIGTERM ? "SIGTERM" : "SIGINT", in_flight_.load(),
                deps_.config.limits.shutdown_timeout.count());
   begin_shutdown();
+}
+
+void Server::request_reload() {
+  if (!on_reload_) return;
+  if (reload_running_) {
+    reload_again_ = true;
+    return;
+  }
+  reload_running_ = true;
+  // The loop keeps running until the reload is done, so shutdown waits for it; what it reads is
+  // opened without blocking (the policy), so it cannot hang.
+  uv_queue_work(
+      &loop_, &reload_work_,
+      [](uv_work_t* work) {
+        try {
+          static_cast<Server*>(work->loop->data)->on_reload_();
+        } catch (const std::exception& e) {
+          spdlog::error("reload failed: {}", e.what());
+        }
+      },
+      [](uv_work_t* work, int) {
+        auto* self = static_cast<Server*>(work->loop->data);
+        self->reload_running_ = false;
+        if (std::exchange(self->reload_again_, false) && !self->shutting_down_) {
+          self->request_reload();
+        }
+      });
 }
 
 void Server::begin_shutdown() {

@@ -63,7 +63,9 @@ class Server final : public ConnectionEvents {
 
   /// Binds the socket (throws SocketSetupError), then runs the loop until shutdown completes.
   /// `on_listening` is called just before the socket starts accepting connections (so a client
-  /// that can connect finds it done: readiness); `on_reload` on SIGHUP.
+  /// that can connect finds it done: readiness). `on_reload` runs on SIGHUP, on a thread of
+  /// libuv's pool, never on the loop (it reads files: a slow one must not stop the agent
+  /// answering); never two at once, and SIGHUPs that arrive meanwhile make one more run after it.
   void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
 
   /// Asks the loop to shut down as on SIGTERM. Thread-safe.
@@ -95,6 +97,7 @@ class Server final : public ConnectionEvents {
   /// Closes listener_ (not for shutdown); with `bind_again`, binds a new one once it is closed.
   void close_listener(bool bind_again);
   void report_socket_problem(const std::string& problem);
+  void request_reload();
   void accept_one();
   void dispatch(Connection& connection, protocol::Request&& request);
   void answer_now(Connection& connection, const protocol::Request& request,
@@ -166,7 +169,10 @@ class Server final : public ConnectionEvents {
   bool rebind_after_close_ = false;
   SocketFile socket_file_;  // the file bind made: what the socket path should name
   std::optional<std::string> socket_problem_;  // as reported to HealthState; nullopt: none
-  std::atomic<bool> shutting_down_{false};     // read by workers
+  uv_work_t reload_work_{};
+  bool reload_running_ = false;
+  bool reload_again_ = false;               // SIGHUP while reloading: once more afterwards
+  std::atomic<bool> shutting_down_{false};  // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;
   bool abandoned_workers_ = false;
