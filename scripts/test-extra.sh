@@ -29,7 +29,7 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   section "ThreadSanitizer: core and reliability suites, agent and client concurrency tests"
   cmake --preset tsan >/dev/null
   cmake --build --preset tsan --target hsm-agent hsmctl integration_tests reliability_tests \
-    agent_unit_tests client_unit_tests client_agent_tests
+    agent_unit_tests policy_unit_tests client_unit_tests client_agent_tests
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp"
   # The agent runs as a child of the test binary and inherits TSAN_OPTIONS; the fixture fails
   # the test that started it when its stderr holds a ThreadSanitizer report.
@@ -38,6 +38,7 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   build/tsan/tests/integration/integration_tests
   build/tsan/tests/integration/reliability_tests
   build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[loop_turn],[heap_trimmer]"  # the agent's threads
+  build/tsan/tests/unit/policy/policy_unit_tests "[concurrency]"  # SIGHUP reload vs. requests
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts
   unset TSAN_OPTIONS

@@ -74,7 +74,7 @@ int run(int argc, char** argv) {
   } catch (const std::invalid_argument& e) {
     return fail(e.what(), kExitConfig);
   }
-  spdlog::info("access: {} ({} rules)", access->description(), access->rules().size());
+  spdlog::info("access: {} ({} rules)", access->description(), access->rules()->size());
 
   auto registry = std::make_shared<prometheus::Registry>();
   AgentMetrics metrics(*registry);
@@ -121,13 +121,13 @@ int run(int argc, char** argv) {
   Server server({config, *keys, metrics, health, *access, *audit, *rate_limiter});
   try {
     server.run([&supervisor] { supervisor.set_serving(); }, [&audit, &access] {
-      // SIGHUP, on the loop thread: rotate the audit log, re-read the policy (a bad file
-      // keeps the rules in force).
+      // SIGHUP, on a thread of its own (never the loop): rotate the audit log, re-read the
+      // policy (a bad file keeps the rules in force).
       audit->reopen();
       if (auto error = access->reload()) {
         spdlog::error("policy not reloaded, keeping the current one: {}", error->what());
       } else {
-        spdlog::info("access: {} ({} rules)", access->description(), access->rules().size());
+        spdlog::info("access: {} ({} rules)", access->description(), access->rules()->size());
       }
     });
   } catch (const SocketSetupError& e) {

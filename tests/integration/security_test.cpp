@@ -65,29 +65,41 @@ void become(const Identity& who) {
   }
 }
 
-/// Connects to `path` as `who` (a child process connects the parent's socket, then exits).
-/// Returns the connected fd, or -errno of the child's connect().
-int connect_as(const Identity& who, const std::string& path) {
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  REQUIRE(fd >= 0);
+sockaddr_un unix_address(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  return addr;
+}
+
+/// Runs `step` in a child process as `who` and returns its result: 0, or an errno (at most 127).
+int step_as(const Identity& who, const std::function<int()>& step) {
   const pid_t pid = ::fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
     become(who);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
-    const int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    ::_exit(rc == 0 ? 0 : (errno & 0x7f));
+    ::_exit(step() & 0x7f);
   }
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   REQUIRE(WIFEXITED(status));
   REQUIRE(WEXITSTATUS(status) != 126);  // could not switch uid: the runner must be root
-  if (WEXITSTATUS(status) != 0) {
+  return WEXITSTATUS(status);
+}
+
+/// Connects to `path` as `who` (a child process connects the parent's socket, then exits).
+/// Returns the connected fd, or -errno of the child's connect().
+int connect_as(const Identity& who, const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  const int error = step_as(who, [&] {
+    const auto addr = unix_address(path);
+    return ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0 ? 0 : errno;
+  });
+  if (error != 0) {
     ::close(fd);
-    return -WEXITSTATUS(status);
+    return -error;
   }
   return fd;
 }
@@ -259,6 +271,55 @@ std::string app_policy() {
          "    methods: [\"*\"]\n"
          "    kids: [\"*\"]\n";
 }
+
+/// A private mount namespace for this process and its children (the agent): what the test
+/// mounts disappears with the test binary whatever happens. Needs root (CAP_SYS_ADMIN).
+void enter_private_mount_namespace() {
+  if (::unshare(CLONE_NEWNS) != 0 ||
+      ::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) {
+    FAIL("cannot make a private mount namespace (needs root with CAP_SYS_ADMIN): "
+         << std::strerror(errno));
+  }
+}
+
+/// Creates the directory `path` with this owner, group and mode.
+void make_dir(const std::filesystem::path& path, uid_t uid, gid_t gid, mode_t mode) {
+  std::filesystem::create_directory(path);
+  REQUIRE(::chown(path.c_str(), uid, gid) == 0);
+  REQUIRE(::chmod(path.c_str(), mode) == 0);  // after chown, which clears set-id bits
+}
+
+/// As `who` (a child process): moves the file at `path` aside (to `path`.moved) and binds the
+/// parent's unbound socket `fd` at `path` in its place, as a caller that may write the socket's
+/// directory could. Returns 0, or the errno of the step that failed.
+int take_over_socket_as(const Identity& who, int fd, const std::string& path) {
+  return step_as(who, [&] {
+    if (::rename(path.c_str(), (path + ".moved").c_str()) != 0) return errno;
+    const auto addr = unix_address(path);
+    return ::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0 ? 0 : errno;
+  });
+}
+
+/// The agent on a fresh token under app_policy() (the file in a directory everyone may traverse),
+/// with `kids` created by root, the policy's key administrator.
+struct AgentUnderAppPolicy {
+  explicit AgentUnderAppPolicy(const std::vector<std::string>& kids)
+      : agent(token, write_policy(dir, policy)) {
+    hsm::Client root(agent.socket_path());
+    for (const auto& kid : kids) root.generate_key(kid);
+  }
+
+  SoftHsmToken token;
+  SharedDir dir;
+  std::filesystem::path policy = dir.path / "policy.yaml";
+  AgentProcess agent;
+
+ private:
+  static AgentOptions write_policy(const SharedDir& dir, const std::filesystem::path& policy) {
+    write_file(policy, app_policy());
+    return agent_options(dir, {"--policy", policy.string()});
+  }
+};
 
 std::map<std::string, std::string> token_env(const SoftHsmToken& token) {
   return {{"SOFTHSM2_CONF", token.config_path().string()}};
@@ -647,7 +708,8 @@ TEST_CASE(
   SECTION("a plain 0777 directory, with or without the flag") {
     auto result = run_agent(args, token_env(token));
     CHECK(result.status.code != 0);
-    CHECK(result.err.find("writable by others and not sticky") != std::string::npos);
+    CHECK(result.err.find("writable by others") != std::string::npos);
+    CHECK(result.err.find(open_dir.string()) != std::string::npos);
     args.push_back("--shared-socket-dir");
     result = run_agent(args, token_env(token));
     CHECK(result.status.code != 0);
@@ -655,12 +717,9 @@ TEST_CASE(
     CHECK_FALSE(std::filesystem::exists(socket));
   }
   SECTION("a 0777 tmpfs mount, like a Kubernetes emptyDir with medium: Memory") {
-    // A private mount namespace for this process and its children (the agent), so the mount
-    // disappears with the test binary whatever happens.
-    if (::unshare(CLONE_NEWNS) != 0 ||
-        ::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
-        ::mount("tmpfs", open_dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0777,size=1m") !=
-            0) {
+    enter_private_mount_namespace();
+    if (::mount("tmpfs", open_dir.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0777,size=1m") !=
+        0) {
       FAIL("cannot mount a tmpfs (needs root with CAP_SYS_ADMIN): " << std::strerror(errno));
     }
     struct stat st {};
@@ -684,6 +743,397 @@ TEST_CASE(
     agent.stop();
     ::umount2(open_dir.c_str(), MNT_DETACH);
   }
+}
+
+// ---- who can replace the socket or the policy (issue 15, items 6, 8 and 9) -------------------
+
+TEST_CASE(
+    "socket: a directory another uid could write, own or rename is refused at start, naming it "
+    "and the fix",
+    "[security][socket][trusted-path]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  auto socket_dir = dir.path / "run";
+  std::string expect;
+  std::string fix;
+
+  SECTION("writable by the callers' group") {
+    make_dir(socket_dir, 0, kSocketGroup, 0775);
+    expect = socket_dir.string() + " is writable by group " + std::to_string(kSocketGroup);
+    fix = "chmod g-w " + socket_dir.string();
+  }
+  SECTION("owned by another uid") {
+    make_dir(socket_dir, kStranger.uid, kStranger.gid, 0755);
+    expect = socket_dir.string() + " is owned by uid " + std::to_string(kStranger.uid);
+    fix = "chown";
+  }
+  SECTION("under a parent that another uid owns (it could rename the directory away)") {
+    const auto parent = dir.path / "theirs";
+    make_dir(parent, kStranger.uid, kStranger.gid, 0755);
+    socket_dir = parent / "run";
+    make_dir(socket_dir, 0, 0, 0755);
+    expect = parent.string() + " is owned by uid " + std::to_string(kStranger.uid);
+    fix = "chown";
+  }
+  SECTION("sticky and writable by everyone, like /tmp") {
+    make_dir(socket_dir, 0, 0, 01777);
+    expect = socket_dir.string() + " is writable by others";
+    fix = "sticky";
+  }
+  const auto socket = (socket_dir / "agent.sock").string();
+  auto args = base_args(token, socket);
+  args.insert(args.end(), {"--allow-uid", "10001"});
+  // Before issue 15 the agent started (and ran until killed): a short bound keeps that failure
+  // quick.
+  const auto result = run_agent(args, token_env(token), 10s);
+  INFO(result.err);
+  CHECK(result.status.exited);
+  CHECK(result.status.code == 1);
+  CHECK(result.err.find("hsm-agent: socket directory " + socket_dir.string()) != std::string::npos);
+  CHECK(result.err.find(expect) != std::string::npos);
+  CHECK(result.err.find(fix) != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(socket));
+}
+
+TEST_CASE(
+    "socket: the swap of issue 15 (a caller's group may write the socket's directory) cannot "
+    "happen: the agent refuses to start there",
+    "[security][socket][trusted-path]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  const auto socket_dir = dir.path / "run";
+  make_dir(socket_dir, 0, kSocketGroup, 0775);  // the callers' group may write it
+  const auto socket = (socket_dir / "agent.sock").string();
+  const auto policy = dir.path / "policy.yaml";
+  write_file(policy, app_policy());
+  try {
+    AgentProcess agent(token,
+                       AgentOptions{.extra_args = {"--policy", policy.string(), "--socket-group",
+                                                   std::to_string(kSocketGroup)},
+                                    .socket = socket});
+    // The agent started: play the attack. The stranger moves the agent's socket aside and binds
+    // its own at the path; the app's next connection reaches the stranger, while /readyz says
+    // ready.
+    const int attacker = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(attacker >= 0);
+    const int moved = take_over_socket_as(kStranger, attacker, socket);
+    REQUIRE(::chmod(socket.c_str(), 0666) == 0);
+    REQUIRE(::listen(attacker, 4) == 0);
+    const int app = connect_as(kApp, socket);
+    pollfd p{attacker, POLLIN, 0};
+    const bool reached_attacker = app >= 0 && ::poll(&p, 1, 2000) == 1;
+    const auto [ready_status, ready_body] = agent.http_get("/readyz");
+    if (app >= 0) ::close(app);
+    ::close(attacker);
+    FAIL("the agent started in a directory its callers' group may write; uid "
+         << kStranger.uid << " moved its socket (errno " << moved << "), the app's connection "
+         << (reached_attacker ? "reached the stranger's socket" : "failed") << ", /readyz "
+         << ready_status << " " << ready_body);
+  } catch (const std::runtime_error& e) {
+    const std::string message = e.what();
+    INFO(message);
+    CHECK(message.find("exited during start (code 1)") != std::string::npos);
+    CHECK(message.find(socket_dir.string() + " is writable by group " +
+                       std::to_string(kSocketGroup)) != std::string::npos);
+  }
+  CHECK_FALSE(std::filesystem::exists(socket));
+}
+
+TEST_CASE(
+    "socket: a symlinked directory on the way is followed when root or the agent owns the link, "
+    "refused when another uid does",
+    "[security][socket][trusted-path]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  const auto real = dir.path / "real";
+  make_dir(real, 0, 0, 0755);
+
+  SECTION("a link root owns: the socket is made in the real directory with its mode and group") {
+    const auto link = dir.path / "link";
+    std::filesystem::create_directory_symlink(real, link);
+    AgentProcess linked(token,
+                        AgentOptions{.extra_args = {"--socket-group", std::to_string(kSocketGroup),
+                                                    "--allow-uid", "10001"},
+                                     .socket = link / "agent.sock"});
+    struct stat st {};
+    REQUIRE(::lstat((real / "agent.sock").c_str(), &st) == 0);
+    CHECK(S_ISSOCK(st.st_mode));
+    CHECK((st.st_mode & 07777) == 0660);
+    CHECK(st.st_gid == kSocketGroup);
+    REQUIRE(::lstat(link.c_str(), &st) == 0);
+    CHECK(S_ISLNK(st.st_mode));  // the link itself is untouched
+    CHECK(st.st_gid == 0);
+    auto app = RawConnection::adopt(connect_as(kApp, (link / "agent.sock").string()));
+    CHECK(succeeded(app.call(request(Method::kHealth))));
+  }
+  SECTION("a link another uid made in a sticky directory (it may replace its own links there)") {
+    const auto sticky = dir.path / "tmp";
+    make_dir(sticky, 0, 0, 01777);
+    const auto link = sticky / "link";
+    std::filesystem::create_directory_symlink(real, link);
+    REQUIRE(::lchown(link.c_str(), kStranger.uid, kStranger.gid) == 0);
+    const auto socket = (link / "agent.sock").string();
+    const auto result = run_agent(base_args(token, socket), token_env(token), 10s);
+    INFO(result.err);
+    CHECK(result.status.code == 1);
+    CHECK(result.err.find(link.string() + " is owned by uid " + std::to_string(kStranger.uid)) !=
+          std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(real / "agent.sock"));
+  }
+}
+
+TEST_CASE(
+    "socket: deleted, the agent binds it again; replaced, /readyz says why until the path is "
+    "free",
+    "[security][socket][readyz]") {
+  AgentUnderAppPolicy env({"app-a"});
+  auto& agent = env.agent;
+  const auto& dir = env.dir;
+  const auto socket = agent.socket_path();
+  const auto is_our_socket = [&] {
+    struct stat st {};
+    return ::lstat(socket.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+           (st.st_mode & 07777) == 0660 && st.st_gid == kSocketGroup;
+  };
+  const auto ready = [&] { return agent.http_get("/readyz").first == 200; };
+  REQUIRE(ready());
+  auto before = RawConnection::adopt(connect_as(kApp, socket));  // stays open throughout
+  REQUIRE(succeeded(before.call(sign_request("app-a"))));
+
+  SECTION("deleted: bound again within a tick or two, and new connections sign") {
+    REQUIRE(::unlink(socket.c_str()) == 0);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until([&] { return agent.stderr_text().find("bound again") != std::string::npos; },
+                     3s));
+    CHECK(agent.stderr_text().find(socket) != std::string::npos);
+    CHECK(wait_until(ready, 3s));
+    auto app = RawConnection::adopt(connect_as(kApp, socket));
+    CHECK(succeeded(app.call(sign_request("app-a"))));
+  }
+  SECTION("renamed and something else put in its place: not ready, nothing removed") {
+    const auto moved = socket + ".moved";
+    REQUIRE(::rename(socket.c_str(), moved.c_str()) == 0);
+    { std::ofstream(socket) << "not the agent's"; }
+    std::string reason;
+    CHECK(wait_until(
+        [&] {
+          const auto [status, body] = agent.http_get("/readyz");
+          reason = body;
+          return status == 503;
+        },
+        3s));
+    INFO(reason);
+    CHECK(reason.find(socket) != std::string::npos);
+    CHECK(reason.find("not this agent's socket") != std::string::npos);
+    // It stays that way: the agent never removes a file it did not make.
+    std::this_thread::sleep_for(1500ms);
+    CHECK(agent.http_get("/readyz").first == 503);
+    CHECK(std::filesystem::is_regular_file(socket));
+    CHECK(succeeded(before.call(sign_request("app-a"))));  // open connections are unaffected
+
+    // Once the path is free again the agent binds it again.
+    std::filesystem::remove(socket);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until(ready, 3s));
+    auto app = RawConnection::adopt(connect_as(kApp, socket));
+    CHECK(succeeded(app.call(sign_request("app-a"))));
+    CHECK(std::filesystem::is_socket(moved));  // the old one is left where it was put
+  }
+  SECTION("deleted while the directory no longer passes the check: not bound again") {
+    REQUIRE(::chmod(dir.path.c_str(), 0775) == 0);  // writable by group root now
+    REQUIRE(::unlink(socket.c_str()) == 0);
+    std::string reason;
+    CHECK(wait_until(
+        [&] {
+          const auto [status, body] = agent.http_get("/readyz");
+          reason = body;
+          return status == 503 && body.find("writable by group") != std::string::npos;
+        },
+        3s));
+    INFO(reason);
+    CHECK_FALSE(std::filesystem::exists(socket));
+    REQUIRE(::chmod(dir.path.c_str(), 0755) == 0);
+    CHECK(wait_until(is_our_socket, 3s));
+    CHECK(wait_until(ready, 3s));
+  }
+  CHECK(agent.running());
+}
+
+TEST_CASE("policy: a policy file a caller owns or the callers' group may write is refused at start",
+          "[security][policy][trusted-path]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  auto policy = dir.path / "policy.yaml";
+  std::string expect;
+  SECTION("owned by the app's uid") {
+    write_file(policy, app_policy());
+    REQUIRE(::chown(policy.c_str(), kApp.uid, kApp.gid) == 0);
+    expect = policy.string() + " is owned by uid " + std::to_string(kApp.uid);
+  }
+  SECTION("writable by the callers' group") {
+    write_file(policy, app_policy(), 0664);
+    REQUIRE(::chown(policy.c_str(), 0, kSocketGroup) == 0);
+    expect = policy.string() + " is writable by group " + std::to_string(kSocketGroup);
+  }
+  SECTION("in a directory the callers' group may write") {
+    const auto conf = dir.path / "conf";
+    make_dir(conf, 0, kSocketGroup, 0775);
+    policy = conf / "policy.yaml";
+    write_file(policy, app_policy());
+    expect = conf.string() + " is writable by group " + std::to_string(kSocketGroup);
+  }
+  SECTION("in a directory the app's uid owns") {
+    const auto conf = dir.path / "conf";
+    make_dir(conf, kApp.uid, kApp.gid, 0755);
+    policy = conf / "policy.yaml";
+    write_file(policy, app_policy());
+    expect = conf.string() + " is owned by uid " + std::to_string(kApp.uid);
+  }
+  auto args = base_args(token, dir.socket().string());
+  args.insert(args.end(), {"--policy", policy.string()});
+  const auto result = run_agent(args, token_env(token), 10s);
+  INFO(result.err);
+  CHECK(result.status.exited);
+  CHECK(result.status.code == 2);
+  CHECK(result.err.find("hsm-agent: " + policy.string() + ": ") != std::string::npos);
+  CHECK(result.err.find(expect) != std::string::npos);
+  CHECK_FALSE(std::filesystem::exists(dir.socket()));
+}
+
+TEST_CASE("policy: at SIGHUP a policy file the app took over is refused and the old policy stays",
+          "[security][policy][reload][trusted-path]") {
+  AgentUnderAppPolicy env({"app-a", "admin-key"});
+  auto& agent = env.agent;
+  const auto& policy = env.policy;
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  REQUIRE(denied(app.call(sign_request("admin-key"))));
+
+  // An operator's slip makes the file the app's; the app grants itself every key.
+  REQUIRE(::chown(policy.c_str(), kApp.uid, kApp.gid) == 0);
+  const std::string wrote = run_as(kApp, [&] {
+    std::ofstream out(policy, std::ios::trunc);
+    out << "rules:\n"
+           "  - match: { uids: [10001, 0] }\n"
+           "    methods: [\"*\"]\n"
+           "    kids: [\"*\"]\n";
+    out.close();
+    return std::string(out ? "written" : "not written");
+  });
+  REQUIRE(wrote == "written");
+  agent.signal(SIGHUP);  // a log rotation, say
+  REQUIRE(wait_until(
+      [&] { return agent.stderr_text().find("policy not reloaded") != std::string::npos; }));
+  CHECK(agent.stderr_text().find(policy.string() + " is owned by uid " +
+                                 std::to_string(kApp.uid)) != std::string::npos);
+  CHECK(count_of(agent.stderr_text(), "access: policy file") == 1);
+  CHECK(denied(app.call(sign_request("admin-key"))));
+  CHECK(succeeded(app.call(sign_request("app-a"))));
+}
+
+TEST_CASE(
+    "policy: SIGHUP with a FIFO or a directory at the policy path: the agent keeps answering and "
+    "keeps the old policy",
+    "[security][policy][reload]") {
+  AgentUnderAppPolicy env({"app-a", "other-b"});
+  auto& agent = env.agent;
+  const auto& policy = env.policy;
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  REQUIRE(succeeded(app.call(sign_request("app-a"))));
+  const auto hups = [&] { return count_of(agent.stderr_text(), "SIGHUP: reloading"); };
+  const auto loads = [&] { return count_of(agent.stderr_text(), "access: policy file"); };
+
+  std::filesystem::remove(policy);
+  SECTION("a FIFO (opening it for reading would wait for a writer)") {
+    REQUIRE(::mkfifo(policy.c_str(), 0644) == 0);
+  }
+  SECTION("a directory") {
+    std::filesystem::create_directory(policy);
+  }
+  agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return hups() == 1; }));
+  // The agent answers within 1 s, by the policy in force.
+  CHECK(succeeded(app.call(sign_request("app-a"), 1s)));
+  CHECK(denied(app.call(sign_request("other-b"), 1s)));
+  CHECK(wait_until(
+      [&] { return agent.stderr_text().find("policy not reloaded") != std::string::npos; }));
+  CHECK(agent.stderr_text().find("not a regular file") != std::string::npos);
+  CHECK(loads() == 1);
+
+  // A good file again: the next SIGHUP loads it.
+  std::filesystem::remove(policy);
+  write_file(policy,
+             "rules:\n"
+             "  - match: { uids: [10001] }\n"
+             "    methods: [sign]\n"
+             "    kids: [\"other-*\"]\n");
+  agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return loads() == 2; }));
+  CHECK(succeeded(app.call(sign_request("other-b"), 1s)));
+  CHECK(denied(app.call(sign_request("app-a"), 1s)));
+  CHECK(agent.running());
+}
+
+TEST_CASE(
+    "policy: a Kubernetes ConfigMap mount (read-only, 0777, ..data symlinks) is accepted and "
+    "follows updates at SIGHUP",
+    "[security][policy][reload][trusted-path]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  // What the kubelet makes on the node (its atomic writer): a 0777 directory holding a
+  // timestamped directory with the files, "..data" pointing at it and each key pointing through
+  // "..data"; then it bind-mounts that read-only into the container.
+  const auto node = dir.path / "node-configmap";
+  make_dir(node, 0, 0, 0777);
+  const auto publish = [&](const std::string& version, const std::string& text) {
+    const auto payload = node / ("..2024_" + version);
+    make_dir(payload, 0, 0, 0755);
+    write_file(payload / "policy.yaml", text);
+    const auto staged = node / "..data_tmp";
+    std::filesystem::create_directory_symlink(payload.filename(), staged);
+    std::filesystem::rename(staged, node / "..data");
+  };
+  publish("01", app_policy());
+  std::filesystem::create_symlink("..data/policy.yaml", node / "policy.yaml");
+
+  // Not mounted: a directory everyone may write is refused, symlinks or not.
+  {
+    auto args = base_args(token, dir.socket().string());
+    args.insert(args.end(), {"--policy", (node / "policy.yaml").string()});
+    const auto result = run_agent(args, token_env(token), 10s);
+    INFO(result.err);
+    CHECK(result.status.code == 2);
+    CHECK(result.err.find(node.string() + " is writable by others") != std::string::npos);
+  }
+
+  enter_private_mount_namespace();
+  const auto mounted = dir.path / "etc-hsm-agent";
+  make_dir(mounted, 0, 0, 0755);
+  if (::mount(node.c_str(), mounted.c_str(), nullptr, MS_BIND, nullptr) != 0 ||
+      ::mount(nullptr, mounted.c_str(), nullptr, MS_BIND | MS_REMOUNT | MS_RDONLY, nullptr) != 0) {
+    FAIL("cannot bind-mount read-only: " << std::strerror(errno));
+  }
+  AgentProcess agent(token, agent_options(dir, {"--policy", (mounted / "policy.yaml").string()}));
+  {
+    hsm::Client root(agent.socket_path());
+    root.generate_key("app-a");
+    root.generate_key("other-b");
+  }
+  auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
+  CHECK(succeeded(app.call(sign_request("app-a"))));
+  CHECK(denied(app.call(sign_request("other-b"))));
+
+  // The ConfigMap changes: the kubelet swaps "..data"; SIGHUP picks the new file up.
+  publish("02",
+          "rules:\n"
+          "  - match: { uids: [10001] }\n"
+          "    methods: [sign]\n"
+          "    kids: [\"other-*\"]\n");
+  agent.signal(SIGHUP);
+  REQUIRE(wait_until([&] { return count_of(agent.stderr_text(), "access: policy file") == 2; }));
+  CHECK(succeeded(app.call(sign_request("other-b"))));
+  CHECK(denied(app.call(sign_request("app-a"))));
+  agent.stop();
+  ::umount2(mounted.c_str(), MNT_DETACH);
 }
 
 // ---- the PIN --------------------------------------------------------------------------------

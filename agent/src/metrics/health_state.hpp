@@ -33,10 +33,17 @@ class HealthState {
     std::lock_guard lock(mutex_);
     not_ready_reason_ = std::move(reason);
   }
+  /// The listening socket's path no longer leads to the agent (deleted, renamed or replaced:
+  /// clients cannot connect): not ready with this reason, whatever the token says, until cleared
+  /// with nullopt. Set by the event loop.
+  void set_socket_problem(std::optional<std::string> problem) {
+    std::lock_guard lock(mutex_);
+    socket_problem_ = std::move(problem);
+  }
   [[nodiscard]] std::optional<std::string> not_ready_reason() const {
     if (draining_.load(std::memory_order_acquire)) return std::string("draining");
     std::lock_guard lock(mutex_);
-    return not_ready_reason_;
+    return socket_problem_ ? socket_problem_ : not_ready_reason_;
   }
   /// Shutdown began (SIGTERM): not ready from now on, whatever the token probe says, so that
   /// Kubernetes stops routing to the pod while in-flight requests drain. One way.
@@ -51,6 +58,7 @@ class HealthState {
   std::atomic<bool> draining_{false};
   mutable std::mutex mutex_;
   std::optional<std::string> not_ready_reason_{"starting"};
+  std::optional<std::string> socket_problem_;
 };
 
 }  // namespace hsm::agent

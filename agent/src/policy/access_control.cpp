@@ -80,12 +80,14 @@ std::vector<PolicyRule> default_policy_rules(const AccessConfig& config, uid_t a
 }
 
 AccessControl::AccessControl(std::vector<PolicyRule> rules, std::string description, bool read_only)
-    : rules_(std::move(rules)), description_(std::move(description)), read_only_(read_only) {}
+    : rules_(std::make_shared<const Rules>(std::move(rules))),
+      description_(std::move(description)),
+      read_only_(read_only) {}
 
 AccessControl::AccessControl(const AccessConfig& config, bool read_only, uid_t agent_uid)
     : description_("default policy"), read_only_(read_only) {
   if (!config.policy_path) {
-    rules_ = default_policy_rules(config, agent_uid);
+    rules_ = std::make_shared<const Rules>(default_policy_rules(config, agent_uid));
     return;
   }
   if (!config.allow_uids.empty() || !config.allow_gids.empty() || !config.admin_uids.empty()) {
@@ -95,7 +97,7 @@ AccessControl::AccessControl(const AccessConfig& config, bool read_only, uid_t a
                       "--allow-uid, --allow-gid and --admin-uid apply only without --policy; "
                       "put those callers in the policy file");
   }
-  rules_ = load_policy_file(*config.policy_path);
+  rules_ = std::make_shared<const Rules>(load_policy_file(*config.policy_path));
   policy_path_ = config.policy_path;
   description_ = "policy file " + *policy_path_;
 }
@@ -109,15 +111,27 @@ bool AccessControl::is_admin_method(protocol::Method method) noexcept {
   return method == protocol::Method::kGenerateKey || method == protocol::Method::kDeleteKey;
 }
 
-const PolicyRule* AccessControl::rule_for(const Caller& caller) const noexcept {
-  for (const auto& rule : rules_) {
+const PolicyRule* AccessControl::first_match(const Rules& rules, const Caller& caller) noexcept {
+  for (const auto& rule : rules) {
     if (rule.match.matches(caller)) return &rule;
   }
   return nullptr;
 }
 
+std::shared_ptr<const std::vector<PolicyRule>> AccessControl::rules() const {
+  std::lock_guard lock(rules_mutex_);
+  return rules_;
+}
+
+std::shared_ptr<const PolicyRule> AccessControl::rule_for(const Caller& caller) const {
+  auto rules = this->rules();
+  const PolicyRule* rule = first_match(*rules, caller);
+  // Shares ownership of the whole list: the rule outlives a reload.
+  return rule == nullptr ? nullptr : std::shared_ptr<const PolicyRule>(std::move(rules), rule);
+}
+
 bool AccessControl::admits(const Caller& caller) const noexcept {
-  return rule_for(caller) != nullptr;
+  return first_match(*rules(), caller) != nullptr;
 }
 
 std::optional<protocol::Error> AccessControl::authorize(const Caller& caller,
@@ -125,7 +139,8 @@ std::optional<protocol::Error> AccessControl::authorize(const Caller& caller,
   if (read_only_ && is_admin_method(request.method)) {
     return denied(request.method, first_kid_of(request.params), " (the agent is read-only)");
   }
-  const PolicyRule* rule = rule_for(caller);
+  const auto rules = this->rules();  // this request is decided by one list, whatever reload does
+  const PolicyRule* rule = first_match(*rules, caller);
   if (rule == nullptr || !rule->methods.contains(request.method)) {
     return denied(request.method, first_kid_of(request.params));
   }
@@ -138,9 +153,11 @@ std::optional<protocol::Error> AccessControl::authorize(const Caller& caller,
 std::optional<PolicyError> AccessControl::reload() {
   if (!policy_path_) return std::nullopt;
   try {
-    // Parse into a local first: a bad file leaves the current rules untouched.
-    std::vector<PolicyRule> fresh = load_policy_file(*policy_path_);
-    rules_ = std::move(fresh);
+    // Parse into a local first: a bad file leaves the current rules untouched. Requests being
+    // decided meanwhile keep the list they loaded; the next ones see the new one.
+    auto fresh = std::make_shared<const Rules>(load_policy_file(*policy_path_));
+    std::lock_guard lock(rules_mutex_);
+    rules_.swap(fresh);  // the old list is freed by its last reader (or by `fresh`, unlocked)
   } catch (const PolicyError& e) {
     return e;
   }

@@ -11,7 +11,11 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <system_error>
 #include <utility>
+
+#include "config/file_descriptor.hpp"
+#include "config/trusted_path.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -275,21 +279,6 @@ class PolicyParser {
   const std::string& source_;
 };
 
-/// Owns one file descriptor.
-class FileDescriptor {
- public:
-  explicit FileDescriptor(int fd) noexcept : fd_(fd) {}
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  [[nodiscard]] int get() const noexcept { return fd_; }
-
- private:
-  int fd_;
-};
-
 }  // namespace
 
 PolicyError::PolicyError(std::string source, std::optional<std::size_t> line,
@@ -322,24 +311,43 @@ std::vector<PolicyRule> parse_policy(std::string_view text, const std::string& s
 }
 
 std::vector<PolicyRule> load_policy_file(const std::string& path) {
-  const auto system_error = [&path](const std::string& what) {
-    return PolicyError(path, std::nullopt, std::nullopt, what + ": " + std::strerror(errno));
+  const auto error = [&path](const std::string& problem) {
+    return PolicyError(path, std::nullopt, std::nullopt, problem);
   };
-  const FileDescriptor fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) throw system_error("cannot open the policy file");
+  const auto system_error = [&error](const std::string& what) {
+    return error(what + ": " + std::strerror(errno));
+  };
+  // Who may change the file decides what callers may do: the file, its directory and every
+  // directory and symlink on the way must be root's or the agent's (config/trusted_path.hpp).
+  // Resolving the path here follows a ConfigMap's symlinks while checking each of them.
+  TrustedPath found;
+  try {
+    found = resolve_trusted_path(path, ::geteuid());
+  } catch (const UntrustedPathError& e) {
+    throw error(e.what());
+  } catch (const std::system_error& e) {
+    throw error(std::string("cannot open the policy file: ") + e.what());
+  }
+  // Checked before open(): opening a FIFO waits for a writer, opening a device may do anything.
+  if (!S_ISREG(found.st.st_mode)) {
+    throw error("the policy is not a regular file (" + found.resolved + ")");
+  }
+  if (const auto access = foreign_write_access(found.resolved, found.st)) {
+    throw error(access->description + ", so " + access->who +
+                " could grant themselves every key (" + access->fix + ")");
+  }
+  // O_NOFOLLOW and O_NONBLOCK: should the file have been swapped since the checks (by root or
+  // the agent's uid: no one else can), the agent still never follows a link nor waits.
+  const FileDescriptor fd(
+      ::open(found.resolved.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY));
+  if (fd.get() < 0) throw system_error("cannot open the policy file " + found.resolved);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) throw system_error("cannot stat the policy file");
-  if (!S_ISREG(st.st_mode)) {
-    throw PolicyError(path, std::nullopt, std::nullopt, "the policy is not a regular file");
-  }
-  if ((st.st_mode & S_IWOTH) != 0) {
-    throw PolicyError(path, std::nullopt, std::nullopt,
-                      "the policy file is writable by others (anyone could grant themselves "
-                      "every key); chmod o-w it");
+  if (!S_ISREG(st.st_mode) || st.st_dev != found.st.st_dev || st.st_ino != found.st.st_ino) {
+    throw error("the policy file changed while it was being read; try again");
   }
   if (static_cast<std::uint64_t>(st.st_size) > kMaxPolicyFileBytes) {
-    throw PolicyError(path, std::nullopt, std::nullopt,
-                      "larger than " + std::to_string(kMaxPolicyFileBytes) + " bytes");
+    throw error("larger than " + std::to_string(kMaxPolicyFileBytes) + " bytes");
   }
   // Read at most one byte past the limit: the file may grow between fstat and read.
   std::string text(kMaxPolicyFileBytes + 1, '\0');

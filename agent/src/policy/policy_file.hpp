@@ -45,9 +45,14 @@ inline constexpr std::size_t kMaxPolicyListItems = 10000;  // uids, gids, method
 [[nodiscard]] std::vector<PolicyRule> parse_policy(std::string_view text,
                                                    const std::string& source);
 
-/// Reads and parses the policy file at `path`. Refuses a file larger than kMaxPolicyFileBytes or
-/// writable by others (anyone could then grant themselves every key). Follows symlinks (a
-/// Kubernetes ConfigMap mount is a chain of them). Throws PolicyError.
+/// Reads and parses the policy file at `path`. Refuses a file larger than kMaxPolicyFileBytes,
+/// one that is not a regular file (a FIFO, a device or a directory is refused before it is
+/// opened, so loading never waits), and one that someone other than root and the agent's uid
+/// could change: the file or any directory or symlink on its path owned by another uid, or
+/// writable by group or others (config/trusted_path.hpp has the rule and its exceptions: sticky
+/// directories on the way, read-only mounts). Symlinks are followed, each checked where it lies
+/// (a Kubernetes ConfigMap mount is a chain of them); the file they lead to is opened with
+/// O_NOFOLLOW. Throws PolicyError.
 [[nodiscard]] std::vector<PolicyRule> load_policy_file(const std::string& path);
 
 }  // namespace hsm::agent

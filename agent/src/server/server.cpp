@@ -201,6 +201,7 @@ void Server::run(const std::function<void()>& on_listening,
       [](uv_timer_t* timer) {
         auto* self = static_cast<Server*>(timer->loop->data);
         self->deps_.health.heartbeat();
+        self->watch_socket();
         self->sweep_idle();
         self->close_slow_messages();
         self->watch_memory();
@@ -293,10 +294,26 @@ void Server::run_loop_turn() {
   }
 }
 
+namespace {
+
+SharedDirPolicy shared_dir_policy(const AgentConfig& config) {
+  return config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot : SharedDirPolicy::kRefuse;
+}
+
+}  // namespace
+
 void Server::listen(const std::function<void()>& on_listening) {
+  prepare_socket_path(deps_.config.socket_path, shared_dir_policy(deps_.config));
+  bind_listener();
+  // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
+  // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
+  if (on_listening) on_listening();
+  start_accepting();
+  spdlog::info("listening on {}", deps_.config.socket_path);
+}
+
+void Server::bind_listener() {
   const auto& path = deps_.config.socket_path;
-  prepare_socket_path(path, deps_.config.shared_socket_dir ? SharedDirPolicy::kAllowMountRoot
-                                                           : SharedDirPolicy::kRefuse);
   uv_pipe_init(&loop_, &listener_, 0);
   int rc = 0;
   {
@@ -305,25 +322,98 @@ void Server::listen(const std::function<void()>& on_listening) {
     rc = uv_pipe_bind(&listener_, path.c_str());
   }
   if (rc != 0) {
-    uv_close(as_handle(&listener_), nullptr);
+    close_listener(false);
     throw SocketSetupError("cannot bind socket " + path + ": " + uv_strerror(rc));
   }
-  apply_socket_permissions(path, deps_.config.socket_mode, deps_.config.socket_group);
-  // Before uv_listen: connect() is refused until then, so whoever can connect (a test, a
-  // client) also finds /readyz ready. Should uv_listen fail, the agent exits at once.
-  if (on_listening) on_listening();
-  rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
-                 [](uv_stream_t* server, int status) {
-                   auto* self = static_cast<Server*>(server->loop->data);
-                   if (status < 0) {
-                     spdlog::warn("accept failed: {}", uv_strerror(status));
-                     return;
-                   }
-                   self->accept_one();
-                 });
-  if (rc != 0) throw SocketSetupError("cannot listen on " + path + ": " + uv_strerror(rc));
+  try {
+    socket_file_ = secure_bound_socket(path, deps_.config.socket_mode, deps_.config.socket_group);
+  } catch (const SocketSetupError&) {
+    close_listener(false);
+    throw;
+  }
+}
+
+void Server::start_accepting() {
+  const int rc = uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 511,
+                           [](uv_stream_t* server, int status) {
+                             auto* self = static_cast<Server*>(server->loop->data);
+                             if (status < 0) {
+                               spdlog::warn("accept failed: {}", uv_strerror(status));
+                               return;
+                             }
+                             self->accept_one();
+                           });
+  if (rc != 0) {
+    throw SocketSetupError("cannot listen on " + deps_.config.socket_path + ": " + uv_strerror(rc));
+  }
   listening_ = true;
-  spdlog::info("listening on {}", path);
+}
+
+void Server::watch_socket() {
+  // One lstat a second. Before the first bind, during shutdown and while a close for a new bind
+  // is on its way, there is nothing to watch.
+  if (shutting_down_ || listener_closing_ || socket_file_ == SocketFile{}) return;
+  const auto state = inspect_socket_path(deps_.config.socket_path, socket_file_);
+  if (listening_ && state.ours) return;
+  if (!listening_) {  // an earlier attempt to bind again failed: try again
+    rebind_listener();
+    return;
+  }
+  // Clients that connect to the path no longer reach this listener. A file someone put there is
+  // left alone (it may be evidence, and it is not ours to delete); once the path is free, the
+  // old listener is closed and a new one bound at the path.
+  report_socket_problem(state.problem);
+  if (state.free) close_listener(true);
+}
+
+void Server::close_listener(bool bind_again) {
+  listening_ = false;
+  listener_closing_ = true;
+  rebind_after_close_ = bind_again;
+  uv_close(as_handle(&listener_), [](uv_handle_t* handle) {
+    // listener_ may be initialised again from here on (libuv is done with it).
+    auto* self = static_cast<Server*>(handle->loop->data);
+    self->listener_closing_ = false;
+    if (self->rebind_after_close_) self->rebind_listener();
+  });
+}
+
+void Server::rebind_listener() {
+  if (shutting_down_) return;
+  const auto& path = deps_.config.socket_path;
+  const auto state = inspect_socket_path(path, socket_file_);
+  if (!state.free) {
+    report_socket_problem(state.problem);
+    return;
+  }
+  try {
+    // Only where it is still safe: the directory passes the start-up check again, and bind()
+    // fails rather than replace anything that appeared meanwhile.
+    check_socket_directory(path, shared_dir_policy(deps_.config));
+    bind_listener();
+  } catch (const SocketSetupError& e) {
+    report_socket_problem(state.problem + "; not bound again: " + e.what());
+    return;
+  }
+  try {
+    start_accepting();
+  } catch (const SocketSetupError& e) {
+    remove_socket_if_ours(path, socket_file_);
+    close_listener(false);
+    report_socket_problem(state.problem + "; not bound again: " + e.what());
+    return;
+  }
+  spdlog::warn("socket {} bound again: new connections reach the agent", path);
+  socket_problem_.reset();
+  deps_.health.set_socket_problem(std::nullopt);
+}
+
+void Server::report_socket_problem(const std::string& problem) {
+  if (socket_problem_ == problem) return;  // logged once, not once a tick
+  socket_problem_ = problem;
+  const std::string reason = "socket " + deps_.config.socket_path + " " + problem;
+  spdlog::error("{}", reason);
+  deps_.health.set_socket_problem(reason);
 }
 
 void Server::accept_one() {
@@ -732,13 +822,13 @@ void Server::close_stuck_flushes(SteadyClock::time_point requested_before) {
 void Server::on_signal(int signum) {
   if (signum == SIGHUP) {
     spdlog::info("SIGHUP: reloading");
-    if (on_reload_) on_reload_();
+    request_reload();
     return;
   }
   if (shutting_down_) {
     // A second SIGTERM/SIGINT: the operator wants out now.
     spdlog::warn("second termination signal: exiting at once");
-    ::unlink(deps_.config.socket_path.c_str());
+    remove_socket_if_ours(deps_.config.socket_path, socket_file_);
     deps_.audit.close();  // every audit line recorded so far is written
     spdlog::shutdown();
     std::_Exit(1);
@@ -749,6 +839,33 @@ void Server::on_signal(int signum) {
   begin_shutdown();
 }
 
+void Server::request_reload() {
+  if (!on_reload_) return;
+  if (reload_running_) {
+    reload_again_ = true;
+    return;
+  }
+  reload_running_ = true;
+  // The loop keeps running until the reload is done, so shutdown waits for it; what it reads is
+  // opened without blocking (the policy), so it cannot hang.
+  uv_queue_work(
+      &loop_, &reload_work_,
+      [](uv_work_t* work) {
+        try {
+          static_cast<Server*>(work->loop->data)->on_reload_();
+        } catch (const std::exception& e) {
+          spdlog::error("reload failed: {}", e.what());
+        }
+      },
+      [](uv_work_t* work, int) {
+        auto* self = static_cast<Server*>(work->loop->data);
+        self->reload_running_ = false;
+        if (std::exchange(self->reload_again_, false) && !self->shutting_down_) {
+          self->request_reload();
+        }
+      });
+}
+
 void Server::begin_shutdown() {
   if (shutting_down_) return;
   shutting_down_ = true;
@@ -757,7 +874,7 @@ void Server::begin_shutdown() {
   if (listening_) {
     uv_close(as_handle(&listener_), nullptr);
     listening_ = false;
-    ::unlink(deps_.config.socket_path.c_str());
+    remove_socket_if_ours(deps_.config.socket_path, socket_file_);
   }
   for (auto& [id, connection] : connections_) connection->pause();
   if (in_flight_ == 0) {

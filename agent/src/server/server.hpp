@@ -35,6 +35,7 @@
 #include "server/heap_trimmer.hpp"
 #include "server/loop_turn.hpp"
 #include "server/memory_budget.hpp"
+#include "server/socket_path.hpp"
 #include "server/worker_pool.hpp"
 #include "service/key_service.hpp"
 
@@ -63,7 +64,9 @@ class Server final : public ConnectionEvents {
 
   /// Binds the socket (throws SocketSetupError), then runs the loop until shutdown completes.
   /// `on_listening` is called just before the socket starts accepting connections (so a client
-  /// that can connect finds it done: readiness); `on_reload` on SIGHUP.
+  /// that can connect finds it done: readiness). `on_reload` runs on SIGHUP, on a thread of
+  /// libuv's pool, never on the loop (it reads files: a slow one must not stop the agent
+  /// answering); never two at once, and SIGHUPs that arrive meanwhile make one more run after it.
   void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
 
   /// Asks the loop to shut down as on SIGTERM. Thread-safe.
@@ -86,6 +89,18 @@ class Server final : public ConnectionEvents {
   };
 
   void listen(const std::function<void()>& on_listening);
+  /// Binds listener_ at the socket path and applies its mode and group; on failure closes it
+  /// and throws SocketSetupError.
+  void bind_listener();
+  void start_accepting();
+  /// On the tick: while the path still names our socket, nothing; else not ready with the
+  /// reason, and a new listener once the path is free (issue 15, item 9).
+  void watch_socket();
+  void rebind_listener();
+  /// Closes listener_ (not for shutdown); with `bind_again`, binds a new one once it is closed.
+  void close_listener(bool bind_again);
+  void report_socket_problem(const std::string& problem);
+  void request_reload();
   void accept_one();
   void dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes);
   void answer_now(Connection& connection, const protocol::Request& request,
@@ -168,6 +183,13 @@ class Server final : public ConnectionEvents {
   std::condition_variable loop_ended_cv_;
   bool loop_ended_ = false;
   bool listening_ = false;
+  bool listener_closing_ = false;  // uv_close's callback has not run yet (close_listener)
+  bool rebind_after_close_ = false;
+  SocketFile socket_file_;  // the file bind made: what the socket path should name
+  std::optional<std::string> socket_problem_;  // as reported to HealthState; nullopt: none
+  uv_work_t reload_work_{};
+  bool reload_running_ = false;
+  bool reload_again_ = false;               // SIGHUP while reloading: once more afterwards
   std::atomic<bool> shutting_down_{false};  // read by workers
   SteadyClock::time_point shutdown_deadline_ = SteadyClock::time_point::max();
   bool finished_ = false;

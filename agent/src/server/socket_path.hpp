@@ -1,12 +1,17 @@
-// Preparing the listening socket's path safely, before and after bind (issue: socket security).
+// Preparing the listening socket's path safely, before and after bind (issue: socket security;
+// issue 15, items 6 and 9).
+// - the socket's directory, and every directory above it, can be changed by root and the agent's
+//   uid only (config/trusted_path.hpp); the directory itself may not be writable by group or
+//   others even when sticky, unless, with --shared-socket-dir, it is the root of a mount of its
+//   own (a Kubernetes emptyDir: mode 0777, not sticky, and nothing the agent could chmod;
+//   docs/security.md explains why that is acceptable there and nowhere else);
 // - never follow a symlink at the path; refuse anything at the path that is not a socket;
 // - a stale socket (no one accepts on it) is removed; a live agent's socket is never stolen;
-// - refuse a directory that others can write to unless it is sticky, or, with
-//   --shared-socket-dir, unless it is the root of a mount of its own (a Kubernetes emptyDir:
-//   mode 0777, not sticky, and nothing the agent could chmod; docs/security.md explains why that
-//   is acceptable there and nowhere else);
 // - bind happens under umask 0177, so there is no moment the socket is accessible to others;
-//   then the mode and group are applied.
+//   then the group and mode are applied to the file bind made, never through a path that could
+//   have become a symlink (secure_bound_socket);
+// - afterwards the agent can tell whether the path still names its socket (inspect_socket_path),
+//   and removes it at exit only if it does.
 #pragma once
 
 #include <sys/types.h>
@@ -22,20 +27,20 @@ class SocketSetupError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-/// How prepare_socket_path() treats a socket directory that others may write to.
+/// How the socket's directory may be shared with others.
 enum class SharedDirPolicy : unsigned char {
-  kRefuse,          // refused unless sticky (the default)
-  kAllowMountRoot,  // also accepted when the directory is the root of a mount (--shared-socket-dir)
+  kRefuse,          // refused when group or others may write it (the default)
+  kAllowMountRoot,  // accepted when the directory is the root of a mount (--shared-socket-dir)
 };
 
-/// Checks the directory and the path, removing a stale socket. Throws SocketSetupError.
+/// Checks the socket's directory (see above). Throws SocketSetupError naming the directory, the
+/// component at fault and the fix.
+void check_socket_directory(const std::string& path, SharedDirPolicy shared_dir);
+
+/// check_socket_directory(), then checks the path, removing a stale socket. Throws
+/// SocketSetupError.
 void prepare_socket_path(const std::string& path,
                          SharedDirPolicy shared_dir = SharedDirPolicy::kRefuse);
-
-/// Whether `dir` is the root of a mount (a volume of its own, not a directory inside another
-/// file system): statx's STATX_ATTR_MOUNT_ROOT when the kernel reports it, else a device number
-/// that differs from the parent directory's. Throws SocketSetupError when `dir` cannot be read.
-[[nodiscard]] bool is_mount_root(const std::string& dir);
 
 /// Restores the previous umask when destroyed. Create it around bind().
 class ScopedUmask {
@@ -49,9 +54,30 @@ class ScopedUmask {
   mode_t previous_;
 };
 
-/// Applies mode and group (name or numeric gid) to the bound socket. Throws SocketSetupError.
-void apply_socket_permissions(const std::string& path, mode_t mode,
-                              const std::optional<std::string>& group);
+/// The file bind() made for the listening socket: the path names the agent's socket while it
+/// names this file.
+struct SocketFile {
+  dev_t device = 0;
+  ino_t inode = 0;
+  friend bool operator==(const SocketFile&, const SocketFile&) = default;
+};
+
+/// Right after bind(), before listen(): gives the socket file `group` (name or numeric gid) and
+/// `mode` without following a symlink at `path`, and returns which file it is. Throws
+/// SocketSetupError.
+[[nodiscard]] SocketFile secure_bound_socket(const std::string& path, mode_t mode,
+                                             const std::optional<std::string>& group);
+
+/// What `path` names compared with the agent's socket file.
+struct SocketPathState {
+  bool ours = false;    // it names `ours`
+  bool free = false;    // nothing is there: a socket may be bound again
+  std::string problem;  // when not ours: "no longer exists (...)", "is now a regular file ..."
+};
+[[nodiscard]] SocketPathState inspect_socket_path(const std::string& path, const SocketFile& ours);
+
+/// Removes the socket at `path` if it is still `ours`; never anyone else's file.
+void remove_socket_if_ours(const std::string& path, const SocketFile& ours) noexcept;
 
 /// Resolves a group name or numeric gid. Throws SocketSetupError when unknown.
 [[nodiscard]] gid_t resolve_group(const std::string& group);

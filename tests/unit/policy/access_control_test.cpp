@@ -4,8 +4,12 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <filesystem>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "policy_test_support.hpp"
 
@@ -303,7 +307,7 @@ TEST_CASE("default policy: --read-only removes create and delete from everyone")
   // Without a policy file there is nothing to reload.
   AccessControl reloadable(config, true, kAgentUid);
   CHECK_FALSE(reloadable.reload().has_value());
-  CHECK(reloadable.rules().size() == 1);
+  CHECK(reloadable.rules()->size() == 1);
 }
 
 TEST_CASE("default_policy_rules are the two documented rules") {
@@ -329,7 +333,7 @@ TEST_CASE("with --policy the file alone decides") {
   config.policy_path = dir.write("policy.yaml", kAppSigners);
   const AccessControl access(config, false, kAgentUid);
   CHECK(access.description() == "policy file " + *config.policy_path);
-  CHECK(access.rules().size() == 2);
+  CHECK(access.rules()->size() == 2);
   CHECK(access.admits(caller(10001, 10001)));
   CHECK_FALSE(access.admits(caller(0, 0)));  // root is not implied
 
@@ -404,6 +408,55 @@ TEST_CASE("reload swaps in a good policy and keeps the old one when the new one 
     CHECK(denial(access, app, request(Method::kSign, "app-1")) ==
           "permission denied: sign on kid 'app-1'");
   }
+}
+
+TEST_CASE("reload on its own thread while requests are decided: each sees one whole policy",
+          "[concurrency]") {
+  // Run under TSan (scripts/test-extra.sh): a rule list replaced under a reader is a data race.
+  test::TempDir dir;
+  const std::string kids_app =
+      "rules:\n- match: {uids: [10001]}\n  methods: [sign]\n  kids: [\"app-*\"]\n";
+  const std::string kids_other =
+      "rules:\n- match: {uids: [10001]}\n  methods: [sign]\n  kids: [\"other-*\"]\n"
+      "- match: {uids: [10002]}\n  methods: [health]\n";
+  AccessConfig config;
+  config.policy_path = dir.write("policy.yaml", kids_app);
+  AccessControl access(config, false, kAgentUid);
+  constexpr int kReloads = 200;
+
+  std::atomic<bool> reloading{true};
+  std::atomic<int> failed_reloads{0};
+  std::thread reloader([&] {
+    for (int i = 0; i < kReloads; ++i) {
+      // Replaced whole, as an editor or a ConfigMap update does.
+      const auto next = dir.write("next.yaml", i % 2 == 0 ? kids_other : kids_app);
+      std::filesystem::rename(next, *config.policy_path);
+      if (access.reload()) ++failed_reloads;
+    }
+    reloading = false;
+  });
+  const auto app = caller(10001, 10001);
+  std::atomic<long> decisions{0};
+  std::atomic<long> inconsistent{0};
+  std::vector<std::thread> deciders;
+  for (int t = 0; t < 2; ++t) {
+    deciders.emplace_back([&] {
+      while (reloading) {
+        const bool app_key = allowed(access, app, request(Method::kSign, "app-1"));
+        const bool other_key = allowed(access, app, request(Method::kSign, "other-1"));
+        const auto rule = access.rule_for(app);  // stays valid whatever reload does
+        if (!access.admits(app) || rule == nullptr || rule->kids.size() != 1) ++inconsistent;
+        decisions += (app_key ? 1 : 0) + (other_key ? 1 : 0) + 1;
+      }
+    });
+  }
+  reloader.join();
+  for (auto& decider : deciders) decider.join();
+  CHECK(failed_reloads == 0);
+  CHECK(inconsistent == 0);
+  CHECK(decisions > 0);
+  CHECK(access.rules()->size() == 1);  // the last one written: kids_app
+  CHECK(allowed(access, app, request(Method::kSign, "app-1")));
 }
 
 }  // namespace

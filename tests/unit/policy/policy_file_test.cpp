@@ -2,11 +2,17 @@
 // PolicyError that names the file, the line and the column of the offending text.
 #include "policy/policy_file.hpp"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #include "policy_test_support.hpp"
 
@@ -14,6 +20,7 @@ namespace hsm::agent {
 namespace {
 
 using protocol::Method;
+using namespace std::chrono_literals;
 
 PolicyError parse_error(const std::string& text) {
   try {
@@ -256,7 +263,7 @@ TEST_CASE("rule names are unique") {
   CHECK_THAT(e.what(), Catch::Contains("'a' is already used by rules[0]"));
 }
 
-TEST_CASE("policy files: read, bounded, and refused when others may write them") {
+TEST_CASE("policy files: read, bounded, and refused when others may change them") {
   test::TempDir dir;
   const std::string good = "rules:\n- match: {uids: [1]}\n  methods: [health]\n";
 
@@ -286,6 +293,57 @@ TEST_CASE("policy files: read, bounded, and refused when others may write them")
     const auto path = dir.write("policy.yaml", good);
     ::chmod(path.c_str(), 0666);
     CHECK_THROWS_WITH(load_policy_file(path), Catch::Contains("writable by others"));
+  }
+  SECTION("writable by the group") {
+    const auto path = dir.write("policy.yaml", good);
+    ::chmod(path.c_str(), 0664);
+    CHECK_THROWS_WITH(load_policy_file(path), Catch::Contains(path + " is writable by group"));
+  }
+  SECTION("in a directory the group may write") {
+    const auto path = dir.write("policy.yaml", good);
+    ::chmod(dir.path().c_str(), 0775);
+    CHECK_THROWS_WITH(load_policy_file(path),
+                      Catch::StartsWith(path + ": ") &&
+                          Catch::Contains(dir.path().string() + " is writable by group"));
+  }
+  SECTION("owned by another uid (needs root)") {
+    const auto path = dir.write("policy.yaml", good);
+    if (::geteuid() == 0) {
+      REQUIRE(::chown(path.c_str(), 10001, 10001) == 0);
+      CHECK_THROWS_WITH(load_policy_file(path), Catch::Contains(path + " is owned by uid 10001"));
+    }
+  }
+  SECTION("a FIFO is refused without waiting for a writer") {
+    const auto path = (dir.path() / "policy.yaml").string();
+    REQUIRE(::mkfifo(path.c_str(), 0644) == 0);
+    // Should loading ever open the FIFO, a writer comes after 2 s so that the test ends anyway,
+    // and says it was needed.
+    std::atomic<bool> done{false};
+    bool writer_needed = false;
+    std::thread writer([&] {
+      for (int i = 0; i < 100 && !done; ++i) std::this_thread::sleep_for(20ms);
+      if (done) return;
+      const int fd = ::open(path.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+      writer_needed = fd >= 0;
+      if (fd >= 0) ::close(fd);
+    });
+    CHECK_THROWS_WITH(load_policy_file(path), Catch::Contains("not a regular file"));
+    done = true;
+    writer.join();
+    CHECK_FALSE(writer_needed);
+  }
+  SECTION("a symlink to a device is refused before the device is opened") {
+    const auto path = (dir.path() / "policy.yaml").string();
+    std::filesystem::create_symlink("/dev/zero", path);
+    CHECK_THROWS_WITH(load_policy_file(path), Catch::Contains("not a regular file (/dev/zero)"));
+  }
+  SECTION("a Kubernetes ConfigMap layout: symlinks through ..data") {
+    std::filesystem::create_directory(dir.path() / "..2024_01_01");
+    (void)dir.write("..2024_01_01/policy.yaml", good);
+    std::filesystem::create_directory_symlink("..2024_01_01", dir.path() / "..data");
+    const auto path = (dir.path() / "policy.yaml").string();
+    std::filesystem::create_symlink("..data/policy.yaml", path);
+    CHECK(load_policy_file(path).size() == 1);
   }
   SECTION("too large") {
     std::string big = good + "#";

@@ -83,7 +83,7 @@ TEST_CASE("deploy/k8s/policy-configmap.yaml: its policy.yaml parses and means wh
   REQUIRE(config_map["data"]["policy.yaml"]);
   const auto text = config_map["data"]["policy.yaml"].as<std::string>();
   const auto access = AccessControl::from_policy_text(text, path + " data.policy.yaml", false);
-  CHECK(access.rules().size() == 2);
+  CHECK(access.rules()->size() == 2);
   check_app_and_operator(access, "app-");
 }
 
