@@ -85,7 +85,8 @@ class AgentMetrics {
 
  private:
   static constexpr std::size_t kMethods = 11;
-  static constexpr std::size_t kCodes = 15;  // every ErrorCode + "ok"
+  static constexpr std::size_t kCodes = 16;  // every ErrorCode + "ok"
+  static_assert(kCodes == static_cast<std::size_t>(protocol::ErrorCode::kInternal) + 2);
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, kMethods> request_counters_{};
   std::array<prometheus::Histogram*, kMethods> request_histograms_{};
 };
