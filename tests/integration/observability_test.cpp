@@ -430,6 +430,9 @@ const std::vector<std::pair<std::string, std::string>> kCatalogue = {
     {"hsm_agent_connections_rejected_total", "counter"},
     {"hsm_agent_protocol_errors_total", "counter"},
     {"hsm_agent_connections_closed_total", "counter"},
+    {"hsm_agent_audit_dropped_lines_total", "counter"},
+    {"hsm_agent_audit_write_errors_total", "counter"},
+    {"hsm_agent_audit_failing", "gauge"},
     {"hsm_agent_build_info", "gauge"},
     {"process_cpu_seconds_total", "counter"},
     {"process_resident_memory_bytes", "gauge"},
@@ -1716,5 +1719,5 @@ TEST_CASE("prometheus: a real Prometheus server scrapes every metric and loads t
     INFO(name);
     CHECK(facts.count("rule " + name + " ok alerting") == 1);
   }
-  CHECK(wanted == 6);
+  CHECK(wanted == 7);
 }

@@ -75,6 +75,15 @@ class AgentMetrics {
   prometheus::Counter& connections_closed_slow_reader;                // answers piled up unread
   prometheus::Counter& connections_closed_idle;                       // --idle-timeout passed
 
+  // the audit log (log/audit_log.hpp)
+  /// Lines lost: not queued because the writer's queue was full, or still unwritten at exit.
+  prometheus::Counter& audit_dropped_lines_total;
+  /// write(2) calls on the audit log that failed (retries included).
+  prometheus::Counter& audit_write_errors_total;
+  /// 1 while the audit log cannot be written (a write failed, or a line was dropped) and no
+  /// write has succeeded since; key operations are refused then unless --audit-fail-open.
+  prometheus::Gauge& audit_failing;
+
   prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
 
   /// The counter for one (method, code) pair; nullopt is success (code="ok"). Cached: a lookup

@@ -76,6 +76,8 @@ class HttpEndpoint::Handlers {
     bool handleGet(CivetServer*, mg_connection* conn) override {
       if (const auto reason = health_.not_ready_reason()) {
         reply(conn, 503, "text/plain", *reason + "\n");
+      } else if (const auto note = health_.readiness_note()) {
+        reply(conn, 200, "text/plain", "ready; " + *note + "\n");
       } else {
         reply(conn, 200, "text/plain", "ready\n");
       }

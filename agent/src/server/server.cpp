@@ -389,6 +389,15 @@ void Server::dispatch(Connection& connection, protocol::Request&& request) {
     answer_now(connection, request, {request.msgid, std::move(*denied)}, received);
     return;
   }
+  // Fail closed: no key operation while its audit line may not be written (log/audit_log.hpp).
+  if (AuditLog::key_operation(request.method) && deps_.audit.refuses_key_operations()) {
+    answer_now(connection, request,
+               error_response(request.msgid, ErrorCode::kAuditUnavailable,
+                              "the agent's audit log cannot be written; key operations are "
+                              "refused until it can (retry later)"),
+               received);
+    return;
+  }
   // After the access check (a denied request uses no tokens), before any work.
   if (!deps_.rate_limiter.try_acquire(connection.caller().uid, received)) {
     answer_now(connection, request,
