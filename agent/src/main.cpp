@@ -159,9 +159,12 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  int code = kExitStartup;
   try {
-    return run(argc, argv);
+    code = run(argc, argv);
   } catch (const std::exception& e) {
-    return fail(std::string("fatal: ") + e.what(), kExitStartup);
+    code = fail(std::string("fatal: ") + e.what(), kExitStartup);
   }
+  spdlog::shutdown();  // the logger's thread writes what is queued
+  return code;
 }

@@ -157,15 +157,17 @@ void AuditLog::record(const AuditRecord& record) {
   append(format(record));
 }
 
-void AuditLog::record_refused_connection(const Caller& caller) {
+void AuditLog::record_refused_connections(const Caller& caller, std::uint64_t count,
+                                          bool other_uids) {
   std::string line = R"({"time":")";
   append_time(line);
-  char rest[160];
+  char rest[200];
   std::snprintf(rest, sizeof(rest),
-                R"(","event":"connection_refused","result":"permission_denied",)"
-                R"("peer":{"pid":%d,"uid":%u,"gid":%u}})",
-                static_cast<int>(caller.pid), static_cast<unsigned>(caller.uid),
-                static_cast<unsigned>(caller.gid));
+                R"(","event":"connection_refused","result":"permission_denied","count":%llu,)"
+                R"("peer":{"pid":%d,"uid":%u,"gid":%u}%s})",
+                static_cast<unsigned long long>(count), static_cast<int>(caller.pid),
+                static_cast<unsigned>(caller.uid), static_cast<unsigned>(caller.gid),
+                other_uids ? R"(,"other_uids":true)" : "");
   line += rest;
   append(std::move(line));
 }

@@ -1,7 +1,7 @@
 // AuditLog: one JSON line per key operation (generate, sign, verify, delete, sign_batch), per
-// denied or failed request of any method and per connection refused by the policy, with the
-// caller's pid/uid/gid from SO_PEERCRED. For signing it records the SHA-256 of the signed input,
-// never the input itself.
+// denied or failed request of any method, and per summary of connections refused by the policy
+// (log/connection_refusals.hpp), with the caller's pid/uid/gid from SO_PEERCRED. For signing it
+// records the SHA-256 of the signed input, never the input itself.
 //
 // Lines are formatted on the caller's thread and appended to a bounded buffer that a writer
 // thread of this object's own writes in batches: it wakes when the buffer goes from empty to
@@ -106,7 +106,10 @@ class AuditLog {
 
   /// Never waits for the output (see the top of this file).
   void record(const AuditRecord& record);
-  void record_refused_connection(const Caller& caller);
+  /// A `connection_refused` line standing for `count` connections of `caller`'s uid refused by
+  /// the policy since that uid's previous line; `other_uids`: for uids beyond those summarised
+  /// one by one (then `caller` is the last of them).
+  void record_refused_connections(const Caller& caller, std::uint64_t count, bool other_uids);
   /// Reopens the file (after rotation): the writer writes the lines recorded before this call
   /// to the old file, then opens the path again. Keeps the old file if the open fails (logged).
   /// Does not wait.

@@ -1,11 +1,16 @@
 #include "log/logging.hpp"
 
+#include <spdlog/async.h>
 #include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
 #include <memory>
+#include <mutex>
 
 #include "log/json_text.hpp"
 
@@ -26,14 +31,66 @@ class JsonMessageFlag final : public spdlog::custom_flag_formatter {
   }
 };
 
+// Lines waiting for the logger's thread. Beyond it the oldest are dropped (and counted), so a
+// stderr that blocks or a burst of warnings never holds up the thread that logs. 2048 lines is
+// 0.8 MiB of preallocated slots; the thread writes a line in microseconds to a file or a pipe
+// that is read.
+constexpr std::size_t kQueuedLines = 2048;
+
+// stderr, counting the flushes the logger's thread performs so that flush_logs() can wait for
+// one: with a single thread writing the queue in order, a flush done means every line queued
+// before it is written.
+class StderrSink final : public spdlog::sinks::stderr_sink_mt {
+ public:
+  void flush() override {
+    spdlog::sinks::stderr_sink_mt::flush();
+    {
+      std::lock_guard lock(mutex_);
+      ++flushes_;
+    }
+    flushed_.notify_all();
+  }
+  [[nodiscard]] std::uint64_t flushes() {
+    std::lock_guard lock(mutex_);
+    return flushes_;
+  }
+  void wait_for_flush_after(std::uint64_t seen, std::chrono::milliseconds limit) {
+    std::unique_lock lock(mutex_);
+    flushed_.wait_for(lock, limit, [&] { return flushes_ != seen; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable flushed_;
+  std::uint64_t flushes_ = 0;
+};
+
 std::atomic<bool> json_format{false};
+std::shared_ptr<StderrSink> stderr_output;  // set by init_logging, before any thread logs
 
 }  // namespace
+
+void flush_logs() {
+  const auto logger = spdlog::default_logger();
+  if (!stderr_output) {
+    logger->flush();
+    return;
+  }
+  const auto seen = stderr_output->flushes();
+  logger->flush();
+  // Bounded: a stderr nobody reads must not hold up an exit for ever.
+  stderr_output->wait_for_flush_after(seen, std::chrono::seconds(2));
+}
+
+std::uint64_t dropped_log_lines() {
+  const auto pool = spdlog::thread_pool();
+  return pool ? pool->overrun_counter() : 0;
+}
 
 void log_startup_failure(const std::string& message) {
   if (json_format.load()) {
     spdlog::critical("{}", message);
-    spdlog::default_logger()->flush();
+    flush_logs();
     return;
   }
   spdlog::logger plain("hsm-agent-startup", std::make_shared<spdlog::sinks::stderr_sink_mt>());
@@ -47,8 +104,13 @@ void init_logging(const std::string& level, LogFormat format) {
   if (parsed == spdlog::level::off && level != "off") {
     throw ConfigError("unknown log level '" + level + "'");
   }
-  auto logger = std::make_shared<spdlog::logger>("hsm-agent",
-                                                 std::make_shared<spdlog::sinks::stderr_sink_mt>());
+  // Asynchronous: the caller only queues the message and never waits for stderr (the event
+  // loop logs).
+  spdlog::init_thread_pool(kQueuedLines, 1);
+  stderr_output = std::make_shared<StderrSink>();
+  auto logger =
+      std::make_shared<spdlog::async_logger>("hsm-agent", stderr_output, spdlog::thread_pool(),
+                                             spdlog::async_overflow_policy::overrun_oldest);
   auto formatter = std::make_unique<spdlog::pattern_formatter>(spdlog::pattern_time_type::utc);
   if (format == LogFormat::kJson) {
     formatter->add_flag<JsonMessageFlag>('j').set_pattern(

@@ -216,23 +216,27 @@ TEST_CASE("the audit file is created 0600 and gets one line per record", "[log][
     REQUIRE(::stat(path.c_str(), &st) == 0);
     CHECK((st.st_mode & 0777) == 0600);
     audit.record(sign_record("first"));
-    audit.record_refused_connection(Caller{7, 1234, 5678});
+    audit.record_refused_connections(Caller{7, 1234, 5678}, 1, false);
+    audit.record_refused_connections(Caller{8, 1235, 5679}, 4096, true);
     audit.flush();
-    const auto lines = wait_for_lines(path, 2);
-    REQUIRE(lines.size() == 2);
+    const auto lines = wait_for_lines(path, 3);
+    REQUIRE(lines.size() == 3);
     CHECK(lines[0].find(R"("kid":"first")") != std::string::npos);
     const auto [time, rest] = split_time(lines[1]);
     CHECK(std::regex_match(time, kTimeShape));
-    CHECK(rest == R"(","event":"connection_refused","result":"permission_denied",)"
+    CHECK(rest == R"(","event":"connection_refused","result":"permission_denied","count":1,)"
                   R"("peer":{"pid":7,"uid":1234,"gid":5678}})");
+    CHECK(split_time(lines[2]).second ==
+          R"(","event":"connection_refused","result":"permission_denied","count":4096,)"
+          R"("peer":{"pid":8,"uid":1235,"gid":5679},"other_uids":true})");
   }
   // Appends to an existing file rather than truncating it.
   Observers seen;
   AuditLog again(path.string(), {}, seen.metrics, seen.health);
-  again.record(sign_record("third"));
-  const auto lines = wait_for_lines(path, 3);
-  REQUIRE(lines.size() == 3);
-  CHECK(lines[2].find(R"("kid":"third")") != std::string::npos);
+  again.record(sign_record("fourth"));
+  const auto lines = wait_for_lines(path, 4);
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[3].find(R"("kid":"fourth")") != std::string::npos);
 }
 
 TEST_CASE("an audit file that cannot be opened is an error naming it", "[log][audit]") {
