@@ -38,31 +38,31 @@ class JsonMessageFlag final : public spdlog::custom_flag_formatter {
 constexpr std::size_t kQueuedLines = 2048;
 
 // stderr, counting the flushes the logger's thread performs so that flush_logs() can wait for
-// one: with a single thread writing the queue in order, a flush done means every line queued
-// before it is written.
+// its own. The thread writes the queue in order, and flush_logs() is the only source of flushes
+// (every line is flushed by the sink as it is written, so the logger has no flush_on level):
+// when the count reaches a caller's ticket, at least one flush queued after the caller took it
+// was done, so every line the caller logged before is written.
 class StderrSink final : public spdlog::sinks::stderr_sink_mt {
  public:
   void flush() override {
     spdlog::sinks::stderr_sink_mt::flush();
     {
       std::lock_guard lock(mutex_);
-      ++flushes_;
+      ++flushed_count_;
     }
     flushed_.notify_all();
   }
-  [[nodiscard]] std::uint64_t flushes() {
-    std::lock_guard lock(mutex_);
-    return flushes_;
-  }
-  void wait_for_flush_after(std::uint64_t seen, std::chrono::milliseconds limit) {
+  [[nodiscard]] std::uint64_t take_ticket() { return tickets_.fetch_add(1) + 1; }
+  void wait_for(std::uint64_t ticket, std::chrono::milliseconds limit) {
     std::unique_lock lock(mutex_);
-    flushed_.wait_for(lock, limit, [&] { return flushes_ != seen; });
+    flushed_.wait_for(lock, limit, [&] { return flushed_count_ >= ticket; });
   }
 
  private:
+  std::atomic<std::uint64_t> tickets_{0};
   std::mutex mutex_;
   std::condition_variable flushed_;
-  std::uint64_t flushes_ = 0;
+  std::uint64_t flushed_count_ = 0;
 };
 
 std::atomic<bool> json_format{false};
@@ -76,10 +76,10 @@ void flush_logs() {
     logger->flush();
     return;
   }
-  const auto seen = stderr_output->flushes();
+  const auto ticket = stderr_output->take_ticket();
   logger->flush();
   // Bounded: a stderr nobody reads must not hold up an exit for ever.
-  stderr_output->wait_for_flush_after(seen, std::chrono::seconds(2));
+  stderr_output->wait_for(ticket, std::chrono::seconds(2));
 }
 
 std::uint64_t dropped_log_lines() {
@@ -120,7 +120,6 @@ void init_logging(const std::string& level, LogFormat format) {
   }
   logger->set_formatter(std::move(formatter));
   logger->set_level(parsed);
-  logger->flush_on(spdlog::level::warn);
   spdlog::set_default_logger(std::move(logger));
   json_format.store(format == LogFormat::kJson);
 }
