@@ -202,14 +202,18 @@ void AuditLog::run_writer() {
   std::string batch;
   std::unique_lock lock(mutex_);
   for (;;) {
-    wake_writer_.wait(lock, [&] { return stopping_ || !pending_.empty() || reopen_at_; });
-    if (pending_.empty() && !reopen_at_) return;  // stopping, nothing left
-    if (!stopping_ && flush_waiters_ == 0 && !reopen_at_ && pending_.size() < kWakeBytes) {
+    wake_writer_.wait(lock, [&] { return stopping_ || !pending_.empty() || reopen_at_ || retry_; });
+    // Stopping with nothing left; a retry with no line pending only completes a cut line, which
+    // the exit does not wait for.
+    if (pending_.empty() && !reopen_at_ && (stopping_ || !retry_)) return;
+    if (!stopping_ && !retry_ && flush_waiters_ == 0 && !reopen_at_ &&
+        pending_.size() < kWakeBytes) {
       // Let the lines of the next few milliseconds join this write.
       wake_writer_.wait_for(lock, kBatchWindow, [&] {
         return stopping_ || flush_waiters_ > 0 || reopen_at_ || pending_.size() >= kWakeBytes;
       });
     }
+    const bool retrying = retry_;
     // Lines recorded before a reopen() belong to the old file: this batch ends with them.
     const bool reopen = reopen_at_.has_value();
     const std::size_t take = reopen ? *reopen_at_ : pending_.size();
@@ -222,23 +226,23 @@ void AuditLog::run_writer() {
     }
     in_flight_bytes_ = batch.size();
     lock.unlock();
-    int error = 0;
-    std::size_t written = 0;
+    Written result;
     {
       std::lock_guard output(output_mutex_);
-      written = write_lines(batch, error);
+      result = write_lines(batch);
       if (reopen) reopen_output();
     }
     lock.lock();
     in_flight_bytes_ = 0;
-    written_upto_ += lines_in(std::string_view(batch).substr(0, written));
-    const bool failed = written < batch.size();
+    written_upto_ += lines_in(std::string_view(batch).substr(0, result.whole_bytes));
+    const bool failed = !result.complete;
+    retry_ = failed;
     if (failed) {
       // Kept, ahead of the lines recorded since; a pending reopen() still splits them right.
-      pending_.insert(0, batch, written);
-      if (reopen_at_) *reopen_at_ += batch.size() - written;
-      set_failing(describe_write_error(error));
-    } else if (!batch.empty() && failing_) {
+      pending_.insert(0, batch, result.whole_bytes);
+      if (reopen_at_) *reopen_at_ += batch.size() - result.whole_bytes;
+      set_failing(describe_write_error(result.error));
+    } else if (failing_ && (!batch.empty() || retrying)) {
       set_writable();
     }
     batch.clear();
@@ -273,38 +277,44 @@ std::size_t AuditLog::write_some(std::string_view bytes, int& error) {
   return done;
 }
 
-std::size_t AuditLog::write_lines(std::string_view lines, int& error) {
+AuditLog::Written AuditLog::write_lines(std::string_view lines) {
+  Written result;
   // A line an earlier attempt cut on an output that cannot be truncated is completed first.
   if (!torn_tail_.empty()) {
-    torn_tail_.erase(0, write_some(torn_tail_, error));
-    if (!torn_tail_.empty()) return 0;
+    torn_tail_.erase(0, write_some(torn_tail_, result.error));
+    if (!torn_tail_.empty()) return result;
   }
-  const std::size_t written = write_some(lines, error);
-  if (written == lines.size()) return written;
+  const std::size_t written = write_some(lines, result.error);
+  if (written == lines.size()) {
+    result.whole_bytes = written;
+    result.complete = true;
+    return result;
+  }
   const auto last_newline = written == 0 ? std::string_view::npos : lines.rfind('\n', written - 1);
-  const std::size_t whole = last_newline == std::string_view::npos ? 0 : last_newline + 1;
-  if (whole == written) return whole;
+  result.whole_bytes = last_newline == std::string_view::npos ? 0 : last_newline + 1;
+  if (result.whole_bytes == written) return result;
   // Part of a line is in the output. Cut it away (the line is written again, whole, next time),
-  // or where that is impossible, keep its rest to complete it first next time.
+  // or where that is impossible, keep its rest to complete it first next time (the line then
+  // counts as written).
   if (truncatable_) {
     const off_t end = ::lseek(fd_, 0, SEEK_END);
-    if (end >= 0 && ::ftruncate(fd_, end - static_cast<off_t>(written - whole)) == 0) {
-      return whole;
+    if (end >= 0 && ::ftruncate(fd_, end - static_cast<off_t>(written - result.whole_bytes)) == 0) {
+      return result;
     }
   }
   const std::size_t line_end = lines.find('\n', written) + 1;  // lines end in '\n'
   torn_tail_.assign(lines.substr(written, line_end - written));
-  return line_end;
+  result.whole_bytes = line_end;
+  return result;
 }
 
 void AuditLog::write_synchronously(std::string_view lines) {
-  int error = 0;
-  const std::size_t written = write_lines(lines, error);
-  if (written < lines.size()) {
-    const auto lost = lines_in(lines.substr(written));
+  const Written result = write_lines(lines);
+  if (!result.complete) {
+    const auto lost = lines_in(lines.substr(result.whole_bytes));
     metrics_.audit_dropped_lines_total.Increment(static_cast<double>(lost));
     spdlog::error("cannot write the audit log {}: {}; {} lines lost",
-                  path_ == "-" ? "(stdout)" : path_, describe_write_error(error), lost);
+                  path_ == "-" ? "(stdout)" : path_, describe_write_error(result.error), lost);
   }
 }
 

@@ -136,9 +136,14 @@ class AuditLog {
   void run_writer();
 
   // The output: the writer thread's, or (after close()) the caller's; output_mutex_ held.
-  /// Writes whole lines from `lines`; returns how many bytes of them are in the output now
-  /// (always whole lines; see the top of this file). `error`: the errno of a failed write.
-  std::size_t write_lines(std::string_view lines, int& error);
+  struct Written {
+    std::size_t whole_bytes = 0;  // of the lines given: in the output now, whole lines only
+    bool complete = false;        // every byte written, a cut line completed before
+    int error = 0;                // the errno of the write that failed (0: no progress)
+  };
+  /// Writes `lines` (whole lines) after completing a cut line, if any; the output ends at a
+  /// line boundary whatever happens (see the top of this file).
+  Written write_lines(std::string_view lines);
   /// write(2) until all of `bytes` is written or a write fails (counted); returns bytes written.
   std::size_t write_some(std::string_view bytes, int& error);
   /// After close(): writes `lines` now; those it cannot write are dropped and counted.
@@ -170,6 +175,7 @@ class AuditLog {
   std::uint64_t written_upto_ = 0;        // lines written so far
   std::uint64_t flush_waiters_ = 0;
   bool failing_ = false;
+  bool retry_ = false;  // the last write failed: try again after retry_interval
   std::uint64_t dropped_while_failing_ = 0;
   std::atomic<bool> refusing_{false};
   bool stopping_ = false;
