@@ -481,7 +481,7 @@ TEST_CASE(
   CHECK(seen.dropped() == 0);
 }
 
-TEST_CASE("--audit-fail-open: a failing log is counted and shown, key operations go on",
+TEST_CASE("failing open (--audit-fail-open): counted and shown, key operations go on",
           "[log][audit][failing]") {
   Observers seen;
   AuditLog audit("/dev/full", AuditOptions{.fail_open = true, .retry_interval = 10ms}, seen.metrics,

@@ -107,7 +107,7 @@ TEST_CASE("refusals: the first of a uid at once, then one line a second with the
   CHECK(lines[3].count == 1);
 }
 
-TEST_CASE("refusals: only policy refusals are audited; flush_all writes what is pending",
+TEST_CASE("refusals: only policy refusals are audited, and flush_all writes what is pending",
           "[log][refusals]") {
   AuditFile file;
   ConnectionRefusals refusals(file.audit());
