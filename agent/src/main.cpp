@@ -82,7 +82,8 @@ int run(int argc, char** argv) {
   std::unique_ptr<AuditLog> audit;
   std::unique_ptr<KeyService> keys;
   try {
-    audit = std::make_unique<AuditLog>(config.audit_log);
+    audit = std::make_unique<AuditLog>(
+        config.audit_log, AuditOptions{.fail_open = config.audit_fail_open}, metrics, health);
     const std::string module_path = config.hsm.module_path;
     keys = KeyService::open(std::move(config.hsm), metrics);
     metrics.build_info
@@ -158,9 +159,12 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  int code = kExitStartup;
   try {
-    return run(argc, argv);
+    code = run(argc, argv);
   } catch (const std::exception& e) {
-    return fail(std::string("fatal: ") + e.what(), kExitStartup);
+    code = fail(std::string("fatal: ") + e.what(), kExitStartup);
   }
+  spdlog::shutdown();  // the logger's thread writes what is queued
+  return code;
 }

@@ -10,8 +10,8 @@ namespace {
 /// Agent error codes that say "not now" rather than "no": the same request may succeed later.
 bool is_transient(const std::string& code) {
   using protocol::ErrorCode;
-  for (ErrorCode transient :
-       {ErrorCode::kHsmUnavailable, ErrorCode::kOverloaded, ErrorCode::kShuttingDown}) {
+  for (ErrorCode transient : {ErrorCode::kHsmUnavailable, ErrorCode::kOverloaded,
+                              ErrorCode::kShuttingDown, ErrorCode::kAuditUnavailable}) {
     if (code == protocol::to_string(transient)) {
       return true;
     }

@@ -17,8 +17,8 @@ namespace hsm::client {
 
 /// Thread-safe. The retry rules (see client.hpp): a failure is retried when the request never
 /// left this process, or when the call is idempotent and the connection was lost or the agent
-/// answered hsm_unavailable, overloaded or shutting_down; never past the deadline or
-/// RetryPolicy::max_attempts.
+/// answered hsm_unavailable, overloaded, shutting_down or audit_unavailable; never past the
+/// deadline or RetryPolicy::max_attempts.
 class CallRunner {
  public:
   explicit CallRunner(const ClientOptions& options);

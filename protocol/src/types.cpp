@@ -25,6 +25,7 @@ constexpr std::array kErrorCodeNames = {
     std::pair{ErrorCode::kOverloaded, std::string_view{"overloaded"}},
     std::pair{ErrorCode::kShuttingDown, std::string_view{"shutting_down"}},
     std::pair{ErrorCode::kDeadlineExceeded, std::string_view{"deadline_exceeded"}},
+    std::pair{ErrorCode::kAuditUnavailable, std::string_view{"audit_unavailable"}},
     std::pair{ErrorCode::kInternal, std::string_view{"internal"}},
 };
 

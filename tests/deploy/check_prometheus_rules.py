@@ -28,7 +28,7 @@ TESTS = os.path.join(PROM, "alerts.test.yaml")
 README = os.path.join(PROM, "README.md")
 
 EXPECTED_ALERTS = ["HsmAgentDown", "HsmDown", "HsmAgentHighErrorRatio", "HsmAgentSignLatencyHigh",
-                   "HsmAgentSessionsExhausted", "HsmAgentLoginFailures"]
+                   "HsmAgentSessionsExhausted", "HsmAgentLoginFailures", "HsmAgentAuditLogFailing"]
 
 passed = failed = 0
 

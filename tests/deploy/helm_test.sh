@@ -180,6 +180,7 @@ all_flags_args=(
   --shared-socket-dir
   --socket-group=65532 --metrics-listen=0.0.0.0:9464 --read-only --sessions=32
   --max-message-bytes=1048576 --log-level=debug --log-format=text --audit-log=/tmp/audit.log
+  --audit-fail-open
   --allow-uid=10001 --allow-uid=10002 --allow-gid=2000 --admin-uid=10003 --max-connections=2048
   --max-inflight-per-connection=128 --max-queue=8192 --request-timeout=3000
   --max-write-buffer=4194304 --idle-timeout=0 --shutdown-timeout=20 --probe-interval=5
@@ -189,6 +190,7 @@ all_flags_args=(
 agent_flags=(
   --module --token-label --slot-index --pin-file --socket --socket-mode --socket-group --shared-socket-dir
   --metrics-listen --read-only --sessions --max-message-bytes --log-level --log-format --audit-log
+  --audit-fail-open
   --policy --allow-uid --allow-gid --admin-uid --max-connections --max-inflight-per-connection
   --max-queue --request-timeout --max-write-buffer --idle-timeout --shutdown-timeout
   --probe-interval --rate-limit --rate-burst

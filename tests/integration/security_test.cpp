@@ -27,6 +27,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
@@ -104,9 +105,15 @@ int connect_as(const Identity& who, const std::string& path) {
   return fd;
 }
 
-/// Runs `body` in a child as `who` and returns what it returned (or "exception: ..."). The
-/// parent must have no threads of its own (no hsm::Client alive) when it calls this.
-std::string run_as(const Identity& who, const std::function<std::string()>& body) {
+/// A child started by start_as(): its pid and the read end of the pipe it reports through.
+struct ChildAs {
+  pid_t pid;
+  int report_fd;
+};
+
+/// Starts `body` in a child as `who`; collect() returns what it returned (or "exception: ...").
+/// The parent must have no threads of its own (no hsm::Client alive) when it calls this.
+ChildAs start_as(const Identity& who, const std::function<std::string()>& body) {
   int pipe_fds[2];
   REQUIRE(::pipe2(pipe_fds, O_CLOEXEC) == 0);
   const pid_t pid = ::fork();
@@ -129,27 +136,39 @@ std::string run_as(const Identity& who, const std::function<std::string()>& body
     ::_exit(0);
   }
   ::close(pipe_fds[1]);
+  return {pid, pipe_fds[0]};
+}
+
+/// What a child started by start_as() reported; it is killed if it has not finished in 120 s.
+std::string collect(const ChildAs& child) {
+  const int report_fd = child.report_fd;
+  const pid_t pid = child.pid;
   std::string out;
   const auto until = std::chrono::steady_clock::now() + 120s;
   char buffer[4096];
   for (;;) {
-    pollfd p{pipe_fds[0], POLLIN, 0};
+    pollfd p{report_fd, POLLIN, 0};
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
         until - std::chrono::steady_clock::now());
     if (left.count() <= 0) break;
     const int ready = ::poll(&p, 1, static_cast<int>(left.count()));
     if (ready < 0 && errno == EINTR) continue;
     if (ready <= 0) break;
-    const ssize_t n = ::read(pipe_fds[0], buffer, sizeof(buffer));
+    const ssize_t n = ::read(report_fd, buffer, sizeof(buffer));
     if (n <= 0) break;
     out.append(buffer, static_cast<std::size_t>(n));
   }
-  ::close(pipe_fds[0]);
+  ::close(report_fd);
   ::kill(pid, SIGKILL);  // no-op when it has finished; never leave a child behind
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   return out;
+}
+
+/// Runs `body` in a child as `who` and returns what it returned (or "exception: ...").
+std::string run_as(const Identity& who, const std::function<std::string()>& body) {
+  return collect(start_as(who, body));
 }
 
 // ---- requests sent on a connection made by another uid (RawConnection::adopt) ----------------
@@ -1436,4 +1455,122 @@ TEST_CASE(
       10s));
   WARN("agent VmRSS after the attackers left: " << rss_after << " KiB");
 #endif
+}
+
+// ---- a refused caller flooding the socket ---------------------------------------------------
+
+TEST_CASE("flood: a refused uid connecting in a loop cannot drown the audit trail or stall signing",
+          "[security][flood]") {
+  SoftHsmToken token;
+  SharedDir dir;
+  const auto audit_path = dir.path / "audit.log";
+  AgentProcess agent(
+      token, agent_options(dir, {"--allow-uid", "10001", "--audit-log", audit_path.string()}));
+  { hsm::Client(agent.socket_path()).generate_key("flood-key"); }
+  REQUIRE(wait_until([&] { return std::filesystem::file_size(audit_path) > 0; }));
+  const auto audit_before = std::filesystem::file_size(audit_path);
+  const auto log_before = agent.stderr_text().size();
+
+  // The refused uid connects and closes as fast as it can for 10 s; the allowed one signs at
+  // its own pace, 100 signatures a second, from 0.5 s into the flood to 0.5 s before its end.
+  constexpr auto kFlood = 10s;
+  const std::string socket = agent.socket_path();
+  const auto flood_started = std::chrono::steady_clock::now();
+  const ChildAs flooder = start_as(kStranger, [&] {
+    long connects = 0;
+    long failures = 0;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
+    const auto until = std::chrono::steady_clock::now() + kFlood;
+    while (std::chrono::steady_clock::now() < until) {
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+        ++connects;
+      } else {
+        ++failures;
+      }
+      ::close(fd);
+    }
+    return std::to_string(connects) + " " + std::to_string(failures);
+  });
+  const ChildAs signer = start_as(kApp, [&] {
+    std::this_thread::sleep_for(500ms);
+    // The client's default retries: its first connect may find the listen backlog full.
+    hsm::Client client(socket);
+    std::vector<double> latencies_ms;
+    const auto until = std::chrono::steady_clock::now() + kFlood - 1s;
+    for (auto next = std::chrono::steady_clock::now(); next < until; next += 10ms) {
+      std::this_thread::sleep_until(next);
+      const auto start = std::chrono::steady_clock::now();
+      (void)client.sign("flood-key", std::string_view("payload"));
+      latencies_ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+              .count());
+    }
+    std::sort(latencies_ms.begin(), latencies_ms.end());
+    const double p99 = latencies_ms.at(latencies_ms.size() * 99 / 100);
+    return std::to_string(latencies_ms.size()) + " " + std::to_string(p99) + " " +
+           std::to_string(latencies_ms.back());
+  });
+  const std::string signed_report = collect(signer);
+  const std::string flood_report = collect(flooder);
+  const double flood_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - flood_started).count();
+  INFO("signer: signatures p99_ms max_ms = " << signed_report);
+  INFO("flooder: connects failures = " << flood_report);
+
+  long connects = 0;
+  long failures = 0;
+  std::istringstream(flood_report) >> connects >> failures;
+  std::size_t signatures = 0;
+  double p99_ms = 1e9;
+  double max_ms = 0;
+  std::istringstream(signed_report) >> signatures >> p99_ms >> max_ms;
+  REQUIRE(connects > 0);
+  REQUIRE(signatures > 0);
+
+  // The allowed app keeps its pace.
+  CHECK(p99_ms < 50.0);
+
+  // Every refused connection is counted, exactly.
+  const auto rejected = [&] {
+    const auto [status, text] = agent.http_get("/metrics");
+    return status == 200
+               ? metric_sample(text, R"(hsm_agent_connections_rejected_total{reason="policy"})")
+               : -1.0;
+  };
+  CHECK(wait_until([&] { return rejected() == static_cast<double>(connects); }, 10s));
+  INFO("rejected counter " << rejected());
+
+  // The audit trail holds a summary, not a line per connection: at most one line per second for
+  // the uid, whose counts add up to every refusal once the last summary is written (a timer
+  // writes it a second after the previous one).
+  const auto flooder_lines = [&] {
+    std::vector<nlohmann::json> lines;
+    std::ifstream in(audit_path);
+    for (std::string line; std::getline(in, line);) {
+      auto parsed = nlohmann::json::parse(line);  // every line is JSON
+      if (parsed.value("event", "") == "connection_refused" &&
+          parsed["peer"]["uid"] == kStranger.uid) {
+        lines.push_back(std::move(parsed));
+      }
+    }
+    return lines;
+  };
+  const auto counted = [&] {
+    long sum = 0;
+    for (const auto& line : flooder_lines()) sum += line.value("count", 1L);
+    return sum;
+  };
+  CHECK(wait_until([&] { return counted() == connects; }, 10s));
+  INFO("refusals in the audit log " << counted());
+  CHECK(flooder_lines().size() <= static_cast<std::size_t>(flood_seconds) + 3);
+  CHECK(std::filesystem::file_size(audit_path) - audit_before < 1024 * 1024);
+
+  // The same for the log: one warning per second at most.
+  const std::string log = agent.stderr_text().substr(log_before);
+  CHECK(count_of(log, "connection refused (policy)") <= static_cast<int>(flood_seconds) + 3);
+  CHECK(log.size() < 256 * 1024);
+  CHECK(agent.running());
 }

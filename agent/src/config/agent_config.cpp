@@ -149,6 +149,9 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   add_option(app, "--audit-log", config.audit_log,
              "audit log file, reopened on SIGHUP; '-' is stdout")
       ->capture_default_str();
+  add_flag(app, "--audit-fail-open", config.audit_fail_open,
+           "keep answering key operations while the audit log cannot be written (its lost lines "
+           "are counted); default: refuse them with audit_unavailable until it can");
   add_option(app, "--policy", policy, "access policy file (YAML); see docs/policy.md");
   add_option(app, "--allow-uid", config.access.allow_uids,
              "without a policy: also allow this uid (non-admin methods); repeatable")

@@ -68,6 +68,9 @@ struct AgentConfig {
   std::string log_level = "info";
   LogFormat log_format = LogFormat::kText;
   std::string audit_log = "-";  // "-": stdout
+  /// --audit-fail-open: key operations go on while the audit log cannot be written (its lost
+  /// lines are counted); default: they are refused (audit_unavailable).
+  bool audit_fail_open = false;
 };
 
 /// A bad flag or value: the message is one line for the operator (no PIN ever appears in it).

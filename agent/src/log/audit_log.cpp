@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <ctime>
 #include <stdexcept>
 #include <string_view>
+#include <utility>
 
 #include "log/json_text.hpp"
 
@@ -51,9 +53,29 @@ void append_hex(std::string& out, const std::array<std::uint8_t, 32>& bytes) {
   }
 }
 
+bool is_regular_file(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::uint64_t lines_in(std::string_view bytes) {
+  return static_cast<std::uint64_t>(std::count(bytes.begin(), bytes.end(), '\n'));
+}
+
+std::string describe_write_error(int error) {
+  return error == 0 ? std::string("a write made no progress") : std::string(std::strerror(error));
+}
+
 }  // namespace
 
-AuditLog::AuditLog(std::string path) : path_(std::move(path)), fd_(open_output(path_)) {
+AuditLog::AuditLog(std::string path, AuditOptions options, AgentMetrics& metrics,
+                   HealthState& health)
+    : path_(std::move(path)),
+      options_(options),
+      metrics_(metrics),
+      health_(health),
+      fd_(open_output(path_)),
+      truncatable_(is_regular_file(fd_)) {
   writer_ = std::thread([this] { run_writer(); });
 }
 
@@ -62,9 +84,8 @@ AuditLog::~AuditLog() {
   if (fd_ != STDOUT_FILENO) ::close(fd_);
 }
 
-bool AuditLog::audited(protocol::Method method, std::optional<protocol::ErrorCode> code) noexcept {
+bool AuditLog::key_operation(protocol::Method method) noexcept {
   using protocol::Method;
-  if (code) return true;  // every denied or failed request
   switch (method) {
     case Method::kGenerateKey:
     case Method::kSign:
@@ -75,6 +96,10 @@ bool AuditLog::audited(protocol::Method method, std::optional<protocol::ErrorCod
     default:
       return false;
   }
+}
+
+bool AuditLog::audited(protocol::Method method, std::optional<protocol::ErrorCode> code) noexcept {
+  return code.has_value() || key_operation(method);  // every denied or failed request
 }
 
 std::string AuditLog::format(const AuditRecord& record) {
@@ -132,35 +157,40 @@ void AuditLog::record(const AuditRecord& record) {
   append(format(record));
 }
 
-void AuditLog::record_refused_connection(const Caller& caller) {
+void AuditLog::record_refused_connections(const Caller& caller, std::uint64_t count,
+                                          bool other_uids) {
   std::string line = R"({"time":")";
   append_time(line);
-  char rest[160];
+  char rest[200];
   std::snprintf(rest, sizeof(rest),
-                R"(","event":"connection_refused","result":"permission_denied",)"
-                R"("peer":{"pid":%d,"uid":%u,"gid":%u}})",
-                static_cast<int>(caller.pid), static_cast<unsigned>(caller.uid),
-                static_cast<unsigned>(caller.gid));
+                R"(","event":"connection_refused","result":"permission_denied","count":%llu,)"
+                R"("peer":{"pid":%d,"uid":%u,"gid":%u}%s})",
+                static_cast<unsigned long long>(count), static_cast<int>(caller.pid),
+                static_cast<unsigned>(caller.uid), static_cast<unsigned>(caller.gid),
+                other_uids ? R"(,"other_uids":true)" : "");
   line += rest;
-  append(line);
+  append(std::move(line));
 }
 
-void AuditLog::append(std::string_view line) {
+void AuditLog::append(std::string&& line) {
+  line += '\n';
   std::unique_lock lock(mutex_);
   if (closed_) {
     // After close() (an exit path): no writer thread; write on the caller's thread.
     lock.unlock();
-    std::string whole(line);
-    whole += '\n';
     std::lock_guard output(output_mutex_);
-    write_out(whole);
+    write_synchronously(line);
     return;
   }
-  // Backpressure: never drop an audit line; the caller waits for the writer instead.
-  written_.wait(lock, [&] { return pending_.size() < kMaxPendingBytes || stopping_; });
+  if (pending_.size() + in_flight_bytes_ + line.size() > options_.max_pending_bytes) {
+    // Never wait for the writer: the caller may be the event loop.
+    drop(1);
+    set_failing("its writer cannot keep up (" + std::to_string(options_.max_pending_bytes / 1024) +
+                " KiB of lines waiting)");
+    return;
+  }
   const bool was_empty = pending_.empty();
-  pending_.append(line);
-  pending_ += '\n';
+  pending_ += line;
   ++appended_;
   const bool wake = was_empty || pending_.size() >= kWakeBytes;
   lock.unlock();
@@ -172,47 +202,123 @@ void AuditLog::run_writer() {
   std::string batch;
   std::unique_lock lock(mutex_);
   for (;;) {
-    wake_writer_.wait(lock, [&] { return stopping_ || !pending_.empty(); });
-    if (pending_.empty()) return;  // stopping, nothing left
-    if (!stopping_ && flush_waiters_ == 0 && pending_.size() < kWakeBytes) {
+    wake_writer_.wait(lock, [&] { return stopping_ || !pending_.empty() || reopen_at_ || retry_; });
+    // Stopping with nothing left; a retry with no line pending only completes a cut line, which
+    // the exit does not wait for.
+    if (pending_.empty() && !reopen_at_ && (stopping_ || !retry_)) return;
+    if (!stopping_ && !retry_ && flush_waiters_ == 0 && !reopen_at_ &&
+        pending_.size() < kWakeBytes) {
       // Let the lines of the next few milliseconds join this write.
       wake_writer_.wait_for(lock, kBatchWindow, [&] {
-        return stopping_ || flush_waiters_ > 0 || pending_.size() >= kWakeBytes;
+        return stopping_ || flush_waiters_ > 0 || reopen_at_ || pending_.size() >= kWakeBytes;
       });
     }
-    batch.swap(pending_);  // pending_ takes the previous batch's capacity
-    const std::uint64_t upto = appended_;
+    const bool retrying = retry_;
+    // Lines recorded before a reopen() belong to the old file: this batch ends with them.
+    const bool reopen = reopen_at_.has_value();
+    const std::size_t take = reopen ? *reopen_at_ : pending_.size();
+    reopen_at_.reset();
+    if (take == pending_.size()) {
+      batch.swap(pending_);  // pending_ takes the previous batch's capacity
+    } else {
+      batch.assign(pending_, 0, take);
+      pending_.erase(0, take);
+    }
+    in_flight_bytes_ = batch.size();
     lock.unlock();
+    Written result;
     {
       std::lock_guard output(output_mutex_);
-      write_out(batch);
+      result = write_lines(batch);
+      if (reopen) reopen_output();
+    }
+    lock.lock();
+    in_flight_bytes_ = 0;
+    written_upto_ += lines_in(std::string_view(batch).substr(0, result.whole_bytes));
+    const bool failed = !result.complete;
+    retry_ = failed;
+    if (failed) {
+      // Kept, ahead of the lines recorded since; a pending reopen() still splits them right.
+      pending_.insert(0, batch, result.whole_bytes);
+      if (reopen_at_) *reopen_at_ += batch.size() - result.whole_bytes;
+      set_failing(describe_write_error(result.error));
+    } else if (failing_ && (!batch.empty() || retrying)) {
+      set_writable();
     }
     batch.clear();
-    lock.lock();
-    written_upto_ = upto;
     written_.notify_all();
-  }
-}
-
-void AuditLog::write_out(std::string_view bytes) {
-  while (!bytes.empty()) {
-    const ssize_t n = ::write(fd_, bytes.data(), bytes.size());
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      // Disk full, stdout closed: nothing to do but say so (once per file) and go on serving.
-      if (!reported_write_error_) {
-        reported_write_error_ = true;
-        spdlog::error("cannot write the audit log {}: {}", path_ == "-" ? "(stdout)" : path_,
-                      n < 0 ? std::strerror(errno) : "no progress");
-      }
+    if (!failed) continue;
+    if (stopping_) {
+      // The exit does not wait for a disk to get room: what is left is lost, and said so.
+      const auto lost = lines_in(pending_);
+      drop(lost);
+      pending_.clear();
+      reopen_at_.reset();
+      spdlog::error("{} audit lines could not be written before the exit", lost);
+      written_.notify_all();
       return;
     }
-    bytes.remove_prefix(static_cast<std::size_t>(n));
+    wake_writer_.wait_for(lock, options_.retry_interval, [&] { return stopping_; });
   }
 }
 
-void AuditLog::reopen() {
-  if (path_ == "-") return;
+std::size_t AuditLog::write_some(std::string_view bytes, int& error) {
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    const ssize_t n = ::write(fd_, bytes.data() + done, bytes.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      error = n < 0 ? errno : 0;
+      metrics_.audit_write_errors_total.Increment();
+      break;
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
+
+AuditLog::Written AuditLog::write_lines(std::string_view lines) {
+  Written result;
+  // A line an earlier attempt cut on an output that cannot be truncated is completed first.
+  if (!torn_tail_.empty()) {
+    torn_tail_.erase(0, write_some(torn_tail_, result.error));
+    if (!torn_tail_.empty()) return result;
+  }
+  const std::size_t written = write_some(lines, result.error);
+  if (written == lines.size()) {
+    result.whole_bytes = written;
+    result.complete = true;
+    return result;
+  }
+  const auto last_newline = written == 0 ? std::string_view::npos : lines.rfind('\n', written - 1);
+  result.whole_bytes = last_newline == std::string_view::npos ? 0 : last_newline + 1;
+  if (result.whole_bytes == written) return result;
+  // Part of a line is in the output. Cut it away (the line is written again, whole, next time),
+  // or where that is impossible, keep its rest to complete it first next time (the line then
+  // counts as written).
+  if (truncatable_) {
+    const off_t end = ::lseek(fd_, 0, SEEK_END);
+    if (end >= 0 && ::ftruncate(fd_, end - static_cast<off_t>(written - result.whole_bytes)) == 0) {
+      return result;
+    }
+  }
+  const std::size_t line_end = lines.find('\n', written) + 1;  // lines end in '\n'
+  torn_tail_.assign(lines.substr(written, line_end - written));
+  result.whole_bytes = line_end;
+  return result;
+}
+
+void AuditLog::write_synchronously(std::string_view lines) {
+  const Written result = write_lines(lines);
+  if (!result.complete) {
+    const auto lost = lines_in(lines.substr(result.whole_bytes));
+    metrics_.audit_dropped_lines_total.Increment(static_cast<double>(lost));
+    spdlog::error("cannot write the audit log {}: {}; {} lines lost",
+                  path_ == "-" ? "(stdout)" : path_, describe_write_error(result.error), lost);
+  }
+}
+
+void AuditLog::reopen_output() {
   int fresh = -1;
   try {
     fresh = open_output(path_);
@@ -220,17 +326,31 @@ void AuditLog::reopen() {
     spdlog::error("cannot reopen audit log, keeping the old file: {}", e.what());
     return;
   }
-  // Every line recorded before the reopen belongs to the old file (logrotate moved it and
-  // signalled us; what it asked for must be complete there). Lines recorded concurrently with
-  // the swap may land in either file, but in order: old-file lines all precede new-file ones.
-  flush();
-  {
-    std::lock_guard output(output_mutex_);
-    ::close(fd_);
-    fd_ = fresh;
-    reported_write_error_ = false;
+  if (!torn_tail_.empty()) {  // the old file's last line, completed if it still can be
+    int error = 0;
+    (void)write_some(torn_tail_, error);
+    torn_tail_.clear();
   }
+  if (fd_ != STDOUT_FILENO) ::close(fd_);
+  fd_ = fresh;
+  truncatable_ = is_regular_file(fd_);
   spdlog::info("audit log reopened: {}", path_);
+}
+
+void AuditLog::reopen() {
+  if (path_ == "-") return;
+  std::unique_lock lock(mutex_);
+  if (closed_) {
+    lock.unlock();
+    std::lock_guard output(output_mutex_);
+    reopen_output();
+    return;
+  }
+  // Every line recorded before the reopen belongs to the old file (logrotate moved it and
+  // signalled us; what it asked for must be complete there).
+  reopen_at_ = pending_.size();
+  lock.unlock();
+  wake_writer_.notify_one();
 }
 
 void AuditLog::flush() {
@@ -239,7 +359,7 @@ void AuditLog::flush() {
   const std::uint64_t target = appended_;
   ++flush_waiters_;
   wake_writer_.notify_one();
-  written_.wait(lock, [&] { return written_upto_ >= target; });
+  written_.wait(lock, [&] { return written_upto_ >= target || failing_; });
   --flush_waiters_;
 }
 
@@ -251,18 +371,53 @@ void AuditLog::close() {
   }
   wake_writer_.notify_one();
   written_.notify_all();
-  // The writer writes everything pending before it returns.
+  // The writer makes one more attempt at everything pending before it returns.
   if (writer_.joinable()) writer_.join();
   std::string leftover;
+  bool reopen = false;
   {
     std::lock_guard lock(mutex_);
     closed_ = true;
     // Lines appended after the writer's last look: from here on append() writes directly.
     leftover.swap(pending_);
+    reopen = reopen_at_.has_value();
+    reopen_at_.reset();
     written_upto_ = appended_;
   }
   std::lock_guard output(output_mutex_);
-  write_out(leftover);
+  write_synchronously(leftover);
+  if (reopen) reopen_output();
+}
+
+void AuditLog::drop(std::uint64_t lines) {
+  if (lines == 0) return;
+  metrics_.audit_dropped_lines_total.Increment(static_cast<double>(lines));
+  dropped_while_failing_ += lines;
+}
+
+void AuditLog::set_failing(const std::string& problem) {
+  if (failing_) return;
+  failing_ = true;
+  dropped_while_failing_ = 0;
+  refusing_.store(!options_.fail_open, std::memory_order_release);
+  metrics_.audit_failing.Set(1);
+  const char* consequence = options_.fail_open
+                                ? "key operations go on (--audit-fail-open); lines that do not "
+                                  "fit the writer's queue are dropped"
+                                : "key operations are refused until it can";
+  spdlog::error("cannot write the audit log {}: {}; {}", path_ == "-" ? "(stdout)" : path_, problem,
+                consequence);
+  health_.set_audit_problem("audit log cannot be written (" + problem + "); " + consequence,
+                            !options_.fail_open);
+}
+
+void AuditLog::set_writable() {
+  failing_ = false;
+  refusing_.store(false, std::memory_order_release);
+  metrics_.audit_failing.Set(0);
+  health_.set_audit_problem(std::nullopt, false);
+  spdlog::warn("the audit log {} is written again ({} lines dropped meanwhile)",
+               path_ == "-" ? "(stdout)" : path_, dropped_while_failing_);
 }
 
 }  // namespace hsm::agent

@@ -125,6 +125,23 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                                           "budget had no room for it")
                                     .Register(registry)
                                     .Add({})),
+      audit_dropped_lines_total(
+          BuildCounter()
+              .Name("hsm_agent_audit_dropped_lines_total")
+              .Help("Audit lines lost: the writer's queue was full, or they were unwritten at exit")
+              .Register(registry)
+              .Add({})),
+      audit_write_errors_total(BuildCounter()
+                                   .Name("hsm_agent_audit_write_errors_total")
+                                   .Help("Writes to the audit log that failed, retries included")
+                                   .Register(registry)
+                                   .Add({})),
+      audit_failing(BuildGauge()
+                        .Name("hsm_agent_audit_failing")
+                        .Help("1 while the audit log cannot be written (key operations refused "
+                              "unless --audit-fail-open), else 0")
+                        .Register(registry)
+                        .Add({})),
       build_info(BuildGauge()
                      .Name("hsm_agent_build_info")
                      .Help("Always 1; labels tell the agent version, PKCS#11 module and token")

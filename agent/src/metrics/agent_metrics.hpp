@@ -82,6 +82,15 @@ class AgentMetrics {
   /// Times a connection stopped reading because the budget had no room for it.
   prometheus::Counter& memory_budget_waits_total;
 
+  // the audit log (log/audit_log.hpp)
+  /// Lines lost: not queued because the writer's queue was full, or still unwritten at exit.
+  prometheus::Counter& audit_dropped_lines_total;
+  /// write(2) calls on the audit log that failed (retries included).
+  prometheus::Counter& audit_write_errors_total;
+  /// 1 while the audit log cannot be written (a write failed, or a line was dropped) and no
+  /// write has succeeded since; key operations are refused then unless --audit-fail-open.
+  prometheus::Gauge& audit_failing;
+
   prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
 
   /// The counter for one (method, code) pair; nullopt is success (code="ok"). Cached: a lookup
@@ -92,7 +101,8 @@ class AgentMetrics {
 
  private:
   static constexpr std::size_t kMethods = 11;
-  static constexpr std::size_t kCodes = 15;  // every ErrorCode + "ok"
+  static constexpr std::size_t kCodes = 16;  // every ErrorCode + "ok"
+  static_assert(kCodes == static_cast<std::size_t>(protocol::ErrorCode::kInternal) + 2);
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, kMethods> request_counters_{};
   std::array<prometheus::Histogram*, kMethods> request_histograms_{};
 };

@@ -1,5 +1,6 @@
-// HealthState: what /healthz and /readyz answer. Written by the loop thread (heartbeat) and the
-// token probe / recovery code (readiness); read by the HTTP threads. Thread-safe.
+// HealthState: what /healthz and /readyz answer. Written by the loop thread (heartbeat), the
+// token probe / recovery code and the audit log's writer (readiness); read by the HTTP threads.
+// Thread-safe.
 #pragma once
 
 #include <atomic>
@@ -43,7 +44,25 @@ class HealthState {
   [[nodiscard]] std::optional<std::string> not_ready_reason() const {
     if (draining_.load(std::memory_order_acquire)) return std::string("draining");
     std::lock_guard lock(mutex_);
-    return socket_problem_ ? socket_problem_ : not_ready_reason_;
+    if (socket_problem_) return socket_problem_;
+    if (not_ready_reason_) return not_ready_reason_;
+    if (audit_problem_ && audit_refuses_) return audit_problem_;
+    return std::nullopt;
+  }
+
+  /// The audit log cannot be written: `problem` says why (nullopt: it can again). When
+  /// `refuses_key_operations` (the agent fails closed) the agent is not ready, with `problem` as
+  /// the reason; else (--audit-fail-open) it stays ready and readiness_note() carries it.
+  void set_audit_problem(std::optional<std::string> problem, bool refuses_key_operations) {
+    std::lock_guard lock(mutex_);
+    audit_problem_ = std::move(problem);
+    audit_refuses_ = refuses_key_operations;
+  }
+  /// For a ready agent: a problem that does not stop it from serving, shown by /readyz.
+  [[nodiscard]] std::optional<std::string> readiness_note() const {
+    std::lock_guard lock(mutex_);
+    if (audit_problem_ && !audit_refuses_) return audit_problem_;
+    return std::nullopt;
   }
   /// Shutdown began (SIGTERM): not ready from now on, whatever the token probe says, so that
   /// Kubernetes stops routing to the pod while in-flight requests drain. One way.
@@ -59,6 +78,8 @@ class HealthState {
   mutable std::mutex mutex_;
   std::optional<std::string> not_ready_reason_{"starting"};
   std::optional<std::string> socket_problem_;
+  std::optional<std::string> audit_problem_;
+  bool audit_refuses_ = false;
 };
 
 }  // namespace hsm::agent

@@ -236,6 +236,9 @@ class HttpEndpoint::Server {
       if (const auto reason = health_.not_ready_reason()) {
         return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", *reason + "\n"};
       }
+      if (const auto note = health_.readiness_note()) {
+        return {MHD_HTTP_OK, "text/plain", "ready; " + *note + "\n"};
+      }
       return {MHD_HTTP_OK, "text/plain", "ready\n"};
     }
     return {MHD_HTTP_NOT_FOUND, "text/plain", "not found\n"};

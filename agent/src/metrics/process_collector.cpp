@@ -10,6 +10,8 @@
 #include <sstream>
 #include <string>
 
+#include "log/logging.hpp"
+
 namespace hsm::agent {
 namespace {
 
@@ -90,6 +92,9 @@ std::vector<prometheus::MetricFamily> ProcessCollector::Collect() const {
     families.push_back(gauge_family("process_max_fds", "Maximum number of open file descriptors",
                                     static_cast<double>(limit.rlim_cur)));
   }
+  families.push_back(gauge_family(
+      "hsm_agent_log_dropped_lines_total", "Log lines dropped because the logger's queue was full",
+      static_cast<double>(dropped_log_lines()), prometheus::MetricType::Counter));
   return families;
 }
 

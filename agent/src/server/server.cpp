@@ -34,6 +34,10 @@ constexpr auto kCloseFlushLimit = std::chrono::seconds(2);
 // written at the deadline reach a client that reads. Then whatever is unsent is dropped.
 constexpr auto kFinalFlushGrace = std::chrono::milliseconds(500);
 
+// Connections accepted per loop iteration; the next one waits for the following iteration, so
+// that a caller connecting in a loop cannot keep the loop from reading the others.
+constexpr std::size_t kAcceptsPerTurn = 16;
+
 // A sign runs on the thread that read it only while the token's signs take less than this on
 // average (SoftHSMv2 ES256: ~70 us): a slow token (a network HSM) gains nothing from it, and its
 // calls would have the loop handed over every time.
@@ -202,6 +206,7 @@ void Server::run(const std::function<void()>& on_listening,
         auto* self = static_cast<Server*>(timer->loop->data);
         self->deps_.health.heartbeat();
         self->watch_socket();
+        self->refusals_.flush_due(SteadyClock::now());
         self->sweep_idle();
         self->close_slow_messages();
         self->watch_memory();
@@ -216,8 +221,11 @@ void Server::run(const std::function<void()>& on_listening,
   // a wake-up answered (deadline_exceeded, shutdown) leaves at once rather than with the next
   // event (issue 15: deadlines were answered on the one-second tick).
   uv_check_init(&loop_, &flush_check_);
-  uv_check_start(&flush_check_,
-                 [](uv_check_t* check) { static_cast<Server*>(check->loop->data)->flush_dirty(); });
+  uv_check_start(&flush_check_, [](uv_check_t* check) {
+    auto* self = static_cast<Server*>(check->loop->data);
+    self->flush_dirty();
+    self->resume_accepting();
+  });
   uv_prepare_init(&loop_, &flush_prepare_);
   uv_prepare_start(&flush_prepare_, [](uv_prepare_t* prepare) {
     static_cast<Server*>(prepare->loop->data)->flush_dirty();
@@ -417,29 +425,38 @@ void Server::report_socket_problem(const std::string& problem) {
 }
 
 void Server::accept_one() {
+  // libuv's listener callback accepts until the backlog is empty, and a caller that connects in
+  // a loop keeps it from emptying: the loop would read no one else. After kAcceptsPerTurn,
+  // leave the next connection pending (libuv stops watching the listener) until the check
+  // phase, after this iteration's reads.
+  if (accepts_this_turn_ >= kAcceptsPerTurn) {
+    accept_deferred_ = true;
+    return;
+  }
+  ++accepts_this_turn_;
   auto* connection = Connection::accept(reinterpret_cast<uv_stream_t*>(&listener_),
                                         next_connection_id_++, *this, connection_limits_);
   if (connection == nullptr) return;
   const Caller& caller = connection->caller();
-  std::string_view reject_reason;
+  std::optional<RefusalReason> refusal;
   const auto same_uid = uid_connections_.find(caller.uid);
   if (shutting_down_) {
-    reject_reason = "shutting_down";
+    refusal = RefusalReason::kShuttingDown;
   } else if (connections_.size() >= deps_.config.limits.max_connections) {
-    reject_reason = "max_connections";
+    refusal = RefusalReason::kMaxConnections;
   } else if (same_uid != uid_connections_.end() &&
              same_uid->second >= deps_.config.limits.max_connections_per_uid) {
-    reject_reason = "max_connections_per_uid";
+    refusal = RefusalReason::kMaxConnectionsPerUid;
   } else if (!deps_.access.admits(caller)) {
-    reject_reason = "policy";
+    refusal = RefusalReason::kPolicy;
   }
   connections_.emplace(connection->id(), connection);
-  if (!reject_reason.empty()) {
-    deps_.metrics.connections_rejected_total.Add({{"reason", std::string(reject_reason)}})
+  if (refusal) {
+    // Counted exactly; logged and audited as a summary per uid (a caller connecting in a loop
+    // must not drown the audit trail: log/connection_refusals.hpp).
+    deps_.metrics.connections_rejected_total.Add({{"reason", std::string(to_string(*refusal))}})
         .Increment();
-    spdlog::warn("connection refused ({}): pid {} uid {} gid {}", reject_reason, caller.pid,
-                 caller.uid, caller.gid);
-    if (reject_reason == "policy") deps_.audit.record_refused_connection(caller);
+    refusals_.refused(caller, *refusal, SteadyClock::now());
     connection->close();
     return;
   }
@@ -451,6 +468,13 @@ void Server::accept_one() {
   spdlog::debug("connection {} from pid {} uid {} gid {}", connection->id(), caller.pid, caller.uid,
                 caller.gid);
   connection->start();
+}
+
+void Server::resume_accepting() {
+  accepts_this_turn_ = 0;
+  if (!accept_deferred_) return;
+  accept_deferred_ = false;
+  if (listening_) accept_one();  // takes the pending connection; libuv watches the listener again
 }
 
 void Server::on_closed(Connection& connection) {
@@ -579,6 +603,15 @@ void Server::dispatch(Connection& connection, protocol::Request&& request, std::
   }
   if (auto denied = deps_.access.authorize(connection.caller(), request)) {
     answer_now(connection, request, {request.msgid, std::move(*denied)}, received);
+    return;
+  }
+  // Fail closed: no key operation while its audit line may not be written (log/audit_log.hpp).
+  if (AuditLog::key_operation(request.method) && deps_.audit.refuses_key_operations()) {
+    answer_now(connection, request,
+               error_response(request.msgid, ErrorCode::kAuditUnavailable,
+                              "the agent's audit log cannot be written; key operations are "
+                              "refused until it can (retry later)"),
+               received);
     return;
   }
   // After the access check (a denied request uses no tokens), before any work. The limit counts
@@ -829,6 +862,7 @@ void Server::on_signal(int signum) {
     // A second SIGTERM/SIGINT: the operator wants out now.
     spdlog::warn("second termination signal: exiting at once");
     remove_socket_if_ours(deps_.config.socket_path, socket_file_);
+    refusals_.flush_all();
     deps_.audit.close();  // every audit line recorded so far is written
     spdlog::shutdown();
     std::_Exit(1);
@@ -894,6 +928,7 @@ void Server::begin_shutdown() {
 void Server::finish_shutdown() {
   if (finished_) return;
   finished_ = true;
+  refusals_.flush_all();  // the counts still pending, before the audit log closes
   // Whatever is still in flight gets a clear answer before its connection closes.
   while (!deadlines_.empty()) {
     auto call = deadlines_.pop().call.lock();

@@ -27,6 +27,7 @@
 
 #include "config/agent_config.hpp"
 #include "log/audit_log.hpp"
+#include "log/connection_refusals.hpp"
 #include "metrics/agent_metrics.hpp"
 #include "metrics/health_state.hpp"
 #include "server/call.hpp"
@@ -102,6 +103,8 @@ class Server final : public ConnectionEvents {
   void report_socket_problem(const std::string& problem);
   void request_reload();
   void accept_one();
+  /// The check phase of each loop iteration: accepts again after accept_one() deferred.
+  void resume_accepting();
   void dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes);
   void answer_now(Connection& connection, const protocol::Request& request,
                   protocol::Response&& response, SteadyClock::time_point received);
@@ -159,6 +162,9 @@ class Server final : public ConnectionEvents {
   std::function<void()> on_reload_;
 
   std::unordered_map<std::uint64_t, Connection*> connections_;
+  ConnectionRefusals refusals_{deps_.audit};  // log and audit lines of refused connections
+  std::size_t accepts_this_turn_ = 0;         // accepts in this loop iteration
+  bool accept_deferred_ = false;              // a connection left pending until the check phase
   std::uint64_t next_connection_id_ = 1;
   std::vector<Connection*> dirty_;
   std::unordered_map<uid_t, std::size_t> uid_connections_;  // admitted connections per uid

@@ -23,7 +23,8 @@
 // after the agent goes away, with capped exponential backoff and jitter between attempts
 // (ClientOptions::retry). Idempotent calls (sign, verify, get_public_key, list_keys, get_jwks,
 // health, capabilities) are retried within their deadline when the connection is lost or the
-// agent answers hsm_unavailable, overloaded or shutting_down. generate_key and delete_key are
+// agent answers hsm_unavailable, overloaded, shutting_down or audit_unavailable (its audit log
+// cannot be written for now: it refuses key operations). generate_key and delete_key are
 // retried only when the request certainly never left this process (the connect failed, or the
 // connection was found dead before a byte was written). A connection that died while idle (an
 // agent restart) is replaced by the next call at once, without counting as a retry. Other

@@ -182,6 +182,9 @@ numeric flags are one table.
 {{- with $a.auditLog }}
 - --audit-log={{ . }}
 {{- end }}
+{{- if $a.auditFailOpen }}
+- --audit-fail-open
+{{- end }}
 {{- if .v.policy.enabled }}
 - --policy={{ .v.policy.mountPath | trimSuffix "/" }}/policy.yaml
 {{- else }}

@@ -684,6 +684,9 @@ TEST_CASE("idempotent calls are retried after transient failures", "[client]") {
         connection->answer_error(request.msgid, ErrorCode::kOverloaded, "queue full");
         return;
       case 2:
+        connection->answer_error(request.msgid, ErrorCode::kAuditUnavailable, "disk full");
+        return;
+      case 3:
         connection->close();  // the answer is lost with the connection
         return;
       default:
@@ -694,7 +697,7 @@ TEST_CASE("idempotent calls are retried after transient failures", "[client]") {
 
   SECTION("sign") {
     CHECK(client.sign("k", std::string_view("m")) == bytes_of("m"));
-    CHECK(agent.count(Method::kSign) == 4);
+    CHECK(agent.count(Method::kSign) == 5);
     CHECK(agent.connections_accepted() == 2);
   }
   SECTION("but not generate_key") {

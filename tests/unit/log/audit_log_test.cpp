@@ -1,9 +1,13 @@
 // The audit log: the exact line AuditLog::format builds (field order, names, number formats,
 // escaping, optional fields), which requests are audited, and the file itself (created 0600,
 // whole lines under concurrent writers, reopened after rotation without losing a line, the old
-// file kept when the new one cannot be opened).
+// file kept when the new one cannot be opened); and what happens when the output fails or is
+// slow: record() never waits, lines that do not fit are dropped and counted, the log fails
+// closed until a write succeeds, and a write cut short never leaves half a line.
 #include "log/audit_log.hpp"
 
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -11,6 +15,7 @@
 #include <array>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <ctime>
 #include <filesystem>
@@ -23,9 +28,14 @@
 #include <thread>
 #include <vector>
 
+#include "audit_test_support.hpp"
+
 using hsm::agent::AuditLog;
+using hsm::agent::AuditOptions;
 using hsm::agent::AuditRecord;
 using hsm::agent::Caller;
+using hsm::agent::test::Observers;
+using hsm::agent::test::TempDir;
 using hsm::protocol::ErrorCode;
 using hsm::protocol::Method;
 using namespace std::chrono_literals;
@@ -51,25 +61,6 @@ std::array<std::uint8_t, 32> counting_bytes() {
   return bytes;
 }
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "hsm-audit-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
-
 std::vector<std::string> read_lines(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   std::vector<std::string> lines;
@@ -88,6 +79,17 @@ std::vector<std::string> wait_for_lines(const std::filesystem::path& path, std::
     lines = read_lines(path);
   }
   return lines;
+}
+
+// Polls `condition` for at most 10 s (state changes on the writer's thread).
+template <class Predicate>
+bool wait_until_state(Predicate condition) {
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (!condition()) {
+    if (std::chrono::steady_clock::now() >= until) return false;
+    std::this_thread::sleep_for(5ms);
+  }
+  return true;
 }
 
 AuditRecord sign_record(std::string kid) {
@@ -186,7 +188,7 @@ TEST_CASE("numbers: milliseconds with 3 decimals, ids unsigned", "[log][audit]")
   }
 }
 
-TEST_CASE("which requests are audited", "[log][audit]") {
+TEST_CASE("which requests are audited, and which are key operations", "[log][audit]") {
   const std::vector<Method> key_operations = {Method::kGenerateKey, Method::kSign, Method::kVerify,
                                               Method::kDeleteKey, Method::kSignBatch};
   for (const auto method : hsm::protocol::all_methods()) {
@@ -195,6 +197,7 @@ TEST_CASE("which requests are audited", "[log][audit]") {
     INFO("method " << hsm::protocol::to_string(method));
     // Successes: the key operations only (not capabilities, health, list_keys, ...).
     CHECK(AuditLog::audited(method, std::nullopt) == key_operation);
+    CHECK(AuditLog::key_operation(method) == key_operation);
     // Every denied or failed request, whatever its method.
     for (const auto code : hsm::protocol::all_error_codes()) {
       INFO("code " << hsm::protocol::to_string(code));
@@ -207,34 +210,41 @@ TEST_CASE("the audit file is created 0600 and gets one line per record", "[log][
   TempDir dir;
   const auto path = dir.path() / "audit.log";
   {
-    AuditLog audit(path.string());
+    Observers seen;
+    AuditLog audit(path.string(), {}, seen.metrics, seen.health);
     struct stat st {};
     REQUIRE(::stat(path.c_str(), &st) == 0);
     CHECK((st.st_mode & 0777) == 0600);
     audit.record(sign_record("first"));
-    audit.record_refused_connection(Caller{7, 1234, 5678});
+    audit.record_refused_connections(Caller{7, 1234, 5678}, 1, false);
+    audit.record_refused_connections(Caller{8, 1235, 5679}, 4096, true);
     audit.flush();
-    const auto lines = wait_for_lines(path, 2);
-    REQUIRE(lines.size() == 2);
+    const auto lines = wait_for_lines(path, 3);
+    REQUIRE(lines.size() == 3);
     CHECK(lines[0].find(R"("kid":"first")") != std::string::npos);
     const auto [time, rest] = split_time(lines[1]);
     CHECK(std::regex_match(time, kTimeShape));
-    CHECK(rest == R"(","event":"connection_refused","result":"permission_denied",)"
+    CHECK(rest == R"(","event":"connection_refused","result":"permission_denied","count":1,)"
                   R"("peer":{"pid":7,"uid":1234,"gid":5678}})");
+    CHECK(split_time(lines[2]).second ==
+          R"(","event":"connection_refused","result":"permission_denied","count":4096,)"
+          R"("peer":{"pid":8,"uid":1235,"gid":5679},"other_uids":true})");
   }
   // Appends to an existing file rather than truncating it.
-  AuditLog again(path.string());
-  again.record(sign_record("third"));
-  const auto lines = wait_for_lines(path, 3);
-  REQUIRE(lines.size() == 3);
-  CHECK(lines[2].find(R"("kid":"third")") != std::string::npos);
+  Observers seen;
+  AuditLog again(path.string(), {}, seen.metrics, seen.health);
+  again.record(sign_record("fourth"));
+  const auto lines = wait_for_lines(path, 4);
+  REQUIRE(lines.size() == 4);
+  CHECK(lines[3].find(R"("kid":"fourth")") != std::string::npos);
 }
 
 TEST_CASE("an audit file that cannot be opened is an error naming it", "[log][audit]") {
   TempDir dir;
   const auto path = dir.path() / "missing-directory" / "audit.log";
+  Observers seen;
   try {
-    AuditLog audit(path.string());
+    AuditLog audit(path.string(), {}, seen.metrics, seen.health);
     FAIL("opened an audit log in a directory that does not exist");
   } catch (const std::runtime_error& e) {
     CHECK(std::string(e.what()).find(path.string()) != std::string::npos);
@@ -244,7 +254,8 @@ TEST_CASE("an audit file that cannot be opened is an error naming it", "[log][au
 TEST_CASE("concurrent records stay whole lines", "[log][audit]") {
   TempDir dir;
   const auto path = dir.path() / "audit.log";
-  AuditLog audit(path.string());
+  Observers seen;
+  AuditLog audit(path.string(), {}, seen.metrics, seen.health);
   constexpr int kThreads = 4;
   constexpr int kPerThread = 500;
   std::vector<std::thread> threads;
@@ -269,7 +280,8 @@ TEST_CASE("reopen after rotation: old lines stay, new lines go to the new file",
   TempDir dir;
   const auto path = dir.path() / "audit.log";
   const auto rotated = dir.path() / "audit.log.1";
-  AuditLog audit(path.string());
+  Observers seen;
+  AuditLog audit(path.string(), {}, seen.metrics, seen.health);
   audit.record(sign_record("before-1"));
   audit.record(sign_record("before-2"));
   std::filesystem::rename(path, rotated);
@@ -295,7 +307,8 @@ TEST_CASE("reopen that fails keeps writing to the old file", "[log][audit]") {
   TempDir dir;
   const auto path = dir.path() / "audit.log";
   const auto rotated = dir.path() / "audit.log.1";
-  AuditLog audit(path.string());
+  Observers seen;
+  AuditLog audit(path.string(), {}, seen.metrics, seen.health);
   audit.record(sign_record("before"));
   std::filesystem::rename(path, rotated);
   std::filesystem::create_directory(path);  // the path cannot be opened as a file now
@@ -308,7 +321,8 @@ TEST_CASE("reopen that fails keeps writing to the old file", "[log][audit]") {
 }
 
 TEST_CASE("reopen on stdout does nothing", "[log][audit]") {
-  AuditLog audit("-");
+  Observers seen;
+  AuditLog audit("-", {}, seen.metrics, seen.health);
   CHECK_NOTHROW(audit.reopen());
 }
 
@@ -333,7 +347,8 @@ TEST_CASE("flush() and close() return only once every recorded line is in the fi
           "[log][audit]") {
   TempDir dir;
   const auto path = dir.path() / "audit.log";
-  AuditLog audit(path.string());
+  Observers seen;
+  AuditLog audit(path.string(), {}, seen.metrics, seen.health);
   constexpr std::size_t kLines = 5000;
   for (std::size_t i = 0; i < kLines; ++i) audit.record(sign_record("k" + std::to_string(i)));
   audit.flush();
@@ -350,4 +365,148 @@ TEST_CASE("flush() and close() return only once every recorded line is in the fi
   audit.reopen();  // and rotation still works, synchronously
   audit.record(sign_record("after-reopen"));
   CHECK(read_lines(path).size() == 2 * kLines + 2);
+}
+
+// ---- an output that is slow or fails ---------------------------------------------------------
+
+TEST_CASE(
+    "a writer that cannot keep up: record() never waits, the overflow is dropped and "
+    "counted, and the log fails closed until a write succeeds",
+    "[log][audit][failing]") {
+  std::signal(SIGPIPE, SIG_IGN);  // as the agent does: a reader gone is an error, not a kill
+  TempDir dir;
+  const auto fifo = dir.path() / "audit.fifo";
+  REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+  // A reader that reads nothing for now: the writer blocks once the pipe's buffer is full.
+  const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  REQUIRE(reader >= 0);
+  Observers seen;
+  AuditLog audit(fifo.string(), AuditOptions{.max_pending_bytes = 64 * 1024}, seen.metrics,
+                 seen.health);
+  CHECK_FALSE(audit.refuses_key_operations());
+
+  // Far more than the pipe (64 KiB) and the queue (64 KiB) hold: this returns, it never waits.
+  constexpr int kLines = 2000;
+  for (int i = 0; i < kLines; ++i) audit.record(sign_record("k" + std::to_string(i)));
+  CHECK(seen.dropped() > 0);
+  CHECK(audit.refuses_key_operations());
+  CHECK(seen.failing() == 1);
+  REQUIRE(seen.health.not_ready_reason().has_value());
+  CHECK(seen.health.not_ready_reason()->find("cannot keep up") != std::string::npos);
+
+  // The reader catches up: the writer's next write clears the state.
+  std::string text;
+  char buffer[65536];
+  const auto until = std::chrono::steady_clock::now() + 10s;
+  while (audit.refuses_key_operations() && std::chrono::steady_clock::now() < until) {
+    const ssize_t n = ::read(reader, buffer, sizeof(buffer));
+    if (n > 0) text.append(buffer, static_cast<std::size_t>(n));
+    std::this_thread::sleep_for(1ms);
+  }
+  CHECK_FALSE(audit.refuses_key_operations());
+  CHECK(seen.failing() == 0);
+  CHECK_FALSE(seen.health.not_ready_reason().has_value());
+  // What was not dropped arrives whole, in order.
+  audit.record(sign_record("last"));
+  while (text.find(R"("kid":"last")") == std::string::npos &&
+         std::chrono::steady_clock::now() < until) {
+    const ssize_t n = ::read(reader, buffer, sizeof(buffer));
+    if (n > 0) text.append(buffer, static_cast<std::size_t>(n));
+    std::this_thread::sleep_for(1ms);
+  }
+  ::close(reader);
+  REQUIRE(text.back() == '\n');
+  std::istringstream lines(text);
+  std::size_t count = 0;
+  std::string line;
+  int previous = -1;
+  while (std::getline(lines, line)) {
+    ++count;
+    REQUIRE(line.back() == '}');
+    const auto at = line.find(R"("kid":"k)");
+    if (at == std::string::npos) {
+      CHECK(line.find(R"("kid":"last")") != std::string::npos);
+      continue;
+    }
+    const int index = std::stoi(line.substr(at + 8));
+    CHECK(index > previous);
+    previous = index;
+  }
+  CHECK(count + static_cast<std::size_t>(seen.dropped()) == kLines + 1);
+}
+
+TEST_CASE(
+    "a write cut short leaves no half line: the file is cut back, the lines are kept and "
+    "written once there is room; meanwhile key operations are refused",
+    "[log][audit][failing]") {
+  TempDir dir;
+  const auto path = dir.path() / "audit.log";
+  Observers seen;
+  AuditLog audit(path.string(), AuditOptions{.retry_interval = 20ms}, seen.metrics, seen.health);
+  // A file size limit stands in for a full disk: write(2) writes up to it, then fails (EFBIG).
+  std::signal(SIGXFSZ, SIG_IGN);
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &saved) == 0);
+  // Three lines and half of the fourth.
+  const std::size_t line_size = AuditLog::format(sign_record("k0")).size() + 1;
+  const std::size_t limit = 3 * line_size + line_size / 2;
+  rlimit small = saved;
+  small.rlim_cur = limit;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+
+  constexpr std::size_t kLines = 10;
+  for (std::size_t i = 0; i < kLines; ++i) audit.record(sign_record("k" + std::to_string(i)));
+  audit.flush();  // returns: the log is failing
+  CHECK(audit.refuses_key_operations());
+  CHECK(seen.write_errors() >= 1);
+  CHECK(seen.failing() == 1);
+  REQUIRE(seen.health.not_ready_reason().has_value());
+  CHECK(seen.health.not_ready_reason()->find("audit log cannot be written") != std::string::npos);
+  // Whole lines only, though the limit fell inside the fourth.
+  CHECK(std::filesystem::file_size(path) == 3 * line_size);
+  const auto before = read_lines(path);
+  CHECK(before.size() == 3);
+  for (const auto& line : before) CHECK(line.back() == '}');
+
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &saved) == 0);
+  std::signal(SIGXFSZ, SIG_DFL);
+  const auto lines = wait_for_lines(path, kLines);
+  REQUIRE(lines.size() == kLines);
+  for (std::size_t i = 0; i < kLines; ++i) {
+    CHECK(lines.at(i).find(R"("kid":"k)" + std::to_string(i) + "\"") != std::string::npos);
+    CHECK(lines.at(i).back() == '}');
+  }
+  CHECK(wait_until_state([&] { return !audit.refuses_key_operations(); }));
+  CHECK(seen.failing() == 0);
+  CHECK(seen.dropped() == 0);
+}
+
+TEST_CASE("failing open (--audit-fail-open): counted and shown, key operations go on",
+          "[log][audit][failing]") {
+  Observers seen;
+  AuditLog audit("/dev/full", AuditOptions{.fail_open = true, .retry_interval = 10ms}, seen.metrics,
+                 seen.health);
+  audit.record(sign_record("lost"));
+  audit.flush();
+  CHECK(seen.failing() == 1);
+  CHECK(seen.write_errors() >= 1);
+  CHECK_FALSE(audit.refuses_key_operations());
+  CHECK_FALSE(seen.health.not_ready_reason().has_value());  // ready: it answers
+  REQUIRE(seen.health.readiness_note().has_value());
+  CHECK(seen.health.readiness_note()->find("audit log cannot be written") != std::string::npos);
+}
+
+TEST_CASE("close() on a log that cannot be written gives up at once and counts the lost lines",
+          "[log][audit][failing]") {
+  Observers seen;
+  AuditLog audit("/dev/full", AuditOptions{.retry_interval = 60s}, seen.metrics, seen.health);
+  for (int i = 0; i < 5; ++i) audit.record(sign_record("k" + std::to_string(i)));
+  audit.flush();
+  CHECK(audit.refuses_key_operations());
+  const auto started = std::chrono::steady_clock::now();
+  audit.close();  // no waiting for the 60 s retry
+  CHECK(std::chrono::steady_clock::now() - started < 10s);
+  CHECK(seen.dropped() == 5);
+  audit.record(sign_record("after-close"));  // written synchronously: fails, counted
+  CHECK(seen.dropped() == 6);
 }

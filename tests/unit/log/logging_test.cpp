@@ -36,7 +36,7 @@ std::vector<std::string> capture_stderr(const std::function<void()>& body) {
   ::dup2(fd, 2);
   ::close(fd);
   body();
-  spdlog::default_logger()->flush();
+  hsm::agent::flush_logs();
   std::fflush(stderr);
   ::dup2(saved, 2);
   ::close(saved);

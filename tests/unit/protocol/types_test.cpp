@@ -11,7 +11,7 @@ using namespace hsm::protocol;
 
 TEST_CASE("every error code has a unique wire name that parses back", "[types]") {
   const auto& codes = all_error_codes();
-  REQUIRE(codes.size() == 14);
+  REQUIRE(codes.size() == 15);
   std::set<std::string_view> names;
   for (const ErrorCode code : codes) {
     const std::string_view name = to_string(code);
@@ -23,6 +23,7 @@ TEST_CASE("every error code has a unique wire name that parses back", "[types]")
   CHECK(to_string(ErrorCode::kInvalidParams) == "invalid_params");
   CHECK(to_string(ErrorCode::kHsmUnavailable) == "hsm_unavailable");
   CHECK(to_string(ErrorCode::kDeadlineExceeded) == "deadline_exceeded");
+  CHECK(to_string(ErrorCode::kAuditUnavailable) == "audit_unavailable");
   CHECK(names.count("already_exists") == 1);
   CHECK_FALSE(parse_error_code("Invalid_Params").has_value());
   CHECK_FALSE(parse_error_code("").has_value());

@@ -43,6 +43,7 @@ enum class ErrorCode : std::uint8_t {
   kOverloaded,        // retryable
   kShuttingDown,
   kDeadlineExceeded,
+  kAuditUnavailable,  // the audit log cannot be written: key operations refused; retryable
   kInternal,
 };
 
