@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cerrno>
 #include <cstring>
@@ -428,7 +429,7 @@ TEST_CASE("policy: a caller granted sign on app-* signs with app keys and nothin
   CHECK(audited(agent, {R"("method":"list_keys")", R"("result":"permission_denied")", uid}));
 }
 
-TEST_CASE("policy: a uid that no rule selects is refused at accept, and audited",
+TEST_CASE("policy: a uid that no rule selects is refused, told why, and audited",
           "[security][policy]") {
   SoftHsmToken token;
   SharedDir dir;
@@ -436,16 +437,32 @@ TEST_CASE("policy: a uid that no rule selects is refused at accept, and audited"
   write_file(policy, app_policy());
   AgentProcess agent(token, agent_options(dir, {"--policy", policy.string()}));
 
-  // The kernel lets it in (it is in the socket's group); the agent closes at once, unanswered.
+  // The kernel lets it in (it is in the socket's group); the agent answers its first request
+  // with permission_denied, naming the uid and the policy, and closes (issue 15: it saw only
+  // "connection reset by peer" and chased socket permissions).
   auto stranger = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
   stranger.send(request(Method::kCapabilities));
-  CHECK_FALSE(stranger.receive_response(Method::kCapabilities, 10s).has_value());
+  const auto refused = stranger.receive_response(Method::kCapabilities, 10s);
+  REQUIRE(refused.has_value());
+  const auto error = error_of(refused);
+  REQUIRE(error.has_value());
+  CHECK(error->code == ErrorCode::kPermissionDenied);
+  CHECK(error->message.find("uid 10002") != std::string::npos);
+  CHECK(error->message.find("policy") != std::string::npos);
   CHECK(stranger.closed_by_peer());
+  // One that sends nothing is closed within about a second; one that sends more than a request
+  // may hold is closed at once.
+  auto silent = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
+  CHECK(silent.closed_by_peer(5s));
+  auto flood = RawConnection::adopt(connect_as(kStranger, agent.socket_path()));
+  (void)flood.send(std::string(64 * 1024, '\x94'));
+  CHECK(flood.closed_by_peer(5s));
   CHECK(audited(agent, {R"("event":"connection_refused")", R"("result":"permission_denied")",
                         peer_uid(kStranger)}));
   CHECK(agent.stderr_text().find("connection refused (policy)") != std::string::npos);
 
-  // hsm::Client as that uid gets no answer either; uid 10001 on the same socket is served.
+  // hsm::Client as that uid reports permission_denied, not a connection failure; uid 10001 on
+  // the same socket is served.
   const std::string report = run_as(kStranger, [&] {
     hsm::ClientOptions options;
     options.socket_path = agent.socket_path();
@@ -458,7 +475,22 @@ TEST_CASE("policy: a uid that no rule selects is refused at accept, and audited"
       return std::string("refused ") + e.code();
     }
   });
-  CHECK(report.rfind("refused ", 0) == 0);
+  CHECK(report == "refused permission_denied");
+  // hsmctl says so too: exit 3 (the agent's error, with its code), not 4 (cannot connect).
+  const std::string hsmctl_report = run_as(kStranger, [&] {
+    const std::string command = std::string("'") + HSMCTL_BINARY + "' --socket '" +
+                                agent.socket_path() + "' caps 2>&1";
+    FILE* pipe = ::popen(command.c_str(), "r");
+    if (pipe == nullptr) return std::string("popen failed");
+    std::string output;
+    std::array<char, 512> buffer{};
+    while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) output += buffer.data();
+    const int status = ::pclose(pipe);
+    return std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + " " + output;
+  });
+  INFO("hsmctl: " << hsmctl_report);
+  CHECK(hsmctl_report.rfind("3 ", 0) == 0);
+  CHECK(hsmctl_report.find("permission_denied") != std::string::npos);
   auto app = RawConnection::adopt(connect_as(kApp, agent.socket_path()));
   CHECK(succeeded(app.call(request(Method::kCapabilities))));
   CHECK(agent.running());

@@ -118,8 +118,12 @@ void Connection::resume() {
 
 void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
   auto* self = static_cast<Connection*>(handle->data);
-  const std::size_t room =
+  std::size_t room =
       self->budget_ ? self->budget_->read_room(*self->meter_, kReadChunkBytes) : kReadChunkBytes;
+  if (self->input_limit_ != 0) {
+    // One byte past the limit is room enough to see that the client sent more than allowed.
+    room = std::min(room, self->input_limit_ + 1 - std::min(self->input_read_, self->input_limit_));
+  }
   if (room == 0) {
     self->waiting_for_memory_ = true;
     *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS to on_read
@@ -150,6 +154,11 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
     return;
   }
   if (nread == 0) return;
+  self->input_read_ += static_cast<std::size_t>(nread);
+  if (self->input_limit_ != 0 && self->input_read_ > self->input_limit_) {
+    self->close();  // more than it may send
+    return;
+  }
   try {
     self->reader_.commit(static_cast<std::size_t>(nread));
   } catch (const protocol::FrameError& error) {

@@ -88,6 +88,9 @@ class Connection {
   }
   /// Reads again after on_waiting_for_memory(), unless paused or closing meanwhile.
   void read_again();
+  /// Reads at most `max_bytes` in all: the connection is closed when it would read more (a
+  /// refused caller's one request, answered with why, and nothing else). Call before start().
+  void limit_input(std::size_t max_bytes) noexcept { input_limit_ = max_bytes; }
   /// Not reading for want of memory (the owner calls read_again() later).
   [[nodiscard]] bool waiting_for_memory() const noexcept { return waiting_for_memory_; }
   /// Whether the client closed its side, seen without reading (a connection that does not read
@@ -129,6 +132,9 @@ class Connection {
   [[nodiscard]] const std::shared_ptr<ConnectionOutput>& output() const noexcept { return output_; }
   /// Whether the owner admitted it (counted in the connections gauge).
   bool admitted = false;
+  /// When the owner refused it by policy but reads its first request to answer why (nullopt:
+  /// not refused).
+  std::optional<std::chrono::steady_clock::time_point> refused_since;
 
  private:
   Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits);
@@ -158,6 +164,8 @@ class Connection {
   MemoryBudget::Charge read_charge_;
   std::optional<std::chrono::steady_clock::time_point> incomplete_since_;
   bool waiting_for_memory_ = false;
+  std::size_t input_limit_ = 0;  // 0: none
+  std::size_t input_read_ = 0;
   bool flush_scheduled_ = false;
   bool paused_ = false;
   bool reading_ = false;

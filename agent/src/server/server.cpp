@@ -34,6 +34,13 @@ constexpr auto kCloseFlushLimit = std::chrono::seconds(2);
 // written at the deadline reach a client that reads. Then whatever is unsent is dropped.
 constexpr auto kFinalFlushGrace = std::chrono::milliseconds(500);
 
+// A caller refused by policy learns why: its first request is answered permission_denied. Until
+// then it may send this much, for this long; and this many such connections are read at once
+// (beyond, they are closed unanswered, as before).
+constexpr std::size_t kRefusedInputBytes = 4096;
+constexpr auto kRefusedWait = std::chrono::seconds(1);
+constexpr std::size_t kMaxRefusedReading = 64;
+
 // Connections accepted per loop iteration; the next one waits for the following iteration, so
 // that a caller connecting in a loop cannot keep the loop from reading the others.
 constexpr std::size_t kAcceptsPerTurn = 16;
@@ -457,6 +464,15 @@ void Server::accept_one() {
     deps_.metrics.connections_rejected_total.Add({{"reason", std::string(to_string(*refusal))}})
         .Increment();
     refusals_.refused(caller, *refusal, SteadyClock::now());
+    if (*refusal == RefusalReason::kPolicy && refused_reading_ < kMaxRefusedReading) {
+      // Read its first request, a few KiB at most, for a second at most, to tell it why:
+      // "connection reset" would send its operator chasing socket permissions.
+      ++refused_reading_;
+      connection->refused_since = SteadyClock::now();
+      connection->limit_input(kRefusedInputBytes);
+      connection->start();
+      return;
+    }
     connection->close();
     return;
   }
@@ -479,6 +495,7 @@ void Server::resume_accepting() {
 
 void Server::on_closed(Connection& connection) {
   connections_.erase(connection.id());
+  if (connection.refused_since) --refused_reading_;
   if (connection.admitted) {
     deps_.metrics.connections.Decrement();
     const auto it = uid_connections_.find(connection.caller().uid);
@@ -534,7 +551,8 @@ void Server::watch_memory() {
 }
 
 void Server::close_slow_messages() {
-  const auto cutoff = SteadyClock::now() - deps_.config.limits.read_timeout;
+  const auto now = SteadyClock::now();
+  const auto cutoff = now - deps_.config.limits.read_timeout;
   std::vector<Connection*> slow;
   std::vector<Connection*> gone;
   for (auto& [id, connection] : connections_) {
@@ -543,6 +561,10 @@ void Server::close_slow_messages() {
     // until the read timeout, holding its bytes: look.
     if (connection->waiting_for_memory() && connection->peer_hung_up()) {
       gone.push_back(connection);
+      continue;
+    }
+    if (connection->refused_since && *connection->refused_since < now - kRefusedWait) {
+      gone.push_back(connection);  // refused, and sent no request in time
       continue;
     }
     const auto since = connection->incomplete_since();
@@ -565,6 +587,10 @@ void Server::on_frame_error(Connection& connection, const protocol::FrameError& 
 }
 
 void Server::on_message(Connection& connection, const msgpack::object& message, std::size_t bytes) {
+  if (connection.refused_since) {
+    answer_refused(connection, message);
+    return;
+  }
   auto decoded = protocol::decode_request(message);
   if (auto* failure = std::get_if<protocol::RequestDecodeError>(&decoded)) {
     if (failure->method && failure->msgid) {
@@ -590,6 +616,25 @@ void Server::on_message(Connection& connection, const msgpack::object& message, 
     return;
   }
   dispatch(connection, std::get<protocol::Request>(std::move(decoded)), bytes);
+}
+
+void Server::answer_refused(Connection& connection, const msgpack::object& message) {
+  const auto decoded = protocol::decode_request(message);
+  std::optional<std::uint32_t> msgid;
+  if (const auto* request = std::get_if<protocol::Request>(&decoded)) {
+    msgid = request->msgid;
+  } else {
+    msgid = std::get<protocol::RequestDecodeError>(decoded).msgid;
+  }
+  if (msgid) {
+    const Caller& caller = connection.caller();
+    connection.send(
+        encode(error_response(*msgid, ErrorCode::kPermissionDenied,
+                              "permission denied: the agent's access policy has no rule for uid " +
+                                  std::to_string(caller.uid) + " (gid " +
+                                  std::to_string(caller.gid) + "); this connection is closed")));
+  }
+  connection.close_after_flush();
 }
 
 void Server::dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes) {

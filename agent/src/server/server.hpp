@@ -77,6 +77,9 @@ class Server final : public ConnectionEvents {
   void on_message(Connection& connection, const msgpack::object& message,
                   std::size_t bytes) override;
   void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
+  /// A connection refused by policy sent its first message: answers permission_denied, naming
+  /// the uid, and closes.
+  void answer_refused(Connection& connection, const msgpack::object& message);
   void on_closed(Connection& connection) override;
   void on_output_pending(Connection& connection) override;
   void on_slow_reader(Connection& connection) override;
@@ -168,6 +171,7 @@ class Server final : public ConnectionEvents {
   std::uint64_t next_connection_id_ = 1;
   std::vector<Connection*> dirty_;
   std::unordered_map<uid_t, std::size_t> uid_connections_;  // admitted connections per uid
+  std::size_t refused_reading_ = 0;  // refused connections read for their first request
 
   MemoryBudget budget_;
   std::vector<std::uint64_t> memory_waiters_;  // connection ids
