@@ -603,11 +603,14 @@ TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queue
           "[reliability][deadline]") {
   // Every sign takes 2.5 s in the token: each request below ends at its own deadline, whether
   // it is running in the token, waiting for a session or waiting for a worker.
-  FaultyAgent agent({"--sessions", "2"}, "slow");
-  auto& [faults, env, pub] = agent;
+  // The rule is in place before the agent starts (nothing at start signs), and the module
+  // reads its rules on every call: no sign can slip through before the rule is seen.
+  FaultControl faults;
   faults.set("C_Sign delay_ms=2500");
-  // The module looks at its rules at most once a millisecond, on a call: give it that.
-  std::this_thread::sleep_for(20ms);
+  auto options = faults.agent_options({"--sessions", "2"});
+  options.env["HSM_FAULT_POLL_US"] = "0";
+  RunningAgent env(std::move(options));
+  env.client.generate_key("slow");
 
   SECTION("idle: one request at a time, at several timeouts") {
     auto connection = env.connect();
