@@ -7,6 +7,7 @@
 #include <set>
 #include <span>
 
+#include "hsm/protocol/codec.hpp"
 #include "keys/algorithm_support.hpp"
 #include "keys/ec_encoding.hpp"
 #include "keys/key_generation.hpp"
@@ -93,31 +94,10 @@ CK_OBJECT_HANDLE find_public_key(const pkcs11::Session& session,
   return found.size() == 1 ? found.front() : CK_INVALID_HANDLE;
 }
 
+// A label is listed as a kid only if a request could name it: the protocol's one kid rule.
 bool is_valid_kid(std::span<const std::uint8_t> label) {
-  if (label.empty() || label.size() > protocol::kMaxKidBytes) return false;
-  // UTF-8 without NUL (the protocol's kid rule): a well-formed sequence check.
-  for (std::size_t i = 0; i < label.size();) {
-    const std::uint8_t lead = label[i];
-    std::size_t extra = 0;
-    if (lead == 0) return false;
-    if (lead < 0x80) {
-      extra = 0;
-    } else if ((lead & 0xE0) == 0xC0 && lead >= 0xC2) {
-      extra = 1;
-    } else if ((lead & 0xF0) == 0xE0) {
-      extra = 2;
-    } else if ((lead & 0xF8) == 0xF0 && lead <= 0xF4) {
-      extra = 3;
-    } else {
-      return false;
-    }
-    if (i + extra >= label.size() && extra != 0) return false;
-    for (std::size_t k = 1; k <= extra; ++k) {
-      if ((label[i + k] & 0xC0) != 0x80) return false;
-    }
-    i += extra + 1;
-  }
-  return true;
+  return !protocol::kid_problem(
+      std::string_view(reinterpret_cast<const char*>(label.data()), label.size()));
 }
 
 // The key's type, curve or size, default alg and public key, from the private key object and

@@ -11,6 +11,7 @@
 #include <iterator>
 
 #include "fixtures/openssl_check.hpp"
+#include "hsm/protocol/codec.hpp"
 #include "service_fixture.hpp"
 
 using namespace hsm::agent;
@@ -127,6 +128,26 @@ TEST_CASE("the P-256 key of issue 2's done-when is used as kid X", "[external]")
   const auto listed = svc.ok<protocol::ListKeysResult>(Method::kListKeys, protocol::EmptyParams{});
   REQUIRE(listed.keys.size() == 1);
   CHECK(listed.keys[0].kid == "X");
+}
+
+TEST_CASE("list_keys lists only labels that are valid kids: what it lists, sign accepts",
+          "[external]") {
+  // One kid rule (protocol::kid_problem): a label that is not well-formed UTF-8 by that rule
+  // (an overlong encoding, a UTF-16 surrogate) is not a kid, so list_keys must not offer it.
+  // It once had a weaker check of its own, and listed kids that every sign then refused.
+  SoftHsmToken token("kid-rule");
+  OpenService svc(token);
+  keypairgen(token, "EC:prime256v1", "good-kid");
+  const std::string overlong = "\xE0\x80\xAF-overlong";  // '/' in three bytes
+  const std::string surrogate = "\xED\xA0\x80-surrogate";
+  keypairgen(token, "EC:prime256v1", overlong);
+  keypairgen(token, "EC:prime256v1", surrogate);
+  REQUIRE(protocol::kid_problem(overlong).has_value());
+  REQUIRE(protocol::kid_problem(surrogate).has_value());
+  const auto listed = svc.ok<protocol::ListKeysResult>(Method::kListKeys, protocol::EmptyParams{});
+  std::vector<std::string> kids;
+  for (const auto& key : listed.keys) kids.push_back(key.kid);
+  CHECK(kids == std::vector<std::string>{"good-kid"});
 }
 
 TEST_CASE("keys made by the agent are sensitive and never extractable to pkcs11-tool",
