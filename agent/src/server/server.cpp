@@ -181,19 +181,12 @@ Server::~Server() {
   }
 }
 
-void Server::request_shutdown() {
-  uv_async_send(&shutdown_async_);
-}
-
 void Server::run(const std::function<void()>& on_listening,
                  const std::function<void()>& on_reload) {
   on_reload_ = on_reload;
 
   uv_async_init(&loop_, &completions_async_, [](uv_async_t* async) {
     static_cast<Server*>(async->loop->data)->drain_completions();
-  });
-  uv_async_init(&loop_, &shutdown_async_, [](uv_async_t* async) {
-    static_cast<Server*>(async->loop->data)->begin_shutdown();
   });
   uv_async_init(&loop_, &memory_async_, [](uv_async_t* async) {
     static_cast<Server*>(async->loop->data)->resume_memory_waiters();
@@ -1016,10 +1009,9 @@ void Server::finish_shutdown() {
   uv_close(as_handle(&memory_async_), nullptr);
   // The workers are stopped (or abandoned) by run() once the loop has ended.
   for (auto* handle :
-       {as_handle(&completions_async_), as_handle(&shutdown_async_), as_handle(&deadline_timer_),
-        as_handle(&tick_timer_), as_handle(&drain_timer_), as_handle(&flush_check_),
-        as_handle(&flush_prepare_), as_handle(&sigterm_), as_handle(&sigint_),
-        as_handle(&sighup_)}) {
+       {as_handle(&completions_async_), as_handle(&deadline_timer_), as_handle(&tick_timer_),
+        as_handle(&drain_timer_), as_handle(&flush_check_), as_handle(&flush_prepare_),
+        as_handle(&sigterm_), as_handle(&sigint_), as_handle(&sighup_)}) {
     if (!uv_is_closing(handle)) uv_close(handle, nullptr);
   }
   // Connections finish flushing and close; then uv_run returns.

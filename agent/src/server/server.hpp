@@ -70,9 +70,6 @@ class Server final : public ConnectionEvents {
   /// answering); never two at once, and SIGHUPs that arrive meanwhile make one more run after it.
   void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
 
-  /// Asks the loop to shut down as on SIGTERM. Thread-safe.
-  void request_shutdown();
-
   // ConnectionEvents (loop thread)
   void on_message(Connection& connection, const msgpack::object& message,
                   std::size_t bytes) override;
@@ -152,7 +149,6 @@ class Server final : public ConnectionEvents {
   uv_loop_t loop_{};
   uv_pipe_t listener_{};
   uv_async_t completions_async_{};
-  uv_async_t shutdown_async_{};
   uv_async_t memory_async_{};  // bytes were released while a connection waited for room
   uv_timer_t deadline_timer_{};
   uv_timer_t tick_timer_{};
