@@ -321,12 +321,8 @@ class Pkcs11KeyService final : public KeyService {
     return protocol::DeleteKeyResult{deleted};
   }
 
+  // `params` come from decode_request, the one place that bounds a batch (1..kMaxBatchItems).
   protocol::SignBatchResult sign_batch(Context& context, const protocol::SignBatchParams& params) {
-    if (params.items.empty() || params.items.size() > protocol::kMaxBatchItems) {
-      throw RequestError(
-          ErrorCode::kInvalidParams,
-          "sign_batch takes 1 to " + std::to_string(protocol::kMaxBatchItems) + " items");
-    }
     protocol::SignBatchResult result;
     result.results.reserve(params.items.size());
     for (const protocol::SignParams& item : params.items) {
