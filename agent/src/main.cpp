@@ -1,10 +1,9 @@
 // hsm-agent: wires the components together and owns the process lifecycle. Every failure at
 // start is one line naming the problem and a non-zero exit; never a crash, never a PIN.
-#include <sys/prctl.h>
-#include <unistd.h>
-
 #include <prometheus/registry.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
@@ -105,8 +104,8 @@ int run(int argc, char** argv) {
   std::unique_ptr<HttpEndpoint> http;
   if (!config.metrics_listen.empty()) {
     try {
-      http = std::make_unique<HttpEndpoint>(config.metrics_listen, registry, health,
-                                            process_metrics);
+      http =
+          std::make_unique<HttpEndpoint>(config.metrics_listen, registry, health, process_metrics);
       spdlog::info("metrics on http://{}/metrics", config.metrics_listen);
     } catch (const std::exception& e) {
       keys->close();
@@ -121,16 +120,18 @@ int run(int argc, char** argv) {
 
   Server server({config, *keys, metrics, health, *access, *audit, *rate_limiter});
   try {
-    server.run([&supervisor] { supervisor.set_serving(); }, [&audit, &access] {
-      // SIGHUP, on a thread of its own (never the loop): rotate the audit log, re-read the
-      // policy (a bad file keeps the rules in force).
-      audit->reopen();
-      if (auto error = access->reload()) {
-        spdlog::error("policy not reloaded, keeping the current one: {}", error->what());
-      } else {
-        spdlog::info("access: {} ({} rules)", access->description(), access->rules()->size());
-      }
-    });
+    server.run([&supervisor] { supervisor.set_serving(); },
+               [&audit, &access] {
+                 // SIGHUP, on a thread of its own (never the loop): rotate the audit log, re-read
+                 // the policy (a bad file keeps the rules in force).
+                 audit->reopen();
+                 if (auto error = access->reload()) {
+                   spdlog::error("policy not reloaded, keeping the current one: {}", error->what());
+                 } else {
+                   spdlog::info("access: {} ({} rules)", access->description(),
+                                access->rules()->size());
+                 }
+               });
   } catch (const SocketSetupError& e) {
     (void)supervisor.stop();
     keys->close();

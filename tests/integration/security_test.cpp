@@ -478,8 +478,8 @@ TEST_CASE("policy: a uid that no rule selects is refused, told why, and audited"
   CHECK(report == "refused permission_denied");
   // hsmctl says so too: exit 3 (the agent's error, with its code), not 4 (cannot connect).
   const std::string hsmctl_report = run_as(kStranger, [&] {
-    const std::string command = std::string("'") + HSMCTL_BINARY + "' --socket '" +
-                                agent.socket_path() + "' caps 2>&1";
+    const std::string command =
+        std::string("'") + HSMCTL_BINARY + "' --socket '" + agent.socket_path() + "' caps 2>&1";
     FILE* pipe = ::popen(command.c_str(), "r");
     if (pipe == nullptr) return std::string("popen failed");
     std::string output;

@@ -14,8 +14,9 @@ namespace {
 static_assert(kConnectionRejectReasons.size() == 4);
 static_assert(kConnectionRejectReasons[static_cast<std::size_t>(RefusalReason::kMaxConnections)] ==
               "max_connections");
-static_assert(kConnectionRejectReasons[static_cast<std::size_t>(
-                  RefusalReason::kMaxConnectionsPerUid)] == "max_connections_per_uid");
+static_assert(
+    kConnectionRejectReasons[static_cast<std::size_t>(RefusalReason::kMaxConnectionsPerUid)] ==
+    "max_connections_per_uid");
 static_assert(kConnectionRejectReasons[static_cast<std::size_t>(RefusalReason::kPolicy)] ==
               "policy");
 static_assert(kConnectionRejectReasons[static_cast<std::size_t>(RefusalReason::kShuttingDown)] ==

@@ -71,10 +71,10 @@ std::vector<prometheus::MetricFamily> ProcessCollector::Collect() const {
     families.push_back(gauge_family("process_cpu_seconds_total",
                                     "Total user and system CPU time spent in seconds",
                                     (utime + stime) / ticks, prometheus::MetricType::Counter));
-    families.push_back(gauge_family("process_virtual_memory_bytes",
-                                    "Virtual memory size in bytes", vsize));
-    families.push_back(gauge_family("process_resident_memory_bytes",
-                                    "Resident memory size in bytes", rss * page));
+    families.push_back(
+        gauge_family("process_virtual_memory_bytes", "Virtual memory size in bytes", vsize));
+    families.push_back(
+        gauge_family("process_resident_memory_bytes", "Resident memory size in bytes", rss * page));
     families.push_back(gauge_family("process_start_time_seconds",
                                     "Start time of the process since unix epoch in seconds",
                                     boot_time_seconds() + starttime / ticks));

@@ -30,7 +30,7 @@ inline constexpr std::uint8_t kRequestTag = 0;
 inline constexpr std::uint8_t kResponseTag = 1;
 
 enum class ErrorCode : std::uint8_t {
-  kInvalidRequest,    // a message of the wrong shape
+  kInvalidRequest,  // a message of the wrong shape
   kUnknownMethod,
   kInvalidParams,
   kNotFound,
@@ -38,9 +38,9 @@ enum class ErrorCode : std::uint8_t {
   kUnsupportedAlg,
   kNotSupported,
   kPermissionDenied,
-  kHsmUnavailable,    // session or token gone; retryable
-  kHsmError,          // any other CKR
-  kOverloaded,        // retryable
+  kHsmUnavailable,  // session or token gone; retryable
+  kHsmError,        // any other CKR
+  kOverloaded,      // retryable
   kShuttingDown,
   kDeadlineExceeded,
   kAuditUnavailable,  // the audit log cannot be written: key operations refused; retryable
@@ -224,9 +224,9 @@ struct SignBatchResult {
   friend bool operator==(const SignBatchResult&, const SignBatchResult&) = default;
 };
 
-using Result = std::variant<CapabilitiesResult, HealthResult, KeyDescription, SignResult,
-                            VerifyResult, PublicKeyResult, ListKeysResult, DeleteKeyResult,
-                            JwksResult, SignBatchResult>;
+using Result =
+    std::variant<CapabilitiesResult, HealthResult, KeyDescription, SignResult, VerifyResult,
+                 PublicKeyResult, ListKeysResult, DeleteKeyResult, JwksResult, SignBatchResult>;
 
 struct Response {
   std::uint32_t msgid = 0;
