@@ -63,10 +63,6 @@ void Connection::charge_to(MemoryBudget& budget, std::shared_ptr<MemoryBudget::M
 }
 
 bool Connection::start() {
-  return start_reading();
-}
-
-bool Connection::start_reading() {
   if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) != 0) {
     close();
     return false;
@@ -79,7 +75,7 @@ void Connection::read_again() {
   if (!waiting_for_memory_) return;
   waiting_for_memory_ = false;
   if (closing_ || close_when_flushed_ || paused_ || reading_) return;
-  (void)start_reading();
+  (void)start();
 }
 
 bool Connection::peer_hung_up() const {
@@ -113,7 +109,7 @@ void Connection::resume() {
   // The time paused was the agent's doing: an incomplete message's read timeout starts again.
   if (incomplete_since_) incomplete_since_ = std::chrono::steady_clock::now();
   deliver_messages();  // may pause again
-  if (!paused_ && !closing_ && !reading_) (void)start_reading();
+  if (!paused_ && !closing_ && !reading_) (void)start();
 }
 
 void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {

@@ -147,7 +147,6 @@ class Connection {
   static void on_close(uv_handle_t* handle);
   void deliver_messages();
   void read_peer_credentials();
-  bool start_reading();
   /// The read buffer's bytes, charged to the meter; and whether a message is incomplete.
   void note_buffered();
 

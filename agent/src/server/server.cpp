@@ -208,7 +208,7 @@ void Server::run(const std::function<void()>& on_listening,
         self->watch_socket();
         self->refusals_.flush_due(SteadyClock::now());
         self->sweep_idle();
-        self->close_slow_messages();
+        self->close_stalled_connections();
         self->watch_memory();
         // A release can slip between a reader finding no room and its wait being noted: the
         // tick retries whoever still waits.
@@ -543,7 +543,7 @@ void Server::watch_memory() {
   if (peak > used + kTrimAfterFreeing && heap_trimmer_) heap_trimmer_->trim_soon();
 }
 
-void Server::close_slow_messages() {
+void Server::close_stalled_connections() {
   const auto now = SteadyClock::now();
   const auto cutoff = now - deps_.config.limits.read_timeout;
   std::vector<Connection*> slow;

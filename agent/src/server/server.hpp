@@ -125,8 +125,10 @@ class Server final : public ConnectionEvents {
   void expire_deadlines();
   void arm_deadline_timer();
   void sweep_idle();
-  /// Closes connections whose incomplete message did not complete within --read-timeout.
-  void close_slow_messages();
+  /// On the tick, closes the connections that stalled: an incomplete message older than
+  /// --read-timeout, a refused caller that sent no request in time, a client that hung up while
+  /// its connection waited for memory (it reads nothing, so it would not see the EOF).
+  void close_stalled_connections();
   /// Connections that stopped reading for want of memory read again (they ask the budget anew).
   void resume_memory_waiters();
   /// Samples the budget for /metrics; after a burst was freed, has the heap trimmed soon.
