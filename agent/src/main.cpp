@@ -139,7 +139,7 @@ int run(int argc, char** argv) {
   }
 
   audit->close();  // every audit line is written before any of the exits below
-  if (server.abandoned_workers()) {
+  if (server.abandoned_threads()) {
     // A worker is stuck inside the token: finalising under it is undefined behaviour, and
     // destructors would wait for it. The socket is already gone; leave now.
     spdlog::warn("exiting with PKCS#11 calls still running");

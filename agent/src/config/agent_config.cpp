@@ -122,6 +122,10 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
              "requests in flight per connection before reading it pauses")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{65536}));
+  add_option(app, "--workers", config.workers,
+             "event loops, each serving its own connections (0: one per core)")
+      ->capture_default_str()
+      ->check(CLI::Range(0U, 256U));
   add_option(app, "--max-queue", config.limits.max_queue,
              "requests waiting for a worker before new ones get 'overloaded'")
       ->capture_default_str()

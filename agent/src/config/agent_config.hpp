@@ -64,6 +64,8 @@ struct AgentConfig {
 
   ServerLimits limits;
   AccessConfig access;
+  /// --workers: event loops, each with its own connections (0: one per core).
+  unsigned workers = 0;
 
   std::string log_level = "info";
   LogFormat log_format = LogFormat::kText;

@@ -1,11 +1,12 @@
 #include "server/connection.hpp"
 
 #include <poll.h>
-#include <sys/socket.h>
+#include <unistd.h>
 
-#include <cstring>
+#include <algorithm>
 #include <memory>
 #include <string>
+#include <utility>
 
 namespace hsm::agent {
 namespace {
@@ -14,73 +15,83 @@ namespace {
 // request is typically ~100 bytes; a large message is assembled over several reads.
 constexpr std::size_t kReadChunkBytes = 8 * 1024;
 
+// An emptied answer queue keeps up to this much capacity for the next answers; more goes back
+// (one slow reader's 4 MiB is not kept for ever).
+constexpr std::size_t kKeptQueueCapacity = 64 * 1024;
+
+// One uv_write in progress: owns its bytes until the write callback.
+struct WriteRequest {
+  uv_write_t req{};
+  std::string data;
+};
+
+uv::Handle<uv_pipe_t> open_pipe(uv_loop_t* loop, int fd) {
+  uv::Handle<uv_pipe_t> pipe;
+  try {
+    pipe = uv::Handle<uv_pipe_t>(
+        loop, [](uv_loop_t* l, uv_pipe_t* p) { return uv_pipe_init(l, p, 0); }, "uv_pipe_init");
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  const int rc = uv_pipe_open(pipe.get(), fd);
+  if (rc < 0) {
+    ::close(fd);  // the pipe does not own it yet
+    throw uv::Error("uv_pipe_open", rc);
+  }
+  return pipe;
+}
+
 }  // namespace
 
-Connection::Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits)
-    : id_(id),
+Connection::Connection(uv_loop_t* loop, int fd, std::uint64_t id, Caller caller,
+                       ConnectionEvents& events, const ConnectionLimits& limits)
+    : pipe_(open_pipe(loop, fd)),
+      id_(id),
+      caller_(caller),
       events_(events),
       limits_(limits),
       reader_(limits.frame, 1024),
-      last_activity_(std::chrono::steady_clock::now()),
-      output_(std::make_shared<ConnectionOutput>(limits.max_write_buffer_bytes)) {
-  pipe_.data = this;
-}
-
-Connection* Connection::accept(uv_stream_t* listener, std::uint64_t id, ConnectionEvents& events,
-                               const ConnectionLimits& limits) {
-  auto* connection = new Connection(id, events, limits);  // freed in on_close
-  if (uv_pipe_init(listener->loop, &connection->pipe_, 0) != 0) {
-    delete connection;
-    return nullptr;
-  }
-  if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&connection->pipe_)) != 0) {
-    connection->closing_ = true;
-    // Not yet known to the owner: close without telling it.
-    uv_close(reinterpret_cast<uv_handle_t*>(&connection->pipe_),
-             [](uv_handle_t* handle) { delete static_cast<Connection*>(handle->data); });
-    return nullptr;
-  }
-  connection->read_peer_credentials();
-  return connection;
-}
-
-void Connection::read_peer_credentials() {
-  uv_os_fd_t fd = -1;
-  if (uv_fileno(reinterpret_cast<uv_handle_t*>(&pipe_), &fd) != 0) return;
-  ucred credentials{};
-  socklen_t size = sizeof(credentials);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &size) == 0) {
-    caller_ = Caller{credentials.pid, credentials.uid, credentials.gid};
-  }
-  output_->attach(fd);
+      last_activity_(std::chrono::steady_clock::now()) {
+  pipe_->data = this;
 }
 
 void Connection::charge_to(MemoryBudget& budget, std::shared_ptr<MemoryBudget::Meter> meter) {
   budget_ = &budget;
   meter_ = std::move(meter);
   read_charge_ = MemoryBudget::Charge(meter_, reader_.buffered_bytes());
-  output_->charge_to(meter_);
+  output_charge_ = MemoryBudget::Charge(meter_, queued_.size() + writing_bytes_);
 }
 
-bool Connection::start() {
-  if (uv_read_start(reinterpret_cast<uv_stream_t*>(&pipe_), on_alloc, on_read) != 0) {
-    close();
-    return false;
+void Connection::start() {
+  started_ = true;
+  update_reading();
+}
+
+void Connection::update_reading() {
+  if (closing_ || !started_) return;
+  const bool wanted = wants_to_read();
+  if (wanted == reading_) return;
+  if (wanted) {
+    if (uv_read_start(pipe_.stream(), on_alloc, on_read) != 0) {
+      close();
+      return;
+    }
+  } else {
+    uv_read_stop(pipe_.stream());
   }
-  reading_ = true;
-  return true;
+  reading_ = wanted;
 }
 
 void Connection::read_again() {
   if (!waiting_for_memory_) return;
   waiting_for_memory_ = false;
-  if (closing_ || close_when_flushed_ || paused_ || reading_) return;
-  (void)start();
+  update_reading();
 }
 
 bool Connection::peer_hung_up() const {
   uv_os_fd_t fd = -1;
-  if (uv_fileno(reinterpret_cast<const uv_handle_t*>(&pipe_), &fd) != 0) return false;
+  if (closing_ || uv_fileno(pipe_.base(), &fd) != 0) return false;
   pollfd p{fd, POLLRDHUP, 0};
   return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)) != 0;
 }
@@ -94,22 +105,33 @@ void Connection::note_buffered() {
   }
 }
 
-void Connection::pause() {
-  paused_ = true;
-  if (reading_) {
-    uv_read_stop(reinterpret_cast<uv_stream_t*>(&pipe_));
-    reading_ = false;
+void Connection::note_queued() {
+  if (queued_.empty() && queued_.capacity() > kKeptQueueCapacity) std::string().swap(queued_);
+  output_charge_.resize(queued_.size() + writing_bytes_);
+}
+
+void Connection::begin_request() {
+  ++in_flight_;
+  if (in_flight_ >= limits_.max_in_flight && !paused_at_limit_) {
+    paused_at_limit_ = true;  // backpressure: read no more until answers drain
+    update_reading();
   }
 }
 
-void Connection::resume() {
-  // A connection closing after its flush reads no more, whatever answers come back.
-  if (closing_ || close_when_flushed_ || !paused_) return;
-  paused_ = false;
-  // The time paused was the agent's doing: an incomplete message's read timeout starts again.
-  if (incomplete_since_) incomplete_since_ = std::chrono::steady_clock::now();
-  deliver_messages();  // may pause again
-  if (!paused_ && !closing_ && !reading_) (void)start();
+void Connection::end_request() {
+  if (in_flight_ > 0) --in_flight_;
+  if (paused_at_limit_ && in_flight_ < limits_.max_in_flight) {
+    paused_at_limit_ = false;
+    // The time paused was the agent's doing: an incomplete message's read timeout starts again.
+    if (incomplete_since_) incomplete_since_ = std::chrono::steady_clock::now();
+    deliver_messages();  // may pause again
+    update_reading();
+  }
+}
+
+void Connection::stop_reading() {
+  stopped_ = true;
+  update_reading();
 }
 
 void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
@@ -128,8 +150,7 @@ void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
   try {
     const auto span = self->reader_.prepare(room);
     // The reader may offer more than asked for (its buffer's capacity): read no more than room.
-    const auto size = std::min(span.size(), room);
-    *buf = uv_buf_init(span.data(), static_cast<unsigned>(size));
+    *buf = uv_buf_init(span.data(), static_cast<unsigned>(std::min(span.size(), room)));
   } catch (const std::exception&) {
     *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS to on_read
   }
@@ -140,8 +161,7 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
   if (nread == UV_ENOBUFS && self->waiting_for_memory_) {
     // No room in the memory budget: stop reading (libuv would ask again at once) until bytes
     // are released. The client's bytes wait in the kernel.
-    uv_read_stop(stream);
-    self->reading_ = false;
+    self->update_reading();
     self->events_.on_waiting_for_memory(*self);
     return;
   }
@@ -167,7 +187,7 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
 }
 
 void Connection::deliver_messages() {
-  while (!paused_ && !closing_) {
+  while (!closing_ && !close_when_flushed_ && !paused_at_limit_ && !stopped_) {
     std::optional<msgpack::object_handle> message;
     const std::size_t before = reader_.buffered_bytes();
     try {
@@ -189,88 +209,101 @@ void Connection::deliver_messages() {
 
 void Connection::send(std::string_view bytes) {
   if (closing_) return;
-  if (!output_->queue(bytes)) {
-    close_slow_reader();
+  if (queued_.size() + writing_bytes_ + bytes.size() > limits_.max_write_buffer_bytes) {
+    // The client does not read its answers: drop it rather than buffer without bound.
+    events_.on_slow_reader(*this);
+    close();
     return;
   }
-  schedule_flush();
-}
-
-void Connection::schedule_flush() {
-  if (closing_ || flush_scheduled_) return;
-  flush_scheduled_ = true;
-  events_.on_output_pending(*this);
-}
-
-void Connection::close_slow_reader() {
-  if (closing_) return;
-  // The client does not read its answers: drop it rather than buffer without bound.
-  events_.on_slow_reader(*this);
-  close();
+  queued_.append(bytes);
+  note_queued();
+  if (!flush_scheduled_) {
+    flush_scheduled_ = true;
+    events_.on_output_pending(*this);
+  }
 }
 
 void Connection::flush() {
   flush_scheduled_ = false;
-  if (closing_) return;
-  switch (output_->flush(reinterpret_cast<uv_stream_t*>(&pipe_), this, on_write)) {
-    case ConnectionOutput::FlushResult::kFailed:
+  if (closing_ || write_in_progress_) return;  // on_write continues
+  if (!queued_.empty()) {
+    uv_buf_t buf = uv_buf_init(queued_.data(), static_cast<unsigned>(queued_.size()));
+    const int written = uv_try_write(pipe_.stream(), &buf, 1);
+    std::size_t done = 0;
+    if (written > 0) {
+      done = static_cast<std::size_t>(written);
+    } else if (written != UV_EAGAIN && written != UV_ENOSYS) {
       close();
       return;
-    case ConnectionOutput::FlushResult::kWriting:
-      return;  // on_write continues
-    case ConnectionOutput::FlushResult::kDone:
-      break;
+    }
+    if (done < queued_.size()) {
+      auto request = std::make_unique<WriteRequest>();
+      request->data.assign(queued_, done);
+      request->req.data = this;
+      queued_.clear();
+      uv_buf_t rest =
+          uv_buf_init(request->data.data(), static_cast<unsigned>(request->data.size()));
+      if (uv_write(&request->req, pipe_.stream(), &rest, 1, on_write) != 0) {
+        close();
+        return;
+      }
+      writing_bytes_ = request->data.size();
+      write_in_progress_ = true;
+      request.release();  // owned by libuv until on_write
+      note_queued();
+      return;
+    }
+    queued_.clear();
+    note_queued();
   }
   if (close_when_flushed_) close_after_flush();
 }
 
 void Connection::on_write(uv_write_t* req, int status) {
+  std::unique_ptr<WriteRequest> request(reinterpret_cast<WriteRequest*>(req));
   auto* self = static_cast<Connection*>(req->data);
-  const bool more = self->output_->finish_write(req);
+  self->write_in_progress_ = false;
+  self->writing_bytes_ = 0;
+  self->note_queued();
   if (status != 0) {
-    self->close();
+    self->close();  // also a write cancelled by close(): then this does nothing
     return;
   }
-  if (more) {
-    self->flush();
-  } else if (self->close_when_flushed_) {
-    self->close_after_flush();
-  }
+  self->flush();
 }
 
 void Connection::close_after_flush() {
   if (closing_) return;
   if (!close_when_flushed_) close_requested_at_ = std::chrono::steady_clock::now();
   close_when_flushed_ = true;
-  pause();
-  if (!output_->idle()) {
-    flush();  // comes back here when done, now or from on_write
+  update_reading();
+  if (write_in_progress_) return;  // on_write comes back here through flush()
+  if (!queued_.empty()) {
+    flush();  // comes back here when done
     return;
   }
+  if (std::exchange(shutdown_sent_, true)) return;
   auto* request = new uv_shutdown_t{};  // freed in on_shutdown
   request->data = this;
-  if (uv_shutdown(request, reinterpret_cast<uv_stream_t*>(&pipe_), on_shutdown) != 0) {
+  if (uv_shutdown(request, pipe_.stream(), on_shutdown) != 0) {
     delete request;
     close();
   }
 }
 
 void Connection::on_shutdown(uv_shutdown_t* req, int) {
-  auto* self = static_cast<Connection*>(req->data);
-  delete req;
-  self->close();
+  std::unique_ptr<uv_shutdown_t> request(req);
+  static_cast<Connection*>(req->data)->close();
 }
 
 void Connection::close() {
   if (closing_) return;
   closing_ = true;
-  output_->close();  // before uv_close closes the descriptor: no worker writes to it any more
-  events_.on_closed(*this);
-  uv_close(reinterpret_cast<uv_handle_t*>(&pipe_), on_close);
-}
-
-void Connection::on_close(uv_handle_t* handle) {
-  delete static_cast<Connection*>(handle->data);
+  reading_ = false;
+  queued_.clear();
+  note_queued();
+  read_charge_.resize(0);
+  pipe_.close([this] { events_.on_closed(*this); });
 }
 
 }  // namespace hsm::agent

@@ -1,11 +1,12 @@
-// Connection: one accepted client socket on the libuv loop. Owns its uv_pipe_t, its bounded
-// FrameReader and its outgoing bytes; knows nothing of methods or the HSM. Messages go to the
-// ConnectionEvents it was given; answers come back through send().
+// Connection: one accepted client socket on a worker's event loop. Owns its pipe, its bounded
+// FrameReader and its unsent answers; knows nothing of methods or the HSM. Messages go to the
+// ConnectionEvents it was given; answers come back through send(), and leave once per loop
+// iteration (flush()).
 //
-// Lifetime: created by accept(), destroyed in the uv_close callback after close(). The owner is
-// told through ConnectionEvents::on_closed before the memory goes away. Its ConnectionOutput is
-// shared (workers write answers through it) and outlives it while a call holds it.
-// Thread-safety: loop thread only; output() is the part workers may use.
+// Lifetime: owned by its worker. close() closes the pipe; once libuv's close callback has run
+// (after every other callback of the pipe, cancelled writes included), ConnectionEvents::
+// on_closed() is told, and the worker destroys the connection then.
+// Thread-safety: none; its worker's loop thread only.
 #pragma once
 
 #include <uv.h>
@@ -14,12 +15,13 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "hsm/protocol/codec.hpp"
 #include "policy/caller.hpp"
-#include "server/connection_output.hpp"
 #include "server/memory_budget.hpp"
+#include "server/uv_handle.hpp"
 
 namespace hsm::agent {
 
@@ -33,11 +35,11 @@ class ConnectionEvents {
                           std::size_t bytes) = 0;
   /// The stream was abandoned for a protocol violation (bytes, size or limits).
   virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
-  /// The connection is closing; it must not be used after this returns.
+  /// The connection's pipe is closed and libuv is done with it: the owner may destroy it now.
   virtual void on_closed(Connection& connection) = 0;
   /// The connection is about to be closed because its client does not read its answers (the
   /// write buffer limit was reached). For metrics; close() follows.
-  virtual void on_slow_reader(Connection& /*connection*/) {}
+  virtual void on_slow_reader(Connection& connection) = 0;
   /// The connection has bytes to write; the owner calls flush() once per loop iteration.
   virtual void on_output_pending(Connection& connection) = 0;
   /// The memory budget has no room for the connection's next read: it stopped reading. The
@@ -51,14 +53,16 @@ class ConnectionEvents {
 struct ConnectionLimits {
   protocol::Limits frame;
   std::size_t max_write_buffer_bytes = 4 * 1024 * 1024;
+  std::size_t max_in_flight = 256;  // requests read and not yet answered
 };
 
 class Connection {
  public:
-  /// Accepts one pending connection from `listener`. Returns nullptr when accept fails.
-  static Connection* accept(uv_stream_t* listener, std::uint64_t id, ConnectionEvents& events,
-                            const ConnectionLimits& limits);
-
+  /// Takes over `fd`, an accepted Unix socket, on `loop`; throws uv::Error (and closes `fd`)
+  /// when libuv refuses it.
+  Connection(uv_loop_t* loop, int fd, std::uint64_t id, Caller caller, ConnectionEvents& events,
+             const ConnectionLimits& limits);
+  ~Connection() = default;
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
 
@@ -76,7 +80,7 @@ class Connection {
   /// within the read timeout.
   [[nodiscard]] std::optional<std::chrono::steady_clock::time_point> incomplete_since()
       const noexcept {
-    if (paused_) return std::nullopt;
+    if (paused_at_limit_) return std::nullopt;
     return incomplete_since_;
   }
 
@@ -86,35 +90,33 @@ class Connection {
   [[nodiscard]] const std::shared_ptr<MemoryBudget::Meter>& meter() const noexcept {
     return meter_;
   }
-  /// Reads again after on_waiting_for_memory(), unless paused or closing meanwhile.
-  void read_again();
   /// Reads at most `max_bytes` in all: the connection is closed when it would read more (a
   /// refused caller's one request, answered with why, and nothing else). Call before start().
   void limit_input(std::size_t max_bytes) noexcept { input_limit_ = max_bytes; }
+  /// Starts reading. Closes the connection when libuv refuses.
+  void start();
+  /// Reads again after on_waiting_for_memory(), unless stopped meanwhile.
+  void read_again();
   /// Not reading for want of memory (the owner calls read_again() later).
   [[nodiscard]] bool waiting_for_memory() const noexcept { return waiting_for_memory_; }
   /// Whether the client closed its side, seen without reading (a connection that does not read
   /// never sees its EOF otherwise): one poll(2) that does not block.
   [[nodiscard]] bool peer_hung_up() const;
 
-  /// Starts reading. Returns false (and closes) when libuv refuses.
-  bool start();
-  /// Stops delivering messages (backpressure); bytes already buffered wait.
-  void pause();
-  /// Delivers buffered messages, then resumes reading.
-  void resume();
-  [[nodiscard]] bool paused() const noexcept { return paused_; }
+  /// A request was read and is now in flight. At the in-flight limit, reading pauses until
+  /// end_request() brings the count under it.
+  void begin_request();
+  /// A request in flight was answered (its answer is send()-ed by the caller).
+  void end_request();
+  [[nodiscard]] std::size_t in_flight() const noexcept { return in_flight_; }
+  /// Stops reading for good (shutdown): answers still go out.
+  void stop_reading();
 
-  /// Queues bytes of one or more encoded responses. Closes the connection when the reader is
-  /// too slow (more than max_write_buffer_bytes would be queued).
+  /// Queues the bytes of one or more encoded answers for the next flush(). Closes the
+  /// connection when the reader is too slow (more than max_write_buffer_bytes would be queued).
   void send(std::string_view bytes);
-  /// Asks the owner for a flush() in this loop iteration (once, however often it is asked).
-  void schedule_flush();
-  /// Writes what is queued (by send() or by a worker): uv_try_write first, the rest through one
-  /// uv_write.
+  /// Writes what is queued: uv_try_write first, the rest through one uv_write.
   void flush();
-  /// The client does not read its answers: tells the owner (on_slow_reader) and closes.
-  void close_slow_reader();
   /// Flushes queued answers, then shuts the write side and closes. Idempotent. A client that
   /// never reads can keep that flush from finishing: the owner bounds it with close() (see
   /// closing_after_flush_since()).
@@ -128,8 +130,6 @@ class Connection {
   /// Closes now; queued answers are dropped. Idempotent.
   void close();
 
-  /// The outgoing side and the count of requests in flight, shared with the workers.
-  [[nodiscard]] const std::shared_ptr<ConnectionOutput>& output() const noexcept { return output_; }
   /// Whether the owner admitted it (counted in the connections gauge).
   bool admitted = false;
   /// When the owner refused it by policy but reads its first request to answer why (nullopt:
@@ -137,39 +137,48 @@ class Connection {
   std::optional<std::chrono::steady_clock::time_point> refused_since;
 
  private:
-  Connection(std::uint64_t id, ConnectionEvents& events, const ConnectionLimits& limits);
-  ~Connection() = default;
-
   static void on_alloc(uv_handle_t* handle, std::size_t suggested, uv_buf_t* buf);
   static void on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf);
   static void on_write(uv_write_t* req, int status);
   static void on_shutdown(uv_shutdown_t* req, int status);
-  static void on_close(uv_handle_t* handle);
+  [[nodiscard]] bool wants_to_read() const noexcept {
+    return !closing_ && !close_when_flushed_ && !paused_at_limit_ && !stopped_ &&
+           !waiting_for_memory_;
+  }
+  void update_reading();
   void deliver_messages();
-  void read_peer_credentials();
   /// The read buffer's bytes, charged to the meter; and whether a message is incomplete.
   void note_buffered();
+  /// The unsent answers' bytes, charged to the meter; an emptied queue gives a large buffer back.
+  void note_queued();
 
-  uv_pipe_t pipe_{};  // pipe_.data == this
+  uv::Handle<uv_pipe_t> pipe_;  // pipe_->data == this
   std::uint64_t id_;
+  Caller caller_;
   ConnectionEvents& events_;
   ConnectionLimits limits_;
   protocol::FrameReader reader_;
-  Caller caller_;
   std::chrono::steady_clock::time_point last_activity_;
-  std::shared_ptr<ConnectionOutput> output_;
   MemoryBudget* budget_ = nullptr;
   std::shared_ptr<MemoryBudget::Meter> meter_;
   MemoryBudget::Charge read_charge_;
+  MemoryBudget::Charge output_charge_;
   std::optional<std::chrono::steady_clock::time_point> incomplete_since_;
-  bool waiting_for_memory_ = false;
   std::size_t input_limit_ = 0;  // 0: none
   std::size_t input_read_ = 0;
+  std::size_t in_flight_ = 0;
+  std::string queued_;             // answers not yet handed to the socket
+  std::size_t writing_bytes_ = 0;  // inside the uv_write in progress
+  bool write_in_progress_ = false;
   bool flush_scheduled_ = false;
-  bool paused_ = false;
+  bool started_ = false;
   bool reading_ = false;
+  bool paused_at_limit_ = false;
+  bool stopped_ = false;
+  bool waiting_for_memory_ = false;
   bool closing_ = false;
   bool close_when_flushed_ = false;
+  bool shutdown_sent_ = false;
   std::chrono::steady_clock::time_point close_requested_at_;
 };
 
