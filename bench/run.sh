@@ -35,8 +35,10 @@ usage: bench/run.sh [options]
   --latency-concurrency LIST
                             concurrencies with 2 ms per C_Sign (default 1,16,64)
   --delay-ms MS             latency added to each C_Sign in that part (default 2)
-  --agent-connections N     above concurrency N, the agent bench uses N connections with
-                            concurrency/N requests in flight on each (default 2)
+  --agent-connections N     in the latency part, above concurrency N the agent bench uses N
+                            connections with concurrency/N requests in flight on each
+                            (default 2); on plain SoftHSMv2 the agent always has one connection
+                            per caller, one request in flight on each, like the floor
   --quick                   CI smoke test: 1 s runs, concurrency 1, latency part at 1 and 16
   --build-dir DIR           CMake build directory (default: build/bench, else an existing
                             build/release or build/dev; configured and built when missing)
@@ -191,23 +193,26 @@ printf 'C_Sign delay_ms=%s\n' "$delay_ms" >"$work/fault-control"
 # ---- Servers -------------------------------------------------------------------------------------
 
 agent_pid= agent_socket=
-start_agent() {  # module sessions name
-  agent_socket=$work/agent-$3.sock
+# The agent runs with its default tuning (issue 16: "with default flags"): no --sessions, no
+# limits. The flags below only say where things go: the token, the socket, the audit log (a
+# file), quieter logs, and no HTTP endpoint (so no fixed port; the metrics are still counted).
+start_agent() {  # module name
+  agent_socket=$work/agent-$2.sock
   "${binary[hsm-agent]}" --module "$1" --token-label "$token_label" --pin-file "$work/user.pin" \
-    --socket "$agent_socket" --sessions "$2" --metrics-listen "" --log-level warn \
-    --audit-log "$work/audit-$3.log" >"$work/agent-$3.out" 2>"$work/agent-$3.err" &
+    --socket "$agent_socket" --metrics-listen "" --log-level warn \
+    --audit-log "$work/audit-$2.log" >"$work/agent-$2.out" 2>"$work/agent-$2.err" &
   agent_pid=$!
   pids+=("$agent_pid")
   local tries
   for ((tries = 0; tries < 200; tries++)); do
     [[ -S $agent_socket ]] && break
-    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent-$3.err" >&2; die "hsm-agent exited"; }
+    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent-$2.err" >&2; die "hsm-agent exited"; }
     sleep 0.1
   done
-  [[ -S $agent_socket ]] || { cat "$work/agent-$3.err" >&2; die "hsm-agent did not listen"; }
+  [[ -S $agent_socket ]] || { cat "$work/agent-$2.err" >&2; die "hsm-agent did not listen"; }
   # The key is there and is ES256, seen through the agent.
-  "${binary[hsmctl]}" --socket "$agent_socket" pubkey "$kid" >/dev/null 2>>"$work/agent-$3.err" ||
-    { cat "$work/agent-$3.err" >&2; die "the agent cannot see the key"; }
+  "${binary[hsmctl]}" --socket "$agent_socket" pubkey "$kid" >/dev/null 2>>"$work/agent-$2.err" ||
+    { cat "$work/agent-$2.err" >&2; die "the agent cannot see the key"; }
 }
 
 p11kit_pid= p11kit_address=
@@ -288,9 +293,8 @@ EOF
 run_scenario() {  # scenario module with_floor levels...
   local scenario=$1 module=$2 with_floor=$3 level connections depth
   shift 3
-  local levels=("$@") max=0
-  for level in "${levels[@]}"; do ((level > max)) && max=$level; done
-  start_agent "$module" "$max" "$scenario"
+  local levels=("$@")
+  start_agent "$module" "$scenario"
   start_p11kit_server "$module" "$scenario"
   if ((with_floor)); then start_floor_server "$module" "$scenario"; fi
   local common=(--token-label "$token_label" --pin-file "$work/user.pin" --kid "$kid"
@@ -304,9 +308,11 @@ run_scenario() {  # scenario module with_floor levels...
       note "$scenario, concurrency $level: $modes (${duration_s} s each$of)"
       record "$scenario" "$level" direct "${binary[hsm-bench-direct]}" --module "$module" \
         --threads "$level" "${common[@]}"
-      # Up to --agent-connections, one synchronous caller per connection (like direct threads);
-      # above, that many connections, each pipelining its share of the requests.
-      if ((level <= agent_connections)); then
+      # One synchronous caller per connection, one request in flight on each (like direct's
+      # threads and the floor's connections): always on plain SoftHSMv2, where the agent is
+      # compared with the floor, and in the latency part up to --agent-connections; above that,
+      # --agent-connections connections, each pipelining its share of the requests.
+      if ((with_floor || level <= agent_connections)); then
         connections=$level depth=1
       else
         connections=$agent_connections depth=$(((level + agent_connections - 1) / agent_connections))
