@@ -394,8 +394,12 @@ table = []
 for (scenario, level), modes in rows.items():
     cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit")}
     tput = {m: c["throughput_per_s"] for m, c in cells.items()}
+    agent_run = modes.get("agent", {})
     table.append({
         "scenario": scenario, "concurrency": level, **cells,
+        # How the agent was loaded: connections x requests in flight on each.
+        "agent_connections": agent_run.get("connections"),
+        "agent_depth": agent_run.get("depth"),
         "agent_over_direct": ratio(tput["agent"], tput["direct"]),
         "agent_over_p11kit": ratio(tput["agent"], tput["p11kit"]),
         "agent_added_p50_us": difference(cells["agent"]["p50_us"], cells["direct"]["p50_us"]),
@@ -410,6 +414,9 @@ for (scenario, level), modes in rows.items():
     cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit", "floor", "uds_rtt")}
     tput = {m: c["throughput_per_s"] for m, c in cells.items()}
     p50 = {m: c["p50_us"] for m, c in cells.items()}
+    # Server side only: the agent process's CPU per signature, and the floor server process's
+    # (each read from /proc by the load client over the measured window; the clients excluded).
+    server_cpu = {m: (cells[m]["cpu_us_per_op"] or {}).get("server") for m in ("agent", "floor")}
     floor_table.append({
         "scenario": scenario, "concurrency": level,
         "floor": cells["floor"], "uds_rtt": cells["uds_rtt"],
@@ -419,6 +426,9 @@ for (scenario, level), modes in rows.items():
         "uds_rtt_p50_us": p50["uds_rtt"],
         "agent_over_floor": ratio(tput["agent"], tput["floor"]),
         "agent_over_floor_p50_us": difference(p50["agent"], p50["floor"]),
+        "floor_server_cpu_us_per_op": server_cpu["floor"],
+        "agent_server_cpu_us_per_op": server_cpu["agent"],
+        "agent_over_floor_server_cpu": ratio(server_cpu["agent"], server_cpu["floor"]),
     })
 
 def fmt(value, spec):
@@ -440,6 +450,12 @@ for row in table:
     lines.append(" | ".join(cells))
 lines.append("throughput in signatures/s; latencies in microseconds; ag/dir and ag/p11 are "
              "throughput ratios; +p50 = agent p50 - direct p50; ! = the run had errors")
+def agent_load(row):
+    c, d = row["agent_connections"], row["agent_depth"]
+    return "?" if c is None or d is None else f"{c}x{d}"
+lines.append("agent load, connections x requests in flight on each: " + ", ".join(
+    f"{row['scenario']} {row['concurrency']}: {agent_load(row)}" for row in table) +
+    " (direct, p11kit and floor: one thread per concurrent caller, one request in flight each)")
 
 if floor_table:
     # Each p50/p99 block is followed by its error mark ("!" or a blank), as in the main table.
@@ -464,24 +480,27 @@ if floor_table:
                  "socket (no signing)")
     lines.append("fl/dir = floor/direct throughput; fl+p50 = floor p50 - direct p50; ag/fl = "
                  "agent/floor throughput; ag-fl = agent p50 - floor p50; cpu/sig = floor CPU per "
-                 "signature, client + server")
+                 "signature, client + server (each apart in the CPU table below)")
 
 # CPU per signature: independent of other load on the machine, unlike the wall-clock numbers.
 def cpu_cell(r, split):
     c = r["cpu_us_per_op"]
     if not c:
-        return f"{'-':>21}"
+        return f"{'-':>23}"
     if not split:
-        return f"{c['total']:>21.1f}"
+        return f"{c['total']:>23.1f}"
     return f"{c['client']:>6.1f} + {c['server'] or 0:>6.1f} = {c['total']:>5.1f}"
-cpu_header = (f"{'scenario':<14} {'conc':>4} | {'direct':>21} | {'agent: client + agent':>21} | "
-              f"{'p11kit: client + srv':>21}")
+cpu_header = (f"{'scenario':<14} {'conc':>4} | {'direct':>23} | {'agent: client + agent':>23} | "
+              f"{'p11kit: client + srv':>23} | {'floor: client + srv':>23}")
 lines += ["", "CPU time per signature, microseconds (all cores; client + server process)",
           cpu_header, "-" * len(cpu_header)]
+floor_cells = {(row["scenario"], row["concurrency"]): row["floor"] for row in floor_table}
 for row in table:
+    floor_cell = floor_cells.get((row["scenario"], row["concurrency"]))
     lines.append(f"{row['scenario']:<14} {row['concurrency']:>4} | "
                  f"{cpu_cell(row['direct'], False)} | {cpu_cell(row['agent'], True)} | "
-                 f"{cpu_cell(row['p11kit'], True)}")
+                 f"{cpu_cell(row['p11kit'], True)} | "
+                 f"{cpu_cell(floor_cell, True) if floor_cell else format('-', '>23')}")
 
 # Issue 7's targets, as information (a benchmark is not a test gate). After each target on plain
 # SoftHSMv2, the same ratio for the floor: whether any sidecar could meet the target here at all.
@@ -525,6 +544,77 @@ lines.append("")
 lines.append("issue 7 targets (information, not a gate):")
 lines += target_lines
 
+# Issue 16's targets: each a ratio of two numbers from this run, PASS or MISS; "n/a" when this
+# run has no row for it (--quick, or other --concurrency lists). Information, not a gate.
+issue16 = []
+issue16_lines = []
+plain, slow = "softhsm", f"softhsm+{delay_ms}ms"
+table_rows = {(row["scenario"], row["concurrency"]): row for row in table}
+def issue16_target(scenario, level, quantity, comparison, goal, over, under, unit="/s",
+                   missing="not in this run"):
+    """over and under: (label, value, errors) of the numerator and the denominator, or None when
+    this run has no such row."""
+    broken = [side[0] for side in (over, under) if side and side[2]]
+    if broken:
+        missing = f"the {' and '.join(broken)} run had errors"
+        over = under = None
+    value = ratio(over[1], under[1]) if over and under else None
+    status = ("n/a" if value is None else
+              "PASS" if (value >= goal if comparison == ">=" else value <= goal) else "MISS")
+    name = f"{scenario} c={level}: {quantity} {comparison} {goal:.2f}"
+    entry = {"target": name, "scenario": scenario, "concurrency": level, "quantity": quantity,
+             "comparison": comparison, "goal": goal, "value": value, "status": status}
+    if over and under:
+        entry.update(numerator={"what": over[0], "value": over[1]},
+                     denominator={"what": under[0], "value": under[1]})
+        spec = ".0f" if unit == "/s" else ".1f"
+        detail = f" ({over[0]} {over[1]:{spec}}{unit}, {under[0]} {under[1]:{spec}}{unit})"
+    else:
+        entry["reason"] = missing
+        detail = f" ({missing})"
+    issue16.append(entry)
+    issue16_lines.append(f"  {status:<4}  {name}: {fmt(value, '.3f')}{detail}")
+def measured(row, mode, label):
+    """(label, throughput, errors) of one mode in a row, or None when the row is missing."""
+    return None if row is None else (label, row[mode]["throughput_per_s"], row[mode]["errors"])
+for level in (1, 2):
+    row, fl = table_rows.get((plain, level)), floors.get((plain, level))
+    issue16_target(plain, level, "agent/floor throughput", ">=", 0.95 if level == 1 else 0.90,
+                   measured(row, "agent", "agent"), measured(fl, "floor", "floor"))
+    if level == 2:
+        issue16_target(plain, level, "agent/p11kit throughput", ">=", 1.5,
+                       measured(row, "agent", "agent"), measured(row, "p11kit", "p11kit"))
+def server_cpu(level, mode, label):
+    """(label, server-side CPU per signature, errors) of the agent or the floor at a plain level,
+    or None when this run has no such row or no server CPU for it."""
+    fl = floors.get((plain, level))
+    value = fl and fl[f"{mode}_server_cpu_us_per_op"]
+    if not value:
+        return None
+    cells = table_rows[(plain, level)] if mode == "agent" else fl
+    return (label, value, cells[mode]["errors"])
+for level in (1, 2):
+    issue16_target(plain, level, "agent/floor server CPU per signature", "<=", 1.2,
+                   server_cpu(level, "agent", "agent process"),
+                   server_cpu(level, "floor", "floor server"), " us")
+for level, goal in ((16, 0.95), (64, 0.90)):
+    row = table_rows.get((slow, level)) if int(delay_ms) == 2 else None
+    issue16_target(slow, level, "agent (default flags)/direct throughput", ">=", goal,
+                   measured(row, "agent", "agent"), measured(row, "direct", "direct"),
+                   missing="not in this run" if int(delay_ms) == 2 else
+                   f"the target is for the 2 ms module; this run added {delay_ms} ms")
+lines.append("")
+lines.append("issue 16 targets (ratios within this run; information, not a gate):")
+lines += issue16_lines
+lines += [
+    "  plain SoftHSMv2 at c: the agent and the floor each serve c connections with 1 request "
+    "in flight on each (the agent load above); p11kit: c threads, 1 call each, through "
+    "p11-kit-client.so",
+    "  server CPU: the agent process's own CPU per signature over the floor server process's "
+    "(the load clients excluded)",
+    f"  {delay_ms} ms module at c: the agent as started with default flags (no --sessions) and "
+    "the agent load above, against direct's c threads with a session each"]
+
 lines.append("")
 lines.append(f"load average (1, 5, 15 min) before: {' '.join(loads.split()[:3])}, "
              f"after: {' '.join(loads.split()[3:])}; {os.cpu_count()} CPUs")
@@ -539,6 +629,7 @@ document = {
     "targets": targets,
     "floor_table": floor_table,
     "floor_bounds": floor_bounds,
+    "issue16_targets": issue16,
     "runs": runs,
 }
 with open(json_out, "w") as out:
