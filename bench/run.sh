@@ -35,8 +35,10 @@ usage: bench/run.sh [options]
   --latency-concurrency LIST
                             concurrencies with 2 ms per C_Sign (default 1,16,64)
   --delay-ms MS             latency added to each C_Sign in that part (default 2)
-  --agent-connections N     above concurrency N, the agent bench uses N connections with
-                            concurrency/N requests in flight on each (default 2)
+  --agent-connections N     in the latency part, above concurrency N the agent bench uses N
+                            connections with concurrency/N requests in flight on each
+                            (default 2); on plain SoftHSMv2 the agent always has one connection
+                            per caller, one request in flight on each, like the floor
   --quick                   CI smoke test: 1 s runs, concurrency 1, latency part at 1 and 16
   --build-dir DIR           CMake build directory (default: build/bench, else an existing
                             build/release or build/dev; configured and built when missing)
@@ -191,23 +193,26 @@ printf 'C_Sign delay_ms=%s\n' "$delay_ms" >"$work/fault-control"
 # ---- Servers -------------------------------------------------------------------------------------
 
 agent_pid= agent_socket=
-start_agent() {  # module sessions name
-  agent_socket=$work/agent-$3.sock
+# The agent runs with its default tuning (issue 16: "with default flags"): no --sessions, no
+# limits. The flags below only say where things go: the token, the socket, the audit log (a
+# file), quieter logs, and no HTTP endpoint (so no fixed port; the metrics are still counted).
+start_agent() {  # module name
+  agent_socket=$work/agent-$2.sock
   "${binary[hsm-agent]}" --module "$1" --token-label "$token_label" --pin-file "$work/user.pin" \
-    --socket "$agent_socket" --sessions "$2" --metrics-listen "" --log-level warn \
-    --audit-log "$work/audit-$3.log" >"$work/agent-$3.out" 2>"$work/agent-$3.err" &
+    --socket "$agent_socket" --metrics-listen "" --log-level warn \
+    --audit-log "$work/audit-$2.log" >"$work/agent-$2.out" 2>"$work/agent-$2.err" &
   agent_pid=$!
   pids+=("$agent_pid")
   local tries
   for ((tries = 0; tries < 200; tries++)); do
     [[ -S $agent_socket ]] && break
-    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent-$3.err" >&2; die "hsm-agent exited"; }
+    kill -0 "$agent_pid" 2>/dev/null || { cat "$work/agent-$2.err" >&2; die "hsm-agent exited"; }
     sleep 0.1
   done
-  [[ -S $agent_socket ]] || { cat "$work/agent-$3.err" >&2; die "hsm-agent did not listen"; }
+  [[ -S $agent_socket ]] || { cat "$work/agent-$2.err" >&2; die "hsm-agent did not listen"; }
   # The key is there and is ES256, seen through the agent.
-  "${binary[hsmctl]}" --socket "$agent_socket" pubkey "$kid" >/dev/null 2>>"$work/agent-$3.err" ||
-    { cat "$work/agent-$3.err" >&2; die "the agent cannot see the key"; }
+  "${binary[hsmctl]}" --socket "$agent_socket" pubkey "$kid" >/dev/null 2>>"$work/agent-$2.err" ||
+    { cat "$work/agent-$2.err" >&2; die "the agent cannot see the key"; }
 }
 
 p11kit_pid= p11kit_address=
@@ -288,9 +293,8 @@ EOF
 run_scenario() {  # scenario module with_floor levels...
   local scenario=$1 module=$2 with_floor=$3 level connections depth
   shift 3
-  local levels=("$@") max=0
-  for level in "${levels[@]}"; do ((level > max)) && max=$level; done
-  start_agent "$module" "$max" "$scenario"
+  local levels=("$@")
+  start_agent "$module" "$scenario"
   start_p11kit_server "$module" "$scenario"
   if ((with_floor)); then start_floor_server "$module" "$scenario"; fi
   local common=(--token-label "$token_label" --pin-file "$work/user.pin" --kid "$kid"
@@ -304,9 +308,11 @@ run_scenario() {  # scenario module with_floor levels...
       note "$scenario, concurrency $level: $modes (${duration_s} s each$of)"
       record "$scenario" "$level" direct "${binary[hsm-bench-direct]}" --module "$module" \
         --threads "$level" "${common[@]}"
-      # Up to --agent-connections, one synchronous caller per connection (like direct threads);
-      # above, that many connections, each pipelining its share of the requests.
-      if ((level <= agent_connections)); then
+      # One synchronous caller per connection, one request in flight on each (like direct's
+      # threads and the floor's connections): always on plain SoftHSMv2, where the agent is
+      # compared with the floor, and in the latency part up to --agent-connections; above that,
+      # --agent-connections connections, each pipelining its share of the requests.
+      if ((with_floor || level <= agent_connections)); then
         connections=$level depth=1
       else
         connections=$agent_connections depth=$(((level + agent_connections - 1) / agent_connections))
@@ -388,8 +394,12 @@ table = []
 for (scenario, level), modes in rows.items():
     cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit")}
     tput = {m: c["throughput_per_s"] for m, c in cells.items()}
+    agent_run = modes.get("agent", {})
     table.append({
         "scenario": scenario, "concurrency": level, **cells,
+        # How the agent was loaded: connections x requests in flight on each.
+        "agent_connections": agent_run.get("connections"),
+        "agent_depth": agent_run.get("depth"),
         "agent_over_direct": ratio(tput["agent"], tput["direct"]),
         "agent_over_p11kit": ratio(tput["agent"], tput["p11kit"]),
         "agent_added_p50_us": difference(cells["agent"]["p50_us"], cells["direct"]["p50_us"]),
@@ -404,6 +414,9 @@ for (scenario, level), modes in rows.items():
     cells = {m: cell(modes, m) for m in ("direct", "agent", "p11kit", "floor", "uds_rtt")}
     tput = {m: c["throughput_per_s"] for m, c in cells.items()}
     p50 = {m: c["p50_us"] for m, c in cells.items()}
+    # Server side only: the agent process's CPU per signature, and the floor server process's
+    # (each read from /proc by the load client over the measured window; the clients excluded).
+    server_cpu = {m: (cells[m]["cpu_us_per_op"] or {}).get("server") for m in ("agent", "floor")}
     floor_table.append({
         "scenario": scenario, "concurrency": level,
         "floor": cells["floor"], "uds_rtt": cells["uds_rtt"],
@@ -413,6 +426,9 @@ for (scenario, level), modes in rows.items():
         "uds_rtt_p50_us": p50["uds_rtt"],
         "agent_over_floor": ratio(tput["agent"], tput["floor"]),
         "agent_over_floor_p50_us": difference(p50["agent"], p50["floor"]),
+        "floor_server_cpu_us_per_op": server_cpu["floor"],
+        "agent_server_cpu_us_per_op": server_cpu["agent"],
+        "agent_over_floor_server_cpu": ratio(server_cpu["agent"], server_cpu["floor"]),
     })
 
 def fmt(value, spec):
@@ -434,6 +450,12 @@ for row in table:
     lines.append(" | ".join(cells))
 lines.append("throughput in signatures/s; latencies in microseconds; ag/dir and ag/p11 are "
              "throughput ratios; +p50 = agent p50 - direct p50; ! = the run had errors")
+def agent_load(row):
+    c, d = row["agent_connections"], row["agent_depth"]
+    return "?" if c is None or d is None else f"{c}x{d}"
+lines.append("agent load, connections x requests in flight on each: " + ", ".join(
+    f"{row['scenario']} {row['concurrency']}: {agent_load(row)}" for row in table) +
+    " (direct, p11kit and floor: one thread per concurrent caller, one request in flight each)")
 
 if floor_table:
     # Each p50/p99 block is followed by its error mark ("!" or a blank), as in the main table.
@@ -458,24 +480,27 @@ if floor_table:
                  "socket (no signing)")
     lines.append("fl/dir = floor/direct throughput; fl+p50 = floor p50 - direct p50; ag/fl = "
                  "agent/floor throughput; ag-fl = agent p50 - floor p50; cpu/sig = floor CPU per "
-                 "signature, client + server")
+                 "signature, client + server (each apart in the CPU table below)")
 
 # CPU per signature: independent of other load on the machine, unlike the wall-clock numbers.
 def cpu_cell(r, split):
     c = r["cpu_us_per_op"]
     if not c:
-        return f"{'-':>21}"
+        return f"{'-':>23}"
     if not split:
-        return f"{c['total']:>21.1f}"
+        return f"{c['total']:>23.1f}"
     return f"{c['client']:>6.1f} + {c['server'] or 0:>6.1f} = {c['total']:>5.1f}"
-cpu_header = (f"{'scenario':<14} {'conc':>4} | {'direct':>21} | {'agent: client + agent':>21} | "
-              f"{'p11kit: client + srv':>21}")
+cpu_header = (f"{'scenario':<14} {'conc':>4} | {'direct':>23} | {'agent: client + agent':>23} | "
+              f"{'p11kit: client + srv':>23} | {'floor: client + srv':>23}")
 lines += ["", "CPU time per signature, microseconds (all cores; client + server process)",
           cpu_header, "-" * len(cpu_header)]
+floor_cells = {(row["scenario"], row["concurrency"]): row["floor"] for row in floor_table}
 for row in table:
+    floor_cell = floor_cells.get((row["scenario"], row["concurrency"]))
     lines.append(f"{row['scenario']:<14} {row['concurrency']:>4} | "
                  f"{cpu_cell(row['direct'], False)} | {cpu_cell(row['agent'], True)} | "
-                 f"{cpu_cell(row['p11kit'], True)}")
+                 f"{cpu_cell(row['p11kit'], True)} | "
+                 f"{cpu_cell(floor_cell, True) if floor_cell else format('-', '>23')}")
 
 # Issue 7's targets, as information (a benchmark is not a test gate). After each target on plain
 # SoftHSMv2, the same ratio for the floor: whether any sidecar could meet the target here at all.
@@ -519,6 +544,77 @@ lines.append("")
 lines.append("issue 7 targets (information, not a gate):")
 lines += target_lines
 
+# Issue 16's targets: each a ratio of two numbers from this run, PASS or MISS; "n/a" when this
+# run has no row for it (--quick, or other --concurrency lists). Information, not a gate.
+issue16 = []
+issue16_lines = []
+plain, slow = "softhsm", f"softhsm+{delay_ms}ms"
+table_rows = {(row["scenario"], row["concurrency"]): row for row in table}
+def issue16_target(scenario, level, quantity, comparison, goal, over, under, unit="/s",
+                   missing="not in this run"):
+    """over and under: (label, value, errors) of the numerator and the denominator, or None when
+    this run has no such row."""
+    broken = [side[0] for side in (over, under) if side and side[2]]
+    if broken:
+        missing = f"the {' and '.join(broken)} run had errors"
+        over = under = None
+    value = ratio(over[1], under[1]) if over and under else None
+    status = ("n/a" if value is None else
+              "PASS" if (value >= goal if comparison == ">=" else value <= goal) else "MISS")
+    name = f"{scenario} c={level}: {quantity} {comparison} {goal:.2f}"
+    entry = {"target": name, "scenario": scenario, "concurrency": level, "quantity": quantity,
+             "comparison": comparison, "goal": goal, "value": value, "status": status}
+    if over and under:
+        entry.update(numerator={"what": over[0], "value": over[1]},
+                     denominator={"what": under[0], "value": under[1]})
+        spec = ".0f" if unit == "/s" else ".1f"
+        detail = f" ({over[0]} {over[1]:{spec}}{unit}, {under[0]} {under[1]:{spec}}{unit})"
+    else:
+        entry["reason"] = missing
+        detail = f" ({missing})"
+    issue16.append(entry)
+    issue16_lines.append(f"  {status:<4}  {name}: {fmt(value, '.3f')}{detail}")
+def measured(row, mode, label):
+    """(label, throughput, errors) of one mode in a row, or None when the row is missing."""
+    return None if row is None else (label, row[mode]["throughput_per_s"], row[mode]["errors"])
+for level in (1, 2):
+    row, fl = table_rows.get((plain, level)), floors.get((plain, level))
+    issue16_target(plain, level, "agent/floor throughput", ">=", 0.95 if level == 1 else 0.90,
+                   measured(row, "agent", "agent"), measured(fl, "floor", "floor"))
+    if level == 2:
+        issue16_target(plain, level, "agent/p11kit throughput", ">=", 1.5,
+                       measured(row, "agent", "agent"), measured(row, "p11kit", "p11kit"))
+def server_cpu(level, mode, label):
+    """(label, server-side CPU per signature, errors) of the agent or the floor at a plain level,
+    or None when this run has no such row or no server CPU for it."""
+    fl = floors.get((plain, level))
+    value = fl and fl[f"{mode}_server_cpu_us_per_op"]
+    if not value:
+        return None
+    cells = table_rows[(plain, level)] if mode == "agent" else fl
+    return (label, value, cells[mode]["errors"])
+for level in (1, 2):
+    issue16_target(plain, level, "agent/floor server CPU per signature", "<=", 1.2,
+                   server_cpu(level, "agent", "agent process"),
+                   server_cpu(level, "floor", "floor server"), " us")
+for level, goal in ((16, 0.95), (64, 0.90)):
+    row = table_rows.get((slow, level)) if int(delay_ms) == 2 else None
+    issue16_target(slow, level, "agent (default flags)/direct throughput", ">=", goal,
+                   measured(row, "agent", "agent"), measured(row, "direct", "direct"),
+                   missing="not in this run" if int(delay_ms) == 2 else
+                   f"the target is for the 2 ms module; this run added {delay_ms} ms")
+lines.append("")
+lines.append("issue 16 targets (ratios within this run; information, not a gate):")
+lines += issue16_lines
+lines += [
+    "  plain SoftHSMv2 at c: the agent and the floor each serve c connections with 1 request "
+    "in flight on each (the agent load above); p11kit: c threads, 1 call each, through "
+    "p11-kit-client.so",
+    "  server CPU: the agent process's own CPU per signature over the floor server process's "
+    "(the load clients excluded)",
+    f"  {delay_ms} ms module at c: the agent as started with default flags (no --sessions) and "
+    "the agent load above, against direct's c threads with a session each"]
+
 lines.append("")
 lines.append(f"load average (1, 5, 15 min) before: {' '.join(loads.split()[:3])}, "
              f"after: {' '.join(loads.split()[3:])}; {os.cpu_count()} CPUs")
@@ -533,6 +629,7 @@ document = {
     "targets": targets,
     "floor_table": floor_table,
     "floor_bounds": floor_bounds,
+    "issue16_targets": issue16,
     "runs": runs,
 }
 with open(json_out, "w") as out:

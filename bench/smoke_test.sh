@@ -2,8 +2,9 @@
 # bench/smoke_test.sh: what CI's `bench_smoke` test runs (bench/CMakeLists.txt). The harness runs
 # end to end (`run.sh --quick`, every run error-free) and produces its tables and its JSON: every
 # scenario and concurrency has a row with all three modes, each having signed something, and the
-# plain SoftHSMv2 rows also have the process-boundary floor and the bare round trip. No timing
-# assertions: the numbers are the benchmark's output, not a test gate.
+# plain SoftHSMv2 rows also have the process-boundary floor and the bare round trip; issue 7's and
+# issue 16's targets are listed (issue 16's without a row in a quick run as "n/a"). No timing
+# assertions: the numbers are the benchmark's output, not a test gate (PASS or MISS alike).
 #
 #   bench/smoke_test.sh JSON_OUT [run.sh options...]
 set -euo pipefail
@@ -22,7 +23,8 @@ document = json.load(open(sys.argv[2]))
 problems = []
 for heading in ("scenario", "direct/s", "agent/s", "p11kit/s", "ag/dir", "ag/p11",
                 "process-boundary floor", "floor/s", "fl/dir", "rtt p50", "ag/fl",
-                "CPU time per signature", "issue 7 targets", "load average"):
+                "CPU time per signature", "floor: client + srv", "issue 7 targets",
+                "issue 16 targets", "agent load", "load average"):
     if heading not in table_text:
         problems.append(f"the table has no '{heading}'")
 expected = {("softhsm", 1), ("softhsm+2ms", 1), ("softhsm+2ms", 16)}
@@ -65,6 +67,23 @@ for run in document["runs"]:
         problems.append(f"run failed: {run}")
 if not document["targets"]:
     problems.append("no issue-7 targets evaluated")
+# Issue 16's targets: all seven listed; those with a row in a --quick run (concurrency 1 on plain
+# SoftHSMv2, 16 in flight on the 2 ms module) evaluated, the others "n/a", never MISS.
+issue16 = {(t["scenario"], t["concurrency"], t["quantity"]): t
+           for t in document.get("issue16_targets", [])}
+if len(issue16) != 7:
+    problems.append(f"{len(issue16)} issue-16 targets, expected 7")
+for (scenario, level, quantity), t in issue16.items():
+    expected_status = ("PASS", "MISS") if (scenario, level) in rows else ("n/a",)
+    if t["status"] not in expected_status:
+        problems.append(f"issue-16 target {t['target']}: {t['status']}")
+    if f"{t['status']:<4}  {t['target']}:" not in table_text:
+        problems.append(f"issue-16 target {t['target']}: no line in the printed targets")
+# On plain SoftHSMv2 the agent has one connection per caller, one request in flight on each.
+for key, row in rows.items():
+    load = (row.get("agent_connections"), row.get("agent_depth"))
+    if key[0] == "softhsm" and load != (key[1], 1):
+        problems.append(f"{key}: agent load {load[0]}x{load[1]}, expected {key[1]}x1")
 if problems:
     print("bench smoke test failed:\n  " + "\n  ".join(problems), file=sys.stderr)
     sys.exit(1)
