@@ -199,7 +199,7 @@ if ((callgrind)) && have valgrind; then
   {
     echo
     /usr/bin/python3 "$summary" "$agent_profile" --per '^C_Sign$' --calls 'malloc=^malloc$' --title "hsm-agent, per sign" \
-      'worker: Server::run_on_worker=Server::run_on_worker\(' \
+      'token call: Worker::run=Worker::run\(' \
       '  KeyService::execute=KeyService::execute\(' \
       '    C_SignInit (SoftHSMv2)=^C_SignInit$' \
       '    C_Sign (SoftHSMv2)=^C_Sign$' \
@@ -208,17 +208,17 @@ if ((callgrind)) && have valgrind; then
       '  audit: SHA-256 of the input again=sha256_of|^SHA256$' \
       '  encode the response=::encode\(hsm::protocol::Response' \
       '  uv_async_send=^uv_async_send$' \
-      'worker queue (WorkerPool::work)=WorkerPool::work\(' \
+      'blocking pool (BlockingPool::work)=BlockingPool::work\(' \
       'loop thread: uv_run=^uv_run$' \
       '  Connection::on_read (read, frame, decode, dispatch)=Connection::on_read\(' \
-      '  Server::on_message=Server::on_message\(' \
+      '  Worker::on_message=Worker::on_message\(' \
       '    decode_request=decode_request\(' \
-      '  Server::dispatch=Server::dispatch\(' \
+      '  Worker::dispatch=Worker::dispatch\(' \
       '    access policy (authorize)=authorize\(' \
       '    rate limiter=try_acquire\(' \
-      '    WorkerPool::submit=WorkerPool::submit\(' \
-      '  Server::drain_completions=Server::drain_completions\(' \
-      '    AuditLog::record (loop)=AuditLog::record\(' \
+      '    BlockingPool::submit_call=BlockingPool::submit_call\(' \
+      '  Worker::complete=Worker::complete\(' \
+      '    AuditLog::record=AuditLog::record\(' \
       '    metrics=request_counter|request_histogram|Histogram::Observe|Counter::Increment|Gauge::' \
       '  Connection writes=Connection::(flush|send)' \
       'audit writer thread=spdlog::details::thread_pool::worker_loop_' \

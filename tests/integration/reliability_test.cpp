@@ -306,6 +306,53 @@ TEST_CASE("a slow token's signs stop running inline after the first one overstay
 }
 
 TEST_CASE(
+    "a hung inline sign holds up no other connection of its worker: capabilities, health and "
+    "signs answer, and the hung one gets deadline_exceeded",
+    "[reliability]") {
+  // One worker: every connection shares the loop whose thread the hung sign holds.
+  FaultyAgent agent({"--workers", "1", "--sessions", "2", "--request-timeout", "1500"}, "same");
+  auto& [faults, env, pub] = agent;
+  faults.set("C_Sign hang=1 count=1");
+  RawConnection hung(env.agent.socket_path());
+  const auto sent = Clock::now();
+  REQUIRE(hung.send(sign_request(1, "same", 1500)));
+  REQUIRE(wait_until([&] { return faults.count("C_Sign.injected") == 1; }, 10s));
+
+  // While it hangs: a new connection and the one already open both get answers from that loop.
+  RawConnection other(env.agent.socket_path());
+  const auto asked = Clock::now();
+  const auto capabilities = other.call({2, Method::kCapabilities, {}, std::nullopt}, 5s);
+  REQUIRE(capabilities);
+  CHECK(std::holds_alternative<hsm::protocol::Result>(capabilities->body));
+  const auto health = other.call({3, Method::kHealth, {}, std::nullopt}, 5s);
+  REQUIRE(health);
+  CHECK(std::holds_alternative<hsm::protocol::Result>(health->body));
+  const auto signature = env.client.sign("same", "while the first one hangs");
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("while the first one hangs"), signature));
+  // All of it long before the hung sign's deadline: the loop did not wait for the token.
+  CHECK(Clock::now() - sent < 1400ms);
+  INFO("answered after "
+       << std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - asked).count()
+       << " ms");
+  CHECK(metric(env.agent, "hsm_agent_loop_hand_overs_total") == 1);
+
+  const auto response = hung.receive_response(Method::kSign, 10s);
+  REQUIRE(response);
+  const auto* error = std::get_if<hsm::protocol::Error>(&response->body);
+  REQUIRE(error != nullptr);
+  CHECK(error->code == ErrorCode::kDeadlineExceeded);
+  faults.clear();
+  CHECK(wait_until([&] {
+    try {
+      (void)env.client.sign("same", "after the hang");
+      return true;
+    } catch (const hsm::Error&) {
+      return false;
+    }
+  }));
+}
+
+TEST_CASE(
     "a PIN refused at start (wrong, locked, expired): one C_Login, one line naming it, exit 1",
     "[reliability][pin]") {
   struct Refusal {

@@ -60,6 +60,7 @@ bool RateLimiter::try_acquire(uid_t uid, Clock::time_point now, std::size_t toke
   tokens = std::max<std::size_t>(tokens, 1);
   // More than the burst: no bucket ever holds that many (and the arithmetic below stays small).
   if (static_cast<double>(tokens) > burst_) return false;
+  std::lock_guard lock(mutex_);
   auto it = buckets_.find(uid);
   if (it == buckets_.end()) {
     if (buckets_.size() >= max_callers_ && now >= next_sweep_) {

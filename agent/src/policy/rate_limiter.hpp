@@ -14,14 +14,16 @@
 // bucket will be full again, in clock ticks, so refills have no rounding drift. Time is passed
 // in (`now`), so tests drive it without sleeping; callers pass a monotonic clock's reading. A
 // `now` older than an earlier one mints no tokens.
-// Thread-safety: none; the server calls it on the loop thread only. Allocates only when it
-// starts tracking a new uid.
+// Thread-safety: every member is safe from any thread (the agent's worker loops share one
+// limiter: a uid's budget is the same whichever worker its connections landed on). Off, it takes
+// no lock. Allocates only when it starts tracking a new uid.
 #pragma once
 
 #include <sys/types.h>
 
 #include <chrono>
 #include <cstddef>
+#include <mutex>
 #include <unordered_map>
 
 #include "config/agent_config.hpp"
@@ -49,7 +51,10 @@ class RateLimiter {
   [[nodiscard]] double rate() const noexcept { return rate_; }
   [[nodiscard]] double burst() const noexcept { return burst_; }
   /// How many uids have a bucket now (at most max_callers).
-  [[nodiscard]] std::size_t tracked_callers() const noexcept { return buckets_.size(); }
+  [[nodiscard]] std::size_t tracked_callers() const {
+    std::lock_guard lock(mutex_);
+    return buckets_.size();
+  }
 
  private:
   /// Drops every bucket that is full at `now`.
@@ -61,6 +66,7 @@ class RateLimiter {
   Clock::duration interval_{};        // one token's worth of time: 1/rate
   Clock::duration tolerance_{};       // (burst - 1) tokens' worth: how far ahead a bucket may run
   Clock::duration sweep_interval_{};  // how often a full table may be swept for full buckets
+  mutable std::mutex mutex_;          // guards what follows
   Clock::time_point next_sweep_ = Clock::time_point::min();
   /// uid -> when its bucket is full again (at or before now: full).
   std::unordered_map<uid_t, Clock::time_point> buckets_;

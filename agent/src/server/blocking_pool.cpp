@@ -1,5 +1,7 @@
 #include "server/blocking_pool.hpp"
 
+#include <pthread.h>
+
 #include <algorithm>
 
 namespace hsm::agent {
@@ -72,6 +74,7 @@ void BlockingPool::start_locked(Job job) {
 }
 
 void BlockingPool::work(Thread& self) {
+  pthread_setname_np(pthread_self(), "hsm-pool");
   std::unique_lock lock(mutex_);
   for (;;) {
     while (self.has_job) {
@@ -80,6 +83,7 @@ void BlockingPool::work(Thread& self) {
       lock.unlock();
       job.task();
       job.task = nullptr;  // what it holds goes now, not when the next job comes
+      if (!job.call) pthread_setname_np(pthread_self(), "hsm-pool");  // a loop drive ended
       lock.lock();
       --running_;
       if (!job.call) continue;

@@ -1,5 +1,6 @@
 #include "server/worker.hpp"
 
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
@@ -125,6 +126,9 @@ Worker::~Worker() {
 void Worker::drive() {
   std::unique_lock turn(turn_, std::try_to_lock);
   if (!turn.owns_lock()) return;  // another thread runs the loop
+  // Named for ps/top -H and profilers; a pool thread that returns to the pool is renamed there.
+  const std::string name = "hsm-worker-" + std::to_string(index_);
+  pthread_setname_np(pthread_self(), name.c_str());
   for (;;) {
     uv_run(&loop_, UV_RUN_DEFAULT);
     std::shared_ptr<Call> call = std::move(inline_call_);
