@@ -148,7 +148,7 @@ AgentOptions with_args(std::vector<std::string> args) {
 Request sign_request(std::uint32_t msgid, const std::string& kid, const std::string& data) {
   hsm::protocol::SignParams params;
   params.kid = kid;
-  params.input.data = to_bytes(data);
+  params.input = hsm::protocol::Data{to_bytes(data)};
   return {msgid, Method::kSign, params, std::nullopt};
 }
 

@@ -1046,13 +1046,13 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
     for (int i = 0; i < 3; ++i) {
       hsm::protocol::SignParams item;
       item.kid = "wl-" + caps.supported_algs.back();
-      item.input.data = to_bytes("batch " + std::to_string(i));
+      item.input = hsm::protocol::Data{to_bytes("batch " + std::to_string(i))};
       batch.items.push_back(item);
     }
     REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));
     CHECK(raw.receive_response(Method::kSignBatch).has_value());
     hsm::protocol::SignParams empty_kid;
-    empty_kid.input.data = to_bytes("x");
+    empty_kid.input = hsm::protocol::Data{to_bytes("x")};
     REQUIRE(raw.send(hsm::protocol::Request{2, Method::kSign, empty_kid, std::nullopt}));
     CHECK(raw.receive_response(Method::kSign).has_value());
   }
@@ -1063,7 +1063,7 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
     RawConnection large(agent.socket_path());
     hsm::protocol::SignParams big;
     big.kid = "wl-big";
-    big.input.data = Bytes(8192, 0x42);
+    big.input = hsm::protocol::Data{Bytes(8192, 0x42)};
     msgpack::sbuffer buffer;
     hsm::protocol::encode_request({3, Method::kSign, big, std::nullopt}, buffer);
     large.send(std::string_view(buffer.data(), buffer.size()));
@@ -1352,7 +1352,7 @@ TEST_CASE(
   {
     RawConnection raw(agent.socket_path());
     hsm::protocol::SignParams empty_kid;
-    empty_kid.input.data = to_bytes("x");
+    empty_kid.input = hsm::protocol::Data{to_bytes("x")};
     REQUIRE(raw.send(hsm::protocol::Request{7, Method::kSign, empty_kid, std::nullopt}));
     const auto answer = raw.receive_response(Method::kSign);
     REQUIRE(answer.has_value());
@@ -1365,7 +1365,7 @@ TEST_CASE(
     for (const char* kid : {"pol-a", "other"}) {
       hsm::protocol::SignParams item;
       item.kid = kid;
-      item.input.data = to_bytes(std::string("batch ") + kid);
+      item.input = hsm::protocol::Data{to_bytes(std::string("batch ") + kid)};
       batch.items.push_back(item);
     }
     REQUIRE(raw.send(hsm::protocol::Request{8, Method::kSignBatch, batch, std::nullopt}));
@@ -1403,7 +1403,7 @@ TEST_CASE("audit: sign_batch has one items entry per item: kid, own result, inpu
   for (const auto& [kid, data] : items) {
     hsm::protocol::SignParams item;
     item.kid = kid;
-    item.input.data = data;
+    item.input = hsm::protocol::Data{data};
     batch.items.push_back(item);
   }
   REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));

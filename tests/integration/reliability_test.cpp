@@ -105,7 +105,7 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
                                     std::optional<std::uint32_t> timeout_ms) {
   hsm::protocol::SignParams params;
   params.kid = kid;
-  params.input.data = to_bytes("hung-" + std::to_string(msgid));
+  params.input = hsm::protocol::Data{to_bytes("hung-" + std::to_string(msgid))};
   return {msgid, Method::kSign, params, timeout_ms};
 }
 
