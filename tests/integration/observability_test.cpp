@@ -761,7 +761,7 @@ TEST_CASE("logs: with --log-format json every stderr line is a JSON object: time
 
 TEST_CASE("metrics: request histogram buckets, counters and PKCS#11 calls move with signs",
           "[observability][metrics]") {
-  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "4"}});
+  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "4", "--max-sessions", "4"}});
   env.client.generate_key("m");
   const Scrape before(env.agent);
   constexpr int kSigns = 20;
@@ -835,7 +835,8 @@ TEST_CASE("metrics: in-flight and session gauges while a PKCS#11 call is held, t
           "[observability][metrics]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "3", "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.options({"--sessions", "3", "--max-sessions", "3",
+                                            "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("held");
   CHECK(metric(agent, "hsm_agent_requests_in_flight") == 0);
@@ -1013,8 +1014,9 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
           "[observability][metrics][promtool]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "2", "--max-message-bytes", "4096",
-                                            "--max-connections", "3"}));
+  AgentProcess agent(
+      token, faults.options({"--sessions", "2", "--max-sessions", "2", "--max-message-bytes",
+                             "4096", "--max-connections", "3"}));
   auto client = client_for(agent, 30s, 1);
 
   // Every algorithm the token offers: generate, sign, verify good and bad.
@@ -1183,7 +1185,8 @@ TEST_CASE("metrics: queue wait measures requests waiting for a worker, not for a
   FaultControl faults;
   SoftHsmToken token;
   // One session, so one worker: a second request waits in the queue while the first is held.
-  AgentProcess agent(token, faults.options({"--sessions", "1", "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.options({"--sessions", "1", "--max-sessions", "1",
+                                            "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("q");
   const Scrape before(agent);
@@ -1288,8 +1291,9 @@ TEST_CASE("audit: no line is lost when the agent exits, on any exit path",
   SoftHsmToken token;
   const std::string path = GENERATE(as<std::string>{}, "drain", "second SIGTERM", "abandoned");
   INFO("exit path: " << path);
-  AgentProcess agent(token, faults.options({"--sessions", "2", "--shutdown-timeout",
-                                            path == "abandoned" ? "1" : "60"}));
+  AgentProcess agent(token,
+                     faults.options({"--sessions", "2", "--max-sessions", "2", "--shutdown-timeout",
+                                     path == "abandoned" ? "1" : "60"}));
   auto client = client_for(agent, 60s, 1);
   client.generate_key("x");
   // Many answered signs, the last answers just before the signal: their lines are still in the
@@ -1487,7 +1491,7 @@ TEST_CASE("hsmctl metrics summarises a real agent's /metrics and /readyz",
           "[observability][hsmctl]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "4"}));
+  AgentProcess agent(token, faults.options({"--sessions", "4", "--max-sessions", "4"}));
   auto client = client_for(agent, 10s, 1);
   client.generate_key("c");
   constexpr int kSigns = 7;

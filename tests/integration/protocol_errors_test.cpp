@@ -164,7 +164,8 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
 
 TEST_CASE("overloaded when the queue is full", "[protocol]") {
   // One session and a queue of one: a burst of pipelined signs must overflow it.
-  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "1", "--max-queue", "1"}});
+  RunningAgent env(
+      AgentOptions{.extra_args = {"--sessions", "1", "--max-sessions", "1", "--max-queue", "1"}});
   env.client.generate_key("k");
   auto conn = env.connect();
   std::string burst;

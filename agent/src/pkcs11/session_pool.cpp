@@ -122,9 +122,11 @@ std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds
         lock.lock();
         --opening_;
         idle_available_.notify_one();  // the slot is free again for another waiter
-        if (e.rv() != CKR_SESSION_COUNT || open_locked() == 0) throw;
-        // The token holds no more: wait for one of the sessions already open.
-        lower_limit_locked(open_locked(), "C_OpenSession answered CKR_SESSION_COUNT");
+        // The token holds no more: the limit becomes the sessions open (not those other
+        // threads are still opening: the token refuses them too), and this call waits for one.
+        const std::size_t open = idle_.size() + busy_;
+        if (e.rv() != CKR_SESSION_COUNT || open == 0) throw;
+        lower_limit_locked(open, "C_OpenSession answered CKR_SESSION_COUNT");
         continue;
       } catch (...) {
         lock.lock();
@@ -206,11 +208,10 @@ void SessionPool::release(Session session, Lease::State state) noexcept {
 
 void SessionPool::lower_limit_locked(std::size_t limit, const char* why) {
   if (limit >= limit_) return;
+  // Once per pool: concurrent refusals each lower the limit a little until it settles.
   if (!limit_logged_) {
     spdlog::warn("{} with {} sessions open: the pool opens no more than that", why, limit);
     limit_logged_ = true;
-  } else {
-    spdlog::debug("{} with {} sessions open: the pool opens no more than that", why, limit);
   }
   limit_ = limit;
   update_gauges_locked();
