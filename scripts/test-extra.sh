@@ -33,11 +33,12 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:suppressions=$root/tests/tsan.supp"
   # The agent runs as a child of the test binary and inherits TSAN_OPTIONS; the fixture fails
   # the test that started it when its stderr holds a ThreadSanitizer report.
-  # Workers write answers and count requests out while the loop answers deadlines and shuts
-  # down: the core and reliability suites drive those paths against a real agent.
+  # Worker loops, pool threads and the watchdog hand calls, outcomes and loops to each other
+  # while deadlines and shutdown answer: the core and reliability suites drive those paths
+  # against a real agent.
   build/tsan/tests/integration/integration_tests
   build/tsan/tests/integration/reliability_tests
-  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[loop_turn],[heap_trimmer]"  # the agent's threads
+  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[blocking_pool],[uv_handle],[heap_trimmer]"  # the agent's threads
   build/tsan/tests/unit/policy/policy_unit_tests "[concurrency]"  # SIGHUP reload vs. requests
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts

@@ -115,8 +115,8 @@ int run(int argc, char** argv) {
 
   // Probes the token every --probe-interval, drives /readyz and hsm_agent_hsm_up, and
   // re-initialises the token after a fault (docs/reliability.md). Stopped before keys->close().
-  TokenSupervisor supervisor(keys->token_state(), health, metrics,
-                             SupervisorOptions{.probe_interval = config.probe_interval});
+  TokenSupervisor supervisor =
+      keys->supervise(health, SupervisorOptions{.probe_interval = config.probe_interval});
 
   Server server({config, *keys, metrics, health, *access, *audit, *rate_limiter});
   try {

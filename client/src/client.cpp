@@ -150,9 +150,9 @@ std::optional<protocol::SignatureFormat> to_format(const std::optional<std::stri
 enum class InputKind : std::uint8_t { kData, kDigest };
 
 protocol::SignInput to_input(InputKind kind, std::span<const std::uint8_t> bytes) {
-  protocol::SignInput input;
-  (kind == InputKind::kData ? input.data : input.digest).emplace(bytes.begin(), bytes.end());
-  return input;
+  protocol::Bytes copy(bytes.begin(), bytes.end());
+  if (kind == InputKind::kData) return protocol::Data{std::move(copy)};
+  return protocol::Digest{std::move(copy)};
 }
 
 Prepared<Signature> prepare_sign(std::string_view kid, InputKind kind,

@@ -225,8 +225,16 @@ class ParamsDecoder {
       return fail_with(std::string("exactly one of 'data' and 'digest' is required (got ") +
                        (has_data ? "both" : "neither") + ")");
     }
-    return optional_bin(fields, kData, item, out.data) &&
-           optional_bin(fields, kDigest, item, out.digest);
+    std::optional<Bytes> bytes;
+    if (!optional_bin(fields, has_data ? kData : kDigest, item, bytes)) {
+      return false;
+    }
+    if (has_data) {
+      out = Data{std::move(*bytes)};
+    } else {
+      out = Digest{std::move(*bytes)};
+    }
+    return true;
   }
 
   /// The parameters sign and sign_batch items share: kid, data|digest, alg, format.

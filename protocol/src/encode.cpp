@@ -27,7 +27,7 @@ void pack_str(Packer& pk, std::string_view value) {
   pk.pack_str_body(value.data(), static_cast<std::uint32_t>(value.size()));
 }
 
-void pack_bin(Packer& pk, const Bytes& value) {
+void pack_bin(Packer& pk, std::span<const std::uint8_t> value) {
   pk.pack_bin(wire_length(value.size()));
   // An empty vector's data() may be null; pack_bin_body copies nothing then.
   pk.pack_bin_body(reinterpret_cast<const char*>(value.data()),
@@ -90,21 +90,13 @@ struct SignFields {
   const std::optional<std::string>& alg;
   const std::optional<SignatureFormat>& format;
 
-  [[nodiscard]] std::uint32_t count() const {
-    return 1 + present(input.data) + present(input.digest) + present(alg) + present(format);
-  }
+  [[nodiscard]] std::uint32_t count() const { return 2 + present(alg) + present(format); }
 
   void pack(Packer& pk) const {
     pack_str(pk, wire::kKid);
     pack_str(pk, kid);
-    if (input.data) {
-      pack_str(pk, wire::kData);
-      pack_bin(pk, *input.data);
-    }
-    if (input.digest) {
-      pack_str(pk, wire::kDigest);
-      pack_bin(pk, *input.digest);
-    }
+    pack_str(pk, is_digest(input) ? wire::kDigest : wire::kData);
+    pack_bin(pk, input_bytes(input));
     if (alg) {
       pack_str(pk, wire::kAlg);
       pack_str(pk, *alg);

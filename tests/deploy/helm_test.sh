@@ -179,6 +179,7 @@ all_flags_args=(
   --pin-file=/var/run/secrets/hsm-agent/pin --socket=/run/hsm-agent/agent.sock --socket-mode=0660
   --shared-socket-dir
   --socket-group=65532 --metrics-listen=0.0.0.0:9464 --read-only --sessions=32
+  --max-sessions=128 --session-idle-timeout=60
   --max-message-bytes=1048576 --log-level=debug --log-format=text --audit-log=/tmp/audit.log
   --audit-fail-open
   --allow-uid=10001 --allow-uid=10002 --allow-gid=2000 --admin-uid=10003 --max-connections=2048
@@ -189,7 +190,7 @@ all_flags_args=(
 # The agent's flags (docs: the flag table of hsm-agent): each must be reachable from values.
 agent_flags=(
   --module --token-label --slot-index --pin-file --socket --socket-mode --socket-group --shared-socket-dir
-  --metrics-listen --read-only --sessions --max-message-bytes --log-level --log-format --audit-log
+  --metrics-listen --read-only --sessions --max-sessions --session-idle-timeout --max-message-bytes --log-level --log-format --audit-log
   --audit-fail-open
   --policy --allow-uid --allow-gid --admin-uid --max-connections --max-inflight-per-connection
   --max-queue --request-timeout --max-write-buffer --idle-timeout --shutdown-timeout

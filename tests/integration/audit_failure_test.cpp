@@ -77,7 +77,7 @@ std::uint32_t next_msgid() {
 protocol::SignParams sign_params(const std::string& kid, const std::string& data) {
   protocol::SignParams params;
   params.kid = kid;
-  params.input.data = protocol::Bytes(data.begin(), data.end());
+  params.input = hsm::protocol::Data{protocol::Bytes(data.begin(), data.end())};
   return params;
 }
 
@@ -154,7 +154,7 @@ TEST_CASE("audit: on a full disk key operations fail closed with audit_unavailab
         "audit_unavailable");
   protocol::VerifyParams verify;
   verify.kid = "audited";
-  verify.input.data = protocol::Bytes{1, 2, 3};
+  verify.input = hsm::protocol::Data{protocol::Bytes{1, 2, 3}};
   verify.signature = protocol::Bytes(64, 0);
   CHECK(outcome(connection, Method::kVerify, verify) == "audit_unavailable");
   CHECK(outcome(connection, Method::kGenerateKey,

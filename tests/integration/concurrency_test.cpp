@@ -20,7 +20,7 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
                                     const hsm::Bytes& data) {
   hsm::protocol::SignParams params;
   params.kid = kid;
-  params.input.data = data;
+  params.input = hsm::protocol::Data{data};
   return {msgid, Method::kSign, params, std::nullopt};
 }
 

@@ -148,7 +148,7 @@ AgentOptions with_args(std::vector<std::string> args) {
 Request sign_request(std::uint32_t msgid, const std::string& kid, const std::string& data) {
   hsm::protocol::SignParams params;
   params.kid = kid;
-  params.input.data = to_bytes(data);
+  params.input = hsm::protocol::Data{to_bytes(data)};
   return {msgid, Method::kSign, params, std::nullopt};
 }
 
@@ -751,7 +751,8 @@ TEST_CASE(
   constexpr std::uint32_t kPerConnection = 256;
   FaultModule faults;
   // The slowest token: every sign hangs until the test has pushed all it can; then it signs.
-  RunningAgent env(faults.agent_options({"--sessions", "2", "--request-timeout", "120000"}));
+  RunningAgent env(faults.agent_options(
+      {"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000"}));
   env.client.generate_key("k");
   faults.write_rules("C_Sign hang=1\n");
   const std::size_t rss_start = resident_kib(env.agent.pid());
@@ -1037,8 +1038,8 @@ TEST_CASE(
   FaultModule faults;
   faults.write_rules("C_Sign delay_ms=20\n");
   constexpr std::uint32_t kSessions = 2;
-  RunningAgent env(
-      faults.agent_options({"--sessions", std::to_string(kSessions), "--request-timeout", "3000"}));
+  RunningAgent env(faults.agent_options({"--sessions", std::to_string(kSessions), "--max-sessions",
+                                         std::to_string(kSessions), "--request-timeout", "3000"}));
   env.client.generate_key("k");
   const auto spki = env.client.get_public_key("k").spki;
   std::this_thread::sleep_for(200ms);  // the stats file catches up with start-up calls
@@ -1127,8 +1128,9 @@ TEST_CASE(
     "[signals]") {
   FaultModule faults;
   constexpr int kShutdownSeconds = 2;
-  RunningAgent env(faults.agent_options({"--sessions", "2", "--request-timeout", "120000",
-                                         "--shutdown-timeout", std::to_string(kShutdownSeconds)}));
+  RunningAgent env(
+      faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000",
+                            "--shutdown-timeout", std::to_string(kShutdownSeconds)}));
   env.client.generate_key("k");
   faults.write_rules("C_Sign hang=1\n");  // after start-up: nothing before this signs
   RawConnection connection(env.agent.socket_path());
@@ -1149,8 +1151,9 @@ TEST_CASE(
 
 TEST_CASE("a second SIGTERM during a long drain exits at once", "[signals]") {
   FaultModule faults;
-  RunningAgent env(faults.agent_options(
-      {"--sessions", "2", "--request-timeout", "120000", "--shutdown-timeout", "60"}));
+  RunningAgent env(
+      faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000",
+                            "--shutdown-timeout", "60"}));
   env.client.generate_key("k");
   faults.write_rules("C_Sign hang=1\n");
   RawConnection connection(env.agent.socket_path());

@@ -2,9 +2,8 @@
 // others are usable; keys made by the agent are sensitive and never extractable) and a
 // third-party client written only from protocol/README.md, verifying with a standard JOSE
 // library (Python msgpack + jwcrypto).
-#include <catch2/catch.hpp>
-
 #include <array>
+#include <catch2/catch.hpp>
 #include <cstdio>
 
 #include "integration/running_agent.hpp"
@@ -31,10 +30,9 @@ CommandResult run(const std::string& command) {
 }
 
 std::string pkcs11_tool(const SoftHsmToken& token, const std::string& args) {
-  const auto result =
-      run("SOFTHSM2_CONF='" + token.config_path().string() + "' pkcs11-tool --module " +
-          kSoftHsmModule + " --token-label '" + token.label() + "' --login --pin '" +
-          token.user_pin() + "' " + args);
+  const auto result = run("SOFTHSM2_CONF='" + token.config_path().string() +
+                          "' pkcs11-tool --module " + kSoftHsmModule + " --token-label '" +
+                          token.label() + "' --login --pin '" + token.user_pin() + "' " + args);
   INFO(result.output);
   REQUIRE(result.status == 0);
   return result.output;
@@ -75,9 +73,9 @@ TEST_CASE("keys made by the agent are sensitive and never extractable", "[intero
 TEST_CASE("a third-party client from protocol/README.md verifies a JWS with jwcrypto",
           "[interop]") {
   RunningAgent env;
-  const auto result = run("/usr/bin/python3 '" HSM_SOURCE_DIR
-                          "/tests/integration/third_party_client.py' '" +
-                          env.agent.socket_path() + "'");
+  const auto result =
+      run("/usr/bin/python3 '" HSM_SOURCE_DIR "/tests/integration/third_party_client.py' '" +
+          env.agent.socket_path() + "'");
   INFO(result.output);
   CHECK(result.status == 0);
   CHECK(result.output.find("jws verified") != std::string::npos);

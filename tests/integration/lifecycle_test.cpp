@@ -1,13 +1,12 @@
 // Start-up and shutdown behaviour of the real binary: one clear line and a non-zero exit for
 // every operator mistake, the socket's safety rules, the PIN kept out of argv and environ.
-#include <catch2/catch.hpp>
-
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <filesystem>
 #include <fstream>
 
@@ -20,8 +19,10 @@ using namespace std::chrono_literals;
 namespace {
 
 std::vector<std::string> base_args(const SoftHsmToken& token, const std::string& socket) {
-  return {"--module",    kSoftHsmModule, "--token-label",    token.label(),
-          "--pin-file",  token.write_pin_file().string(), "--socket", socket,
+  return {"--module",         kSoftHsmModule,
+          "--token-label",    token.label(),
+          "--pin-file",       token.write_pin_file().string(),
+          "--socket",         socket,
           "--metrics-listen", ""};
 }
 
@@ -52,9 +53,10 @@ TEST_CASE("--help documents every flag", "[lifecycle]") {
   const auto result = run_agent({"--help"});
   CHECK(result.status.exited);
   CHECK(result.status.code == 0);
-  for (const char* flag : {"--module", "--token-label", "--slot-index", "--pin-file", "--socket",
-                           "--socket-mode", "--metrics-listen", "--read-only", "--sessions",
-                           "--max-message-bytes", "--log-level"}) {
+  for (const char* flag :
+       {"--module", "--token-label", "--slot-index", "--pin-file", "--socket", "--socket-mode",
+        "--metrics-listen", "--read-only", "--sessions", "--max-sessions", "--session-idle-timeout",
+        "--max-message-bytes", "--log-level"}) {
     CHECK(result.out.find(flag) != std::string::npos);
   }
   CHECK(result.out.find("HSM_AGENT_MODULE") != std::string::npos);
@@ -93,6 +95,10 @@ TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycl
   SECTION("metrics address not on this machine") {
     args[9] = "192.0.2.1:9464";  // TEST-NET-1: bind fails, nothing is sent
     expect = "cannot listen for metrics on 192.0.2.1:9464";
+  }
+  SECTION("--max-sessions below --sessions") {
+    args.insert(args.end(), {"--sessions", "8", "--max-sessions", "4"});
+    expect = "--max-sessions (4) is below --sessions (8)";
   }
   SECTION("unknown flag") {
     args.push_back("--frobnicate");
@@ -159,7 +165,8 @@ TEST_CASE("the socket path is never a symlink, and others cannot write the direc
     const auto target = dir / "elsewhere";
     std::ofstream(target) << "x";
     std::filesystem::create_symlink(target, dir / "agent.sock");
-    const auto result = run_agent(base_args(token, (dir / "agent.sock").string()), token_env(token));
+    const auto result =
+        run_agent(base_args(token, (dir / "agent.sock").string()), token_env(token));
     CHECK(result.status.code != 0);
     CHECK(result.err.find("symbolic link") != std::string::npos);
     CHECK(std::filesystem::exists(target));
@@ -168,7 +175,8 @@ TEST_CASE("the socket path is never a symlink, and others cannot write the direc
     const auto open_dir = dir / "open";
     std::filesystem::create_directory(open_dir);
     ::chmod(open_dir.c_str(), 0777);
-    const auto result = run_agent(base_args(token, (open_dir / "a.sock").string()), token_env(token));
+    const auto result =
+        run_agent(base_args(token, (open_dir / "a.sock").string()), token_env(token));
     CHECK(result.status.code != 0);
     CHECK(result.err.find("writable by others") != std::string::npos);
   }

@@ -1,8 +1,7 @@
 // Every protocol method, end to end: client library -> socket -> real agent -> SoftHSMv2, with
 // every signature checked by OpenSSL against the public key the agent returned.
-#include <catch2/catch.hpp>
-
 #include <algorithm>
+#include <catch2/catch.hpp>
 
 #include "integration/running_agent.hpp"
 

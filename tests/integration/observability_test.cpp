@@ -761,7 +761,7 @@ TEST_CASE("logs: with --log-format json every stderr line is a JSON object: time
 
 TEST_CASE("metrics: request histogram buckets, counters and PKCS#11 calls move with signs",
           "[observability][metrics]") {
-  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "4"}});
+  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "4", "--max-sessions", "4"}});
   env.client.generate_key("m");
   const Scrape before(env.agent);
   constexpr int kSigns = 20;
@@ -835,7 +835,8 @@ TEST_CASE("metrics: in-flight and session gauges while a PKCS#11 call is held, t
           "[observability][metrics]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "3", "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.options({"--sessions", "3", "--max-sessions", "3",
+                                            "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("held");
   CHECK(metric(agent, "hsm_agent_requests_in_flight") == 0);
@@ -1013,8 +1014,9 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
           "[observability][metrics][promtool]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "2", "--max-message-bytes", "4096",
-                                            "--max-connections", "3"}));
+  AgentProcess agent(
+      token, faults.options({"--sessions", "2", "--max-sessions", "2", "--max-message-bytes",
+                             "4096", "--max-connections", "3"}));
   auto client = client_for(agent, 30s, 1);
 
   // Every algorithm the token offers: generate, sign, verify good and bad.
@@ -1046,13 +1048,13 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
     for (int i = 0; i < 3; ++i) {
       hsm::protocol::SignParams item;
       item.kid = "wl-" + caps.supported_algs.back();
-      item.input.data = to_bytes("batch " + std::to_string(i));
+      item.input = hsm::protocol::Data{to_bytes("batch " + std::to_string(i))};
       batch.items.push_back(item);
     }
     REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));
     CHECK(raw.receive_response(Method::kSignBatch).has_value());
     hsm::protocol::SignParams empty_kid;
-    empty_kid.input.data = to_bytes("x");
+    empty_kid.input = hsm::protocol::Data{to_bytes("x")};
     REQUIRE(raw.send(hsm::protocol::Request{2, Method::kSign, empty_kid, std::nullopt}));
     CHECK(raw.receive_response(Method::kSign).has_value());
   }
@@ -1063,7 +1065,7 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
     RawConnection large(agent.socket_path());
     hsm::protocol::SignParams big;
     big.kid = "wl-big";
-    big.input.data = Bytes(8192, 0x42);
+    big.input = hsm::protocol::Data{Bytes(8192, 0x42)};
     msgpack::sbuffer buffer;
     hsm::protocol::encode_request({3, Method::kSign, big, std::nullopt}, buffer);
     large.send(std::string_view(buffer.data(), buffer.size()));
@@ -1183,7 +1185,8 @@ TEST_CASE("metrics: queue wait measures requests waiting for a worker, not for a
   FaultControl faults;
   SoftHsmToken token;
   // One session, so one worker: a second request waits in the queue while the first is held.
-  AgentProcess agent(token, faults.options({"--sessions", "1", "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.options({"--sessions", "1", "--max-sessions", "1",
+                                            "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("q");
   const Scrape before(agent);
@@ -1288,8 +1291,9 @@ TEST_CASE("audit: no line is lost when the agent exits, on any exit path",
   SoftHsmToken token;
   const std::string path = GENERATE(as<std::string>{}, "drain", "second SIGTERM", "abandoned");
   INFO("exit path: " << path);
-  AgentProcess agent(token, faults.options({"--sessions", "2", "--shutdown-timeout",
-                                            path == "abandoned" ? "1" : "60"}));
+  AgentProcess agent(token,
+                     faults.options({"--sessions", "2", "--max-sessions", "2", "--shutdown-timeout",
+                                     path == "abandoned" ? "1" : "60"}));
   auto client = client_for(agent, 60s, 1);
   client.generate_key("x");
   // Many answered signs, the last answers just before the signal: their lines are still in the
@@ -1352,7 +1356,7 @@ TEST_CASE(
   {
     RawConnection raw(agent.socket_path());
     hsm::protocol::SignParams empty_kid;
-    empty_kid.input.data = to_bytes("x");
+    empty_kid.input = hsm::protocol::Data{to_bytes("x")};
     REQUIRE(raw.send(hsm::protocol::Request{7, Method::kSign, empty_kid, std::nullopt}));
     const auto answer = raw.receive_response(Method::kSign);
     REQUIRE(answer.has_value());
@@ -1365,7 +1369,7 @@ TEST_CASE(
     for (const char* kid : {"pol-a", "other"}) {
       hsm::protocol::SignParams item;
       item.kid = kid;
-      item.input.data = to_bytes(std::string("batch ") + kid);
+      item.input = hsm::protocol::Data{to_bytes(std::string("batch ") + kid)};
       batch.items.push_back(item);
     }
     REQUIRE(raw.send(hsm::protocol::Request{8, Method::kSignBatch, batch, std::nullopt}));
@@ -1403,7 +1407,7 @@ TEST_CASE("audit: sign_batch has one items entry per item: kid, own result, inpu
   for (const auto& [kid, data] : items) {
     hsm::protocol::SignParams item;
     item.kid = kid;
-    item.input.data = data;
+    item.input = hsm::protocol::Data{data};
     batch.items.push_back(item);
   }
   REQUIRE(raw.send(hsm::protocol::Request{1, Method::kSignBatch, batch, std::nullopt}));
@@ -1487,7 +1491,7 @@ TEST_CASE("hsmctl metrics summarises a real agent's /metrics and /readyz",
           "[observability][hsmctl]") {
   FaultControl faults;
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "4"}));
+  AgentProcess agent(token, faults.options({"--sessions", "4", "--max-sessions", "4"}));
   auto client = client_for(agent, 10s, 1);
   client.generate_key("c");
   constexpr int kSigns = 7;

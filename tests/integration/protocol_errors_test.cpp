@@ -2,7 +2,6 @@
 // fault injection, malformed shapes answered (connection kept), garbage and oversized messages
 // closing only the offending connection.
 #include <catch2/catch.hpp>
-
 #include <thread>
 
 #include "integration/running_agent.hpp"
@@ -35,6 +34,17 @@ std::string request(std::uint32_t msgid, std::string_view method,
   });
 }
 
+// The start of a hand-written sign parameter map of `fields` entries: kid "k1", data "x".
+template <typename Packer>
+void pack_kid_and_data(Packer& p, std::uint32_t fields) {
+  p.pack_map(fields);
+  p.pack(std::string("kid"));
+  p.pack(std::string("k1"));
+  p.pack(std::string("data"));
+  p.pack_bin(1);
+  p.pack_bin_body("x", 1);
+}
+
 hsm::protocol::Error expect_error(RawConnection& conn, Method method, std::uint32_t msgid) {
   auto response = conn.receive_response(method);
   REQUIRE(response.has_value());
@@ -46,7 +56,7 @@ hsm::protocol::Error expect_error(RawConnection& conn, Method method, std::uint3
 hsm::protocol::Request sign_request(std::uint32_t msgid, std::string kid, hsm::Bytes data) {
   hsm::protocol::SignParams params;
   params.kid = std::move(kid);
-  params.input.data = std::move(data);
+  params.input = hsm::protocol::Data{std::move(data)};
   return {msgid, Method::kSign, params, std::nullopt};
 }
 
@@ -74,12 +84,7 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
   }
   SECTION("invalid_params: unknown parameter") {
     conn.send(request(1, "sign", [](auto& p) {
-      p.pack_map(3);
-      p.pack(std::string("kid"));
-      p.pack(std::string("k1"));
-      p.pack(std::string("data"));
-      p.pack_bin(1);
-      p.pack_bin_body("x", 1);
+      pack_kid_and_data(p, 3);
       p.pack(std::string("colour"));
       p.pack(std::string("blue"));
     }));
@@ -88,17 +93,23 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
     CHECK(error.message.find("colour") != std::string::npos);
   }
   SECTION("invalid_params: both data and digest") {
-    hsm::protocol::SignParams params;
-    params.kid = "k1";
-    params.input.data = to_bytes("x");
-    params.input.digest = sha256(to_bytes("x"));
-    conn.send(hsm::protocol::Request{2, Method::kSign, params, std::nullopt});
-    CHECK(expect_error(conn, Method::kSign, 2).code == ErrorCode::kInvalidParams);
+    // SignInput cannot hold both, so the message is written by hand.
+    const auto digest = sha256(to_bytes("x"));
+    conn.send(request(2, "sign", [&](auto& p) {
+      pack_kid_and_data(p, 3);
+      p.pack(std::string("digest"));
+      p.pack_bin(static_cast<std::uint32_t>(digest.size()));
+      p.pack_bin_body(reinterpret_cast<const char*>(digest.data()),
+                      static_cast<std::uint32_t>(digest.size()));
+    }));
+    const auto error = expect_error(conn, Method::kSign, 2);
+    CHECK(error.code == ErrorCode::kInvalidParams);
+    CHECK(error.message.find("exactly one of 'data' and 'digest'") != std::string::npos);
   }
   SECTION("invalid_params: a digest of the wrong length") {
     hsm::protocol::SignParams params;
     params.kid = "k1";
-    params.input.digest = hsm::Bytes(20, 0xAB);
+    params.input = hsm::protocol::Digest{hsm::Bytes(20, 0xAB)};
     conn.send(hsm::protocol::Request{3, Method::kSign, params, std::nullopt});
     CHECK(expect_error(conn, Method::kSign, 3).code == ErrorCode::kInvalidParams);
   }
@@ -128,7 +139,7 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
   SECTION("unsupported_alg") {
     hsm::protocol::SignParams params;
     params.kid = "k1";
-    params.input.data = to_bytes("x");
+    params.input = hsm::protocol::Data{to_bytes("x")};
     params.alg = "HS256";
     conn.send(hsm::protocol::Request{9, Method::kSign, params, std::nullopt});
     CHECK(expect_error(conn, Method::kSign, 9).code == ErrorCode::kUnsupportedAlg);
@@ -153,7 +164,8 @@ TEST_CASE("error codes reachable with a healthy token", "[protocol]") {
 
 TEST_CASE("overloaded when the queue is full", "[protocol]") {
   // One session and a queue of one: a burst of pipelined signs must overflow it.
-  RunningAgent env(AgentOptions{.extra_args = {"--sessions", "1", "--max-queue", "1"}});
+  RunningAgent env(
+      AgentOptions{.extra_args = {"--sessions", "1", "--max-sessions", "1", "--max-queue", "1"}});
   env.client.generate_key("k");
   auto conn = env.connect();
   std::string burst;

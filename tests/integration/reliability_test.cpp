@@ -105,7 +105,7 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
                                     std::optional<std::uint32_t> timeout_ms) {
   hsm::protocol::SignParams params;
   params.kid = kid;
-  params.input.data = to_bytes("hung-" + std::to_string(msgid));
+  params.input = hsm::protocol::Data{to_bytes("hung-" + std::to_string(msgid))};
   return {msgid, Method::kSign, params, timeout_ms};
 }
 
@@ -132,8 +132,8 @@ TEST_CASE(
   constexpr auto kDeadline = 2000ms;
   constexpr auto kSlack = 2000ms;  // scheduling on a loaded CI machine, not the agent's budget
   FaultControl faults;
-  RunningAgent env(faults.agent_options(
-      {"--sessions", "4", "--probe-interval", "1", "--request-timeout", "2000"}));
+  RunningAgent env(faults.agent_options({"--sessions", "4", "--max-sessions", "4",
+                                         "--probe-interval", "1", "--request-timeout", "2000"}));
   env.client.generate_key("load");
   const pid_t pid = env.agent.pid();
 
@@ -224,7 +224,7 @@ TEST_CASE(
 
 TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds",
           "[reliability]") {
-  FaultyAgent agent({"--sessions", "2"}, "retry");
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "2"}, "retry");
   auto& [faults, env, pub] = agent;
   (void)env.client.sign("retry", "warm the handle cache");
   REQUIRE(wait_until([&] { return faults.count("C_Sign") >= 1; }));
@@ -247,7 +247,8 @@ TEST_CASE(
     "C_Sign hung on one session: other sessions keep signing, the hung request ends in "
     "deadline_exceeded",
     "[reliability]") {
-  FaultyAgent agent({"--sessions", "4", "--request-timeout", "1500"}, "hang");
+  FaultyAgent agent({"--sessions", "4", "--max-sessions", "4", "--request-timeout", "1500"},
+                    "hang");
   auto& [faults, env, pub] = agent;
 
   faults.set("C_Sign hang=1 session=first");
@@ -292,7 +293,7 @@ TEST_CASE(
 
 TEST_CASE("a slow token's signs stop running inline after the first one overstays",
           "[reliability]") {
-  FaultyAgent agent({"--sessions", "2"}, "slow");
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "2"}, "slow");
   auto& [faults, env, pub] = agent;
   faults.set("C_Sign delay_ms=50");
   for (int i = 0; i < 20; ++i) {
@@ -410,7 +411,8 @@ TEST_CASE(
     Subject(const Refusal& which, const std::string& pin)
         : refusal(which),
           token("relogin", pin),
-          agent(token, faults.agent_options({"--sessions", "2", "--probe-interval", "1"})),
+          agent(token, faults.agent_options(
+                           {"--sessions", "2", "--max-sessions", "2", "--probe-interval", "1"})),
           client(direct_client(agent.socket_path(), 2s)) {}
     Refusal refusal;
     FaultControl faults;
@@ -500,7 +502,7 @@ TEST_CASE(
     "a probe that hangs: not ready within 5 s of it, still alive and answering, ready again "
     "once the call returns",
     "[reliability][probe]") {
-  FaultyAgent agent({"--sessions", "2", "--probe-interval", "1"}, "probe");
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "2", "--probe-interval", "1"}, "probe");
   auto& [faults, env, pub] = agent;
   REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
   const pid_t pid = env.agent.pid();
@@ -560,7 +562,8 @@ TEST_CASE(
 TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 and 1 after",
           "[reliability][metrics]") {
   FaultControl faults;
-  RunningAgent env(faults.agent_options({"--sessions", "2", "--probe-interval", "1"}));
+  RunningAgent env(
+      faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--probe-interval", "1"}));
   env.client.generate_key("ready");
   REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
   CHECK(metric(env.agent, "hsm_agent_hsm_up") == 1);
@@ -654,7 +657,7 @@ TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queue
   // reads its rules on every call: no sign can slip through before the rule is seen.
   FaultControl faults;
   faults.set("C_Sign delay_ms=2500");
-  auto options = faults.agent_options({"--sessions", "2"});
+  auto options = faults.agent_options({"--sessions", "2", "--max-sessions", "2"});
   options.env["HSM_FAULT_POLL_US"] = "0";
   RunningAgent env(std::move(options));
   env.client.generate_key("slow");
@@ -735,4 +738,100 @@ TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queue
     CHECK(on_time >= kOnTimeShare * static_cast<double>(answers.size()));
   }
   CHECK(env.agent.running());
+}
+
+namespace {
+
+const std::string kIdleSessions = R"(hsm_agent_sessions{state="idle"})";
+const std::string kBusySessions = R"(hsm_agent_sessions{state="busy"})";
+
+// Sessions open in the agent's pool (idle + busy), from /metrics.
+double open_sessions(const AgentProcess& agent) {
+  const auto [status, text] = agent.http_get("/metrics");
+  REQUIRE(status == 200);
+  return metric_sample(text, kIdleSessions) + metric_sample(text, kBusySessions);
+}
+
+// `count` signs at once, each from its own connection; every one must verify.
+void sign_concurrently(const AgentProcess& agent, const std::string& kid, const hsm::PublicKey& pub,
+                       int count) {
+  std::vector<std::thread> threads;
+  std::atomic<int> verified{0};
+  for (int i = 0; i < count; ++i) {
+    threads.emplace_back([&, i] {
+      hsm::Client client = direct_client(agent.socket_path(), 20s);
+      const std::string data = "concurrent " + std::to_string(i);
+      if (verify_with_spki(pub.spki, "ES256", to_bytes(data), client.sign(kid, data))) ++verified;
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(verified == count);
+}
+
+}  // namespace
+
+TEST_CASE(
+    "the session pool grows while requests wait, never past --max-sessions, and shrinks back "
+    "to --sessions when idle",
+    "[reliability][pool]") {
+  FaultyAgent agent({"--sessions", "1", "--max-sessions", "4", "--session-idle-timeout", "1"},
+                    "pool");
+  auto& [faults, env, pub] = agent;
+  CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 4);
+  CHECK(open_sessions(env.agent) == 1);
+  const long opened_before = faults.count("C_OpenSession");
+  const long closed_before = faults.count("C_CloseSession");
+
+  // 8 signs at once, each 300 ms inside the token: with one session they would queue; the pool
+  // opens sessions for them, up to 4 and no more.
+  faults.set("C_Sign delay_ms=300");
+  std::atomic<bool> load_done{false};
+  double most_open = 0;
+  std::thread watcher([&] {
+    while (!load_done) {
+      most_open = std::max(most_open, open_sessions(env.agent));
+      std::this_thread::sleep_for(20ms);
+    }
+  });
+  sign_concurrently(env.agent, "pool", pub, 8);
+  load_done = true;
+  watcher.join();
+  faults.clear();
+  CHECK(most_open > 1);
+  CHECK(most_open <= 4);
+  // The stats file is rewritten within ~25 ms of a change.
+  CHECK(wait_until([&] { return faults.count("C_OpenSession") - opened_before == 3; }, 5s));
+  CHECK(faults.count("C_OpenSession") - opened_before == 3);
+
+  // Idle for --session-idle-timeout (1 s): back to one session, the other three closed.
+  CHECK(wait_until([&] { return open_sessions(env.agent) == 1; }, 10s));
+  CHECK(wait_until([&] { return faults.count("C_CloseSession") - closed_before == 3; }, 5s));
+  // And it still signs, growing again when needed.
+  CHECK(verify_with_spki(pub.spki, "ES256", to_bytes("after"), env.client.sign("pool", "after")));
+}
+
+TEST_CASE(
+    "a token that refuses more sessions (CKR_SESSION_COUNT): the pool stops growing there, "
+    "says so once, and requests still succeed",
+    "[reliability][pool]") {
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limit");
+  auto& [faults, env, pub] = agent;
+  CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 16);
+  faults.set("C_OpenSession rv=CKR_SESSION_COUNT\nC_Sign delay_ms=100");
+  sign_concurrently(env.agent, "limit", pub, 8);
+  faults.clear();
+  // The limit is what was open when the token refused: the two sessions it started with.
+  CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 2);
+  CHECK(open_sessions(env.agent) == 2);
+  CHECK(faults.count("C_OpenSession.injected") >= 1);
+  const std::string log = env.agent.stderr_text();
+  INFO(log);
+  const auto first = log.find("CKR_SESSION_COUNT");
+  REQUIRE(first != std::string::npos);
+  CHECK(log.find("CKR_SESSION_COUNT", first + 1) == std::string::npos);
+  // The limit holds once the token would allow more: no new C_OpenSession.
+  const long opened = faults.count("C_OpenSession");
+  faults.set("C_Sign delay_ms=100");
+  sign_concurrently(env.agent, "limit", pub, 4);
+  CHECK(faults.count("C_OpenSession") == opened);
 }

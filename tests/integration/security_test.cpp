@@ -185,7 +185,7 @@ protocol::Request request(Method method, protocol::Params params = protocol::Emp
 protocol::Request sign_request(const std::string& kid, const std::string& data = "payload") {
   protocol::SignParams params;
   params.kid = kid;
-  params.input.data = protocol::Bytes(data.begin(), data.end());
+  params.input = hsm::protocol::Data{protocol::Bytes(data.begin(), data.end())};
   return request(Method::kSign, params);
 }
 protocol::Request generate_request(const std::string& kid) {
@@ -1323,7 +1323,7 @@ TEST_CASE(
     for (std::size_t i = 0; i < items; ++i) {
       protocol::SignParams item;
       item.kid = "app-batch";
-      item.input.data = protocol::Bytes{static_cast<std::uint8_t>(i)};
+      item.input = hsm::protocol::Data{protocol::Bytes{static_cast<std::uint8_t>(i)}};
       batch.items.push_back(item);
     }
     return request(Method::kSignBatch, batch);

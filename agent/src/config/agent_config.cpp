@@ -63,7 +63,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
 
   std::string module, token_label, socket_mode = "0660", log_format = "text";
   int slot_index = -1;
-  unsigned sessions = 16;
+  unsigned sessions = 4, max_sessions = 64, session_idle_timeout_s = 30;
   std::size_t request_timeout_ms = 5000;
   std::size_t idle_timeout_s = 300, shutdown_timeout_s = 10, probe_interval_s = 10;
   unsigned read_timeout_s = 10;
@@ -94,9 +94,20 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
       ->check(CLI::Range(std::size_t{1}, std::size_t{3600}));
   add_flag(app, "--read-only", config.hsm.read_only,
            "read-only sessions: generate_key and delete_key are refused");
-  add_option(app, "--sessions", sessions, "PKCS#11 sessions in the pool (= worker threads)")
+  add_option(app, "--sessions", sessions,
+             "PKCS#11 sessions opened at start and kept open when idle")
       ->capture_default_str()
       ->check(CLI::Range(1U, 1024U));
+  auto* max_sessions_opt =
+      add_option(app, "--max-sessions", max_sessions,
+                 "most PKCS#11 sessions (and requests running against the token at once); the "
+                 "pool grows to it while requests wait, never past the token's own limit")
+          ->capture_default_str()
+          ->check(CLI::Range(1U, 1024U));
+  add_option(app, "--session-idle-timeout", session_idle_timeout_s,
+             "seconds a session above --sessions may stay idle before it is closed")
+      ->capture_default_str()
+      ->check(CLI::Range(1U, 3600U));
   add_option(app, "--max-message-bytes", config.limits.max_message_bytes,
              "largest request accepted; a larger one closes its connection")
       ->capture_default_str()
@@ -192,7 +203,14 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   if (!config.hsm.token_label && !config.hsm.slot_index) {
     throw ConfigError("choose the token with --token-label or --slot-index");
   }
+  if (!max_sessions_opt->empty() && max_sessions < sessions) {
+    throw ConfigError("--max-sessions (" + std::to_string(max_sessions) +
+                      ") is below --sessions (" + std::to_string(sessions) + ")");
+  }
   config.hsm.sessions = sessions;
+  // Unless given, the ceiling is at least the idle minimum (--sessions 100 alone is valid).
+  config.hsm.max_sessions = std::max(max_sessions, sessions);
+  config.hsm.session_idle_timeout = std::chrono::seconds(session_idle_timeout_s);
   config.socket_mode = parse_socket_mode(socket_mode);
   if (!socket_group.empty()) config.socket_group = socket_group;
   if (!pin_file.empty()) config.pin_file = pin_file;

@@ -5,7 +5,7 @@
 #include <algorithm>
 
 #include "keys/key_generation.hpp"
-#include "pkcs11/module.hpp"
+#include "pkcs11/error.hpp"
 #include "pkcs11/session.hpp"
 #include "pkcs11/token.hpp"
 
@@ -43,7 +43,7 @@ bool curve_rejected(const pkcs11::Token& token, pkcs11::Session& session, const 
   // Session objects vanish with the session anyway; destroy them now to leave nothing behind.
   for (const CK_OBJECT_HANDLE object : {handles.private_key, handles.public_key}) {
     try {
-      session.module().call<pkcs11::Function::kDestroyObject>(session.handle(), object);
+      session.destroy_object(object);
     } catch (const pkcs11::Pkcs11Error& e) {
       spdlog::debug("destroying a probe key: {}", e.what());
     }

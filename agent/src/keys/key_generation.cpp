@@ -4,7 +4,6 @@
 #include <span>
 #include <vector>
 
-#include "pkcs11/module.hpp"
 #include "pkcs11/session.hpp"
 
 namespace hsm::agent::keys {
@@ -59,10 +58,8 @@ CK_RV generate_key_pair(pkcs11::Session& session, const KeyPairSpec& spec, KeyPa
   }
 
   CK_MECHANISM mechanism{alg.keygen_mechanism, nullptr, 0};
-  return session.module().call_accepting<pkcs11::Function::kGenerateKeyPair>(
-      accepted, session.handle(), &mechanism, public_template.data(),
-      static_cast<CK_ULONG>(public_template.size()), private_template.data(),
-      static_cast<CK_ULONG>(private_template.size()), &out.public_key, &out.private_key);
+  return session.generate_key_pair(mechanism, public_template, private_template, out.public_key,
+                                   out.private_key, accepted);
 }
 
 }  // namespace hsm::agent::keys

@@ -12,7 +12,7 @@
 #include "keys/ec_encoding.hpp"
 #include "keys/key_generation.hpp"
 #include "keys/request_error.hpp"
-#include "pkcs11/module.hpp"
+#include "pkcs11/error.hpp"
 #include "pkcs11/session.hpp"
 
 namespace hsm::agent::keys {
@@ -384,7 +384,7 @@ KeyEntryPtr KeyStore::generate(pkcs11::Session& session, const std::string& kid,
     // Leave no half-usable key behind under this kid.
     for (const CK_OBJECT_HANDLE object : {handles.private_key, handles.public_key}) {
       try {
-        session.module().call<pkcs11::Function::kDestroyObject>(session.handle(), object);
+        session.destroy_object(object);
       } catch (const pkcs11::Pkcs11Error& e) {
         spdlog::warn("cleaning up a failed key generation for '{}': {}", kid, e.what());
       }
@@ -404,7 +404,7 @@ bool KeyStore::remove(pkcs11::Session& session, const std::string& kid) {
       if (object.object_class != CKO_PRIVATE_KEY && object.object_class != CKO_PUBLIC_KEY) {
         continue;
       }
-      session.module().call<pkcs11::Function::kDestroyObject>(session.handle(), object.handle);
+      session.destroy_object(object.handle);
       destroyed_any = true;
     }
     if (!destroyed_any) break;

@@ -9,7 +9,7 @@
 
 #include "keys/ec_encoding.hpp"
 #include "keys/request_error.hpp"
-#include "pkcs11/module.hpp"
+#include "pkcs11/error.hpp"
 #include "pkcs11/session.hpp"
 
 namespace hsm::agent::keys {
@@ -19,11 +19,6 @@ using protocol::ErrorCode;
 using protocol::SignatureFormat;
 
 constexpr std::size_t kMaxDigestInfoPrefix = 19;  // SHA-2 DigestInfo prefixes are 19 bytes
-
-// PKCS#11 input buffers are non-const CK_BYTE_PTR; the library only reads them.
-CK_BYTE_PTR input_ptr(std::span<const std::uint8_t> bytes) {
-  return const_cast<CK_BYTE_PTR>(bytes.data());
-}
 
 }  // namespace
 
@@ -103,14 +98,7 @@ protocol::Bytes sign(pkcs11::Session& session, const KeyEntry& key, const Algori
   const std::size_t capacity =
       alg.scheme == SignScheme::kEcdsa ? max_ecdsa_der_bytes(alg.curve->field_bytes) : expected;
   protocol::Bytes signature(capacity);
-  CK_ULONG length = static_cast<CK_ULONG>(signature.size());
-
-  const pkcs11::Module& module = session.module();
-  module.call<pkcs11::Function::kSignInit>(session.handle(), &mechanism, key.private_key);
-  module.call<pkcs11::Function::kSign>(session.handle(), input_ptr(to_sign),
-                                       static_cast<CK_ULONG>(to_sign.size()), signature.data(),
-                                       &length);
-  signature.resize(length);
+  signature.resize(session.sign(mechanism, key.private_key, to_sign, signature));
 
   switch (alg.scheme) {
     case SignScheme::kEcdsa:

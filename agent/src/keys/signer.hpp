@@ -23,7 +23,11 @@ class Session;
 namespace hsm::agent::keys {
 
 /// What is signed: the message (hashed by the agent or the token), or a digest from the caller.
+/// A view of a protocol::SignInput, which must outlive it.
 struct SignInputView {
+  SignInputView(const protocol::SignInput& input) noexcept  // NOLINT: a view, implicit on purpose
+      : bytes(protocol::input_bytes(input)), is_digest(protocol::is_digest(input)) {}
+
   std::span<const std::uint8_t> bytes;
   bool is_digest = false;
 };

@@ -52,6 +52,12 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                    .Register(registry)),
       sessions_idle(sessions.Add({{"state", "idle"}})),
       sessions_busy(sessions.Add({{"state", "busy"}})),
+      sessions_limit(BuildGauge()
+                         .Name("hsm_agent_sessions_limit")
+                         .Help("The most PKCS#11 sessions the pool may open now (--max-sessions, "
+                               "lowered to the token's limit)")
+                         .Register(registry)
+                         .Add({})),
       session_wait_seconds(BuildHistogram()
                                .Name("hsm_agent_session_wait_seconds")
                                .Help("Time a request waited for a pooled session")
@@ -145,7 +151,11 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
       build_info(BuildGauge()
                      .Name("hsm_agent_build_info")
                      .Help("Always 1; labels tell the agent version, PKCS#11 module and token")
-                     .Register(registry)) {
+                     .Register(registry)),
+      pkcs11{latency_buckets(),   pkcs11_call_duration_seconds,
+             pkcs11_errors_total, logins_total,
+             sessions_idle,       sessions_busy,
+             sessions_limit,      session_wait_seconds} {
   for (const auto method : protocol::all_methods()) {
     request_histograms_.at(static_cast<std::size_t>(method)) = &request_duration_seconds.Add(
         {{"method", std::string(protocol::to_string(method))}}, latency_buckets());

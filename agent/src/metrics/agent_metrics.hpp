@@ -20,6 +20,7 @@
 #include <string_view>
 
 #include "hsm/protocol/types.hpp"
+#include "pkcs11/stats.hpp"
 
 namespace hsm::agent {
 
@@ -51,6 +52,8 @@ class AgentMetrics {
   prometheus::Family<prometheus::Gauge>& sessions;  // {state}
   prometheus::Gauge& sessions_idle;
   prometheus::Gauge& sessions_busy;
+  /// The most sessions the pool may open now: --max-sessions, lowered to what the token allows.
+  prometheus::Gauge& sessions_limit;
   prometheus::Histogram& session_wait_seconds;
   /// Time from a request being read to a worker starting it: the request queue in front of the
   /// workers. With one worker per session this, not session_wait_seconds, is where requests
@@ -92,6 +95,10 @@ class AgentMetrics {
   prometheus::Gauge& audit_failing;
 
   prometheus::Family<prometheus::Gauge>& build_info;  // {version,module,token_label}
+
+  /// The PKCS#11 layer's view of the metrics above (pkcs11/stats.hpp): what Module, Token and
+  /// SessionPool record.
+  pkcs11::Pkcs11Stats pkcs11;
 
   /// The counter for one (method, code) pair; nullopt is success (code="ok"). Cached: a lookup
   /// in a fixed table after the first use; safe from any thread.

@@ -6,7 +6,6 @@
 #include <cstring>
 #include <utility>
 
-#include "metrics/agent_metrics.hpp"
 #include "service/key_service.hpp"
 
 namespace hsm::agent::pkcs11 {
@@ -51,11 +50,11 @@ Library::Library(std::string path) : path_(std::move(path)) {
   }
 }
 
-Module::Module(std::shared_ptr<const Library> library, AgentMetrics& metrics)
-    : library_(std::move(library)), metrics_(metrics), functions_(library_->functions()) {
+Module::Module(std::shared_ptr<const Library> library, Pkcs11Stats& stats)
+    : library_(std::move(library)), stats_(stats), functions_(library_->functions()) {
   for (std::size_t i = 0; i < kFunctionCount; ++i) {
-    durations_[i] = &metrics_.pkcs11_call_duration_seconds.Add(
-        {{"function", std::string{kFunctionNames[i]}}}, latency_buckets());
+    durations_[i] = &stats_.call_duration_seconds.Add(
+        {{"function", std::string{kFunctionNames[i]}}}, stats_.latency_buckets);
   }
   // The agent calls the library from several worker threads: ask it to use OS locking.
   CK_C_INITIALIZE_ARGS args{};
@@ -85,8 +84,7 @@ void Module::observe(Function function,
 
 void Module::fail(Function function, CK_RV rv) const {
   const std::string_view name = function_name(function);
-  metrics_.pkcs11_errors_total
-      .Add({{"function", std::string{name}}, {"ckr", std::string{ckr_name(rv)}}})
+  stats_.errors_total.Add({{"function", std::string{name}}, {"ckr", std::string{ckr_name(rv)}}})
       .Increment();
   throw Pkcs11Error(name, rv);
 }

@@ -32,13 +32,10 @@
 #include <string_view>
 
 #include "pkcs11/error.hpp"
+#include "pkcs11/stats.hpp"
 
 namespace prometheus {
 class Histogram;
-}
-
-namespace hsm::agent {
-class AgentMetrics;
 }
 
 namespace hsm::agent::pkcs11 {
@@ -118,8 +115,9 @@ class Module {
  public:
   /// C_Initialize on `library` with CKF_OS_LOCKING_OK. CKR_CRYPTOKI_ALREADY_INITIALIZED (another
   /// user in this process) is accepted, and then this Module does not C_Finalize. Throws
-  /// Pkcs11Error (counted in pkcs11_errors_total like any failed call).
-  Module(std::shared_ptr<const Library> library, AgentMetrics& metrics);
+  /// Pkcs11Error (counted in pkcs11_errors_total like any failed call). `stats` must outlive
+  /// the Module.
+  Module(std::shared_ptr<const Library> library, Pkcs11Stats& stats);
   /// C_Finalize (see the class comment for when that is allowed). Never throws.
   ~Module();
   Module(const Module&) = delete;
@@ -148,7 +146,8 @@ class Module {
   }
 
   [[nodiscard]] const std::string& path() const noexcept { return library_->path(); }
-  [[nodiscard]] AgentMetrics& metrics() const noexcept { return metrics_; }
+  /// What this module's calls, and the Token and SessionPool over it, record.
+  [[nodiscard]] Pkcs11Stats& stats() const noexcept { return stats_; }
 
  private:
   // The single place a PKCS#11 function is entered: times the call into
@@ -165,7 +164,7 @@ class Module {
   [[noreturn]] void fail(Function function, CK_RV rv) const;
 
   std::shared_ptr<const Library> library_;
-  AgentMetrics& metrics_;
+  Pkcs11Stats& stats_;
   CK_FUNCTION_LIST_PTR functions_ = nullptr;
   bool finalize_on_destruction_ = false;
   std::array<prometheus::Histogram*, kFunctionCount> durations_{};  // cached, one per function

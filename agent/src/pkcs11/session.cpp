@@ -151,4 +151,43 @@ std::optional<CK_ULONG> Session::get_ulong(CK_OBJECT_HANDLE object, CK_ATTRIBUTE
   return result;
 }
 
+CK_RV Session::login(CK_USER_TYPE user, std::span<const std::uint8_t> pin,
+                     std::initializer_list<CK_RV> accepted) const {
+  // C_Login takes a non-const pointer for historical reasons; it only reads the PIN.
+  return module_->call_accepting<Function::kLogin>(
+      accepted, handle_, user, pin.empty() ? nullptr : const_cast<CK_UTF8CHAR_PTR>(pin.data()),
+      static_cast<CK_ULONG>(pin.size()));
+}
+
+CK_RV Session::logout(std::initializer_list<CK_RV> accepted) const {
+  return module_->call_accepting<Function::kLogout>(accepted, handle_);
+}
+
+CK_RV Session::generate_key_pair(const CK_MECHANISM& mechanism,
+                                 std::span<CK_ATTRIBUTE> public_template,
+                                 std::span<CK_ATTRIBUTE> private_template,
+                                 CK_OBJECT_HANDLE& public_key, CK_OBJECT_HANDLE& private_key,
+                                 std::initializer_list<CK_RV> accepted) const {
+  // PKCS#11 takes a non-const CK_MECHANISM_PTR; the library only reads it.
+  return module_->call_accepting<Function::kGenerateKeyPair>(
+      accepted, handle_, const_cast<CK_MECHANISM_PTR>(&mechanism), public_template.data(),
+      static_cast<CK_ULONG>(public_template.size()), private_template.data(),
+      static_cast<CK_ULONG>(private_template.size()), &public_key, &private_key);
+}
+
+void Session::destroy_object(CK_OBJECT_HANDLE object) const {
+  module_->call<Function::kDestroyObject>(handle_, object);
+}
+
+std::size_t Session::sign(const CK_MECHANISM& mechanism, CK_OBJECT_HANDLE key,
+                          std::span<const std::uint8_t> input,
+                          std::span<std::uint8_t> signature) const {
+  // Non-const pointers for historical reasons: the library only reads the mechanism and input.
+  module_->call<Function::kSignInit>(handle_, const_cast<CK_MECHANISM_PTR>(&mechanism), key);
+  CK_ULONG length = static_cast<CK_ULONG>(signature.size());
+  module_->call<Function::kSign>(handle_, const_cast<CK_BYTE_PTR>(input.data()),
+                                 static_cast<CK_ULONG>(input.size()), signature.data(), &length);
+  return std::min<std::size_t>(length, signature.size());
+}
+
 }  // namespace hsm::agent::pkcs11

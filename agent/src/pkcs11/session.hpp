@@ -1,6 +1,7 @@
 // Session: one open PKCS#11 session (move-only RAII; C_CloseSession in a noexcept destructor),
-// and the object operations the agent performs on a session: find objects by template and read
-// attributes.
+// and every operation the agent performs on a session: find objects by template, read
+// attributes, generate a key pair, destroy an object, sign. Callers (keys/) never reach the
+// module or the raw handle: each PKCS#11 call is made here, through Module's one call wrapper.
 //
 // Thread-safety: a Session is used by one thread at a time (PKCS#11 sessions are not
 // re-entrant); SessionPool hands them out one per worker.
@@ -10,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <span>
 #include <type_traits>
@@ -32,9 +34,6 @@ class Session {
   Session(const Session&) = delete;
   Session& operator=(const Session&) = delete;
 
-  [[nodiscard]] CK_SESSION_HANDLE handle() const noexcept { return handle_; }
-  [[nodiscard]] const Module& module() const noexcept { return *module_; }
-
   /// C_GetSessionInfo: the cheapest call that proves the session (and token) still answer.
   [[nodiscard]] CK_SESSION_INFO info() const;
 
@@ -54,6 +53,33 @@ class Session {
   /// One CK_ULONG attribute (CKA_CLASS, CKA_KEY_TYPE, ...), nullopt when unavailable.
   [[nodiscard]] std::optional<CK_ULONG> get_ulong(CK_OBJECT_HANDLE object,
                                                   CK_ATTRIBUTE_TYPE type) const;
+
+  /// C_Login as `user` with `pin` (only read; never copied or logged). Returns CKR_OK or one of
+  /// `accepted`; throws Pkcs11Error for anything else.
+  [[nodiscard]] CK_RV login(CK_USER_TYPE user, std::span<const std::uint8_t> pin,
+                            std::initializer_list<CK_RV> accepted = {}) const;
+  /// C_Logout. Returns CKR_OK or one of `accepted`; throws Pkcs11Error for anything else.
+  [[nodiscard]] CK_RV logout(std::initializer_list<CK_RV> accepted = {}) const;
+
+  /// C_GenerateKeyPair with `mechanism` and the two templates (only read) into `public_key`
+  /// and `private_key`. Returns CKR_OK or one of `accepted` (then no key was made); throws
+  /// Pkcs11Error for anything else.
+  [[nodiscard]] CK_RV generate_key_pair(const CK_MECHANISM& mechanism,
+                                        std::span<CK_ATTRIBUTE> public_template,
+                                        std::span<CK_ATTRIBUTE> private_template,
+                                        CK_OBJECT_HANDLE& public_key, CK_OBJECT_HANDLE& private_key,
+                                        std::initializer_list<CK_RV> accepted = {}) const;
+
+  /// C_DestroyObject. Throws Pkcs11Error.
+  void destroy_object(CK_OBJECT_HANDLE object) const;
+
+  /// C_SignInit with `mechanism` and `key`, then one C_Sign of `input` into `signature`, which
+  /// must be large enough for the token's answer (a too-small buffer is a Pkcs11Error with
+  /// CKR_BUFFER_TOO_SMALL, which leaves the operation active: mark the session broken). Returns
+  /// the signature's length. Throws Pkcs11Error.
+  [[nodiscard]] std::size_t sign(const CK_MECHANISM& mechanism, CK_OBJECT_HANDLE key,
+                                 std::span<const std::uint8_t> input,
+                                 std::span<std::uint8_t> signature) const;
 
  private:
   void close() noexcept;

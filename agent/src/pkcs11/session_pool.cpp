@@ -4,11 +4,21 @@
 
 #include <algorithm>
 
-#include "metrics/agent_metrics.hpp"
 #include "pkcs11/error.hpp"
 #include "pkcs11/token.hpp"
 
 namespace hsm::agent::pkcs11 {
+namespace {
+
+// The sessions this application may open besides the Token's anchor session, as the token
+// states it; nullopt when it states no limit.
+std::optional<std::size_t> token_session_limit(const Token& token) {
+  const CK_ULONG max = token.info().ulMaxSessionCount;
+  if (max == CK_EFFECTIVELY_INFINITE || max == CK_UNAVAILABLE_INFORMATION) return std::nullopt;
+  return std::max<std::size_t>(max, 2) - 1;
+}
+
+}  // namespace
 
 SessionPool::Lease::Lease(Lease&& other) noexcept
     : pool_(other.pool_), session_(std::move(other.session_)), state_(other.state_) {
@@ -19,19 +29,50 @@ SessionPool::Lease::~Lease() {
   if (session_) pool_->release(std::move(*session_), state_);
 }
 
-SessionPool::SessionPool(const Token& token, std::size_t size, AgentMetrics& metrics)
-    : token_(token), metrics_(metrics), size_(std::max<std::size_t>(size, 1)) {
-  idle_.reserve(size_);
-  for (std::size_t i = 0; i < size_; ++i) idle_.push_back(token_.open_session());
-  std::lock_guard lock(mutex_);
-  update_gauges_locked();
+SessionPool::SessionPool(const Token& token, SessionPoolOptions options, Pkcs11Stats& stats)
+    : token_(token), stats_(stats), options_([&] {
+        options.min_sessions = std::max<std::size_t>(options.min_sessions, 1);
+        options.max_sessions = std::max(options.max_sessions, options.min_sessions);
+        return options;
+      }()) {
+  limit_ = options_.max_sessions;
+  if (const auto token_limit = token_session_limit(token_); token_limit && *token_limit < limit_) {
+    spdlog::info("the token allows {} sessions besides the login's: the pool opens at most {}",
+                 *token_limit, *token_limit);
+    limit_ = *token_limit;
+  }
+  const std::size_t initial = std::min(options_.min_sessions, limit_);
+  idle_.reserve(initial);
+  const auto now = std::chrono::steady_clock::now();
+  for (std::size_t i = 0; i < initial; ++i) {
+    try {
+      idle_.push_back(IdleSession{token_.open_session(), now});
+    } catch (const Pkcs11Error& e) {
+      if (e.rv() != CKR_SESSION_COUNT || idle_.empty()) throw;
+      std::lock_guard lock(mutex_);
+      lower_limit_locked(idle_.size(), "C_OpenSession answered CKR_SESSION_COUNT");
+      break;
+    }
+  }
+  {
+    std::lock_guard lock(mutex_);
+    update_gauges_locked();
+  }
+  reaper_ = std::jthread([this](std::stop_token stop) { reap_idle(std::move(stop)); });
 }
 
 SessionPool::~SessionPool() {
+  reaper_.request_stop();
+  if (reaper_.joinable()) reaper_.join();
   std::lock_guard lock(mutex_);
   idle_.clear();  // C_CloseSession for each
-  metrics_.sessions_idle.Set(0);
-  metrics_.sessions_busy.Set(0);
+  stats_.sessions_idle.Set(0);
+  stats_.sessions_busy.Set(0);
+}
+
+std::size_t SessionPool::limit() const {
+  std::lock_guard lock(mutex_);
+  return limit_;
 }
 
 std::size_t SessionPool::idle() const {
@@ -41,7 +82,7 @@ std::size_t SessionPool::idle() const {
 
 std::size_t SessionPool::usable_sessions() const {
   std::lock_guard lock(mutex_);
-  return size_ - missing_;
+  return idle_.size() + busy_;
 }
 
 void SessionPool::close() noexcept {
@@ -50,6 +91,7 @@ void SessionPool::close() noexcept {
     closed_ = true;
   }
   idle_available_.notify_all();
+  reaper_wake_.notify_all();
 }
 
 std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds timeout) {
@@ -60,39 +102,50 @@ std::optional<SessionPool::Lease> SessionPool::acquire(std::chrono::milliseconds
     if (closed_)
       throw PoolClosedError("the token went down while this request waited for a session");
     if (!idle_.empty()) {
-      Session session = std::move(idle_.back());
+      Session session = std::move(idle_.back().session);
       idle_.pop_back();
       ++busy_;
       update_gauges_locked();
       lock.unlock();
-      metrics_.session_wait_seconds.Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+      observe_wait(start);
       return Lease(*this, std::move(session));
     }
-    if (missing_ > 0) {
-      // Fill a gap left by a session that could not be replaced, outside the lock (it blocks
-      // on the token). On failure the gap stays for the next caller and the error propagates.
-      --missing_;
-      ++busy_;
+    if (open_locked() < limit_) {
+      // Grow (or fill a gap left by a lost session): reserve the slot, open outside the lock
+      // (C_OpenSession may block on the token). On failure the slot is given back.
+      ++opening_;
       lock.unlock();
+      std::optional<Session> opened;
       try {
-        Session session = token_.open_session();
-        metrics_.session_wait_seconds.Observe(
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-        std::lock_guard relock(mutex_);
-        update_gauges_locked();
-        return Lease(*this, std::move(session));
+        opened.emplace(token_.open_session());
+      } catch (const Pkcs11Error& e) {
+        lock.lock();
+        --opening_;
+        idle_available_.notify_one();  // the slot is free again for another waiter
+        // The token holds no more: the limit becomes the sessions open (not those other
+        // threads are still opening: the token refuses them too), and this call waits for one.
+        const std::size_t open = idle_.size() + busy_;
+        if (e.rv() != CKR_SESSION_COUNT || open == 0) throw;
+        lower_limit_locked(open, "C_OpenSession answered CKR_SESSION_COUNT");
+        continue;
       } catch (...) {
-        std::lock_guard relock(mutex_);
-        ++missing_;
-        --busy_;
+        lock.lock();
+        --opening_;
+        idle_available_.notify_one();
         throw;
       }
+      lock.lock();
+      --opening_;
+      ++busy_;
+      update_gauges_locked();
+      lock.unlock();
+      observe_wait(start);
+      return Lease(*this, std::move(*opened));
     }
     if (idle_available_.wait_until(lock, deadline) == std::cv_status::timeout && idle_.empty() &&
-        missing_ == 0 && !closed_) {
-      metrics_.session_wait_seconds.Observe(
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        open_locked() >= limit_ && !closed_) {
+      lock.unlock();
+      observe_wait(start);
       return std::nullopt;
     }
   }
@@ -109,10 +162,8 @@ void SessionPool::release(Session session, Lease::State state) noexcept {
     // is not known broken; the generation's teardown closes everything.
     std::lock_guard lock(mutex_);
     --busy_;
-    if (state == Lease::State::kBroken) {
-      ++missing_;
-    } else {
-      idle_.push_back(std::move(session));
+    if (state != Lease::State::kBroken) {
+      idle_.push_back(IdleSession{std::move(session), std::chrono::steady_clock::now()});
     }
     update_gauges_locked();
     return;  // a broken session is closed here, as `session` goes out of scope
@@ -131,28 +182,83 @@ void SessionPool::release(Session session, Lease::State state) noexcept {
     keep.emplace(std::move(session));
   } else {
     { Session discard = std::move(session); }  // C_CloseSession now, before opening another
-    try {
-      keep.emplace(token_.open_session());
-    } catch (const std::exception& e) {
-      spdlog::warn("cannot replace a broken PKCS#11 session: {}", e.what());
+    bool replace = false;
+    {
+      std::lock_guard lock(mutex_);
+      // This lease still counts in busy_: without it, would the pool fall below its minimum?
+      replace = open_locked() - 1 < options_.min_sessions;
+    }
+    if (replace) {
+      try {
+        keep.emplace(token_.open_session());
+      } catch (const std::exception& e) {
+        // A gap: the next acquire() that finds no idle session opens one.
+        spdlog::warn("cannot replace a broken PKCS#11 session: {}", e.what());
+      }
     }
   }
   {
     std::lock_guard lock(mutex_);
     --busy_;
-    if (keep) {
-      idle_.push_back(std::move(*keep));
-    } else {
-      ++missing_;
-    }
+    if (keep) idle_.push_back(IdleSession{std::move(*keep), std::chrono::steady_clock::now()});
     update_gauges_locked();
   }
   idle_available_.notify_one();
 }
 
+void SessionPool::lower_limit_locked(std::size_t limit, const char* why) {
+  if (limit >= limit_) return;
+  // Once per pool: concurrent refusals each lower the limit a little until it settles.
+  if (!limit_logged_) {
+    spdlog::warn("{} with {} sessions open: the pool opens no more than that", why, limit);
+    limit_logged_ = true;
+  }
+  limit_ = limit;
+  update_gauges_locked();
+}
+
+void SessionPool::reap_idle(std::stop_token stop) {
+  std::unique_lock lock(mutex_);
+  while (!stop.stop_requested() && !closed_) {
+    const auto now = std::chrono::steady_clock::now();
+    // idle_ is in hand-back order, so the sessions idle longest are at the front.
+    std::vector<IdleSession> expired;
+    std::size_t count = 0;
+    while (count < idle_.size() && open_locked() - count > options_.min_sessions &&
+           now - idle_[count].since >= options_.idle_timeout) {
+      ++count;
+    }
+    if (count > 0) {
+      expired.reserve(count);
+      std::move(idle_.begin(), idle_.begin() + static_cast<std::ptrdiff_t>(count),
+                std::back_inserter(expired));
+      idle_.erase(idle_.begin(), idle_.begin() + static_cast<std::ptrdiff_t>(count));
+      update_gauges_locked();
+      lock.unlock();
+      spdlog::debug("closing {} PKCS#11 sessions idle for {} ms", count,
+                    options_.idle_timeout.count());
+      expired.clear();  // C_CloseSession for each, outside the lock
+      lock.lock();
+      continue;
+    }
+    // Next look: when the session idle longest times out, or one timeout from now (a session
+    // handed back later cannot time out sooner).
+    const auto next = idle_.empty() || open_locked() <= options_.min_sessions
+                          ? now + options_.idle_timeout
+                          : idle_.front().since + options_.idle_timeout;
+    (void)reaper_wake_.wait_until(lock, stop, next, [this] { return closed_; });
+  }
+}
+
+void SessionPool::observe_wait(std::chrono::steady_clock::time_point start) noexcept {
+  stats_.session_wait_seconds.Observe(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+}
+
 void SessionPool::update_gauges_locked() noexcept {
-  metrics_.sessions_idle.Set(static_cast<double>(idle_.size()));
-  metrics_.sessions_busy.Set(static_cast<double>(busy_));
+  stats_.sessions_idle.Set(static_cast<double>(idle_.size()));
+  stats_.sessions_busy.Set(static_cast<double>(busy_));
+  stats_.sessions_limit.Set(static_cast<double>(limit_));
 }
 
 }  // namespace hsm::agent::pkcs11

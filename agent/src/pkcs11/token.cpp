@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <array>
 
-#include "metrics/agent_metrics.hpp"
 #include "pkcs11/error.hpp"
 #include "pkcs11/module.hpp"
 
@@ -152,14 +151,9 @@ Token::~Token() {
 }
 
 void Token::login(const SecretString& pin) {
-  auto& logins = module_.metrics().logins_total;
-  const auto pin_bytes = pin.bytes();
+  auto& logins = module_.stats().logins_total;
   try {
-    // C_Login takes a non-const pointer for historical reasons; it only reads the PIN.
-    const CK_RV rv = module_.call_accepting<Function::kLogin>(
-        {CKR_USER_ALREADY_LOGGED_IN}, anchor_.handle(), CKU_USER,
-        pin_bytes.empty() ? nullptr : const_cast<unsigned char*>(pin_bytes.data()),
-        static_cast<CK_ULONG>(pin_bytes.size()));
+    const CK_RV rv = anchor_.login(CKU_USER, pin.bytes(), {CKR_USER_ALREADY_LOGGED_IN});
     logged_in_ = true;
     // Already logged in (another application of this process holds the login) is a success:
     // the alerts count every other result as a failed login.
@@ -180,7 +174,7 @@ void Token::logout() noexcept {
   if (!logged_in_) return;
   logged_in_ = false;
   try {
-    (void)module_.call_accepting<Function::kLogout>({CKR_USER_NOT_LOGGED_IN}, anchor_.handle());
+    (void)anchor_.logout({CKR_USER_NOT_LOGGED_IN});
   } catch (const Pkcs11Error& e) {
     // Logging out of a token that is down fails; that fault was reported where it was seen.
     if (e.error_class() == ErrorClass::kToken) {

@@ -3,6 +3,7 @@
 #include <openssl/sha.h>
 
 #include <array>
+#include <span>
 #include <variant>
 
 namespace hsm::agent {
@@ -21,7 +22,7 @@ const std::string* kid_of(const protocol::Request& request) {
 }
 
 std::array<std::uint8_t, 32> sha256_of(const protocol::SignInput& input) {
-  const auto& bytes = input.digest ? *input.digest : input.data.value();
+  const std::span<const std::uint8_t> bytes = protocol::input_bytes(input);
   std::array<std::uint8_t, 32> digest{};
   SHA256(bytes.data(), bytes.size(), digest.data());
   return digest;

@@ -73,7 +73,7 @@ Server::Server(Dependencies deps)
                 // Any thread: bytes were released while a connection waited for room.
                 for (auto& worker : workers_) worker->memory_released();
               }),
-      pool_(BlockingPool::Options{.max_calls = deps.config.hsm.sessions,
+      pool_(BlockingPool::Options{.max_calls = deps.config.hsm.max_sessions,
                                   .max_queue = deps.config.limits.max_queue}) {
   const auto& limits = deps_.config.limits;
   // The transport's limit, which the token side does not know.

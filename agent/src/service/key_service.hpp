@@ -2,16 +2,24 @@
 // the transport (server/) and the HSM (pkcs11/, keys/): the server decodes, checks policy and
 // schedules; KeyService does the PKCS#11 work and builds the typed result.
 //
-// Thread-safety: execute() is called concurrently from the worker threads (one per pooled
-// session); it may block on the HSM for as long as the token takes. Nothing here runs on the
-// libuv loop thread.
+// It is one concrete class over a TokenState (service/token_state.hpp): tests run it against
+// SoftHSMv2 or the fault module, never a stand-in. The TokenState stays inside: the token
+// supervisor is started with supervise(), and tests that drive recovery themselves build the
+// TokenState and hand it in.
+//
+// Thread-safety: execute() is called concurrently from the threads that run requests (up to
+// max_sessions of them); it may block on the HSM for as long as the token takes. Nothing here
+// runs on the libuv loop thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -21,7 +29,19 @@
 namespace hsm::agent {
 
 class AgentMetrics;
+class HealthState;
 class TokenState;
+class TokenSupervisor;
+struct SupervisorOptions;
+
+namespace keys {
+struct KeyEntry;
+}  // namespace keys
+
+namespace pkcs11 {
+class Pkcs11Error;
+class Session;
+}  // namespace pkcs11
 
 /// Everything needed to open the token. The PIN is moved in and wiped by its owner.
 struct HsmConfig {
@@ -30,7 +50,13 @@ struct HsmConfig {
   std::optional<unsigned> slot_index;      // index into the list of slots with a token
   SecretString pin;
   bool read_only = false;  // read-only sessions; no generate/delete
-  unsigned sessions = 8;   // size of the session pool (>= 1)
+  /// The session pool (pkcs11/session_pool.hpp): `sessions` are kept open when idle (>= 1); it
+  /// grows up to `max_sessions` (never below `sessions`) while requests wait for a session, and
+  /// closes sessions idle for `session_idle_timeout`. The server runs at most max_sessions
+  /// requests against the token at once.
+  unsigned sessions = 4;
+  unsigned max_sessions = 64;
+  std::chrono::milliseconds session_idle_timeout{30000};
 };
 
 /// Startup failed in a way an operator must fix (module missing, token not found, PIN wrong).
@@ -57,32 +83,78 @@ class KeyService {
   /// probes the token's mechanisms. Throws StartupError.
   static std::unique_ptr<KeyService> open(HsmConfig config, AgentMetrics& metrics);
 
-  virtual ~KeyService() = default;
+  /// A KeyService over a token already opened (TokenState::open). `state` is shared so that a
+  /// test can also drive it; `metrics` must outlive this KeyService.
+  KeyService(std::shared_ptr<TokenState> state, AgentMetrics& metrics);
+  /// close().
+  ~KeyService();
+  KeyService(const KeyService&) = delete;
+  KeyService& operator=(const KeyService&) = delete;
 
-  /// Runs one request (any method but the transport-level ones). Never throws: every failure
-  /// is an Error with a protocol code (and the CKR name when PKCS#11 failed). While the token is
-  /// down it answers hsm_unavailable at once, without a PKCS#11 call (health answers ok=false).
+  /// Runs one request of a token-side method (not capabilities, which the server answers from
+  /// capabilities(): asked for it, this answers internal). Never throws: every failure is an
+  /// Error with a protocol code (and the CKR name when PKCS#11 failed). While the token is down
+  /// it answers hsm_unavailable at once, without a PKCS#11 call (health answers ok=false).
   /// `deadline` bounds the wait for a free session (deadline_exceeded when none comes free by
   /// then); a PKCS#11 call already running is not interrupted (the server answers at the
   /// deadline and drops the late result).
-  [[nodiscard]] virtual Outcome execute(const protocol::Request& request,
-                                        std::chrono::steady_clock::time_point deadline) = 0;
+  [[nodiscard]] Outcome execute(const protocol::Request& request,
+                                std::chrono::steady_clock::time_point deadline);
 
-  /// capabilities: answered without touching the token (computed once at start).
-  [[nodiscard]] virtual const protocol::CapabilitiesResult& capabilities() const = 0;
+  /// The token side of capabilities, computed once at start (the server adds the transport's
+  /// limits and answers the method).
+  [[nodiscard]] const protocol::CapabilitiesResult& capabilities() const noexcept {
+    return capabilities_;
+  }
 
   /// The token's description, for logs and hsm_agent_build_info.
-  [[nodiscard]] virtual const protocol::TokenDescription& token() const = 0;
+  [[nodiscard]] const protocol::TokenDescription& token() const noexcept;
 
   /// Whether the token is up (not waiting for a re-initialisation). Thread-safe, cheap.
-  [[nodiscard]] virtual TokenStatus token_status() const = 0;
+  [[nodiscard]] TokenStatus token_status() const;
 
-  /// The token's connection state, for the TokenSupervisor (probe and re-initialisation).
-  /// Lives as long as this KeyService.
-  [[nodiscard]] virtual TokenState& token_state() = 0;
+  /// Starts the token supervisor over this service's token (probe, re-initialisation,
+  /// readiness; service/token_supervisor.hpp). This KeyService, `health` and the metrics must
+  /// outlive it; stop it before close().
+  [[nodiscard]] TokenSupervisor supervise(HealthState& health, SupervisorOptions options);
 
-  /// Logs out and finalises. Called once, after the workers have stopped.
-  virtual void close() noexcept = 0;
+  /// Logs out and finalises. Called once, after the request threads and the supervisor have
+  /// stopped; later calls do nothing.
+  void close() noexcept;
+
+ private:
+  struct Context;
+
+  [[nodiscard]] protocol::Result dispatch(const protocol::Request& request, Context& context);
+  [[nodiscard]] protocol::HealthResult health(Context& context);
+  [[nodiscard]] protocol::HealthResult health_while_down() const;
+  [[nodiscard]] protocol::KeyDescription generate_key(Context& context,
+                                                      const protocol::GenerateKeyParams& params);
+  /// The alg used and the signature.
+  [[nodiscard]] std::pair<std::string_view, protocol::Bytes> sign_one(
+      Context& context, const protocol::SignParams& params);
+  [[nodiscard]] protocol::VerifyResult verify(Context& context,
+                                              const protocol::VerifyParams& params);
+  [[nodiscard]] protocol::PublicKeyResult get_public_key(Context& context,
+                                                         const protocol::KidParams& params);
+  [[nodiscard]] protocol::ListKeysResult list_keys(Context& context);
+  [[nodiscard]] protocol::JwksResult get_jwks(Context& context);
+  /// Every key on the token (one pooled session).
+  [[nodiscard]] std::vector<std::shared_ptr<const keys::KeyEntry>> all_keys(Context& context);
+  [[nodiscard]] protocol::DeleteKeyResult delete_key(Context& context,
+                                                     const protocol::KidParams& params);
+  [[nodiscard]] protocol::SignBatchResult sign_batch(Context& context,
+                                                     const protocol::SignBatchParams& params);
+  template <typename Work>
+  auto with_session(Context& context, const std::string* kid, Work&& work)
+      -> decltype(work(std::declval<pkcs11::Session&>()));
+  void note_failure(Context& context, const pkcs11::Pkcs11Error& e);
+
+  std::shared_ptr<TokenState> state_;
+  AgentMetrics& metrics_;
+  const bool read_only_;
+  protocol::CapabilitiesResult capabilities_;
+  std::atomic<bool> closed_{false};
 };
 
 }  // namespace hsm::agent

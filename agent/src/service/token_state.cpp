@@ -7,9 +7,9 @@
 
 #include "keys/algorithm_support.hpp"
 #include "keys/key_store.hpp"
+#include "metrics/agent_metrics.hpp"
 #include "pkcs11/error.hpp"
 #include "pkcs11/module.hpp"
-#include "pkcs11/session_pool.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -27,7 +27,9 @@ TokenState::TokenState(HsmConfig config, AgentMetrics& metrics)
       selector_{config.token_label, config.slot_index},
       pin_(std::move(config.pin)),
       read_only_(config.read_only),
-      sessions_(std::max(config.sessions, 1U)) {}
+      pool_options_{.min_sessions = config.sessions,
+                    .max_sessions = config.max_sessions,
+                    .idle_timeout = config.session_idle_timeout} {}
 
 TokenState::~TokenState() {
   close();
@@ -59,10 +61,11 @@ std::unique_ptr<TokenState> TokenState::open(HsmConfig config, AgentMetrics& met
 std::unique_ptr<TokenGeneration> TokenState::build_generation() {
   auto generation = std::make_unique<TokenGeneration>();
   generation->number = ++generations_built_;
-  generation->module = std::make_unique<pkcs11::Module>(library_, metrics_);
+  generation->module = std::make_unique<pkcs11::Module>(library_, metrics_.pkcs11);
   generation->token =
       std::make_unique<pkcs11::Token>(*generation->module, selector_, pin_, read_only_);
-  generation->pool = std::make_unique<pkcs11::SessionPool>(*generation->token, sessions_, metrics_);
+  generation->pool =
+      std::make_unique<pkcs11::SessionPool>(*generation->token, pool_options_, metrics_.pkcs11);
   // open() probes the mechanisms first and adds the KeyStore itself.
   if (support_) generation->keys = std::make_unique<keys::KeyStore>(*support_);
   return generation;
@@ -198,8 +201,7 @@ ProbeResult TokenState::probe() const {
     if (!pkcs11::Token::has_user_login(info)) {
       result.error = "the login is gone (anchor session state " + std::to_string(info.state) + ")";
     } else if (generation->pool->usable_sessions() == 0) {
-      result.error = "no usable PKCS#11 session: all " + std::to_string(generation->pool->size()) +
-                     " could not be reopened";
+      result.error = "no usable PKCS#11 session: every session was lost and none could be reopened";
     } else {
       result.ok = true;
     }

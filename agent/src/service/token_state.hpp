@@ -45,6 +45,7 @@
 
 #include "hsm/protocol/types.hpp"
 #include "pkcs11/secret.hpp"
+#include "pkcs11/session_pool.hpp"
 #include "pkcs11/token.hpp"
 #include "service/key_service.hpp"
 
@@ -60,7 +61,6 @@ class KeyStore;
 namespace pkcs11 {
 class Library;
 class Module;
-class SessionPool;
 }  // namespace pkcs11
 
 /// One generation of the connection to the token. Members are destroyed in reverse order:
@@ -181,7 +181,7 @@ class TokenState {
   const pkcs11::TokenSelector selector_;
   const SecretString pin_;  // kept only to log in again after a re-initialisation
   const bool read_only_;
-  const unsigned sessions_;
+  const pkcs11::SessionPoolOptions pool_options_;
   std::unique_ptr<keys::AlgorithmSupport> support_;  // set by open(), then immutable
   protocol::TokenDescription description_;           // set by open(), then immutable
   std::uint64_t generations_built_ = 0;              // reinitialise()'s thread only

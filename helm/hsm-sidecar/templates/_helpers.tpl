@@ -200,6 +200,8 @@ numeric flags are one table.
 {{- end }}
 {{- range $flag := list
       (list "sessions" "--sessions")
+      (list "maxSessions" "--max-sessions")
+      (list "sessionIdleTimeoutSeconds" "--session-idle-timeout")
       (list "maxMessageBytes" "--max-message-bytes")
       (list "maxConnections" "--max-connections")
       (list "maxInflightPerConnection" "--max-inflight-per-connection")

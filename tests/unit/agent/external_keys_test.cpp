@@ -275,7 +275,7 @@ TEST_CASE("external RSA keys with CKA_ALLOWED_MECHANISMS: the alg follows from t
     keypairgen_allowing("ps384", "SHA384-RSA-PKCS-PSS,RSA-PKCS-PSS");
     check_usable(svc, "ps384", "PS384");
     CHECK(svc.error(Method::kSign,
-                    protocol::SignParams{"ps384", {data, std::nullopt}, "PS256", std::nullopt})
+                    protocol::SignParams{"ps384", protocol::Data{data}, "PS256", std::nullopt})
               .code == ErrorCode::kUnsupportedAlg);
   }
   SECTION("the scheme alone: any alg of it, PS256 by default") {
@@ -286,7 +286,7 @@ TEST_CASE("external RSA keys with CKA_ALLOWED_MECHANISMS: the alg follows from t
                                       svc.sign_data("pss-any", data, "PS512")));
     const auto error =
         svc.error(Method::kSign,
-                  protocol::SignParams{"pss-any", {data, std::nullopt}, "RS256", std::nullopt});
+                  protocol::SignParams{"pss-any", protocol::Data{data}, "RS256", std::nullopt});
     CHECK(error.code == ErrorCode::kUnsupportedAlg);
   }
   SECTION("only a combined mechanism: data is signed, a digest is not_supported") {
@@ -294,7 +294,7 @@ TEST_CASE("external RSA keys with CKA_ALLOWED_MECHANISMS: the alg follows from t
     check_usable(svc, "rs512", "RS512");
     const auto error = svc.error(
         Method::kSign,
-        protocol::SignParams{"rs512", {std::nullopt, Bytes(64, 0x01)}, "RS512", std::nullopt});
+        protocol::SignParams{"rs512", protocol::Digest{Bytes(64, 0x01)}, "RS512", std::nullopt});
     CHECK(error.code == ErrorCode::kNotSupported);
   }
   SECTION("no mechanism the agent signs with: refused, and left out of list_keys") {

@@ -23,11 +23,13 @@ HsmConfig config_for(const hsm::test::SoftHsmToken& token, const ServiceOptions&
   config.pin = SecretString(token.user_pin());
   config.read_only = options.read_only;
   config.sessions = options.sessions;
+  config.max_sessions = options.max_sessions != 0 ? options.max_sessions : options.sessions;
   return config;
 }
 
 OpenService::OpenService(const hsm::test::SoftHsmToken& token, const ServiceOptions& options)
-    : service_(KeyService::open(config_for(token, options), metrics_)) {}
+    : state_(TokenState::open(config_for(token, options), metrics_)),
+      service_(std::make_unique<KeyService>(state_, metrics_)) {}
 
 OpenService::~OpenService() {
   if (service_) service_->close();
@@ -55,15 +57,13 @@ protocol::KeyDescription OpenService::generate(const std::string& kid, const std
 
 Bytes OpenService::sign_data(const std::string& kid, const Bytes& data,
                              std::optional<std::string> alg) {
-  protocol::SignParams params{kid, protocol::SignInput{data, std::nullopt}, std::move(alg),
-                              std::nullopt};
+  protocol::SignParams params{kid, protocol::Data{data}, std::move(alg), std::nullopt};
   return ok<protocol::SignResult>(protocol::Method::kSign, params).signature;
 }
 
 bool OpenService::verify_data(const std::string& kid, const Bytes& data, const Bytes& signature,
                               std::optional<std::string> alg) {
-  protocol::VerifyParams params{kid, protocol::SignInput{data, std::nullopt}, signature,
-                                std::move(alg), std::nullopt};
+  protocol::VerifyParams params{kid, protocol::Data{data}, signature, std::move(alg), std::nullopt};
   return ok<protocol::VerifyResult>(protocol::Method::kVerify, params).valid;
 }
 

@@ -12,6 +12,7 @@
 #include "fixtures/softhsm_token.hpp"
 #include "metrics/agent_metrics.hpp"
 #include "service/key_service.hpp"
+#include "service/token_state.hpp"
 
 namespace hsm::agent::test {
 
@@ -20,6 +21,7 @@ using protocol::Bytes;
 struct ServiceOptions {
   bool read_only = false;
   unsigned sessions = 2;
+  unsigned max_sessions = 0;                       // 0: same as sessions (a fixed pool)
   std::string module = hsm::test::kSoftHsmModule;  // or HSM_FAULT_MODULE (fault_fixture.hpp)
 };
 
@@ -36,6 +38,8 @@ class OpenService {
   OpenService& operator=(const OpenService&) = delete;
 
   [[nodiscard]] KeyService& service() { return *service_; }
+  /// The service's token, for tests that drive faults and recovery themselves.
+  [[nodiscard]] TokenState& token_state() { return *state_; }
   [[nodiscard]] AgentMetrics& metrics() { return metrics_; }
 
   [[nodiscard]] Outcome call(protocol::Method method, protocol::Params params);
@@ -56,6 +60,7 @@ class OpenService {
  private:
   prometheus::Registry registry_;
   AgentMetrics metrics_{registry_};
+  std::shared_ptr<TokenState> state_;
   std::unique_ptr<KeyService> service_;
 };
 

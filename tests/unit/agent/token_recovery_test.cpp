@@ -38,8 +38,7 @@ ServiceOptions through_faults(unsigned sessions = 2) {
 }
 
 protocol::SignParams sign_params(const std::string& kid, const std::string& data) {
-  return protocol::SignParams{kid, protocol::SignInput{bytes_of(data), std::nullopt}, std::nullopt,
-                              std::nullopt};
+  return protocol::SignParams{kid, protocol::Data{bytes_of(data)}, std::nullopt, std::nullopt};
 }
 
 double logins(OpenService& svc, const std::string& result) {
@@ -67,7 +66,7 @@ TEST_CASE(
   OpenService svc(token, through_faults());
   svc.generate("k", "ES256");
   (void)svc.sign_data("k", bytes_of("before"));
-  TokenState& state = svc.service().token_state();
+  TokenState& state = svc.token_state();
   CHECK(state.generation_number() == 1);
 
   faults.set("C_Sign rv=CKR_DEVICE_ERROR count=1");
@@ -91,8 +90,9 @@ TEST_CASE(
   const auto health = svc.ok<protocol::HealthResult>(Method::kHealth, protocol::EmptyParams{});
   CHECK_FALSE(health.ok);
   CHECK(health.token.label == "recovery");
-  // capabilities and import_key never need the token: their answers do not change.
-  (void)svc.ok<protocol::CapabilitiesResult>(Method::kCapabilities, protocol::EmptyParams{});
+  // capabilities (answered by the server from capabilities()) and import_key never need the
+  // token: their answers do not change.
+  CHECK_FALSE(svc.service().capabilities().supported_algs.empty());
   CHECK(svc.error(Method::kImportKey, protocol::EmptyParams{}).code == ErrorCode::kNotSupported);
 
   const Recovery recovery = state.reinitialise(1s);
@@ -113,7 +113,7 @@ TEST_CASE("every token-class CKR marks the token down; session-class ones do not
   SoftHsmToken token("classes");
   OpenService svc(token, through_faults());
   svc.generate("k", "ES256");
-  TokenState& state = svc.service().token_state();
+  TokenState& state = svc.token_state();
   int rule = 0;
   for (const char* ckr : {"CKR_DEVICE_ERROR", "CKR_DEVICE_REMOVED", "CKR_TOKEN_NOT_PRESENT",
                           "CKR_TOKEN_NOT_RECOGNIZED", "CKR_CRYPTOKI_NOT_INITIALIZED",
@@ -143,7 +143,7 @@ TEST_CASE("re-initialisation fails while the token is gone and leaves it down; w
   SoftHsmToken token("gone");
   OpenService svc(token, through_faults());
   svc.generate("k", "ES256");
-  TokenState& state = svc.service().token_state();
+  TokenState& state = svc.token_state();
 
   faults.set("* rv=CKR_DEVICE_REMOVED");
   const ProbeResult probe = state.probe();
@@ -176,7 +176,7 @@ TEST_CASE("a PIN refused at re-login is never retried", "[recovery][pin]") {
   FaultRules faults;
   SoftHsmToken token("relogin");
   OpenService svc(token, through_faults());
-  TokenState& state = svc.service().token_state();
+  TokenState& state = svc.token_state();
   faults.set("C_Login rv=CKR_PIN_INCORRECT");
   REQUIRE(state.mark_down(state.generation_number(), "forced for the test", std::nullopt));
 
@@ -216,7 +216,7 @@ TEST_CASE("a call in progress holds the re-initialisation up: never finalised un
   OpenService svc(token, through_faults());
   svc.generate("k", "ES256");
   (void)svc.sign_data("k", bytes_of("warm"));
-  TokenState& state = svc.service().token_state();
+  TokenState& state = svc.token_state();
 
   faults.set("C_Sign hang=1");
   const auto sign_inits = pkcs11_calls(svc.metrics(), "C_SignInit");
@@ -246,7 +246,7 @@ TEST_CASE(
   OpenService svc(token, through_faults(4));
   svc.generate("k", "ES256");
   HealthState health;
-  TokenSupervisor supervisor(svc.service().token_state(), health, svc.metrics(),
+  TokenSupervisor supervisor(svc.token_state(), health, svc.metrics(),
                              SupervisorOptions{.probe_interval = 20ms,
                                                .probe_timeout = 5s,
                                                .first_backoff = 5ms,
@@ -292,7 +292,7 @@ TEST_CASE("the supervisor: readiness and hsm_up follow the probe; recovery in th
   OpenService svc(token, through_faults());
   svc.generate("k", "ES256");
   HealthState health;
-  TokenSupervisor supervisor(svc.service().token_state(), health, svc.metrics(),
+  TokenSupervisor supervisor(svc.token_state(), health, svc.metrics(),
                              SupervisorOptions{.probe_interval = 20ms,
                                                .probe_timeout = 5s,
                                                .first_backoff = 5ms,
@@ -337,7 +337,7 @@ TEST_CASE("the supervisor: a PIN refused at re-login leaves the agent not ready,
   SoftHsmToken token("supervised-pin");
   OpenService svc(token, through_faults());
   HealthState health;
-  TokenSupervisor supervisor(svc.service().token_state(), health, svc.metrics(),
+  TokenSupervisor supervisor(svc.token_state(), health, svc.metrics(),
                              SupervisorOptions{.probe_interval = 20ms,
                                                .probe_timeout = 5s,
                                                .first_backoff = 5ms,

@@ -78,8 +78,8 @@ const hsm::protocol::SignParams& sign_params(const hsm::protocol::Request& reque
 }
 
 std::string data_of(const hsm::protocol::Request& request) {
-  const auto& data = sign_params(request).input.data;
-  return data ? std::string(data->begin(), data->end()) : std::string();
+  const auto* data = std::get_if<hsm::protocol::Data>(&sign_params(request).input);
+  return data != nullptr ? std::string(data->bytes.begin(), data->bytes.end()) : std::string();
 }
 
 /// A fake agent's handler that holds every request until the test answers it, by its sign
@@ -218,8 +218,7 @@ TEST_CASE("every method sends its parameters and maps its result", "[client]") {
   CHECK(generate.alg == std::optional<std::string>("ES256"));
   CHECK_FALSE(generate.rsa_bits);
   const auto& signed_digest = sign_params(requests.at(4));
-  CHECK_FALSE(signed_digest.input.data);
-  CHECK(signed_digest.input.digest == digest);
+  CHECK(signed_digest.input == hsm::protocol::SignInput{hsm::protocol::Digest{digest}});
   CHECK(sign_params(requests.at(5)).format == hsm::protocol::SignatureFormat::kDer);
   CHECK(sign_params(requests.at(5)).alg == std::optional<std::string>("ES256"));
   for (const auto& request : requests) {

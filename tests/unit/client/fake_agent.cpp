@@ -18,13 +18,8 @@ namespace {
 }
 
 protocol::Bytes signed_bytes(const protocol::SignInput& input) {
-  if (input.data) {
-    return *input.data;
-  }
-  if (input.digest) {
-    return *input.digest;
-  }
-  return {};
+  const auto bytes = protocol::input_bytes(input);
+  return protocol::Bytes(bytes.begin(), bytes.end());
 }
 
 protocol::Jwk test_jwk(const std::string& kid) {

@@ -146,7 +146,8 @@ TEST_CASE("hsmctl sign takes data or digest or file and prints base64url or writ
   CHECK(run.code == 0);
   const auto digest_request = agent.requests().back();
   const auto& digest_params = std::get<hsm::protocol::SignParams>(digest_request.params);
-  CHECK(digest_params.input.digest == hsm::protocol::Bytes{0x00, 0xff, 0x10});
+  CHECK(digest_params.input ==
+        hsm::protocol::SignInput{hsm::protocol::Digest{hsm::protocol::Bytes{0x00, 0xff, 0x10}}});
 
   TempFile input;
   input.write(std::string("file\0bytes", 10));

@@ -32,7 +32,7 @@ inline protocol::Request request(protocol::Method method) {
 inline protocol::SignParams sign_params(const std::string& kid) {
   protocol::SignParams params;
   params.kid = kid;
-  params.input.data = protocol::Bytes{'h', 'i'};
+  params.input = hsm::protocol::Data{protocol::Bytes{'h', 'i'}};
   return params;
 }
 
@@ -47,7 +47,7 @@ inline protocol::Request request(protocol::Method method, const std::string& kid
     case Method::kVerify: {
       protocol::VerifyParams params;
       params.kid = kid;
-      params.input.data = protocol::Bytes{'h', 'i'};
+      params.input = hsm::protocol::Data{protocol::Bytes{'h', 'i'}};
       params.signature = protocol::Bytes(64, 1);
       r.params = params;
       break;

@@ -19,12 +19,12 @@ using Packer = msgpack::packer<msgpack::sbuffer>;
 std::vector<Request> sample_requests() {
   return {
       Request{1, Method::kHealth, EmptyParams{}, std::nullopt},
-      Request{2, Method::kSign,
-              SignParams{"k", {Bytes(300, 0xAA), std::nullopt}, "ES256", std::nullopt}, 1000},
+      Request{2, Method::kSign, SignParams{"k", Data{Bytes(300, 0xAA)}, "ES256", std::nullopt},
+              1000},
       Request{3, Method::kGetPublicKey, KidParams{"key \xC3\xA9"}, std::nullopt},
       Request{4, Method::kSignBatch,
-              SignBatchParams{{SignParams{
-                  "a", {std::nullopt, Bytes(32, 1)}, std::nullopt, SignatureFormat::kDer}}},
+              SignBatchParams{
+                  {SignParams{"a", Digest{Bytes(32, 1)}, std::nullopt, SignatureFormat::kDer}}},
               std::nullopt},
   };
 }
@@ -173,10 +173,9 @@ TEST_CASE("returned messages stay valid after later reads and after the reader",
       }
     }
     // Overwrite the reader's buffers with other bytes.
-    const std::string other = encode_all(
-        {Request{9, Method::kSign,
-                 SignParams{"zzzzzz", {Bytes(500, 0x55), std::nullopt}, std::nullopt, std::nullopt},
-                 std::nullopt}});
+    const std::string other = encode_all({Request{
+        9, Method::kSign, SignParams{"zzzzzz", Data{Bytes(500, 0x55)}, std::nullopt, std::nullopt},
+        std::nullopt}});
     reader.feed({other.data(), other.size()});
     CHECK(reader.next().has_value());
   }
@@ -394,10 +393,10 @@ TEST_CASE("a reader moved in the middle of a message keeps working", "[frame_rea
   // A large message split so that the buffer must grow after the move, while the partial
   // message already references the old buffer.
   const std::vector<Request> requests = {
-      Request{1, Method::kSign,
-              SignParams{std::string(200, 'k'), {Bytes(20000, 0x42), std::nullopt}, std::nullopt,
-                         std::nullopt},
-              std::nullopt},
+      Request{
+          1, Method::kSign,
+          SignParams{std::string(200, 'k'), Data{Bytes(20000, 0x42)}, std::nullopt, std::nullopt},
+          std::nullopt},
       Request{2, Method::kHealth, EmptyParams{}, std::nullopt}};
   const std::string stream = encode_all(requests);
   auto first = std::make_unique<FrameReader>(Limits{}, 64);

@@ -102,27 +102,22 @@ TEST_CASE("every request round-trips through the codec", "[codec][round-trip]") 
       Request{8, Method::kGenerateKey, GenerateKeyParams{"k", std::nullopt, std::nullopt},
               std::nullopt},
       Request{9, Method::kGenerateKey, GenerateKeyParams{"rsa", "PS384", 3072}, 30000},
-      Request{10, Method::kSign, SignParams{"k", {data, std::nullopt}, std::nullopt, std::nullopt},
+      Request{10, Method::kSign, SignParams{"k", Data{data}, std::nullopt, std::nullopt},
               std::nullopt},
-      Request{11, Method::kSign,
-              SignParams{"k", {std::nullopt, digest}, "ES256", SignatureFormat::kDer}, 100},
+      Request{11, Method::kSign, SignParams{"k", Digest{digest}, "ES256", SignatureFormat::kDer},
+              100},
       Request{12, Method::kSign,
-              SignParams{"k", {Bytes{}, std::nullopt}, std::nullopt, SignatureFormat::kRaw},
-              std::nullopt},
+              SignParams{"k", Data{Bytes{}}, std::nullopt, SignatureFormat::kRaw}, std::nullopt},
       Request{13, Method::kVerify,
-              VerifyParams{"k", {data, std::nullopt}, signature, std::nullopt, std::nullopt},
-              std::nullopt},
+              VerifyParams{"k", Data{data}, signature, std::nullopt, std::nullopt}, std::nullopt},
       Request{14, Method::kVerify,
-              VerifyParams{"k", {std::nullopt, digest}, signature, "ES256", SignatureFormat::kDer},
-              7},
+              VerifyParams{"k", Digest{digest}, signature, "ES256", SignatureFormat::kDer}, 7},
       Request{15, Method::kSignBatch,
-              SignBatchParams{
-                  {SignParams{"a", {data, std::nullopt}, std::nullopt, std::nullopt},
-                   SignParams{"b", {std::nullopt, digest}, "ES256K", SignatureFormat::kDer}}},
+              SignBatchParams{{SignParams{"a", Data{data}, std::nullopt, std::nullopt},
+                               SignParams{"b", Digest{digest}, "ES256K", SignatureFormat::kDer}}},
               std::nullopt},
       Request{4294967295U, Method::kSign,
-              SignParams{"\xC3\xA9t\xC3\xA9", {data, std::nullopt}, "EdDSA", std::nullopt},
-              4294967295U},
+              SignParams{"\xC3\xA9t\xC3\xA9", Data{data}, "EdDSA", std::nullopt}, 4294967295U},
   };
   for (const Request& request : requests) {
     INFO("msgid " << request.msgid << " method " << to_string(request.method));
@@ -133,8 +128,8 @@ TEST_CASE("every request round-trips through the codec", "[codec][round-trip]") 
 TEST_CASE("a batch of the maximum size round-trips", "[codec][round-trip]") {
   SignBatchParams batch;
   for (std::size_t i = 0; i < kMaxBatchItems; ++i) {
-    batch.items.push_back(SignParams{
-        "key-" + std::to_string(i), {Bytes(i % 7, 1), std::nullopt}, std::nullopt, std::nullopt});
+    batch.items.push_back(
+        SignParams{"key-" + std::to_string(i), Data{Bytes(i % 7, 1)}, std::nullopt, std::nullopt});
   }
   const Request request{42, Method::kSignBatch, batch, std::nullopt};
   CHECK(round_trip(request) == request);
@@ -144,10 +139,9 @@ TEST_CASE("requests carry strings as str, bytes as bin, and omit absent optional
           "[codec][wire]") {
   msgpack::sbuffer buffer;
   encode_request(
-      Request{
-          9, Method::kVerify,
-          VerifyParams{"k", {bytes_of("abc"), std::nullopt}, Bytes(64, 1), "ES256", std::nullopt},
-          std::nullopt},
+      Request{9, Method::kVerify,
+              VerifyParams{"k", Data{bytes_of("abc")}, Bytes(64, 1), "ES256", std::nullopt},
+              std::nullopt},
       buffer);
   const auto message = msgpack::unpack(buffer.data(), buffer.size());
   const msgpack::object& msg = message.get();
@@ -180,8 +174,7 @@ TEST_CASE("the README's worked example encodes to the documented bytes", "[codec
   msgpack::sbuffer request;
   encode_request(
       Request{1, Method::kSign,
-              SignParams{"k1", {bytes_of("hello"), std::nullopt}, std::nullopt, std::nullopt},
-              std::nullopt},
+              SignParams{"k1", Data{bytes_of("hello")}, std::nullopt, std::nullopt}, std::nullopt},
       request);
   CHECK(hex(request) == "940001a47369676e9182a36b6964a26b31a464617461c40568656c6c6f");
 
@@ -205,8 +198,8 @@ TEST_CASE("the README's worked example encodes to the documented bytes", "[codec
   CHECK(hex(response) == "940101c081a576616c6964c3");
 
   msgpack::sbuffer error;
-  encode_response(
-      Response{7, Error{ErrorCode::kNotFound, "no key with kid 'k9'", std::nullopt}}, error);
+  encode_response(Response{7, Error{ErrorCode::kNotFound, "no key with kid 'k9'", std::nullopt}},
+                  error);
   CHECK(hex(error) ==
         "940107"
         "82a4636f6465a96e6f745f666f756e64"

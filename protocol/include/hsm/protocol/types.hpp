@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -101,13 +102,32 @@ struct GenerateKeyParams {
   friend bool operator==(const GenerateKeyParams&, const GenerateKeyParams&) = default;
 };
 
-/// What is signed or verified: the message itself, or a digest the caller computed.
-/// Exactly one is set after decoding (the codec enforces it).
-struct SignInput {
-  std::optional<Bytes> data;
-  std::optional<Bytes> digest;
-  friend bool operator==(const SignInput&, const SignInput&) = default;
+/// The message itself (wire field "data"): the agent, or the token, hashes it.
+struct Data {
+  Bytes bytes;
+  friend bool operator==(const Data&, const Data&) = default;
 };
+
+/// A digest the caller computed (wire field "digest"), signed as it is.
+struct Digest {
+  Bytes bytes;
+  friend bool operator==(const Digest&, const Digest&) = default;
+};
+
+/// What is signed or verified: the message or a digest, exactly one by construction. The
+/// decoder picks the alternative once, from the one field present (both or neither is
+/// invalid_params there); nothing after it checks again.
+using SignInput = std::variant<Data, Digest>;
+
+/// The bytes of either alternative (the message or the digest).
+[[nodiscard]] inline std::span<const std::uint8_t> input_bytes(const SignInput& input) noexcept {
+  return std::visit([](const auto& in) { return std::span<const std::uint8_t>(in.bytes); }, input);
+}
+
+/// Whether `input` is a caller-computed digest.
+[[nodiscard]] inline bool is_digest(const SignInput& input) noexcept {
+  return std::holds_alternative<Digest>(input);
+}
 
 struct SignParams {
   std::string kid;
