@@ -71,7 +71,7 @@ direct=("$direct_bin" --module "$softhsm_module" --token-label "$label" --pin-fi
 "${direct[@]}" --create-key --setup-only 2>/dev/null
 
 # The agent's settings besides module, token, PIN and socket (the memory check changes them).
-agent_settings=(--sessions 4 --metrics-listen "" --log-level warn --audit-log "$work/audit.log")
+agent_settings=(--metrics-listen "" --log-level warn --audit-log "$work/audit.log")
 start_agent() {  # [wrapper...]: the agent, optionally under a wrapper (valgrind)
   rm -f "$work/agent.sock"
   "$@" "$agent_bin" --module "$softhsm_module" --token-label "$label" \

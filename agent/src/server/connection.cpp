@@ -303,6 +303,7 @@ void Connection::close() {
   queued_.clear();
   note_queued();
   read_charge_.resize(0);
+  events_.on_closing(*this);
   pipe_.close([this] { events_.on_closed(*this); });
 }
 

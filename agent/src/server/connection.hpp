@@ -35,7 +35,11 @@ class ConnectionEvents {
                           std::size_t bytes) = 0;
   /// The stream was abandoned for a protocol violation (bytes, size or limits).
   virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
-  /// The connection's pipe is closed and libuv is done with it: the owner may destroy it now.
+  /// The connection is closing (its socket is closed now): counted out at once, so a client
+  /// that sees its connection end finds it gone from the gauges too.
+  virtual void on_closing(Connection& connection) = 0;
+  /// libuv is done with the closed pipe (after every callback of it): the owner may destroy the
+  /// connection now.
   virtual void on_closed(Connection& connection) = 0;
   /// The connection is about to be closed because its client does not read its answers (the
   /// write buffer limit was reached). For metrics; close() follows.

@@ -20,6 +20,12 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__SANITIZE_THREAD__)
+// From ThreadSanitizer's runtime (<sanitizer/linux_syscall_hooks.h>, which Debian's GCC does not
+// ship): records a close(2) that the runtime did not intercept.
+extern "C" void __sanitizer_syscall_pre_impl_close(long fd);  // NOLINT
+#endif
+
 namespace hsm::agent::uv {
 
 /// A libuv call failed; `code` is libuv's negative error code.
@@ -81,6 +87,15 @@ class Handle {
   void close(std::function<void()> on_closed = {}) noexcept {
     if (storage_ == nullptr) return;
     Storage* storage = std::exchange(storage_, nullptr);
+#if defined(__SANITIZE_THREAD__)
+    // libuv closes a descriptor with a raw close syscall (uv__close_nocancel) that
+    // ThreadSanitizer does not see, so another thread reusing the number (the metrics thread
+    // reading /proc) looked like a race on it. Tell the runtime, as libuv's own TSan builds do.
+    uv_os_fd_t fd = -1;
+    if (uv_fileno(reinterpret_cast<uv_handle_t*>(&storage->raw), &fd) == 0) {
+      __sanitizer_syscall_pre_impl_close(fd);
+    }
+#endif
     if (on_closed) storage->on_closed = new std::function<void()>(std::move(on_closed));
     uv_close(reinterpret_cast<uv_handle_t*>(&storage->raw), [](uv_handle_t* handle) {
       std::unique_ptr<Storage> owned(reinterpret_cast<Storage*>(handle));

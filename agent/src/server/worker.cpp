@@ -255,9 +255,12 @@ void Worker::take_connection(AcceptedConnection accepted) {
   added.start();
 }
 
-void Worker::on_closed(Connection& connection) {
+void Worker::on_closing(Connection& connection) {
   context_.on_connection_closed(connection.caller(), connection.admitted);
   connection_count_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+void Worker::on_closed(Connection& connection) {
   connections_.erase(connection.id());  // destroys it
   // The last connection has flushed: nothing left for the final flush bound, so let the loop end.
   if (finished_ && connections_.empty()) final_flush_timer_.close();

@@ -123,6 +123,7 @@ class Worker final : public ConnectionEvents {
   void on_message(Connection& connection, const msgpack::object& message,
                   std::size_t bytes) override;
   void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
+  void on_closing(Connection& connection) override;
   void on_closed(Connection& connection) override;
   void on_slow_reader(Connection& connection) override;
   void on_output_pending(Connection& connection) override;
