@@ -65,13 +65,14 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                                .Add({}, latency_buckets())),
       queue_wait_seconds(BuildHistogram()
                              .Name("hsm_agent_queue_wait_seconds")
-                             .Help("Time from a request being read to a worker starting it")
+                             .Help("Time from a request being read to its token work starting")
                              .Register(registry)
                              .Add({}, latency_buckets())),
       loop_hand_overs_total(
           BuildCounter()
               .Name("hsm_agent_loop_hand_overs_total")
-              .Help("Inline signs that overstayed, so the event loop was handed to another worker")
+              .Help(
+                  "Inline calls that overstayed, so their worker loop was handed to another thread")
               .Register(registry)
               .Add({})),
       hsm_up(BuildGauge()

@@ -55,12 +55,13 @@ class AgentMetrics {
   /// The most sessions the pool may open now: --max-sessions, lowered to what the token allows.
   prometheus::Gauge& sessions_limit;
   prometheus::Histogram& session_wait_seconds;
-  /// Time from a request being read to a worker starting it: the request queue in front of the
-  /// workers. With one worker per session this, not session_wait_seconds, is where requests
-  /// wait when the agent is saturated.
+  /// Time from a request being read to its token work starting: ~0 inline, else the wait for a
+  /// call slot in the blocking pool's queue. With a slot per session the pool may open, this,
+  /// not session_wait_seconds, is where requests wait when the agent is saturated.
   prometheus::Histogram& queue_wait_seconds;
-  /// Signs run inline (by the thread that read them, see server/loop_turn.hpp) that overstayed,
-  /// so that the event loop was handed to another worker: a token call that hung or ran long.
+  /// Inline calls (run by the worker loop's thread that read them, server/worker.hpp) that
+  /// overstayed, so that the watchdog handed that loop to a pool thread: a token call that hung
+  /// or ran long.
   prometheus::Counter& loop_hand_overs_total;
 
   // token health
