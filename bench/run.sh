@@ -218,6 +218,9 @@ start_agent() {  # module name
 p11kit_pid= p11kit_address=
 start_p11kit_server() {  # module name
   local env_file=$work/p11-kit-$2.env
+  # Created here: the background child opens its own redirection, maybe after the first look
+  # below (a read of a file not yet there failed the run under set -e).
+  : >"$env_file"
   # -f: stay in the foreground (a child we own); -s: print the address as shell assignments.
   XDG_RUNTIME_DIR=$work p11-kit server -f -s --provider "$1" "pkcs11:token=$token_label" \
     >"$env_file" 2>"$work/p11-kit-$2.err" &
