@@ -187,6 +187,15 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
 }
 
 void Connection::deliver_messages() {
+  // An answer given while a message is delivered (a refusal, capabilities) may end the pause at
+  // the in-flight limit and ask to deliver again: the loop below goes on instead, so the stack
+  // does not grow with the messages buffered.
+  if (delivering_) return;
+  delivering_ = true;
+  struct Done {
+    bool& flag;
+    ~Done() { flag = false; }
+  } done{delivering_};
   while (!closing_ && !close_when_flushed_ && !paused_at_limit_ && !stopped_) {
     std::optional<msgpack::object_handle> message;
     const std::size_t before = reader_.buffered_bytes();

@@ -175,6 +175,7 @@ class Connection {
   std::size_t writing_bytes_ = 0;  // inside the uv_write in progress
   bool write_in_progress_ = false;
   bool flush_scheduled_ = false;
+  bool delivering_ = false;  // inside deliver_messages()
   bool started_ = false;
   bool reading_ = false;
   bool paused_at_limit_ = false;
