@@ -211,8 +211,13 @@ void Connection::deliver_messages() {
     last_activity_ = std::chrono::steady_clock::now();
     // A message completed: whatever follows it in the buffer is a new one, with its own time.
     incomplete_since_.reset();
+    // Its bytes move from the read buffer's charge to the message's: charged first, released
+    // second, so that the budget never shows them free in between (another worker's
+    // connection read into that gap and took the agent past its budget: issue 16).
+    message_charge_ = MemoryBudget::Charge(meter_, bytes);
     note_buffered();
-    events_.on_message(*this, message->get(), bytes);
+    events_.on_message(*this, message->get());
+    message_charge_ = {};  // not taken by a call: the message is done with
   }
 }
 

@@ -29,10 +29,9 @@ class Connection;
 
 class ConnectionEvents {
  public:
-  /// A complete MessagePack message of `bytes` bytes arrived. Called only while the connection
-  /// is not paused.
-  virtual void on_message(Connection& connection, const msgpack::object& message,
-                          std::size_t bytes) = 0;
+  /// A complete MessagePack message arrived (its bytes' charge: Connection::take_message_charge).
+  /// Called only while the connection is not paused.
+  virtual void on_message(Connection& connection, const msgpack::object& message) = 0;
   /// The stream was abandoned for a protocol violation (bytes, size or limits).
   virtual void on_frame_error(Connection& connection, const protocol::FrameError& error) = 0;
   /// The connection is closing (its socket is closed now): counted out at once, so a client
@@ -93,6 +92,11 @@ class Connection {
   void charge_to(MemoryBudget& budget, std::shared_ptr<MemoryBudget::Meter> meter);
   [[nodiscard]] const std::shared_ptr<MemoryBudget::Meter>& meter() const noexcept {
     return meter_;
+  }
+  /// During ConnectionEvents::on_message: the charge for the message's bytes, for the call made
+  /// of it to hold (the bytes it decoded into stay charged until the call is gone).
+  [[nodiscard]] MemoryBudget::Charge take_message_charge() noexcept {
+    return std::move(message_charge_);
   }
   /// Reads at most `max_bytes` in all: the connection is closed when it would read more (a
   /// refused caller's one request, answered with why, and nothing else). Call before start().
@@ -167,6 +171,7 @@ class Connection {
   std::shared_ptr<MemoryBudget::Meter> meter_;
   MemoryBudget::Charge read_charge_;
   MemoryBudget::Charge output_charge_;
+  MemoryBudget::Charge message_charge_;  // the message being delivered (take_message_charge())
   std::optional<std::chrono::steady_clock::time_point> incomplete_since_;
   std::size_t input_limit_ = 0;  // 0: none
   std::size_t input_read_ = 0;

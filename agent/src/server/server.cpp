@@ -417,9 +417,19 @@ void Server::watch_memory() {
   deps_.metrics.buffered_bytes.Set(static_cast<double>(used));
   // Large requests freed on the workers leave their pages in glibc's arenas; hand them back now
   // rather than at the next minute's trim (issue 15: RSS comes back after a burst).
+  // And once more when the burst is over: what was freed after the last trim (less than 16 MiB
+  // of requests, but heap pages of their buffers and decoded copies too) would otherwise wait
+  // for the minute's trim.
   constexpr std::size_t kTrimAfterFreeing = 16 * 1024 * 1024;
-  const std::size_t peak = budget_.take_peak();
-  if (peak > used + kTrimAfterFreeing && heap_trimmer_) heap_trimmer_->trim_soon();
+  constexpr std::size_t kBurstOver = 1024 * 1024;
+  trim_level_ = std::max(trim_level_, budget_.take_peak());
+  const bool freed_burst = trim_level_ > used + kTrimAfterFreeing;
+  const bool burst_over = trimmed_in_burst_ && used < kBurstOver;
+  if ((freed_burst || burst_over) && heap_trimmer_) {
+    heap_trimmer_->trim_soon();
+    trim_level_ = used;
+    trimmed_in_burst_ = !burst_over;
+  }
 }
 
 // ---- the watchdog -----------------------------------------------------------------------------

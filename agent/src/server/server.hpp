@@ -151,6 +151,8 @@ class Server {
   bool finished_ = false;
   bool abandoned_threads_ = false;
   std::unique_ptr<HeapTrimmer> heap_trimmer_;  // started by run()
+  std::size_t trim_level_ = 0;                 // the most the budget held since the last trim
+  bool trimmed_in_burst_ = false;              // trimmed during a burst that has not ended yet
 };
 
 }  // namespace hsm::agent

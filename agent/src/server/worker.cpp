@@ -314,7 +314,7 @@ void Worker::on_frame_error(Connection& connection, const protocol::FrameError& 
 
 // ---- requests ---------------------------------------------------------------------------------
 
-void Worker::on_message(Connection& connection, const msgpack::object& message, std::size_t bytes) {
+void Worker::on_message(Connection& connection, const msgpack::object& message) {
   if (connection.refused_since) {
     answer_refused(connection, message);
     return;
@@ -343,7 +343,7 @@ void Worker::on_message(Connection& connection, const msgpack::object& message, 
     connection.send(encode({*failure->msgid, std::move(failure->error)}));
     return;
   }
-  dispatch(connection, std::get<protocol::Request>(std::move(decoded)), bytes);
+  dispatch(connection, std::get<protocol::Request>(std::move(decoded)));
 }
 
 void Worker::answer_refused(Connection& connection, const msgpack::object& message) {
@@ -366,7 +366,7 @@ void Worker::answer_refused(Connection& connection, const msgpack::object& messa
 }
 
 std::shared_ptr<Call> Worker::begin_call(Connection& connection, protocol::Request&& request,
-                                         std::size_t bytes, SteadyClock::time_point received) {
+                                         SteadyClock::time_point received) {
   auto call = std::make_shared<Call>();
   call->connection_id = connection.id();
   call->caller = connection.caller();
@@ -375,15 +375,15 @@ std::shared_ptr<Call> Worker::begin_call(Connection& connection, protocol::Reque
                                                   : context_.config.limits.request_timeout);
   call->request = std::move(request);
   // The decoded request holds about what its message did, until the call is gone.
-  call->charge = MemoryBudget::Charge(connection.meter(), bytes);
+  call->charge = connection.take_message_charge();
   connection.begin_request();
   ++in_flight_;
   context_.metrics.requests_in_flight.Increment();
   return call;
 }
 
-void Worker::dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes) {
-  const auto call = begin_call(connection, std::move(request), bytes, SteadyClock::now());
+void Worker::dispatch(Connection& connection, protocol::Request&& request) {
+  const auto call = begin_call(connection, std::move(request), SteadyClock::now());
   const Caller& caller = call->caller;
   const Method method = call->request.method;
   if (shutting_down_) {

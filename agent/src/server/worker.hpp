@@ -120,8 +120,7 @@ class Worker final : public ConnectionEvents {
   }
 
   // ConnectionEvents (loop thread)
-  void on_message(Connection& connection, const msgpack::object& message,
-                  std::size_t bytes) override;
+  void on_message(Connection& connection, const msgpack::object& message) override;
   void on_frame_error(Connection& connection, const protocol::FrameError& error) override;
   void on_closing(Connection& connection) override;
   void on_closed(Connection& connection) override;
@@ -144,10 +143,10 @@ class Worker final : public ConnectionEvents {
 
   void take_connection(AcceptedConnection accepted);
   void answer_refused(Connection& connection, const msgpack::object& message);
-  void dispatch(Connection& connection, protocol::Request&& request, std::size_t bytes);
+  void dispatch(Connection& connection, protocol::Request&& request);
   /// A call was read: counted in flight on its connection and the worker.
   std::shared_ptr<Call> begin_call(Connection& connection, protocol::Request&& request,
-                                   std::size_t bytes, SteadyClock::time_point received);
+                                   SteadyClock::time_point received);
   /// The one place a call is answered: in-flight counts, metrics, audit line, the write. A call
   /// answered already (its deadline passed, shutdown) is not answered again.
   void complete(Call& call, Outcome outcome);
