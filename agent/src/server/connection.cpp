@@ -28,8 +28,7 @@ struct WriteRequest {
 uv::Handle<uv_pipe_t> open_pipe(uv_loop_t* loop, int fd) {
   uv::Handle<uv_pipe_t> pipe;
   try {
-    pipe = uv::Handle<uv_pipe_t>(
-        loop, [](uv_loop_t* l, uv_pipe_t* p) { return uv_pipe_init(l, p, 0); }, "uv_pipe_init");
+    pipe = uv::Handle<uv_pipe_t>(loop, uv::init_pipe, "uv_pipe_init");
   } catch (...) {
     ::close(fd);
     throw;

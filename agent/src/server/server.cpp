@@ -112,14 +112,7 @@ Server::~Server() {
   // Every handle was closed by finish_shutdown() (or by their owners when run() threw); run once
   // more so close callbacks complete.
   workers_.clear();
-  listener_.close();
-  accept_check_.close();
-  tick_timer_.close();
-  watchdog_timer_.close();
-  control_async_.close();
-  sigterm_.close();
-  sigint_.close();
-  sighup_.close();
+  close_handles();
   uv_run(&loop_, UV_RUN_NOWAIT);
   if (uv_loop_close(&loop_) != 0) spdlog::debug("event loop closed with handles still open");
 }
@@ -216,9 +209,7 @@ void Server::listen(const std::function<void()>& on_listening) {
 
 void Server::bind_listener() {
   const auto& path = deps_.config.socket_path;
-  listener_ = uv::Handle<uv_pipe_t>(
-      &loop_, [](uv_loop_t* loop, uv_pipe_t* pipe) { return uv_pipe_init(loop, pipe, 0); },
-      "uv_pipe_init");
+  listener_ = uv::Handle<uv_pipe_t>(&loop_, uv::init_pipe, "uv_pipe_init");
   int rc = 0;
   {
     // No window in which the socket exists with looser permissions than asked for.
@@ -330,9 +321,7 @@ void Server::accept_one() {
   ++accepts_this_turn_;
   uv::Handle<uv_pipe_t> client;
   try {
-    client = uv::Handle<uv_pipe_t>(
-        &loop_, [](uv_loop_t* loop, uv_pipe_t* pipe) { return uv_pipe_init(loop, pipe, 0); },
-        "uv_pipe_init");
+    client = uv::Handle<uv_pipe_t>(&loop_, uv::init_pipe, "uv_pipe_init");
   } catch (const uv::Error& e) {
     spdlog::warn("accept: {}", e.what());
     return;
@@ -563,11 +552,16 @@ void Server::finish_shutdown() {
   if (finished_) return;
   finished_ = true;
   refusals_.flush_all();  // the counts still pending, before the audit log closes
+  close_handles();
+}
+
+void Server::close_handles() {
   listener_.close();
   accept_check_.close();
   tick_timer_.close();
   watchdog_timer_.close();
   {
+    // Every worker's loop has ended (or never ran): none sends to it any more.
     std::lock_guard lock(control_mutex_);
     control_open_ = false;
     control_async_.close();

@@ -101,6 +101,8 @@ class Server {
   void request_reload();
   void begin_shutdown();
   void finish_shutdown();
+  /// Closes every handle of the main loop (idempotent): then uv_run returns.
+  void close_handles();
 
   Dependencies deps_;
   protocol::CapabilitiesResult capabilities_;  // the token's, with the transport's limits

@@ -44,6 +44,11 @@ inline void check(int rc, std::string_view what) {
   if (rc < 0) throw Error(what, rc);
 }
 
+/// uv_pipe_init for a Unix socket (not an IPC pipe), in the shape Handle's constructor takes.
+inline int init_pipe(uv_loop_t* loop, uv_pipe_t* pipe) {
+  return uv_pipe_init(loop, pipe, 0);
+}
+
 template <typename T>
 class Handle {
  public:

@@ -67,11 +67,6 @@ Worker& worker_of(const uv_handle_t* handle) {
   return *static_cast<Worker*>(handle->loop->data);
 }
 
-template <typename T>
-uv::Handle<T> make_handle(uv_loop_t* loop, int (*init)(uv_loop_t*, T*), const char* what) {
-  return uv::Handle<T>(loop, init, what);
-}
-
 }  // namespace
 
 Worker::Worker(std::size_t index, WorkerContext& context) : index_(index), context_(context) {
@@ -85,12 +80,12 @@ Worker::Worker(std::size_t index, WorkerContext& context) : index_(index), conte
         });
       },
       "uv_async_init");
-  deadline_timer_ = make_handle(&loop_, uv_timer_init, "uv_timer_init");
-  tick_timer_ = make_handle(&loop_, uv_timer_init, "uv_timer_init");
-  drain_timer_ = make_handle(&loop_, uv_timer_init, "uv_timer_init");
-  final_flush_timer_ = make_handle(&loop_, uv_timer_init, "uv_timer_init");
-  flush_check_ = make_handle(&loop_, uv_check_init, "uv_check_init");
-  flush_prepare_ = make_handle(&loop_, uv_prepare_init, "uv_prepare_init");
+  deadline_timer_ = uv::Handle<uv_timer_t>(&loop_, uv_timer_init, "uv_timer_init");
+  tick_timer_ = uv::Handle<uv_timer_t>(&loop_, uv_timer_init, "uv_timer_init");
+  drain_timer_ = uv::Handle<uv_timer_t>(&loop_, uv_timer_init, "uv_timer_init");
+  final_flush_timer_ = uv::Handle<uv_timer_t>(&loop_, uv_timer_init, "uv_timer_init");
+  flush_check_ = uv::Handle<uv_check_t>(&loop_, uv_check_init, "uv_check_init");
+  flush_prepare_ = uv::Handle<uv_prepare_t>(&loop_, uv_prepare_init, "uv_prepare_init");
   uv::check(
       uv_timer_start(
           tick_timer_.get(),
@@ -270,16 +265,20 @@ void Worker::on_output_pending(Connection& connection) {
   dirty_.push_back(connection.id());
 }
 
-void Worker::flush_dirty() {
-  if (dirty_.empty()) return;
-  std::vector<std::uint64_t> dirty;
-  dirty.swap(dirty_);
-  for (const auto id : dirty) {
+void Worker::for_each_listed(std::vector<std::uint64_t>& ids, void (Connection::*action)()) {
+  if (ids.empty()) return;
+  std::vector<std::uint64_t> taken;
+  taken.swap(ids);  // the action may list a connection again
+  for (const auto id : taken) {
     const auto it = connections_.find(id);
-    if (it != connections_.end()) it->second->flush();
+    if (it != connections_.end()) ((*it->second).*action)();  // closed meanwhile: gone
   }
-  dirty.clear();
-  if (dirty_.empty()) dirty_.swap(dirty);  // keep the capacity
+  taken.clear();
+  if (ids.empty()) ids.swap(taken);  // keep the capacity
+}
+
+void Worker::flush_dirty() {
+  for_each_listed(dirty_, &Connection::flush);
 }
 
 void Worker::on_slow_reader(Connection& connection) {
@@ -296,14 +295,8 @@ void Worker::on_waiting_for_memory(Connection& connection) {
 }
 
 void Worker::resume_memory_waiters() {
-  if (memory_waiters_.empty()) return;
-  std::vector<std::uint64_t> waiting;
-  waiting.swap(memory_waiters_);
   // Each asks the budget again; one that still finds no room comes back to the list.
-  for (const auto id : waiting) {
-    const auto it = connections_.find(id);
-    if (it != connections_.end()) it->second->read_again();
-  }
+  for_each_listed(memory_waiters_, &Connection::read_again);
 }
 
 void Worker::on_frame_error(Connection& connection, const protocol::FrameError& error) {

@@ -155,6 +155,8 @@ class Worker final : public ConnectionEvents {
   [[nodiscard]] bool runs_inline(const Call& call) const;
   void note_call_latency(SteadyClock::duration elapsed) noexcept;
 
+  /// Runs `action` on each listed connection still open, emptying the list first.
+  void for_each_listed(std::vector<std::uint64_t>& ids, void (Connection::*action)());
   void flush_dirty();
   void arm_deadline_timer();
   void expire_deadlines();
