@@ -13,10 +13,12 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <tuple>
 
 #include "call_stats.hpp"
 #include "fault_controller.hpp"
 #include "function_table.hpp"
+#include "session_limit.hpp"
 #include "stderr_report.hpp"
 #include "target_module.hpp"
 
@@ -32,14 +34,16 @@ constexpr std::chrono::microseconds kMaxPollInterval{1'000'000};
 struct ModuleState {
   ModuleState(const CK_FUNCTION_LIST* self, const std::string& target_path,
               std::string control_path, std::chrono::microseconds poll_interval,
-              std::string stats_path)
+              std::string stats_path, std::optional<std::size_t> max_sessions)
       : target_module(target_path, self),
         faults(std::move(control_path), poll_interval),
-        stats(std::move(stats_path)) {}
+        stats(std::move(stats_path)),
+        session_limit(max_sessions) {}
 
   TargetModule target_module;
   FaultController faults;
   CallStats stats;
+  SessionLimit session_limit;
 };
 
 std::string environment(const char* name, std::string_view fallback = {}) {
@@ -65,6 +69,20 @@ std::chrono::microseconds poll_interval_from_environment() {
   return std::chrono::microseconds(value);
 }
 
+std::optional<std::size_t> max_sessions_from_environment() {
+  const std::string text = environment("HSM_FAULT_MAX_SESSIONS");
+  if (text.empty()) {
+    return std::nullopt;
+  }
+  std::size_t value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size() || value == 0) {
+    report("HSM_FAULT_MAX_SESSIONS=" + text + " is not a positive number; no session limit");
+    return std::nullopt;
+  }
+  return value;
+}
+
 extern CK_FUNCTION_LIST function_list;
 
 /// The module's state; the environment is read once, on the first call into the module.
@@ -72,7 +90,7 @@ ModuleState& module_state() {
   static ModuleState* const state =
       new ModuleState(&function_list, environment("HSM_FAULT_TARGET", kDefaultTarget),
                       environment("HSM_FAULT_CONTROL"), poll_interval_from_environment(),
-                      environment("HSM_FAULT_STATS"));
+                      environment("HSM_FAULT_STATS"), max_sessions_from_environment());
   return *state;
 }
 
@@ -130,6 +148,23 @@ CK_RV hand_out_function_list(CK_FUNCTION_LIST_PTR_PTR list) noexcept {
   return CKR_OK;
 }
 
+/// Keeps the emulated session limit (session_limit.hpp) in step with a forwarded call.
+template <FunctionId Id, typename... Args>
+void keep_session_limit(SessionLimit& limit, CK_RV rv, Args... args) noexcept {
+  if constexpr (Id == FunctionId::C_OpenSession) {
+    limit.opened(rv);
+  } else if constexpr (Id == FunctionId::C_CloseSession) {
+    if (rv == CKR_OK) limit.closed();
+  } else if constexpr (Id == FunctionId::C_CloseAllSessions || Id == FunctionId::C_Finalize) {
+    if (rv == CKR_OK) limit.reset();
+  } else if constexpr (Id == FunctionId::C_GetTokenInfo) {
+    if (rv == CKR_OK) {
+      const auto info = std::get<1>(std::forward_as_tuple(args...));
+      if (info != nullptr) limit.state(*info);
+    }
+  }
+}
+
 /// The entry point for one PKCS#11 function, its signature taken from CK_FUNCTION_LIST's member
 /// so it can never disagree with the header.
 template <FunctionId Id, auto Member, typename Signature>
@@ -157,7 +192,13 @@ struct Forwarder<Id, Member, CK_RV (*)(Args...)> {
       }
       CK_RV rv = CKR_OK;
       if (plan.forward) {
+        if constexpr (Id == FunctionId::C_OpenSession) {
+          if (const auto refused = module.session_limit.reserve()) {
+            return *refused;
+          }
+        }
         rv = (target->*Member)(args...);
+        keep_session_limit<Id>(module.session_limit, rv, args...);
       }
       if constexpr (Id == FunctionId::C_Finalize) {
         module.stats.flush();
