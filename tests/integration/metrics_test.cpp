@@ -13,6 +13,7 @@ using namespace hsm::test;
 TEST_CASE("request metrics move with successes and failures", "[metrics]") {
   RunningAgent env;
   const auto before = env.agent.http_get("/metrics");
+  INFO(before.second.substr(0, 200) << "\nagent stderr:\n" << env.agent.stderr_text());
   REQUIRE(before.first == 200);
   env.client.generate_key("m");
   for (int i = 0; i < 5; ++i) (void)env.client.sign("m", std::string_view("x"));

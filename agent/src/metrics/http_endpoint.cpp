@@ -204,6 +204,7 @@ class HttpEndpoint::Server {
       if (it->second <= now) {
         const auto* info = MHD_get_connection_info(it->first, MHD_CONNECTION_INFO_CONNECTION_FD);
         if (info != nullptr) ::shutdown(info->connect_fd, SHUT_RDWR);
+        spdlog::debug("metrics endpoint: closed a connection whose request headers were late");
         it = awaiting_request_.erase(it);
         continue;
       }
