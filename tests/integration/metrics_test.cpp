@@ -53,3 +53,25 @@ TEST_CASE("liveness and readiness probes", "[metrics]") {
   CHECK(ready.first == 200);
   CHECK(ready.second.find("ready") != std::string::npos);
 }
+
+TEST_CASE("latency mode: --busy-poll-us polls and counts what it costs; off, it never polls",
+          "[metrics][busy_poll]") {
+  // The counter is what polling cost (polls that found nothing); it moves at a worker's tick.
+  const auto polled_after_signs = [](std::vector<std::string> args) {
+    RunningAgent env(AgentOptions{.extra_args = std::move(args)});
+    env.client.generate_key("p");
+    for (int i = 0; i < 20; ++i) (void)env.client.sign("p", std::string_view("x"));
+    double polled = -1;
+    // Each worker adds its polling time on its 1 s tick.
+    wait_until(
+        [&] {
+          polled = metric_sample(env.agent.http_get("/metrics").second,
+                                 "hsm_agent_busy_poll_seconds_total");
+          return polled > 0;
+        },
+        std::chrono::milliseconds(2500));
+    return polled;
+  };
+  CHECK(polled_after_signs({"--busy-poll-us", "200"}) > 0);
+  CHECK(polled_after_signs({}) == 0);
+}

@@ -15,6 +15,9 @@
 namespace hsm::agent {
 namespace {
 
+// A poll longer than this is a core given away, not a latency gain (docs/performance.md).
+constexpr unsigned kMaxBusyPollUs = 1000;
+
 // Adds an option whose environment variable follows from its name, so flag and variable can
 // never drift apart.
 template <typename T>
@@ -66,7 +69,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   unsigned sessions = 4, max_sessions = 64, session_idle_timeout_s = 30;
   std::size_t request_timeout_ms = 5000;
   std::size_t idle_timeout_s = 300, shutdown_timeout_s = 10, probe_interval_s = 10;
-  unsigned read_timeout_s = 10;
+  unsigned read_timeout_s = 10, busy_poll_us = 0;
   std::string pin_file, policy, socket_group;
 
   add_option(app, "--module", module, "PKCS#11 module (shared library) to load")->required();
@@ -137,6 +140,11 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
              "event loops, each serving its own connections (0: one per core)")
       ->capture_default_str()
       ->check(CLI::Range(0U, 256U));
+  add_option(app, "--busy-poll-us", busy_poll_us,
+             "latency mode: microseconds a worker keeps polling its connections after an answer "
+             "before it sleeps (0: off; costs CPU, see docs/performance.md)")
+      ->capture_default_str()
+      ->check(CLI::Range(0U, kMaxBusyPollUs));
   add_option(app, "--max-queue", config.limits.max_queue,
              "requests waiting for a worker before new ones get 'overloaded'")
       ->capture_default_str()
@@ -217,6 +225,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   if (!policy.empty()) config.access.policy_path = policy;
   config.log_format = log_format == "json" ? LogFormat::kJson : LogFormat::kText;
   config.limits.request_timeout = std::chrono::milliseconds(request_timeout_ms);
+  config.busy_poll = std::chrono::microseconds(busy_poll_us);
   config.limits.idle_timeout = std::chrono::seconds(idle_timeout_s);
   config.limits.read_timeout = std::chrono::seconds(read_timeout_s);
   if (config.limits.max_connections_per_uid == 0) {

@@ -66,6 +66,9 @@ struct AgentConfig {
   AccessConfig access;
   /// --workers: event loops, each with its own connections (0: one per core).
   unsigned workers = 0;
+  /// --busy-poll-us: idle time a worker loop polls its connections without blocking after an
+  /// answer, before it sleeps in epoll (latency mode, server/busy_poll.hpp); 0: never polls.
+  std::chrono::microseconds busy_poll{0};
 
   std::string log_level = "info";
   LogFormat log_format = LogFormat::kText;

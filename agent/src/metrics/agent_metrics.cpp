@@ -75,6 +75,12 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                   "Inline calls that overstayed, so their worker loop was handed to another thread")
               .Register(registry)
               .Add({})),
+      busy_poll_seconds(BuildCounter()
+                            .Name("hsm_agent_busy_poll_seconds_total")
+                            .Help("Time worker loops spent polling for requests without finding "
+                                  "any (--busy-poll-us; 0 when off)")
+                            .Register(registry)
+                            .Add({})),
       hsm_up(BuildGauge()
                  .Name("hsm_agent_hsm_up")
                  .Help("1 when the last token probe succeeded, else 0")

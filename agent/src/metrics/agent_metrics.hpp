@@ -63,6 +63,9 @@ class AgentMetrics {
   /// overstayed, so that the watchdog handed that loop to a pool thread: a token call that hung
   /// or ran long.
   prometheus::Counter& loop_hand_overs_total;
+  /// Latency mode (--busy-poll-us): CPU time worker loops spent polling without finding work,
+  /// the price of the latency they saved. Stays 0 with the mode off.
+  prometheus::Counter& busy_poll_seconds;
 
   // token health
   prometheus::Gauge& hsm_up;

@@ -69,7 +69,8 @@ Worker& worker_of(const uv_handle_t* handle) {
 
 }  // namespace
 
-Worker::Worker(std::size_t index, WorkerContext& context) : index_(index), context_(context) {
+Worker::Worker(std::size_t index, WorkerContext& context)
+    : index_(index), context_(context), loop_runner_(loop_, context.config.busy_poll) {
   uv::check(uv_loop_init(&loop_), "uv_loop_init");
   loop_.data = this;
   inbox_async_ = uv::Handle<uv_async_t>(
@@ -125,7 +126,8 @@ void Worker::drive() {
   const std::string name = "hsm-worker-" + std::to_string(index_);
   pthread_setname_np(pthread_self(), name.c_str());
   for (;;) {
-    uv_run(&loop_, UV_RUN_DEFAULT);
+    (void)loop_runner_.run([this] { return inline_call_ != nullptr; }, [this] { return answers_; },
+                           [this] { return may_busy_poll(); });
     std::shared_ptr<Call> call = std::move(inline_call_);
     if (!call) {
       // uv_run returns without a call to run only when the loop has ended: every handle closed.
@@ -431,6 +433,12 @@ bool Worker::runs_inline(const Call& call) const {
              kInlineLatencyLimit;
 }
 
+bool Worker::may_busy_poll() const {
+  return pool_calls_ == 0 && !shutting_down_ &&
+         std::chrono::nanoseconds(call_latency_ns_.load(std::memory_order_relaxed)) <
+             kInlineLatencyLimit;
+}
+
 Outcome Worker::run(const Call& call) {
   // From the read to the start of its token work: 0 for an inline call, the time in the pool's
   // queue for the others.
@@ -459,6 +467,7 @@ void Worker::note_call_latency(SteadyClock::duration elapsed) noexcept {
 void Worker::complete(Call& call, Outcome outcome) {
   if (call.answered) return;  // answered at its deadline or at shutdown; the late result goes
   call.answered = true;
+  ++answers_;
   const auto code = code_of(outcome);
   const Method method = call.request.method;
   const auto elapsed = std::chrono::duration<double>(SteadyClock::now() - call.received).count();
@@ -514,6 +523,11 @@ void Worker::expire_deadlines() {
 }
 
 void Worker::on_tick() {
+  if (const auto polled = loop_runner_.idle_polling(); polled != idle_polling_counted_) {
+    context_.metrics.busy_poll_seconds.Increment(
+        std::chrono::duration<double>(polled - idle_polling_counted_).count());
+    idle_polling_counted_ = polled;
+  }
   sweep_idle();
   close_stalled_connections();
   // A release can slip between a reader finding no room and its wait being noted: the tick

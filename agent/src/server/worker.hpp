@@ -39,6 +39,7 @@
 #include "log/audit_log.hpp"
 #include "metrics/agent_metrics.hpp"
 #include "server/blocking_pool.hpp"
+#include "server/busy_poll.hpp"
 #include "server/call.hpp"
 #include "server/connection.hpp"
 #include "server/deadline_queue.hpp"
@@ -153,6 +154,9 @@ class Worker final : public ConnectionEvents {
   /// Runs a call in the token, on the calling thread (inline, or a pool thread).
   Outcome run(const Call& call);
   [[nodiscard]] bool runs_inline(const Call& call) const;
+  /// Whether the loop may poll instead of sleeping: nothing of this worker's runs in the pool
+  /// (its threads need the CPU) and its token calls are fast enough to run inline.
+  [[nodiscard]] bool may_busy_poll() const;
   void note_call_latency(SteadyClock::duration elapsed) noexcept;
 
   /// Runs `action` on each listed connection still open, emptying the list first.
@@ -172,7 +176,10 @@ class Worker final : public ConnectionEvents {
   const std::size_t index_;
   WorkerContext& context_;
   uv_loop_t loop_{};
-  std::mutex turn_;  // held by the thread running the loop
+  std::mutex turn_;            // held by the thread running the loop
+  BusyPollLoop loop_runner_;   // runs loop_ for the turn's holder (--busy-poll-us)
+  std::uint64_t answers_ = 0;  // calls answered: the progress the runner polls after
+  BusyPollLoop::Clock::duration idle_polling_counted_{};  // already added to the metric
 
   uv::Handle<uv_async_t> inbox_async_;
   uv::Handle<uv_timer_t> deadline_timer_;
