@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
 """Checks deploy/grafana/dashboard.json.
 
-- well-formed JSON, schemaVersion, the ${DS_PROMETHEUS} datasource variable and the job/pod
-  variables, unique panel ids, panels inside the 24-column grid and not overlapping;
+- well-formed JSON, schemaVersion, unique panel ids, panels inside the 24-column grid and not
+  overlapping;
+- imports anywhere, the monitoring-mixins way: no __inputs and no hard-wired datasource uid (every
+  panel, target and query variable uses the `datasource` variable, type datasource), the
+  cluster, namespace, job and pod variables, and every selector filters on cluster and namespace;
+  timezone utc, a fixed uid, tags;
+- the panels that count errors (and the request rate) show 0, not "No data", before the first
+  error: their queries are evaluated by `promtool test rules` on the series of an agent that has
+  served nothing yet, and of one that has served requests without an error;
+- the chart's copy (helm/hsm-sidecar/files/dashboard.json, its Grafana ConfigMap) is identical;
 - every PromQL expression parses (each is handed to `promtool check rules` as a recording rule,
   after the Grafana variables are replaced) and histogram_quantile keeps `le`;
 - every metric an expression names is in the catalogue of issue 5 (below), so a typo or a
@@ -23,6 +31,17 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 DEFAULT = os.path.join(ROOT, "deploy", "grafana", "dashboard.json")
+CHART_COPY = os.path.join(ROOT, "helm", "hsm-sidecar", "files", "dashboard.json")
+
+# Panels that must show 0 rather than "No data" on an agent that has served nothing yet; all but
+# "Requests / s" must show 0 on one that has served requests without an error as well.
+ZERO_PANELS = {"Requests / s", "Server error ratio", "Error ratio", "PKCS#11 errors by CKR",
+               "Rejected and closed connections, protocol errors"}
+# The series of one scraped agent (every label a kube-prometheus PodMonitor adds).
+AGENT = 'job="hsm-agent", instance="10.0.0.7:9464", pod="shop-7f9c", namespace="signing", cluster="eu-1"'
+FRESH = [("up", "1+0x20"), ("hsm_agent_build_info", "1+0x20"), ("hsm_agent_hsm_up", "1+0x20"),
+         ("hsm_agent_connections_open", "0+0x20")]
+SERVED = FRESH + [('hsm_agent_requests_total{%s, method="sign", code="ok"}', "0+60x20")]
 
 # The metric catalogue of issue 5 (docs/metrics.md): name -> type.
 CATALOGUE = {
@@ -37,7 +56,7 @@ CATALOGUE = {
     "hsm_agent_hsm_up": "gauge",
     "hsm_agent_hsm_probe_duration_seconds": "histogram",
     "hsm_agent_logins_total": "counter",
-    "hsm_agent_connections": "gauge",
+    "hsm_agent_connections_open": "gauge",
     "hsm_agent_connections_total": "counter",
     "hsm_agent_connections_rejected_total": "counter",
     "hsm_agent_protocol_errors_total": "counter",
@@ -106,6 +125,45 @@ class Checker:
         return ok
 
 
+def as_promql(expr, values):
+    """A panel query as Prometheus sees it: Grafana's variables replaced by their values."""
+    promql = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+    for name, value in values.items():
+        promql = promql.replace("$" + name, value)
+    return promql
+
+
+def check_zero_panels(c, panels):
+    """ZERO_PANELS show 0 before the first error: promtool evaluates each of their queries."""
+    found = {p.get("title"): p for p in panels if p.get("title") in ZERO_PANELS}
+    c.check(set(found) == ZERO_PANELS, f"the panels {sorted(ZERO_PANELS)} exist")
+    values = {"cluster": "eu-1", "namespace": "signing", "job": "hsm-agent", "pod": ".*", "instance": ".*"}
+    tests = []
+    for state, series, titles in (("an agent that has served nothing", FRESH, ZERO_PANELS),
+                                  ("an agent that has served requests without an error", SERVED,
+                                   ZERO_PANELS - {"Requests / s"})):
+        input_series = [{"series": (name % AGENT) if "%s" in name else f"{name}{{{AGENT}}}", "values": v}
+                        for name, v in series]
+        tests.append({"interval": "1m", "input_series": input_series, "name": state,
+                      "promql_expr_test": [{"expr": as_promql(x["expr"], values), "eval_time": "15m",
+                                            "exp_samples": [{"labels": "{}", "value": 0}]}
+                                           for p in found.values() if p.get("title") in titles
+                                           for x in p.get("targets", [])]})
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = os.path.join(tmp, "empty.yaml")
+        with open(rules, "w") as f:
+            json.dump({"groups": []}, f)
+        test = os.path.join(tmp, "zero.test.yaml")
+        with open(test, "w") as f:
+            json.dump({"rule_files": [rules], "evaluation_interval": "1m", "tests": tests}, f)
+        r = subprocess.run(["promtool", "test", "rules", test], capture_output=True, text=True)
+    n = sum(len(t["promql_expr_test"]) for t in tests)
+    c.check(r.returncode == 0, f"{n} queries of {sorted(found)} give 0, not no data, on an agent "
+            "without errors (promtool test rules)")
+    if r.returncode != 0:
+        print((r.stdout + r.stderr)[-3000:])
+
+
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else DEFAULT
     c = Checker()
@@ -122,13 +180,32 @@ def main():
     c.check(bool(dash.get("uid")) and bool(dash.get("title")), "dashboard has a uid and a title")
 
     variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
-    ds = variables.get("DS_PROMETHEUS", {})
+    ds = variables.get("datasource", {})
     c.check(ds.get("type") == "datasource" and ds.get("query") == "prometheus",
-            "templating has the DS_PROMETHEUS datasource variable")
-    c.check(any(i.get("name") == "DS_PROMETHEUS" for i in dash.get("__inputs", [])),
-            "__inputs declares DS_PROMETHEUS for import")
-    for name in ("job", "pod"):
-        c.check(variables.get(name, {}).get("type") == "query", f"templating has the {name} variable")
+            "templating has the datasource variable (type datasource, prometheus)")
+    c.check("__inputs" not in dash, "no __inputs: the data source is chosen by the variable, not at import")
+    text = json.dumps(dash)
+    c.check("DS_" not in text, "no ${DS_...} import placeholder anywhere")
+    uids = set(re.findall(r'"uid": "([^"]*)"', json.dumps(
+        {k: v for k, v in dash.items() if k not in ("uid", "annotations")})))
+    c.check(uids == {"${datasource}"}, f"every datasource uid is ${{datasource}} (got {sorted(uids)})")
+    names = [v.get("name") for v in dash.get("templating", {}).get("list", [])]
+    c.check(names[:5] == ["datasource", "cluster", "namespace", "job", "pod"],
+            f"variables datasource, cluster, namespace, job, pod in that order (got {names})")
+    for name in ("cluster", "namespace", "job", "pod"):
+        v = variables.get(name, {})
+        c.check(v.get("type") == "query" and v.get("includeAll") and v.get("allValue") == ".*"
+                and (v.get("datasource") or {}).get("uid") == "${datasource}",
+                f"the {name} variable: a query on ${{datasource}} with All = .*")
+    c.check(dash.get("timezone") == "utc" and dash.get("uid") == "hsm-agent" and "hsm-agent" in dash.get("tags", []),
+            "timezone utc, uid hsm-agent, tag hsm-agent (monitoring-mixins defaults)")
+    try:
+        with open(CHART_COPY, "rb") as f, open(path, "rb") as g:
+            same = f.read() == g.read()
+    except OSError:
+        same = False
+    c.check(same, "helm/hsm-sidecar/files/dashboard.json equals the dashboard "
+            "(cp deploy/grafana/dashboard.json helm/hsm-sidecar/files/)")
 
     panels = list(walk_panels(dash.get("panels", [])))
     ids = [p.get("id") for p in panels]
@@ -156,8 +233,8 @@ def main():
         for t in p.get("targets", []):
             if "expr" in t:
                 exprs.append((p.get("title"), t["expr"]))
-                ds_ok = t.get("datasource", p.get("datasource", {})).get("uid") == "${DS_PROMETHEUS}"
-                c.check(ds_ok, f"target {t.get('refId')} of {p.get('title')!r} uses ${{DS_PROMETHEUS}}")
+                ds_ok = t.get("datasource", p.get("datasource", {})).get("uid") == "${datasource}"
+                c.check(ds_ok, f"target {t.get('refId')} of {p.get('title')!r} uses ${{datasource}}")
     c.check(len(exprs) >= 20, f"dashboard has at least 20 queries (got {len(exprs)})")
 
     allowed = allowed_names()
@@ -187,6 +264,10 @@ def main():
             c.check(ok, f"{title!r}: histogram_quantile over _bucket keeps le")
         stray = re.sub(r'"(?:[^"\\]|\\.)*"', '""', promql)
         c.check("$" not in stray, f"{title!r}: no Grafana variable outside a label matcher")
+        selectors = re.findall(r"\{([^}]*)\}", promql)
+        c.check(selectors and all('cluster=~"$cluster"' in m and 'namespace=~"$namespace"' in m
+                                  for m in selectors),
+                f"{title!r}: every selector filters on $cluster and $namespace")
         rules.append({"record": f"dashboard:expr_{i}", "expr": promql})
 
     # The "HSM or agent?" row: the panels between its row header and the next row.
@@ -228,6 +309,8 @@ def main():
     c.check(r.returncode == 0, f"promtool parses all {len(rules)} expressions")
     if r.returncode != 0:
         print(r.stdout + r.stderr)
+
+    check_zero_panels(c, panels)
 
     print(f"{c.passed} passed, {c.failed} failed")
     return 0 if c.failed == 0 else 1

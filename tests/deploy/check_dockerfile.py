@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
 """Checks deploy/docker/Dockerfile without a container engine, and check_runtime_libs.sh.
 
-- stages: build (debian:bookworm) running the project's CMake build and install, runtime
-  (debian:bookworm-slim) with one apt-get install line, non-root USER 65532, exec-form
-  ENTRYPOINT ["/usr/bin/hsm-agent"], no HEALTHCHECK, and dev adding softhsm2;
+- stages: build (BUILD_IMAGE, debian:bookworm) running the project's CMake build and install,
+  runtime (RUNTIME_IMAGE, debian:bookworm-slim) with one apt-get install line, non-root USER
+  65532, exec-form ENTRYPOINT ["/usr/bin/hsm-agent"], no HEALTHCHECK, dev adding softhsm2,
+  rootfs running deploy/docker/collect-rootfs.sh, and minimal (FROM scratch, the last stage, so
+  the default target) with only that file system, no RUN, USER 65532 and the same entrypoint;
+- every base image comes from a build argument (so a digest pins it: the argument takes
+  name:tag@sha256:...), none is written into a FROM line;
+- OCI labels source, version and licenses on runtime and minimal; VERSION is the project's
+  version (CMakeLists.txt) and the chart's appVersion;
 - the runtime package for each -dev package of the build stage is installed in the runtime
   stage: the runtime package is the one the -dev package depends on at exactly its own version
   (dpkg-query on this bookworm machine), so a soname change in Debian fails here;
@@ -64,6 +70,28 @@ def stages(text):
     return result
 
 
+def global_args(text):
+    """ARG NAME=DEFAULT lines before the first FROM: {name: default}."""
+    args = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if re.match(r"FROM\s", line, re.I):
+            break
+        m = re.match(r"ARG\s+([A-Za-z_]\w*)(?:=(\S*))?", line)
+        if m:
+            args[m.group(1)] = m.group(2)
+    return args
+
+
+def labels(instructions):
+    found = {}
+    for ins in instructions:
+        if ins.upper().startswith("LABEL"):
+            for m in re.finditer(r'([\w.-]+)="([^"]*)"', ins):
+                found[m.group(1)] = m.group(2)
+    return found
+
+
 def install_packages(instructions):
     pkgs = []
     for ins in instructions:
@@ -91,13 +119,59 @@ def main():
     with open(DOCKERFILE, encoding="utf-8") as f:
         text = f.read()
     st = {name: (image, ins) for image, name, ins in stages(text)}
-    check(list(st) == ["build", "runtime", "dev"], f"stages are build, runtime, dev (got {list(st)})")
+    check(list(st) == ["build", "runtime", "dev", "rootfs", "minimal"],
+          f"stages are build, runtime, dev, rootfs, minimal: minimal is the default target (got {list(st)})")
     build_image, build = st.get("build", ("", []))
     runtime_image, runtime = st.get("runtime", ("", []))
     dev_image, dev = st.get("dev", ("", []))
-    check(build_image == "debian:bookworm", "build stage is FROM debian:bookworm")
-    check(runtime_image == "debian:bookworm-slim", "runtime stage is FROM debian:bookworm-slim")
-    check(dev_image == "runtime", "dev stage is FROM runtime")
+    rootfs_image, rootfs = st.get("rootfs", ("", []))
+    minimal_image, minimal = st.get("minimal", ("", []))
+    args = global_args(text)
+    check(build_image == "${BUILD_IMAGE}" and args.get("BUILD_IMAGE") == "debian:bookworm",
+          "build stage is FROM ${BUILD_IMAGE} (default debian:bookworm)")
+    check(runtime_image == "${RUNTIME_IMAGE}" and args.get("RUNTIME_IMAGE") == "debian:bookworm-slim",
+          "runtime stage is FROM ${RUNTIME_IMAGE} (default debian:bookworm-slim)")
+    check(dev_image == "runtime" and rootfs_image == "runtime", "dev and rootfs stages are FROM runtime")
+    check(minimal_image == "scratch", "minimal stage is FROM scratch")
+    # A pinned reference, as the documentation gives it, is what the argument carries.
+    reference = re.compile(r"^[a-z0-9./-]+(:[\w.-]+)?@sha256:[0-9a-f]{64}$")
+    pinned = "debian:bookworm-slim@sha256:" + "0" * 64
+    check(all(re.match(r"\$\{\w+\}$", image) or image in st or image == "scratch"
+              for image, _, _ in stages(text)) and reference.match(pinned),
+          "every base image is a build argument (so a digest can pin it), none is hard-wired")
+    readme = open(os.path.join(ROOT, "deploy", "docker", "README.md"), encoding="utf-8").read()
+    check(re.search(r"--build-arg RUNTIME_IMAGE=debian:bookworm-slim@sha256:", readme) is not None,
+          "deploy/docker/README.md shows pinning RUNTIME_IMAGE by digest")
+
+    project = re.search(r"project\([^)]*VERSION\s+([\d.]+)", open(os.path.join(ROOT, "CMakeLists.txt")).read())
+    chart = open(os.path.join(ROOT, "helm", "hsm-sidecar", "Chart.yaml")).read()
+    app_version = re.search(r'^appVersion:\s*"?([^"\s]+)', chart, re.M)
+    check(project and app_version and args.get("VERSION") == project.group(1) == app_version.group(1),
+          f"ARG VERSION ({args.get('VERSION')}) is the project's version and the chart's appVersion")
+    for name, ins in (("runtime", runtime), ("minimal", minimal)):
+        found = labels(ins)
+        want = {"org.opencontainers.image.source": "${SOURCE}", "org.opencontainers.image.version": "${VERSION}",
+                "org.opencontainers.image.licenses": "${LICENSES}"}
+        check(all(found.get(k) == v for k, v in want.items()),
+              f"{name} stage has the OCI labels source, version, licenses (got {sorted(found)})")
+        declared = {w.split("=")[0] for i in ins if i.upper().startswith("ARG") for w in i.split()[1:]}
+        check({"SOURCE", "VERSION", "LICENSES"} <= declared, f"{name} stage declares the label arguments")
+    check(all(args.get(a) for a in ("SOURCE", "LICENSES")), "SOURCE and LICENSES have defaults")
+
+    rootfs_run = " ".join(i for i in rootfs if i.upper().startswith("RUN"))
+    check("collect-rootfs.sh /rootfs /usr/bin/hsm-agent /usr/bin/hsmctl" in rootfs_run,
+          "rootfs stage runs collect-rootfs.sh on /usr/bin/hsm-agent and /usr/bin/hsmctl")
+    check(not any(i.upper().startswith("RUN") for i in minimal), "minimal stage runs nothing (it has no shell)")
+    copies = [i for i in minimal if i.upper().startswith("COPY")]
+    check(copies and copies[0].split()[1:] == ["--from=rootfs", "/rootfs/", "/"]
+          and all("--from=rootfs" in c for c in copies), "minimal stage is the rootfs stage's /rootfs alone")
+    m_users = [i.split(None, 1)[1] for i in minimal if i.upper().startswith("USER")]
+    check(m_users == ["65532:65532"], f"minimal stage runs as USER 65532:65532 (got {m_users})")
+    m_entry = [i.split(None, 1)[1] for i in minimal if i.upper().startswith("ENTRYPOINT")]
+    check(m_entry and json.loads(m_entry[0]) == ["/usr/bin/hsm-agent"],
+          'minimal stage: ENTRYPOINT ["/usr/bin/hsm-agent"] in exec form')
+    check("HSM_AGENT_METRICS_LISTEN=0.0.0.0:9464" in " ".join(minimal) and "HSM_AGENT_METRICS_LISTEN=0.0.0.0:9464" in " ".join(runtime),
+          "runtime and minimal listen for metrics on 0.0.0.0:9464")
 
     build_run = " ".join(i for i in build if i.upper().startswith("RUN"))
     for piece in ("cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DHSM_BUILD_TESTS=OFF -DHSM_BUILD_BENCH=OFF",

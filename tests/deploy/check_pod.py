@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Asserts the pod of every workload in rendered manifests that runs hsm-agent.
 
-  check_pod.py FILE.yaml [--sidecar native|classic] [--policy] [--pin-secret NAME]
+  check_pod.py FILE.yaml [--sidecar native|classic] [--app-waits] [--policy] [--pin-secret NAME]
                [--expect=ARG]...     (e.g. --expect=--read-only: the agent has that argument)
 
 For each Deployment/StatefulSet/DaemonSet/Job/Pod whose pod has a container named hsm-agent:
@@ -16,7 +16,8 @@ For each Deployment/StatefulSet/DaemonSet/Job/Pod whose pod has a container name
 - probes: startup and liveness httpGet /healthz, readiness /readyz, all on the port named
   metrics, which is the --metrics-listen port;
 - sidecar placement: native = an init container with restartPolicy Always; classic = a regular
-  container without restartPolicy;
+  container without restartPolicy; --app-waits: every app container's command waits for the
+  socket file (`[ -S <socket> ]`) before anything else, as an app beside a classic sidecar must;
 - socket: the --socket directory is an emptyDir with medium Memory, mounted at that directory
   by the agent and by every other regular container (the apps); only the agent mounts it
   writable (the premise of --shared-socket-dir, which the agent then has);
@@ -219,6 +220,12 @@ def check_pod(c, name, spec, opts, pod_meta=None):
         c.check(am is not None and m is not None and am["name"] == m["name"]
                 and am["mountPath"].rstrip("/") == sock_dir,
                 f"{name}/{app['name']}: mounts the same socket volume at {sock_dir}")
+        if opts.app_waits:
+            script = " ".join((app.get("command") or []) + (app.get("args") or []))
+            wait = f"until [ -S '{socket}' ]"
+            # The wait loop comes first: before the first loop of the app's own script ends.
+            c.check(wait in script and script.index(wait) < script.find("done"),
+                    f"{name}/{app['name']}: waits for the socket before it starts ({wait})")
 
     # --- PIN ------------------------------------------------------------------------------
     pin_files = arg_value(args, "--pin-file")
@@ -237,7 +244,8 @@ def check_pod(c, name, spec, opts, pod_meta=None):
     env_pin = [f"{x['name']}:{e['name']}" for x in everything for e in x.get("env") or []
                if e["name"] == "HSM_AGENT_PIN" or "secretKeyRef" in (e.get("valueFrom") or {})]
     c.check(not env_pin, f"{name}: no PIN in environment variables ({env_pin})")
-    c.check(not any(a.startswith("--pin=") or a == "--pin" for a in args), f"{name}: no PIN in the agent's arguments")
+    c.check(not any(a.lower().lstrip("-").split("=")[0] in ("pin", "user-pin") or "HSM_AGENT_PIN" in a.upper()
+                    for a in args), f"{name}: no PIN in the agent's arguments")
 
     # --- policy ---------------------------------------------------------------------------
     policies = arg_value(args, "--policy")
@@ -256,6 +264,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("file")
     ap.add_argument("--sidecar", choices=["native", "classic"])
+    ap.add_argument("--app-waits", action="store_true")
     ap.add_argument("--policy", action="store_true")
     ap.add_argument("--pin-secret")
     ap.add_argument("--expect", action="append", metavar="ARG",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# check_runtime_libs.sh PREFIX [DOCKERFILE]
+# check_runtime_libs.sh [--exact] PREFIX [DOCKERFILE]
 #
 # Proves the runtime stage of deploy/docker/Dockerfile installs every shared library the
 # installed binaries load, without a container engine: runs ldd on every ELF file under PREFIX
@@ -7,14 +7,20 @@
 # Debian package that owns it (dpkg -S), and fails unless that package is in the runtime
 # stage's `apt-get install` line (libc6, libstdc++6 and libgcc-s1 come with debian:bookworm-slim).
 # A library under PREFIX itself ships with the binaries and is fine; a library that is not
-# found, or that no package owns, fails.
+# found, or that no package owns, fails. --exact: a listed package that no binary loads fails
+# too (the image carries nothing the binaries never load; run.sh uses it on the real install).
 #
 # Run on the build machine (bookworm, the same packages as the image's build stage).
 # Last line: "N passed, M failed"; exit status 0 only when nothing failed.
 set -euo pipefail
 
+exact=0
+if [[ "${1:-}" == --exact ]]; then
+  exact=1
+  shift
+fi
 if [[ $# -lt 1 || $# -gt 2 ]]; then
-  echo "usage: $0 PREFIX [DOCKERFILE]" >&2
+  echo "usage: $0 [--exact] PREFIX [DOCKERFILE]" >&2
   exit 2
 fi
 prefix="$(cd "$1" && pwd)"
@@ -125,8 +131,14 @@ if [[ $elf_count -eq 0 ]]; then
 fi
 unused=()
 for p in "${listed[@]}"; do [[ -n "${used[$p]:-}" ]] || unused+=("$p"); done
-if [[ ${#unused[@]} -gt 0 ]]; then
+if [[ ${#unused[@]} -gt 0 && $exact -eq 1 ]]; then
+  echo "FAIL the runtime stage installs packages these binaries never load: ${unused[*]}"
+  failed=$((failed + 1))
+elif [[ ${#unused[@]} -gt 0 ]]; then
   echo "note listed but not loaded by these binaries: ${unused[*]}"
+elif [[ $exact -eq 1 ]]; then
+  echo "ok   every package the runtime stage installs is loaded by these binaries"
+  passed=$((passed + 1))
 fi
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -340,6 +340,6 @@ EOF
   umount -l "$socket_dir" 2>/dev/null
 }
 
-scenario demo
-scenario demo-policy --set policy.enabled=true
+scenario demo -f "$chart/examples/demo-values.yaml"
+scenario demo-policy -f "$chart/examples/demo-values.yaml" --set policy.enabled=true
 finish

@@ -8,14 +8,22 @@
 # (gitignored); the only network access is the npm registry, on the first run.
 #
 # Checks:
-#   - helm lint --strict and helm template with the default values and each tests/deploy/values/*.yaml,
-#     and for an application chart using the sidecar as a dependency (parent-chart/);
+#   - production defaults: the default values name no token and are refused; with a token they
+#     render no object (no demo, no SoftHSMv2);
+#   - helm lint --strict and helm template with the demo values (helm/hsm-sidecar/examples/
+#     demo-values.yaml) and each tests/deploy/values/*.yaml, and for an application chart using
+#     the sidecar as a dependency (parent-chart/);
+#   - native sidecar only where the cluster has it: the demo rendered for Kubernetes 1.27.0,
+#     1.28.15 (classic sidecar, the app waits for the socket), 1.29.0 and 1.30.0 (native), and
+#     the explicit override (nativeSidecar true / false) either way;
 #   - every rendered object, and every deploy/k8s manifest, against the Kubernetes schemas and
 #     for unknown fields (validate.mjs);
 #   - the pod: every control of the restricted Pod Security Standard, probes, the socket volume
 #     shared by app and sidecar (writable by the agent only), the PIN from a Secret, native or
 #     classic placement, policy (check_pod.py); each PSS control is shown to fail when broken;
-#   - every agent flag reachable from values; values the schema must reject are rejected;
+#   - every agent flag reachable from values; values the schema must reject are rejected (a
+#     token by label and by slot, or by neither; a PIN in extraArgs or extraEnv in any spelling);
+#   - the Grafana dashboard ConfigMap (grafana_dashboard: "1") holds deploy/grafana/dashboard.json;
 #   - the rendered PrometheusRule's rules (and deploy/k8s/prometheusrule.yaml) pass
 #     `promtool check rules` and equal deploy/prometheus/alerts.yaml;
 #   - kubectl kustomize deploy/k8s; NOTES.txt renders.
@@ -115,10 +123,35 @@ trap 'rm -rf "$work"' EXIT
 run "deploy/k8s/prometheusrule.yaml and the chart's files/alerts.yaml match alerts.yaml" \
   "$root/deploy/k8s/gen-prometheusrule.sh" --check
 
+# ---- production defaults ---------------------------------------------------------------------
+demo_values="$chart/examples/demo-values.yaml"
+must_fail "helm lint --strict refuses the default values: no token named" 'agent.tokenLabel' \
+  "$helm" lint --strict "$chart"
+must_fail "helm template refuses the default values: no token named" 'agent.tokenLabel' \
+  "$helm" template demo "$chart"
+run "the default values with a token render no object (no demo, no SoftHSMv2)" \
+  bash -c '[[ -z "$("$@" | grep -v "^#" | tr -d "[:space:]-")" ]]' _ \
+  "$helm" template demo "$chart" --set agent.tokenLabel=prod
+run "the defaults of demo.enabled and softhsm.enabled are false" python3 - "$chart/values.yaml" <<'EOF'
+import sys, yaml
+v = yaml.safe_load(open(sys.argv[1]))
+assert v["demo"]["enabled"] is False and v["softhsm"]["enabled"] is False, (v["demo"], v["softhsm"])
+assert v["nativeSidecar"] == "auto" and v["grafanaDashboard"]["enabled"] is False
+EOF
+
 # ---- lint and render ---------------------------------------------------------------------------
-sets=(default)
+# The demo values; each test value set alone, or on the demo values when its first line says so.
+sets=(demo)
 for f in "$here"/values/*.yaml; do sets+=("$(basename "$f" .yaml)"); done
-values_args() { [[ "$1" == default ]] || echo "-f $here/values/$1.yaml"; }
+values_args() {
+  if [[ "$1" == demo ]]; then
+    echo "-f $demo_values"
+  elif head -1 "$here/values/$1.yaml" | grep -q '^# On the demo values'; then
+    echo "-f $demo_values -f $here/values/$1.yaml"
+  else
+    echo "-f $here/values/$1.yaml"
+  fi
+}
 
 for set in "${sets[@]}"; do
   # shellcheck disable=SC2046
@@ -136,6 +169,23 @@ run "helm lint --strict (application chart including the sidecar)" "$helm" lint 
 run "helm template (application chart including the sidecar)" \
   bash -c '"$@" > "'"$work/parent.yaml"'"' _ "$helm" template shop "$work/parent-chart" --namespace signing
 
+# Native sidecars need Kubernetes 1.29 (the kubelet before it leaves the pod in Init): "auto"
+# asks .Capabilities.KubeVersion, and nativeSidecar true / false overrides it.
+kube_renders=(
+  "1.27.0|auto|classic" "1.28.15|auto|classic" "1.29.0|auto|native" "1.30.0|auto|native"
+  "1.27.0|true|native" "1.30.0|false|classic"
+)
+for r in "${kube_renders[@]}"; do
+  IFS='|' read -r kv mode placement <<<"$r"
+  run "helm template --kube-version $kv (demo values, nativeSidecar=$mode)" \
+    bash -c '"$@" > "'"$work/kube-$kv-$mode.yaml"'"' _ "$helm" template demo "$chart" --namespace signing \
+    -f "$demo_values" --kube-version "$kv" --set nativeSidecar="$mode"
+done
+must_fail "helm template --kube-version 1.24.0 is refused (Chart.yaml kubeVersion)" 'kubeVersion|incompatible' \
+  "$helm" template demo "$chart" -f "$demo_values" --kube-version 1.24.0
+must_fail "schema rejects nativeSidecar=sometimes" 'nativeSidecar' \
+  "$helm" template demo "$chart" -f "$demo_values" --set-string nativeSidecar=sometimes
+
 if "$kubectl" kustomize "$root/deploy/k8s" >"$work/kustomize.yaml" 2>"$work/kustomize.err"; then
   ok "kubectl kustomize deploy/k8s"
 else
@@ -145,7 +195,9 @@ fi
 
 # ---- schemas -----------------------------------------------------------------------------------
 rendered=()
-for set in "${sets[@]}" parent; do [[ -s "$work/$set.yaml" ]] && rendered+=("$work/$set.yaml"); done
+for set in "${sets[@]}" parent kube-1.27.0-auto kube-1.30.0-auto; do
+  [[ -s "$work/$set.yaml" ]] && rendered+=("$work/$set.yaml")
+done
 manifests=()
 for f in "$root"/deploy/k8s/*.yaml; do
   [[ "$(basename "$f")" == kustomization.yaml ]] || manifests+=("$f")
@@ -154,7 +206,7 @@ run_sub "rendered objects and deploy/k8s manifests match the Kubernetes schemas"
   bash -c 'cd "$1" && shift && node validate.mjs "$@"' _ "$tools/node" "${rendered[@]}" "${manifests[@]}"
 
 # The validator rejects a wrong type, a misspelt field and an unknown kind.
-python3 - "$work/default.yaml" "$work/broken.yaml" <<'EOF'
+python3 - "$work/demo.yaml" "$work/broken.yaml" <<'EOF'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 dep = next(d for d in docs if d["kind"] == "Deployment")
@@ -175,7 +227,7 @@ fi
 
 # ---- the pod -----------------------------------------------------------------------------------
 all_flags_args=(
-  --module=/opt/pkcs11/libvendorpkcs11.so --token-label=prod --slot-index=0
+  --module=/opt/pkcs11/libvendorpkcs11.so --slot-index=0
   --pin-file=/var/run/secrets/hsm-agent/pin --socket=/run/hsm-agent/agent.sock --socket-mode=0660
   --shared-socket-dir
   --socket-group=65532 --metrics-listen=0.0.0.0:9464 --read-only --sessions=32
@@ -196,7 +248,8 @@ agent_flags=(
   --max-queue --request-timeout --max-write-buffer --idle-timeout --shutdown-timeout
   --probe-interval --rate-limit --rate-burst
 )
-reachable=" ${all_flags_args[*]} --policy=/etc/hsm-agent/policy.yaml "
+# --policy: the policy values; --token-label: the minimal values (a token by label or by slot).
+reachable=" ${all_flags_args[*]} --policy=/etc/hsm-agent/policy.yaml --token-label=prod "
 missing=()
 for flag in "${agent_flags[@]}"; do
   [[ "$reachable" == *" $flag="* || "$reachable" == *" $flag "* ]] || missing+=("$flag")
@@ -212,8 +265,25 @@ pod() {
   for a in "$@"; do expect+=("--expect=$a"); done
   run_sub "pod of $what" python3 "$here/check_pod.py" "${opts[@]}" "${expect[@]}"
 }
-pod "default values" "$work/default.yaml" --sidecar native --pin-secret hsm-agent-pin \
+pod "demo values" "$work/demo.yaml" --sidecar native --pin-secret hsm-agent-pin \
   -- --module=/usr/lib/softhsm/libsofthsm2.so --token-label=demo --allow-uid=10001
+for r in "${kube_renders[@]}"; do
+  IFS='|' read -r kv mode placement <<<"$r"
+  waits=()
+  [[ "$placement" == classic ]] && waits=(--app-waits)
+  pod "demo values on Kubernetes $kv, nativeSidecar=$mode ($placement sidecar)" "$work/kube-$kv-$mode.yaml" \
+    --sidecar "$placement" "${waits[@]}" -- --token-label=demo
+done
+# The wait check fails an app that does not wait.
+python3 - "$work/kube-1.27.0-auto.yaml" "$work/nowait.yaml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+dep = next(d for d in docs if d["kind"] == "Deployment")
+dep["spec"]["template"]["spec"]["containers"][0]["command"] = ["sh", "-c", "while true; do hsmctl health; sleep 10; done"]
+yaml.safe_dump_all(docs, open(sys.argv[2], "w"))
+EOF
+must_fail "check_pod.py --app-waits rejects an app beside a classic sidecar that does not wait" \
+  'FAIL .*waits for the socket' python3 "$here/check_pod.py" "$work/nowait.yaml" --sidecar classic --app-waits
 pod "minimal values" "$work/minimal.yaml" --sidecar native \
   -- --module=/opt/pkcs11/libvendorpkcs11.so --token-label=prod
 pod "hardened values (classic sidecar)" "$work/hardened.yaml" --sidecar classic --pin-secret prod-hsm-pin \
@@ -222,21 +292,23 @@ pod "monitoring values" "$work/monitoring.yaml" --sidecar native
 pod "policy values" "$work/policy.yaml" --sidecar native --policy \
   -- --policy=/etc/hsm-agent/policy.yaml
 pod "all-flags values" "$work/all-flags.yaml" --sidecar native -- "${all_flags_args[@]}"
+run "all-flags values: --slot-index without --token-label" \
+  bash -c '! grep -q -- "--token-label" "$1"' _ "$work/all-flags.yaml"
 pod "the application chart" "$work/parent.yaml" --sidecar native --policy --pin-secret signing-app-hsm-pin
 pod "deploy/k8s native sidecar" "$root/deploy/k8s/deployment-native-sidecar.yaml" --sidecar native \
   --policy --pin-secret signing-app-hsm-pin
 pod "deploy/k8s classic sidecar" "$root/deploy/k8s/deployment-classic-sidecar.yaml" --sidecar classic \
   --policy --pin-secret signing-app-hsm-pin
 
-sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' "$work/default.yaml" >"$work/writable.yaml"
+sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' "$work/demo.yaml" >"$work/writable.yaml"
 must_fail "check_pod.py rejects a writable root file system" 'FAIL .*readOnlyRootFilesystem' \
   python3 "$here/check_pod.py" "$work/writable.yaml"
 
 # Each restricted-PSS control and the socket rules fail the pod check when broken.
-# mutate NAME PYTHON-STATEMENT: $work/NAME.yaml is default.yaml with the Deployment's pod spec `p`
+# mutate NAME PYTHON-STATEMENT: $work/NAME.yaml is demo.yaml with the Deployment's pod spec `p`
 # (its metadata `meta`, its app container `app`) changed by the statement.
 mutate() {
-  python3 - "$work/default.yaml" "$work/$1.yaml" "$2" <<'EOF'
+  python3 - "$work/demo.yaml" "$work/$1.yaml" "$2" <<'EOF'
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 dep = next(d for d in docs if d["kind"] == "Deployment")
@@ -270,7 +342,7 @@ for m in "${pss_mutations[@]}"; do
     must_fail "check_pod.py rejects a pod breaking: $mname" "FAIL .*$mpattern" \
       python3 "$here/check_pod.py" "$work/pss-$mname.yaml"
   else
-    fail "mutating the default pod ($mname)"
+    fail "mutating the demo pod ($mname)"
   fi
 done
 
@@ -282,10 +354,10 @@ def kinds(name):
     with open(os.path.join(work, name + ".yaml")) as f:
         return sorted(d["kind"] for d in yaml.safe_load_all(f) if d)
 expected = {
-    "default": ["Deployment"],
+    "demo": ["Deployment"],
     "minimal": ["Deployment"],
     "hardened": ["Deployment"],
-    "monitoring": ["Deployment", "PodMonitor", "PrometheusRule"],
+    "monitoring": ["ConfigMap", "Deployment", "PodMonitor", "PrometheusRule"],
     "policy": ["ConfigMap", "Deployment"],
     "all-flags": ["Deployment", "Secret"],
     "parent": ["ConfigMap", "Deployment", "PodMonitor"],
@@ -297,16 +369,16 @@ if bad:
 EOF
 
 # The policy ConfigMap holds the rules; a change of rules changes the pods' checksum annotation.
-run "policy ConfigMap renders policy.rules, and the pod checksum follows them" python3 - "$work" "$helm" "$chart" "$here" <<'EOF'
+run "policy ConfigMap renders policy.rules, and the pod checksum follows them" python3 - "$work" "$helm" "$chart" "$here" "$demo_values" <<'EOF'
 import sys, yaml, subprocess, os
-work, helm, chart, here = sys.argv[1:5]
+work, helm, chart, here, demo = sys.argv[1:6]
 docs = [d for d in yaml.safe_load_all(open(os.path.join(work, "policy.yaml"))) if d]
 cm = next(d for d in docs if d["kind"] == "ConfigMap")
 rules = yaml.safe_load(cm["data"]["policy.yaml"])["rules"]
 want = yaml.safe_load(open(os.path.join(here, "values", "policy.yaml")))["policy"]["rules"]
 assert rules == want, (rules, want)
 def checksum(extra):
-    out = subprocess.run([helm, "template", "demo", chart, "-f", os.path.join(here, "values", "policy.yaml")] + extra,
+    out = subprocess.run([helm, "template", "demo", chart, "-f", demo, "-f", os.path.join(here, "values", "policy.yaml")] + extra,
                          check=True, capture_output=True, text=True).stdout
     dep = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment")
     return dep["spec"]["template"]["metadata"]["annotations"]["checksum/hsm-policy"]
@@ -314,17 +386,77 @@ assert checksum([]) != checksum(["--set", "policy.rules[0].kids[0]=other-*"])
 EOF
 
 # ---- values the chart must refuse ---------------------------------------------------------------
-must_fail "schema rejects agent.logFormat=xml" 'logFormat' "$helm" template t "$chart" --set agent.logFormat=xml
-must_fail "schema rejects a misspelt value (agent.sesions)" 'sesions' "$helm" template t "$chart" --set agent.sesions=4
-must_fail "schema rejects the PIN in an environment variable" 'extraEnv' \
-  "$helm" template t "$chart" --set 'agent.extraEnv[0].name=HSM_AGENT_PIN' --set 'agent.extraEnv[0].value=1234'
-must_fail "schema rejects a socket mode that is not octal" 'mode' "$helm" template t "$chart" --set-string agent.socket.mode=rw
-must_fail "schema rejects an unknown policy method" 'methods' "$helm" template t "$chart" --set policy.enabled=true \
+# Each on the demo values, so that the value under test is the only thing wrong.
+refuse() {  # refuse WHAT PATTERN HELM-ARGS...
+  local what="$1" pattern="$2"
+  shift 2
+  must_fail "$what" "$pattern" "$helm" template t "$chart" -f "$demo_values" "$@"
+}
+refuse "schema rejects agent.logFormat=xml" 'logFormat' --set agent.logFormat=xml
+refuse "schema rejects a misspelt value (agent.sesions)" 'sesions' --set agent.sesions=4
+refuse "schema rejects a socket mode that is not octal" 'mode' --set-string agent.socket.mode=rw
+refuse "schema rejects an unknown policy method" 'methods' --set policy.enabled=true \
   --set 'policy.rules[0].name=x' --set 'policy.rules[0].match.any=true' --set 'policy.rules[0].methods[0]=sudo'
-must_fail "a real HSM without agent.module is refused" 'agent.module' "$helm" template t "$chart" --set softhsm.enabled=false
-must_fail "no PIN Secret is refused" 'pin.existingSecret' "$helm" template t "$chart" --set pin.existingSecret=
+refuse "a real HSM without agent.module is refused" 'agent.module' --set softhsm.enabled=false
+refuse "no PIN Secret is refused" 'pin.existingSecret' --set pin.existingSecret=
+refuse "schema rejects agent.tokenLabel and agent.slotIndex together" 'agent: Must validate one and only one' \
+  --set agent.slotIndex=0
+refuse "schema rejects neither agent.tokenLabel nor agent.slotIndex" 'agent.tokenLabel' --set agent.tokenLabel=
+refuse "softhsm.enabled with the token by slot is refused (it initialises agent.tokenLabel)" 'agent.tokenLabel' \
+  --set agent.tokenLabel= --set agent.slotIndex=0
+# The PIN never rides in extraArgs or extraEnv, in any spelling (a whole item, or inside one).
+# One helm run per list (the schema reports every bad item, by index): each item must be named.
+refuse_each() {  # refuse_each LIST-PATH VALUE...: every VALUE as LIST-PATH[i] is refused
+  local path="$1" out i=0 missing=()
+  shift
+  local args=()
+  for v in "$@"; do
+    if [[ "$path" == agent.extraEnv ]]; then
+      args+=(--set-string "$path[$i].name=$v" --set-string "$path[$i].value=1234")
+    else
+      args+=(--set-string "$path[$i]=$v")
+    fi
+    i=$((i + 1))
+  done
+  if out="$("$helm" template t "$chart" -f "$demo_values" "${args[@]}" 2>&1)"; then
+    fail "schema rejects a PIN in $path: helm accepted $*"
+    return
+  fi
+  i=0
+  for v in "$@"; do
+    local want="$path.$i"
+    [[ "$path" == agent.extraEnv ]] && want="$path.$i.name"
+    grep -qF -- "- $want: " <<<"$out" || missing+=("$v")
+    i=$((i + 1))
+  done
+  if [[ ${#missing[@]} -eq 0 ]]; then ok "schema rejects each of $# PIN spellings in $path: $*"; else
+    fail "schema accepts in $path: ${missing[*]}"; echo "$out" | tail -20; fi
+}
+refuse_each agent.extraArgs --pin=1234 --pin '--PIN 1234' -pin=1234 --Pin=1234 $'\u2014pin=1234' \
+  $'\u2212\u2212pin=1234' --user-pin=1234 --so_pin=1234 --pin-file=/tmp/pin '--log-level=info --pin=1234' \
+  HSM_AGENT_PIN=1234 hsm_agent_pin=1234 --env=Hsm-Agent-Pin HSM_AGENT_PIN_FILE=/tmp/pin
+refuse_each agent.extraEnv HSM_AGENT_PIN hsm_agent_pin Hsm-Agent-Pin
+# ...while flags that merely contain the letters are passed on.
+run "agent.extraArgs passes --max-buffered-bytes=1048576 and --spin=1 (no PIN flag)" \
+  bash -c '"$@" | grep -q -- "- \"--spin=1\""' _ "$helm" template t "$chart" -f "$demo_values" \
+  --set-string 'agent.extraArgs[0]=--max-buffered-bytes=1048576' --set-string 'agent.extraArgs[1]=--spin=1'
 must_fail "copyFromImage without an image is refused" 'copyFromImage.image' \
   "$helm" template t "$chart" -f "$here/values/minimal.yaml" --set module.copyFromImage.image=
+
+# ---- the Grafana dashboard ConfigMap --------------------------------------------------------------
+run "the dashboard ConfigMap: label grafana_dashboard \"1\", annotations, deploy/grafana/dashboard.json" \
+  python3 - "$work/monitoring.yaml" "$root/deploy/grafana/dashboard.json" <<'EOF'
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))
+assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", cm["metadata"]["labels"]
+assert cm["metadata"]["annotations"] == {"grafana_folder": "Security"}, cm["metadata"]
+(key, text), = cm["data"].items()
+assert key.endswith(".json") and json.loads(text) == json.load(open(sys.argv[2])), key
+EOF
+run "the dashboard ConfigMap goes to grafanaDashboard.namespace" bash -c \
+  '"$@" | grep -q "^  namespace: monitoring$"' _ "$helm" template t "$chart" -f "$demo_values" \
+  --set grafanaDashboard.enabled=true --set grafanaDashboard.namespace=monitoring
 
 # ---- PrometheusRule ------------------------------------------------------------------------------
 extract_rules() {  # FILE OUT [RUNBOOK_PREFIX]: the PrometheusRule's spec as a rule file; checks it equals alerts.yaml
@@ -371,8 +503,9 @@ check_notes() {
   out="$("$helm" template demo "$work/notes-chart" --show-only templates/notes-under-test.yaml "$@")" || return 1
   python3 -c 'import sys, yaml; n = yaml.safe_load(sys.stdin)["data"]["notes"]; print(n); sys.exit("<no value>" in n or "hsmctl health" not in n)' <<<"$out"
 }
-run "NOTES.txt renders (default values)" check_notes
-run "NOTES.txt renders (monitoring, policy, dev PIN)" check_notes -f "$here/values/monitoring.yaml" \
+run "NOTES.txt renders (demo values)" check_notes -f "$demo_values"
+run "NOTES.txt renders (minimal values)" check_notes -f "$here/values/minimal.yaml"
+run "NOTES.txt renders (monitoring, policy, dev PIN)" check_notes -f "$demo_values" -f "$here/values/monitoring.yaml" \
   -f "$here/values/policy.yaml" --set pin.create=true --set-string pin.value=1234
 
 # ---- the chart's documented pieces ------------------------------------------------------------------

