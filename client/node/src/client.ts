@@ -303,11 +303,16 @@ export class HsmClient {
           if (!retryable || attempt >= maxAttempts || this.#closed) throw error;
           const at = Math.max(performance.now() + this.#backoff(attempt), notBefore);
           if (at >= deadline) throw error; // a retry could not finish in time: report the cause now
-          await sleep(at - performance.now(), end.signal);
+          try {
+            await sleep(at - performance.now(), end.signal);
+          } catch (reason) {
+            // The deadline passed while waiting to retry: report the cause, not just "timeout".
+            throw reason instanceof HsmError && reason.code === "timeout" ? error : reason;
+          }
         }
       }
     } catch (err) {
-      throw end.signal.aborted && err === end.signal.reason ? err : err instanceof HsmError ? err : wrap(err);
+      throw err instanceof HsmError ? err : wrap(err);
     } finally {
       clearTimeout(timer);
       callerSignal?.removeEventListener("abort", onCallerAbort);

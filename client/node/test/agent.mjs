@@ -3,7 +3,7 @@
 // The PIN reaches the agent through a 0600 PIN file, never its argv; softhsm2-util takes the
 // throwaway test PINs as arguments (it has no other non-interactive way).
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readFileSync, rmSync, writeFileSync, existsSync, mkdirSync } from "node:fs";
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync, mkdirSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -84,7 +84,8 @@ export class Agent {
     this.auditPath = join(this.token.dir, `audit-${this.generation}.log`);
     const args = [
       "--module", MODULE, "--token-label", this.token.label, "--socket", this.socket,
-      "--pin-file", this.token.pinFile, "--metrics-listen", "", "--audit-log", this.auditPath,
+      "--pin-file", this.token.pinFile, "--metrics-listen", "",
+      ...(this.extraArgs.includes("--audit-log") ? [] : ["--audit-log", this.auditPath]),
       ...this.extraArgs,
     ];
     this.stderr = "";
@@ -122,6 +123,26 @@ export class Agent {
     if (!this.running) return;
     this.process.kill(signal);
     await this.exited;
+  }
+
+  /** Stops the agent with SIGSTOP and waits until every thread of it is stopped: it then reads
+   * nothing, while its socket still accepts connections (the kernel's backlog). */
+  async pause() {
+    this.process.kill("SIGSTOP");
+    const tasks = `/proc/${this.process.pid}/task`;
+    const stopped = () =>
+      readdirSync(tasks).every((t) => {
+        try {
+          return / [Tt] /.test(readFileSync(`${tasks}/${t}/stat`, "utf8").replace(/^.*\)/, ""));
+        } catch {
+          return true; // the thread is gone
+        }
+      });
+    while (!stopped()) await new Promise((r) => setTimeout(r, 5));
+  }
+
+  resume() {
+    this.process.kill("SIGCONT");
   }
 
   /** Starts a new agent process on the same token and socket. */
