@@ -1,6 +1,7 @@
 import { performance } from "node:perf_hooks";
 import { Encoder } from "@msgpack/msgpack";
-import { AttemptFailure, Connection } from "./connection.js";
+import { Call } from "./call.js";
+import { AttemptFailure, Connection, type Answer } from "./connection.js";
 import { HsmError, errorFromWire, isTransientAgentCode } from "./errors.js";
 import type { FrameLimits } from "./framing.js";
 import { RequestCheck } from "./params.js";
@@ -79,7 +80,7 @@ export class HsmClient {
   readonly #maxRequestBytes: number;
   readonly #limits: FrameLimits;
   readonly #encoder = new Encoder({ ignoreUndefined: true });
-  readonly #calls = new Set<AbortController>();
+  readonly #calls = new Set<Call>();
   readonly #keyAlgs = new Map<string, Alg>();
   #connection: Connection | undefined;
   #connecting: Promise<Connection> | undefined;
@@ -244,7 +245,7 @@ export class HsmClient {
     if (this.#closed) return;
     this.#closed = true;
     const error = new HsmError("connection_failed", "the client is closed");
-    for (const call of [...this.#calls]) call.abort(error);
+    for (const call of [...this.#calls]) call.finish(error);
     this.#connection?.close(error);
     this.#connection = undefined;
   }
@@ -274,125 +275,160 @@ export class HsmClient {
 
   /**
    * One call: attempts until an answer that is not retried, the deadline, the caller's abort,
-   * or close(). One AbortController per call carries all three ends to whatever it waits on.
+   * or close() (see Call). Callbacks, not an async chain: at 64 calls in flight the client's own
+   * CPU time per call decides its throughput.
    */
-  async #call(method: string, params: Record<string, unknown>, options?: CallOptions): Promise<Record<string, unknown>> {
+  #call(method: string, params: Record<string, unknown>, options?: CallOptions): Promise<Record<string, unknown>> {
     const timeoutMs = positive("timeoutMs", options?.timeoutMs ?? this.#timeoutMs, MAX_TIMEOUT_MS);
     const maxAttempts = positive("maxAttempts", options?.maxAttempts ?? this.#maxAttempts, 1_000_000);
     if (this.#closed) throw new HsmError("connection_failed", "the client is closed");
-    const callerSignal = options?.signal;
-    if (callerSignal?.aborted) throw aborted(callerSignal);
-    const deadline = performance.now() + timeoutMs;
-    const end = new AbortController();
-    const timer = setTimeout(
-      () => end.abort(new HsmError("timeout", `${method}: no answer within ${timeoutMs} ms (the agent may be overloaded or the HSM slow)`)),
-      timeoutMs,
+    const signal = options?.signal;
+    if (signal?.aborted) throw new HsmError("aborted", `${method}: aborted`, { cause: signal.reason });
+    return new Promise((resolve, reject) => {
+      const call = new Call(
+        method,
+        params,
+        IDEMPOTENT.has(method),
+        maxAttempts,
+        performance.now() + timeoutMs,
+        timeoutMs,
+        signal,
+        resolve,
+        reject,
+        this.#onAttempt,
+        this.#onFinish,
+      );
+      this.#calls.add(call);
+      this.#attempt(call);
+    });
+  }
+
+  readonly #onFinish = (call: Call): void => {
+    this.#calls.delete(call);
+  };
+
+  /** Sends the call on the open connection, or once one is open. */
+  #attempt(call: Call): void {
+    call.retryTimer = undefined;
+    if (call.done) return;
+    if (this.#closed) {
+      call.finish(new HsmError("connection_failed", "the client is closed"));
+      return;
+    }
+    call.attempts += 1;
+    const connection = this.#connection;
+    if (connection !== undefined && !connection.closed) {
+      this.#send(call, connection);
+      return;
+    }
+    this.#connect().then(
+      (opened) => {
+        if (!call.done) this.#send(call, opened);
+      },
+      (failure: AttemptFailure) => {
+        if (!call.done) this.#retryOrFinish(call, failure.error, failure.maybeSent, failure.notBefore);
+      },
     );
-    const onCallerAbort = () => end.abort(aborted(callerSignal!));
-    callerSignal?.addEventListener("abort", onCallerAbort, { once: true });
-    this.#calls.add(end);
-    try {
-      const idempotent = IDEMPOTENT.has(method);
-      for (let attempt = 1; ; attempt++) {
-        try {
-          return await this.#attempt(method, params, deadline, end.signal);
-        } catch (failure) {
-          if (!(failure instanceof AttemptFailure)) throw failure;
-          const { error, maybeSent, notBefore } = failure;
-          const retryable = (error.code === "connection_failed" || isTransientAgentCode(error.code)) && (!maybeSent || idempotent);
-          if (!retryable || attempt >= maxAttempts || this.#closed) throw error;
-          const at = Math.max(performance.now() + this.#backoff(attempt), notBefore);
-          if (at >= deadline) throw error; // a retry could not finish in time: report the cause now
-          try {
-            await sleep(at - performance.now(), end.signal);
-          } catch (reason) {
-            // The deadline passed while waiting to retry: report the cause, not just "timeout".
-            throw reason instanceof HsmError && reason.code === "timeout" ? error : reason;
-          }
-        }
-      }
-    } catch (err) {
-      throw err instanceof HsmError ? err : wrap(err);
-    } finally {
-      clearTimeout(timer);
-      callerSignal?.removeEventListener("abort", onCallerAbort);
-      this.#calls.delete(end);
-    }
   }
 
-  async #attempt(method: string, params: Record<string, unknown>, deadline: number, signal: AbortSignal): Promise<Record<string, unknown>> {
-    const connection = await this.#connect(signal);
-    const remaining = Math.max(1, Math.ceil(deadline - performance.now()));
+  #send(call: Call, connection: Connection): void {
     const msgid = connection.nextMsgid();
-    const bytes = this.#encoder.encode([0, msgid, method, [{ ...params, timeout_ms: remaining }]]);
+    const remaining = Math.max(1, Math.ceil(call.deadline - performance.now()));
+    const params = { ...call.params, timeout_ms: remaining };
+    const bytes = this.#encoder.encode([0, msgid, call.method, [params]]);
     if (bytes.length > this.#maxRequestBytes) {
-      throw new HsmError("invalid_params", `${method}: the request is ${bytes.length} bytes, more than ${this.#maxRequestBytes}`);
+      call.finish(
+        new HsmError("invalid_params", `${call.method}: the request is ${bytes.length} bytes, more than ${this.#maxRequestBytes}`),
+      );
+      return;
     }
-    const answer = await connection.request(msgid, bytes, signal);
-    if (answer.error !== null && answer.error !== undefined) {
-      const error = errorFromWire(answer.error);
-      if (isTransientAgentCode(error.code)) throw new AttemptFailure(error, true);
-      throw error;
+    if (!connection.send(msgid, bytes, call)) {
+      // Closed since it was handed out: nothing left, so this is reconnecting, not retrying.
+      call.attempts -= 1;
+      this.#attempt(call);
+      return;
     }
-    if (typeof answer.result !== "object" || answer.result === null || Array.isArray(answer.result)) {
-      throw new HsmError("protocol_error", `${method}: the result is not a map`);
-    }
-    return answer.result as Record<string, unknown>;
+    call.inFlight = { connection, msgid };
   }
 
-  /** The open connection, or a new one; a failed connect gates the next by the backoff. */
-  async #connect(signal: AbortSignal): Promise<Connection> {
-    if (this.#connection !== undefined && !this.#connection.closed) return this.#connection;
-    if (this.#connecting === undefined) {
-      const now = performance.now();
-      if (now < this.#nextConnectAt) {
-        throw new AttemptFailure(
+  readonly #onAttempt = (call: Call, outcome: Answer | AttemptFailure | HsmError): void => {
+    if (outcome instanceof HsmError) {
+      call.finish(outcome);
+    } else if (outcome instanceof AttemptFailure) {
+      this.#retryOrFinish(call, outcome.error, outcome.maybeSent, 0);
+    } else if (outcome.error !== null && outcome.error !== undefined) {
+      const error = errorFromWire(outcome.error);
+      if (isTransientAgentCode(error.code)) this.#retryOrFinish(call, error, true, 0);
+      else call.finish(error);
+    } else if (typeof outcome.result !== "object" || outcome.result === null || Array.isArray(outcome.result)) {
+      call.finish(new HsmError("protocol_error", `${call.method}: the result is not a map`));
+    } else {
+      call.finish(outcome.result as Record<string, unknown>);
+    }
+  };
+
+  /**
+   * A request that never left may be sent again whatever it does; one that may have reached the
+   * agent only if doing it twice is harmless (never generate_key or delete_key).
+   */
+  #retryOrFinish(call: Call, error: HsmError, maybeSent: boolean, notBefore: number): void {
+    const retryable =
+      (error.code === "connection_failed" || isTransientAgentCode(error.code)) && (!maybeSent || call.idempotent);
+    if (!retryable || call.attempts >= call.maxAttempts || this.#closed) {
+      call.finish(error);
+      return;
+    }
+    const now = performance.now();
+    const at = Math.max(now + this.#backoff(call.attempts), notBefore);
+    if (at >= call.deadline) {
+      call.finish(error); // a retry could not finish in time: report the cause now
+      return;
+    }
+    call.lastFailure = error;
+    call.retryTimer = setTimeout(() => this.#attempt(call), at - now);
+  }
+
+  /** The connection being opened, or a new one; a failed connect gates the next by the backoff.
+   * Rejects with an AttemptFailure (never sent). */
+  #connect(): Promise<Connection> {
+    if (this.#connecting !== undefined) return this.#connecting;
+    const now = performance.now();
+    if (now < this.#nextConnectAt) {
+      return Promise.reject(
+        new AttemptFailure(
           new HsmError("connection_failed", `cannot connect to the agent at ${this.socketPath} (retrying)`),
           false,
           this.#nextConnectAt,
-        );
-      }
-      // The connect is shared by every call waiting for it, so it is not bound to one call's
-      // signal; a connect that hangs ends with the longest default deadline.
-      const connectEnd = AbortSignal.timeout(this.#timeoutMs);
-      this.#connecting = Connection.open(this.socketPath, this.#limits, connectEnd, (c) => {
-        if (this.#connection === c) this.#connection = undefined;
-      }).then(
-        (connection) => {
-          this.#connecting = undefined;
-          this.#connectFailures = 0;
-          if (this.#closed) {
-            connection.close(new HsmError("connection_failed", "the client is closed"));
-          } else {
-            this.#connection = connection;
-          }
-          return connection;
-        },
-        (err: unknown) => {
-          this.#connecting = undefined;
-          this.#connectFailures += 1;
-          this.#nextConnectAt = performance.now() + this.#backoff(this.#connectFailures);
-          const error = err instanceof HsmError ? err : new HsmError("connection_failed", `cannot connect to the agent at ${this.socketPath}`, { cause: err });
-          throw new AttemptFailure(error, false, this.#nextConnectAt);
-        },
+        ),
       );
     }
-    const connecting = this.#connecting;
-    return new Promise<Connection>((resolve, reject) => {
-      const onAbort = () => reject(signal.reason);
-      signal.addEventListener("abort", onAbort, { once: true });
-      connecting.then(
-        (c) => {
-          signal.removeEventListener("abort", onAbort);
-          if (c.closed) reject(new AttemptFailure(new HsmError("connection_failed", "the connection to the agent was lost"), false));
-          else resolve(c);
-        },
-        (e: unknown) => {
-          signal.removeEventListener("abort", onAbort);
-          reject(e);
-        },
-      );
-    });
+    // Shared by every call waiting for it, so not bound to one call's deadline; a connect that
+    // hangs ends after the client's timeout (an unref'd timer: it keeps nothing alive).
+    this.#connecting = Connection.open(this.socketPath, this.#limits, AbortSignal.timeout(this.#timeoutMs), (c) => {
+      if (this.#connection === c) this.#connection = undefined;
+    }).then(
+      (connection) => {
+        this.#connecting = undefined;
+        this.#connectFailures = 0;
+        if (this.#closed) {
+          connection.close(new HsmError("connection_failed", "the client is closed"));
+          throw new AttemptFailure(new HsmError("connection_failed", "the client is closed"), false);
+        }
+        this.#connection = connection;
+        return connection;
+      },
+      (err: unknown) => {
+        this.#connecting = undefined;
+        this.#connectFailures += 1;
+        this.#nextConnectAt = performance.now() + this.#backoff(this.#connectFailures);
+        const error =
+          err instanceof HsmError
+            ? err
+            : new HsmError("connection_failed", `cannot connect to the agent at ${this.socketPath}`, { cause: err });
+        throw new AttemptFailure(error, false, this.#nextConnectAt);
+      },
+    );
+    return this.#connecting;
   }
 
   /** Capped exponential backoff, jittered in [d/2, d] (hsm::client's Backoff). */
@@ -400,32 +436,6 @@ export class HsmClient {
     const ceiling = Math.min(this.#initialBackoffMs * 2 ** Math.min(attempt - 1, 30), this.#maxBackoffMs);
     return ceiling / 2 + Math.random() * (ceiling / 2);
   }
-}
-
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal.aborted) {
-      reject(signal.reason);
-      return;
-    }
-    const onAbort = () => {
-      clearTimeout(timer);
-      reject(signal.reason);
-    };
-    const timer = setTimeout(() => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    }, Math.max(0, ms));
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-}
-
-function aborted(signal: AbortSignal): HsmError {
-  return new HsmError("aborted", "the call was aborted", { cause: signal.reason });
-}
-
-function wrap(err: unknown): HsmError {
-  return new HsmError("internal", `unexpected failure in the client: ${String(err)}`, { cause: err });
 }
 
 function positive(name: string, value: number, max: number): number {

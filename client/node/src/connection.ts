@@ -25,9 +25,12 @@ export interface Answer {
   result: unknown;
 }
 
-interface Pending {
-  resolve(answer: Answer): void;
-  reject(failure: HsmError | AttemptFailure): void;
+/** What waits for one request's answer: told exactly once, unless forgotten first. */
+export interface Pending {
+  /** The answer arrived. */
+  answered(answer: Answer): void;
+  /** The connection was lost (`AttemptFailure`, maybe sent) or closed by the client (HsmError). */
+  lost(failure: HsmError | AttemptFailure): void;
 }
 
 const MSGID_LIMIT = 2 ** 32;
@@ -122,40 +125,29 @@ export class Connection {
   }
 
   /**
-   * Writes one encoded request whose msgid is `msgid` and waits for its answer. `signal` ends
-   * the wait (deadline, abort): the entry is removed at once and a late answer is dropped.
+   * Writes one encoded request whose msgid is `msgid`; `pending` is told its answer. Returns
+   * false, sending nothing, when the connection is already closed.
    */
-  request(msgid: number, bytes: Uint8Array, signal: AbortSignal): Promise<Answer> {
-    if (this.#closed) {
-      return Promise.reject(new AttemptFailure(new HsmError("connection_failed", "the connection is closed"), false));
-    }
-    return new Promise<Answer>((resolve, reject) => {
-      const onAbort = () => {
-        if (this.#pending.delete(msgid)) this.#idleCheck();
-        reject(signal.reason);
-      };
-      this.#pending.set(msgid, {
-        resolve: (answer) => {
-          signal.removeEventListener("abort", onAbort);
-          resolve(answer);
-        },
-        reject: (failure) => {
-          signal.removeEventListener("abort", onAbort);
-          reject(failure);
-        },
+  send(msgid: number, bytes: Uint8Array, pending: Pending): boolean {
+    if (this.#closed) return false;
+    this.#pending.set(msgid, pending);
+    if (this.#pending.size === 1) this.#socket.ref();
+    if (!this.#corked) {
+      // Requests made in the same tick leave in one write.
+      this.#corked = true;
+      this.#socket.cork();
+      process.nextTick(() => {
+        this.#corked = false;
+        this.#socket.uncork();
       });
-      signal.addEventListener("abort", onAbort, { once: true });
-      if (this.#pending.size === 1) this.#socket.ref();
-      if (!this.#corked) {
-        this.#corked = true;
-        this.#socket.cork();
-        process.nextTick(() => {
-          this.#corked = false;
-          this.#socket.uncork();
-        });
-      }
-      this.#socket.write(bytes);
-    });
+    }
+    this.#socket.write(bytes);
+    return true;
+  }
+
+  /** Stops waiting for `msgid` (its call timed out or was aborted); a late answer is dropped. */
+  forget(msgid: number): void {
+    if (this.#pending.delete(msgid)) this.#idleCheck();
   }
 
   /** Closes the connection; requests in flight fail with `error`, final (not retried). */
@@ -175,7 +167,8 @@ export class Connection {
     const pending = [...this.#pending.values()];
     this.#pending.clear();
     this.#onClosed(this);
-    for (const entry of pending) entry.reject(retryable ? new AttemptFailure(error, true) : error);
+    const failure = retryable ? new AttemptFailure(error, true) : error;
+    for (const entry of pending) entry.lost(failure);
   }
 
   #onData(chunk: Buffer): void {
@@ -215,6 +208,6 @@ export class Connection {
     if (entry === undefined) return; // its call timed out or was aborted
     this.#pending.delete(msgid);
     this.#idleCheck();
-    entry.resolve({ error, result });
+    entry.answered({ error, result });
   }
 }
