@@ -19,8 +19,15 @@ try {
     if (!(err instanceof HsmError && err.code === "already_exists")) throw err;
   }
   const now = Math.floor(Date.now() / 1000);
-  const jwt = await client.signJwt(kid, { iss: "https://issuer.example", sub: subject, iat: now, exp: now + 600 });
-  const { payload, protectedHeader } = await jwtVerify(jwt, agentJwks(client), { issuer: "https://issuer.example" });
+  const jwt = await client.signJwt(kid, {
+    iss: "https://issuer.example",
+    sub: subject,
+    iat: now,
+    exp: now + 600,
+  });
+  const { payload, protectedHeader } = await jwtVerify(jwt, agentJwks(client), {
+    issuer: "https://issuer.example",
+  });
   console.log(jwt);
   console.log(JSON.stringify({ header: protectedHeader, claims: payload }));
 } catch (err) {

@@ -155,7 +155,10 @@ export class SidecarKmsAdapter implements KmsAdapter {
 
   #assertSupported(alg: KmsSigningAlg): void {
     if (!this.#capabilities.supportedAlgs.includes(alg)) {
-      throw new HsmError("unsupported_alg", `SidecarKmsAdapter[${this.providerId}]: unsupported alg '${alg}'`);
+      throw new HsmError(
+        "unsupported_alg",
+        `SidecarKmsAdapter[${this.providerId}]: unsupported alg '${alg}'`,
+      );
     }
   }
 }

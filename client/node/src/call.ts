@@ -38,12 +38,16 @@ export class Call implements Pending {
       this.finish(
         waitingToRetry
           ? this.lastFailure!
-          : new HsmError("timeout", `${method}: no answer within ${timeoutMs} ms (the agent may be overloaded or the HSM slow)`),
+          : new HsmError(
+              "timeout",
+              `${method}: no answer within ${timeoutMs} ms (the agent may be overloaded or the HSM slow)`,
+            ),
       );
     }, timeoutMs);
     if (signal !== undefined) {
       this.#signal = signal;
-      this.#onAbort = () => this.finish(new HsmError("aborted", `${method}: aborted`, { cause: signal.reason }));
+      this.#onAbort = () =>
+        this.finish(new HsmError("aborted", `${method}: aborted`, { cause: signal.reason }));
       signal.addEventListener("abort", this.#onAbort, { once: true });
     }
   }

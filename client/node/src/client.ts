@@ -94,8 +94,16 @@ export class HsmClient {
     this.#maxAttempts = positive("maxAttempts", options.maxAttempts ?? 16, 1_000_000);
     this.#initialBackoffMs = Math.max(0.1, options.initialBackoffMs ?? 10);
     this.#maxBackoffMs = Math.max(this.#initialBackoffMs, options.maxBackoffMs ?? 1000);
-    this.#maxRequestBytes = positive("maxRequestBytes", options.maxRequestBytes ?? 1 << 20, 2 ** 32);
-    const maxResponseBytes = positive("maxResponseBytes", options.maxResponseBytes ?? 16 << 20, 2 ** 32);
+    this.#maxRequestBytes = positive(
+      "maxRequestBytes",
+      options.maxRequestBytes ?? 1 << 20,
+      2 ** 32,
+    );
+    const maxResponseBytes = positive(
+      "maxResponseBytes",
+      options.maxResponseBytes ?? 16 << 20,
+      2 ** 32,
+    );
     this.#limits = {
       maxMessageBytes: maxResponseBytes,
       maxDepth: 8,
@@ -130,7 +138,12 @@ export class HsmClient {
       ok: bool(r, "ok"),
       latencyMs: num(r, "latency_ms"),
       error: typeof r["error"] === "string" ? r["error"] : null,
-      token: { label: text("label"), manufacturer: text("manufacturer"), model: text("model"), serial: text("serial") },
+      token: {
+        label: text("label"),
+        manufacturer: text("manufacturer"),
+        model: text("model"),
+        serial: text("serial"),
+      },
     };
   }
 
@@ -139,7 +152,8 @@ export class HsmClient {
     const check = new RequestCheck("generate_key");
     const params: Record<string, unknown> = { kid: check.kid("kid", kid) };
     if (options?.alg !== undefined) params["alg"] = check.alg("alg", options.alg);
-    if (options?.rsaBits !== undefined) params["rsa_bits"] = check.rsaBits(options.rsaBits, options.alg);
+    if (options?.rsaBits !== undefined)
+      params["rsa_bits"] = check.rsaBits(options.rsaBits, options.alg);
     const r = await this.#call("generate_key", params, options);
     return this.#rememberKey(keyInfo(r));
   }
@@ -159,7 +173,10 @@ export class HsmClient {
     const r = await this.#call("sign_batch", { items: wire }, options);
     const results = r["results"];
     if (!Array.isArray(results) || results.length !== items.length) {
-      throw new HsmError("protocol_error", "sign_batch: the agent's results do not match the items");
+      throw new HsmError(
+        "protocol_error",
+        "sign_batch: the agent's results do not match the items",
+      );
     }
     return results.map((item: unknown): SignBatchResult => {
       const entry = (item ?? {}) as Record<string, unknown>;
@@ -169,7 +186,12 @@ export class HsmClient {
   }
 
   /** True when `signature` is valid; a wrong signature is `false`, not an error. */
-  async verify(kid: string, input: SignInput, signature: Uint8Array, options?: SignOptions): Promise<boolean> {
+  async verify(
+    kid: string,
+    input: SignInput,
+    signature: Uint8Array,
+    options?: SignOptions,
+  ): Promise<boolean> {
     const check = new RequestCheck("verify");
     const params = {
       kid: check.kid("kid", kid),
@@ -230,7 +252,12 @@ export class HsmClient {
   }
 
   /** A JWT: `claims` (a JSON object) as the payload, `typ: "JWT"` unless the header says. */
-  async signJwt(kid: string, claims: Record<string, unknown>, header: Record<string, unknown> = {}, options?: CallOptions): Promise<string> {
+  async signJwt(
+    kid: string,
+    claims: Record<string, unknown>,
+    header: Record<string, unknown> = {},
+    options?: CallOptions,
+  ): Promise<string> {
     if (typeof claims !== "object" || claims === null || Array.isArray(claims)) {
       throw new HsmError("jose_malformed", "signJwt: the claims must be an object");
     }
@@ -278,12 +305,21 @@ export class HsmClient {
    * or close() (see Call). Callbacks, not an async chain: at 64 calls in flight the client's own
    * CPU time per call decides its throughput.
    */
-  #call(method: string, params: Record<string, unknown>, options?: CallOptions): Promise<Record<string, unknown>> {
+  #call(
+    method: string,
+    params: Record<string, unknown>,
+    options?: CallOptions,
+  ): Promise<Record<string, unknown>> {
     const timeoutMs = positive("timeoutMs", options?.timeoutMs ?? this.#timeoutMs, MAX_TIMEOUT_MS);
-    const maxAttempts = positive("maxAttempts", options?.maxAttempts ?? this.#maxAttempts, 1_000_000);
+    const maxAttempts = positive(
+      "maxAttempts",
+      options?.maxAttempts ?? this.#maxAttempts,
+      1_000_000,
+    );
     if (this.#closed) throw new HsmError("connection_failed", "the client is closed");
     const signal = options?.signal;
-    if (signal?.aborted) throw new HsmError("aborted", `${method}: aborted`, { cause: signal.reason });
+    if (signal?.aborted)
+      throw new HsmError("aborted", `${method}: aborted`, { cause: signal.reason });
     return new Promise((resolve, reject) => {
       const call = new Call(
         method,
@@ -326,7 +362,8 @@ export class HsmClient {
         if (!call.done) this.#send(call, opened);
       },
       (failure: AttemptFailure) => {
-        if (!call.done) this.#retryOrFinish(call, failure.error, failure.maybeSent, failure.notBefore);
+        if (!call.done)
+          this.#retryOrFinish(call, failure.error, failure.maybeSent, failure.notBefore);
       },
     );
   }
@@ -338,7 +375,10 @@ export class HsmClient {
     const bytes = this.#encoder.encode([0, msgid, call.method, [params]]);
     if (bytes.length > this.#maxRequestBytes) {
       call.finish(
-        new HsmError("invalid_params", `${call.method}: the request is ${bytes.length} bytes, more than ${this.#maxRequestBytes}`),
+        new HsmError(
+          "invalid_params",
+          `${call.method}: the request is ${bytes.length} bytes, more than ${this.#maxRequestBytes}`,
+        ),
       );
       return;
     }
@@ -360,7 +400,11 @@ export class HsmClient {
       const error = errorFromWire(outcome.error);
       if (isTransientAgentCode(error.code)) this.#retryOrFinish(call, error, true, 0);
       else call.finish(error);
-    } else if (typeof outcome.result !== "object" || outcome.result === null || Array.isArray(outcome.result)) {
+    } else if (
+      typeof outcome.result !== "object" ||
+      outcome.result === null ||
+      Array.isArray(outcome.result)
+    ) {
       call.finish(new HsmError("protocol_error", `${call.method}: the result is not a map`));
     } else {
       call.finish(outcome.result as Record<string, unknown>);
@@ -373,7 +417,8 @@ export class HsmClient {
    */
   #retryOrFinish(call: Call, error: HsmError, maybeSent: boolean, notBefore: number): void {
     const retryable =
-      (error.code === "connection_failed" || isTransientAgentCode(error.code)) && (!maybeSent || call.idempotent);
+      (error.code === "connection_failed" || isTransientAgentCode(error.code)) &&
+      (!maybeSent || call.idempotent);
     if (!retryable || call.attempts >= call.maxAttempts || this.#closed) {
       call.finish(error);
       return;
@@ -396,7 +441,10 @@ export class HsmClient {
     if (now < this.#nextConnectAt) {
       return Promise.reject(
         new AttemptFailure(
-          new HsmError("connection_failed", `cannot connect to the agent at ${this.socketPath} (retrying)`),
+          new HsmError(
+            "connection_failed",
+            `cannot connect to the agent at ${this.socketPath} (retrying)`,
+          ),
           false,
           this.#nextConnectAt,
         ),
@@ -404,15 +452,23 @@ export class HsmClient {
     }
     // Shared by every call waiting for it, so not bound to one call's deadline; a connect that
     // hangs ends after the client's timeout (an unref'd timer: it keeps nothing alive).
-    this.#connecting = Connection.open(this.socketPath, this.#limits, AbortSignal.timeout(this.#timeoutMs), (c) => {
-      if (this.#connection === c) this.#connection = undefined;
-    }).then(
+    this.#connecting = Connection.open(
+      this.socketPath,
+      this.#limits,
+      AbortSignal.timeout(this.#timeoutMs),
+      (c) => {
+        if (this.#connection === c) this.#connection = undefined;
+      },
+    ).then(
       (connection) => {
         this.#connecting = undefined;
         this.#connectFailures = 0;
         if (this.#closed) {
           connection.close(new HsmError("connection_failed", "the client is closed"));
-          throw new AttemptFailure(new HsmError("connection_failed", "the client is closed"), false);
+          throw new AttemptFailure(
+            new HsmError("connection_failed", "the client is closed"),
+            false,
+          );
         }
         this.#connection = connection;
         return connection;
@@ -424,7 +480,11 @@ export class HsmClient {
         const error =
           err instanceof HsmError
             ? err
-            : new HsmError("connection_failed", `cannot connect to the agent at ${this.socketPath}`, { cause: err });
+            : new HsmError(
+                "connection_failed",
+                `cannot connect to the agent at ${this.socketPath}`,
+                { cause: err },
+              );
         throw new AttemptFailure(error, false, this.#nextConnectAt);
       },
     );
@@ -433,30 +493,46 @@ export class HsmClient {
 
   /** Capped exponential backoff, jittered in [d/2, d] (hsm::client's Backoff). */
   #backoff(attempt: number): number {
-    const ceiling = Math.min(this.#initialBackoffMs * 2 ** Math.min(attempt - 1, 30), this.#maxBackoffMs);
+    const ceiling = Math.min(
+      this.#initialBackoffMs * 2 ** Math.min(attempt - 1, 30),
+      this.#maxBackoffMs,
+    );
     return ceiling / 2 + Math.random() * (ceiling / 2);
   }
 }
 
 function positive(name: string, value: number, max: number): number {
   if (!Number.isInteger(value) || value < 1 || value > max) {
-    throw new HsmError("invalid_params", `${name} must be an integer from 1 to ${max}, not ${String(value)}`);
+    throw new HsmError(
+      "invalid_params",
+      `${name} must be an integer from 1 to ${max}, not ${String(value)}`,
+    );
   }
   return value;
 }
 
 // Result fields: the agent's result maps are open (unknown keys ignored) but the known ones must
 // have their types, else the answer is a protocol_error.
-function field(r: Record<string, unknown>, key: string, type: string, ok: (v: unknown) => boolean): unknown {
+function field(
+  r: Record<string, unknown>,
+  key: string,
+  type: string,
+  ok: (v: unknown) => boolean,
+): unknown {
   const v = r[key];
   if (!ok(v)) throw new HsmError("protocol_error", `the agent's result has no ${type} '${key}'`);
   return v;
 }
-const str = (r: Record<string, unknown>, k: string) => field(r, k, "str", (v) => typeof v === "string") as string;
-const num = (r: Record<string, unknown>, k: string) => field(r, k, "number", (v) => typeof v === "number") as number;
-const bool = (r: Record<string, unknown>, k: string) => field(r, k, "bool", (v) => typeof v === "boolean") as boolean;
-const bin = (r: Record<string, unknown>, k: string) => field(r, k, "bin", (v) => v instanceof Uint8Array) as Uint8Array;
-const list = (r: Record<string, unknown>, k: string) => field(r, k, "array", Array.isArray) as unknown[];
+const str = (r: Record<string, unknown>, k: string) =>
+  field(r, k, "str", (v) => typeof v === "string") as string;
+const num = (r: Record<string, unknown>, k: string) =>
+  field(r, k, "number", (v) => typeof v === "number") as number;
+const bool = (r: Record<string, unknown>, k: string) =>
+  field(r, k, "bool", (v) => typeof v === "boolean") as boolean;
+const bin = (r: Record<string, unknown>, k: string) =>
+  field(r, k, "bin", (v) => v instanceof Uint8Array) as Uint8Array;
+const list = (r: Record<string, unknown>, k: string) =>
+  field(r, k, "array", Array.isArray) as unknown[];
 const keyInfo = (r: Record<string, unknown>): KeyInfo => ({
   kid: str(r, "kid"),
   alg: str(r, "alg") as Alg,

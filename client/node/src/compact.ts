@@ -4,7 +4,9 @@ import type { Alg } from "./types.js";
 const encoder = new TextEncoder();
 
 export function base64url(bytes: Uint8Array | string): string {
-  return Buffer.from(typeof bytes === "string" ? encoder.encode(bytes) : bytes).toString("base64url");
+  return Buffer.from(typeof bytes === "string" ? encoder.encode(bytes) : bytes).toString(
+    "base64url",
+  );
 }
 
 /**
@@ -24,10 +26,16 @@ export async function signCompact(
     throw new HsmError("jose_malformed", "the JWS header must be an object");
   }
   if (header["alg"] !== undefined && header["alg"] !== alg) {
-    throw new HsmError("jose_alg_mismatch", `header alg '${String(header["alg"])}' is not the key's alg '${alg}'`);
+    throw new HsmError(
+      "jose_alg_mismatch",
+      `header alg '${String(header["alg"])}' is not the key's alg '${alg}'`,
+    );
   }
   if (header["kid"] !== undefined && header["kid"] !== kid) {
-    throw new HsmError("jose_kid_mismatch", `header kid '${String(header["kid"])}' is not '${kid}'`);
+    throw new HsmError(
+      "jose_kid_mismatch",
+      `header kid '${String(header["kid"])}' is not '${kid}'`,
+    );
   }
   const { alg: _a, kid: _k, ...rest } = header;
   const signingInput = `${base64url(JSON.stringify({ alg, kid, ...rest }))}.${base64url(payload)}`;

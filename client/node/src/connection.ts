@@ -68,7 +68,9 @@ export class Connection {
     });
     socket.on("data", (chunk: Buffer) => this.#onData(chunk));
     socket.on("error", () => {}); // 'close' follows and does the work
-    socket.on("close", () => this.#fail(new HsmError("connection_failed", "the connection to the agent was lost"), true));
+    socket.on("close", () =>
+      this.#fail(new HsmError("connection_failed", "the connection to the agent was lost"), true),
+    );
     socket.unref();
   }
 
@@ -98,9 +100,13 @@ export class Connection {
         signal.removeEventListener("abort", onAbort);
         socket.destroy();
         reject(
-          new HsmError("connection_failed", `cannot connect to the agent at ${path}: ${err.code ?? err.message}`, {
-            cause: err,
-          }),
+          new HsmError(
+            "connection_failed",
+            `cannot connect to the agent at ${path}: ${err.code ?? err.message}`,
+            {
+              cause: err,
+            },
+          ),
         );
       });
     });
@@ -192,7 +198,9 @@ export class Connection {
       }
     } catch (err) {
       const error =
-        err instanceof HsmError ? err : new HsmError("protocol_error", `cannot decode an answer: ${String(err)}`);
+        err instanceof HsmError
+          ? err
+          : new HsmError("protocol_error", `cannot decode an answer: ${String(err)}`);
       this.#fail(error, false);
       return;
     }
@@ -200,7 +208,12 @@ export class Connection {
   }
 
   #dispatch(message: unknown): void {
-    if (!Array.isArray(message) || message.length !== 4 || message[0] !== 1 || typeof message[1] !== "number") {
+    if (
+      !Array.isArray(message) ||
+      message.length !== 4 ||
+      message[0] !== 1 ||
+      typeof message[1] !== "number"
+    ) {
       throw new HsmError("protocol_error", "the agent sent something other than a response");
     }
     const [, msgid, error, result] = message as [number, number, unknown, unknown];

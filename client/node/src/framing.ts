@@ -18,11 +18,29 @@ const INCOMPLETE = -1;
 
 /** Numbers: the bytes after the type byte (float32/64, uint8..64, int8..64). */
 const FIXED_PAYLOAD: Readonly<Record<number, number>> = {
-  0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4, 0xd3: 8,
+  0xca: 4,
+  0xcb: 8,
+  0xcc: 1,
+  0xcd: 2,
+  0xce: 4,
+  0xcf: 8,
+  0xd0: 1,
+  0xd1: 2,
+  0xd2: 4,
+  0xd3: 8,
 };
 /** bin, str, array and map with a length field: that field's width. */
 const LENGTH_WIDTH: Readonly<Record<number, 1 | 2 | 4>> = {
-  0xc4: 1, 0xc5: 2, 0xc6: 4, 0xd9: 1, 0xda: 2, 0xdb: 4, 0xdc: 2, 0xdd: 4, 0xde: 2, 0xdf: 4,
+  0xc4: 1,
+  0xc5: 2,
+  0xc6: 4,
+  0xd9: 1,
+  0xda: 2,
+  0xdb: 4,
+  0xdc: 2,
+  0xdd: 4,
+  0xde: 2,
+  0xdf: 4,
 };
 
 function protocolError(message: string): HsmError {
@@ -32,7 +50,9 @@ function protocolError(message: string): HsmError {
 function readLength(bytes: Uint8Array, at: number, width: 1 | 2 | 4): number {
   if (width === 1) return bytes[at]!;
   if (width === 2) return (bytes[at]! << 8) | bytes[at + 1]!;
-  return ((bytes[at]! << 24) >>> 0) + ((bytes[at + 1]! << 16) | (bytes[at + 2]! << 8) | bytes[at + 3]!);
+  return (
+    ((bytes[at]! << 24) >>> 0) + ((bytes[at + 1]! << 16) | (bytes[at + 2]! << 8) | bytes[at + 3]!)
+  );
 }
 
 /**
@@ -85,7 +105,9 @@ export function frameEnd(bytes: Uint8Array, start: number, limits: FrameLimits):
           if (b >= 0xd9) strBytes = n;
         }
       } else {
-        throw protocolError(`the agent sent a byte that is not MessagePack or not allowed (0x${b.toString(16)})`);
+        throw protocolError(
+          `the agent sent a byte that is not MessagePack or not allowed (0x${b.toString(16)})`,
+        );
       }
     }
     if (isArray && children > limits.maxArrayItems) {

@@ -1,4 +1,11 @@
-import { createLocalJWKSet, errors, type FlattenedJWSInput, type JSONWebKeySet, type JWSHeaderParameters, type KeyLike } from "jose";
+import {
+  createLocalJWKSet,
+  errors,
+  type FlattenedJWSInput,
+  type JSONWebKeySet,
+  type JWSHeaderParameters,
+  type KeyLike,
+} from "jose";
 import type { HsmClient } from "./client.js";
 
 export interface AgentJwksOptions {
@@ -47,12 +54,16 @@ export function agentJwks(client: HsmClient, options: AgentJwksOptions = {}): Ag
     return pending;
   };
 
-  const source = async (protectedHeader?: JWSHeaderParameters, token?: FlattenedJWSInput): Promise<KeyLike> => {
+  const source = async (
+    protectedHeader?: JWSHeaderParameters,
+    token?: FlattenedJWSInput,
+  ): Promise<KeyLike> => {
     if (local === undefined || Date.now() - fetchedAt >= cacheMaxAgeMs) await reload();
     try {
       return await local!(protectedHeader, token);
     } catch (err) {
-      if (!(err instanceof errors.JWKSNoMatchingKey) || Date.now() - fetchedAt < cooldownMs) throw err;
+      if (!(err instanceof errors.JWKSNoMatchingKey) || Date.now() - fetchedAt < cooldownMs)
+        throw err;
       await reload();
       return local!(protectedHeader, token);
     }

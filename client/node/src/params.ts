@@ -32,7 +32,10 @@ export class RequestCheck {
   alg(name: string, alg: unknown): Alg {
     if (typeof alg !== "string") this.fail(name, "must be a string");
     if (!ALG_NAMES.has(alg)) {
-      throw new HsmError("unsupported_alg", `${this.method}: unknown alg '${alg}' (one of ${ALGORITHMS.join(", ")})`);
+      throw new HsmError(
+        "unsupported_alg",
+        `${this.method}: unknown alg '${alg}' (one of ${ALGORITHMS.join(", ")})`,
+      );
     }
     return alg as Alg;
   }
@@ -43,7 +46,8 @@ export class RequestCheck {
   }
 
   rsaBits(bits: unknown, alg: Alg | undefined): number {
-    if (bits !== 2048 && bits !== 3072 && bits !== 4096) this.fail("rsa_bits", "must be 2048, 3072 or 4096");
+    if (bits !== 2048 && bits !== 3072 && bits !== 4096)
+      this.fail("rsa_bits", "must be 2048, 3072 or 4096");
     if (alg === undefined || !(alg.startsWith("RS") || alg.startsWith("PS"))) {
       this.fail("rsa_bits", "is for RSA algs only (give alg: RS256 .. PS512)");
     }
@@ -65,18 +69,24 @@ export class RequestCheck {
       params["data"] = input;
     } else if (typeof input === "object" && input !== null && "digest" in input) {
       const digest = this.bytes(`${prefix}digest`, input.digest);
-      if (alg === "EdDSA") this.fail(`${prefix}digest`, "cannot be used with EdDSA (it signs whole messages)");
+      if (alg === "EdDSA")
+        this.fail(`${prefix}digest`, "cannot be used with EdDSA (it signs whole messages)");
       const want = alg === undefined ? undefined : DIGEST_BYTES[alg];
       if (want !== undefined ? digest.length !== want : ![32, 48, 64].includes(digest.length)) {
-        this.fail(`${prefix}digest`, `has ${digest.length} bytes, not the alg's hash length (${want ?? "32, 48 or 64"})`);
+        this.fail(
+          `${prefix}digest`,
+          `has ${digest.length} bytes, not the alg's hash length (${want ?? "32, 48 or 64"})`,
+        );
       }
       params["digest"] = digest;
     } else {
       this.fail(`${prefix}data`, "must be a Uint8Array, a string or { digest }");
     }
     if (options?.format !== undefined) {
-      if (options.format !== "raw" && options.format !== "der") this.fail(`${prefix}format`, "must be 'raw' or 'der'");
-      if (alg !== undefined && !alg.startsWith("ES")) this.fail(`${prefix}format`, "is for ECDSA algs only");
+      if (options.format !== "raw" && options.format !== "der")
+        this.fail(`${prefix}format`, "must be 'raw' or 'der'");
+      if (alg !== undefined && !alg.startsWith("ES"))
+        this.fail(`${prefix}format`, "is for ECDSA algs only");
       params["format"] = options.format;
     }
     return params;

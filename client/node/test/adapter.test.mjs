@@ -2,7 +2,14 @@
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { createLocalJWKSet, jwtVerify, compactVerify } from "jose";
-import { HsmClient, HsmError, NotImplementedError, SidecarKmsAdapter, agentJwks, base64url } from "../dist/index.js";
+import {
+  HsmClient,
+  HsmError,
+  NotImplementedError,
+  SidecarKmsAdapter,
+  agentJwks,
+  base64url,
+} from "../dist/index.js";
 import { startAgent } from "./agent.mjs";
 
 describe("SidecarKmsAdapter", () => {
@@ -24,7 +31,10 @@ describe("SidecarKmsAdapter", () => {
     await adapter.init();
     assert.equal(adapter.capabilities.canImport, false);
     assert.equal(adapter.capabilities.defaultAlg, "ES256");
-    assert.ok(adapter.capabilities.supportedAlgs.length >= 11, adapter.capabilities.supportedAlgs.join());
+    assert.ok(
+      adapter.capabilities.supportedAlgs.length >= 11,
+      adapter.capabilities.supportedAlgs.join(),
+    );
   });
 
   it("generate, sign, verify with jwtVerify through getJwks, for every alg the agent supports", async () => {
@@ -35,7 +45,10 @@ describe("SidecarKmsAdapter", () => {
       for (const alg of adapter.capabilities.supportedAlgs) {
         const kid = `contract-${alg}`;
         const { ref } = await adapter.generateKey({ kid, alg });
-        assert.deepEqual([ref.externalKeyId, ref.alg, ref.publicJwk.kid, ref.publicJwk.alg], [kid, alg, kid, alg]);
+        assert.deepEqual(
+          [ref.externalKeyId, ref.alg, ref.publicJwk.kid, ref.publicJwk.alg],
+          [kid, alg, kid, alg],
+        );
         assert.equal(adapter.jwkCache.get(kid), ref.publicJwk);
         // The way the app issues a token: its own header and payload, the adapter's signature.
         const signingInput = `${base64url(JSON.stringify({ alg, kid, typ: "JWT" }))}.${base64url(JSON.stringify({ sub: alg }))}`;
@@ -77,7 +90,10 @@ describe("SidecarKmsAdapter", () => {
 
   it("a duplicate kid is already_exists (the seed made a second key)", async () => {
     await adapter.generateKey({ kid: "dup" });
-    await assert.rejects(adapter.generateKey({ kid: "dup" }), (err) => err instanceof HsmError && err.code === "already_exists");
+    await assert.rejects(
+      adapter.generateKey({ kid: "dup" }),
+      (err) => err instanceof HsmError && err.code === "already_exists",
+    );
   });
 
   it("delete then sign is not_found; deleting an absent key resolves; the JWK cache forgets it", async () => {
@@ -85,14 +101,23 @@ describe("SidecarKmsAdapter", () => {
     assert.deepEqual(await adapter.getPublicJwk("doomed"), ref.publicJwk);
     await adapter.deleteKey(ref);
     assert.equal(adapter.jwkCache.get("doomed"), undefined);
-    await assert.rejects(adapter.sign(ref, new Uint8Array([1])), (err) => err instanceof HsmError && err.code === "not_found");
+    await assert.rejects(
+      adapter.sign(ref, new Uint8Array([1])),
+      (err) => err instanceof HsmError && err.code === "not_found",
+    );
     await adapter.deleteKey(ref); // absent: still resolves
     await adapter.deleteKey({ publicJwk: {}, alg: "ES256" }); // no externalKeyId: nothing to do
   });
 
   it("sign without externalKeyId and an alg the agent lacks fail like the seed's", async () => {
-    await assert.rejects(adapter.sign({ publicJwk: {}, alg: "ES256" }, new Uint8Array([1])), /hsm-a\]: missing externalKeyId/);
-    await assert.rejects(adapter.sign({ externalKeyId: "x", publicJwk: {}, alg: "HS256" }, new Uint8Array([1])), /unsupported alg 'HS256'/);
+    await assert.rejects(
+      adapter.sign({ publicJwk: {}, alg: "ES256" }, new Uint8Array([1])),
+      /hsm-a\]: missing externalKeyId/,
+    );
+    await assert.rejects(
+      adapter.sign({ externalKeyId: "x", publicJwk: {}, alg: "HS256" }, new Uint8Array([1])),
+      /unsupported alg 'HS256'/,
+    );
   });
 
   it("importKey throws the seed's not-implemented error", () => {
@@ -101,7 +126,8 @@ describe("SidecarKmsAdapter", () => {
       (err) =>
         err instanceof NotImplementedError &&
         err.getStatus() === 501 &&
-        err.message === "SidecarKmsAdapter[hsm-a]: importKey is not supported — generate keys inside the HSM",
+        err.message ===
+          "SidecarKmsAdapter[hsm-a]: importKey is not supported — generate keys inside the HSM",
     );
   });
 
@@ -114,7 +140,10 @@ describe("SidecarKmsAdapter", () => {
     const down = await adapter.health();
     assert.equal(down.ok, false);
     assert.match(down.error, /connection_failed|cannot connect|lost/);
-    const never = new SidecarKmsAdapter({ providerId: "nobody", socket: `${agent.token.dir}/none.sock` });
+    const never = new SidecarKmsAdapter({
+      providerId: "nobody",
+      socket: `${agent.token.dir}/none.sock`,
+    });
     assert.equal((await never.health()).ok, false);
     never.close();
   });

@@ -3,7 +3,15 @@
 // The PIN reaches the agent through a 0600 PIN file, never its argv; softhsm2-util takes the
 // throwaway test PINs as arguments (it has no other non-interactive way).
 import { spawn, spawnSync } from "node:child_process";
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync, existsSync, mkdirSync } from "node:fs";
+import {
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  writeFileSync,
+  existsSync,
+  mkdirSync,
+} from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -18,7 +26,8 @@ export const MODULE = process.env.HSM_PKCS11_MODULE ?? "/usr/lib/softhsm/libsoft
 /** The agent binary: $HSM_AGENT_BINARY, else the test build of this checkout. */
 export function agentBinary() {
   const binary = process.env.HSM_AGENT_BINARY ?? join(repo, "build/test/agent/hsm-agent");
-  if (!existsSync(binary)) throw new Error(`no hsm-agent at ${binary}: build it or set HSM_AGENT_BINARY`);
+  if (!existsSync(binary))
+    throw new Error(`no hsm-agent at ${binary}: build it or set HSM_AGENT_BINARY`);
   return binary;
 }
 
@@ -43,7 +52,9 @@ export class SoftHsmToken {
     );
     if (init.status !== 0) {
       this.remove();
-      throw new Error(`softhsm2-util --init-token failed (exit ${init.status}): ${init.stderr}${init.stdout}`);
+      throw new Error(
+        `softhsm2-util --init-token failed (exit ${init.status}): ${init.stderr}${init.stdout}`,
+      );
     }
   }
 
@@ -83,8 +94,16 @@ export class Agent {
     this.stderrPath = join(this.token.dir, `agent-${this.generation}.stderr`);
     this.auditPath = join(this.token.dir, `audit-${this.generation}.log`);
     const args = [
-      "--module", MODULE, "--token-label", this.token.label, "--socket", this.socket,
-      "--pin-file", this.token.pinFile, "--metrics-listen", "",
+      "--module",
+      MODULE,
+      "--token-label",
+      this.token.label,
+      "--socket",
+      this.socket,
+      "--pin-file",
+      this.token.pinFile,
+      "--metrics-listen",
+      "",
       ...(this.extraArgs.includes("--audit-log") ? [] : ["--audit-log", this.auditPath]),
       ...this.extraArgs,
     ];
@@ -96,7 +115,9 @@ export class Agent {
     this.process.stderr.on("data", (d) => {
       this.stderr = (this.stderr + d.toString()).slice(-8000);
     });
-    this.exited = new Promise((resolve) => this.process.once("exit", (code, signal) => resolve({ code, signal })));
+    this.exited = new Promise((resolve) =>
+      this.process.once("exit", (code, signal) => resolve({ code, signal })),
+    );
     let gone = false;
     void this.exited.then(() => (gone = true));
     const until = Date.now() + 20_000;

@@ -28,16 +28,25 @@ describe("cancellation", () => {
       await client.health(); // connected
       await agent.pause();
       const controller = new AbortController();
-      const calls = Array.from({ length: 50 }, (_, i) => client.sign("cancel-key", `m${i}`, { signal: controller.signal }));
+      const calls = Array.from({ length: 50 }, (_, i) =>
+        client.sign("cancel-key", `m${i}`, { signal: controller.signal }),
+      );
       await new Promise((r) => setTimeout(r, 50));
       assert.equal(client.inFlight, 50);
       controller.abort(new Error("user left"));
       for (const call of calls) {
-        await assert.rejects(call, (err) => err instanceof HsmError && err.code === "aborted" && err.cause.message === "user left");
+        await assert.rejects(
+          call,
+          (err) =>
+            err instanceof HsmError && err.code === "aborted" && err.cause.message === "user left",
+        );
       }
       assert.equal(client.pendingCalls, 0);
       assert.equal(client.inFlight, 0);
-      await assert.rejects(client.health({ signal: AbortSignal.abort() }), (err) => err.code === "aborted");
+      await assert.rejects(
+        client.health({ signal: AbortSignal.abort() }),
+        (err) => err.code === "aborted",
+      );
       assert.equal(client.pendingCalls, 0);
     } finally {
       agent.resume();
@@ -52,7 +61,8 @@ describe("cancellation", () => {
       const calls = Array.from({ length: 10 }, () => client.getJwks());
       await new Promise((r) => setTimeout(r, 50));
       client.close();
-      for (const call of calls) await assert.rejects(call, (err) => err.code === "connection_failed");
+      for (const call of calls)
+        await assert.rejects(call, (err) => err.code === "connection_failed");
       assert.equal(client.pendingCalls, 0);
     } finally {
       agent.resume();
@@ -73,16 +83,25 @@ describe("cancellation", () => {
         const timers = process.getActiveResourcesInfo().filter((r) => r === "Timeout");
         console.log(JSON.stringify({ codes: [...new Set(codes)].sort(), pending: client.pendingCalls, inFlight: client.inFlight, timers: timers.length }));
       `;
-      const child = spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+      const child = spawn(process.execPath, ["--input-type=module", "-e", script], {
+        stdio: ["ignore", "pipe", "inherit"],
+      });
       let out = "";
       child.stdout.on("data", (d) => (out += d));
       // A hang would leave the test to the runner's timeout; a guard kills it and says so.
       const guard = setTimeout(() => child.kill("SIGKILL"), 20_000);
-      const [code, signal] = await new Promise((resolve) => child.once("exit", (c, s) => resolve([c, s])));
+      const [code, signal] = await new Promise((resolve) =>
+        child.once("exit", (c, s) => resolve([c, s])),
+      );
       clearTimeout(guard);
       assert.equal(signal, null, "the process did not exit on its own");
       assert.equal(code, 0);
-      assert.deepEqual(JSON.parse(out), { codes: ["aborted", "timeout"], pending: 0, inFlight: 0, timers: 0 });
+      assert.deepEqual(JSON.parse(out), {
+        codes: ["aborted", "timeout"],
+        pending: 0,
+        inFlight: 0,
+        timers: 0,
+      });
     } finally {
       agent.resume();
     }

@@ -52,7 +52,10 @@ describe("HsmClient methods", () => {
   it("generateKey, getPublicKey, listKeys, getJwks, sign, verify, signBatch, deleteKey", async () => {
     const made = await client.generateKey("m-es384", { alg: "ES384" });
     assert.equal(made.alg, "ES384");
-    assert.deepEqual([made.jwk.kty, made.jwk.crv, made.jwk.kid, made.jwk.use], ["EC", "P-384", "m-es384", "sig"]);
+    assert.deepEqual(
+      [made.jwk.kty, made.jwk.crv, made.jwk.kid, made.jwk.use],
+      ["EC", "P-384", "m-es384", "sig"],
+    );
     const rsa = await client.generateKey("m-ps256", { alg: "PS256", rsaBits: 2048 });
     assert.equal(rsa.jwk.kty, "RSA");
 
@@ -62,7 +65,10 @@ describe("HsmClient methods", () => {
     assert.equal(spkiKey.asymmetricKeyDetails.namedCurve, "secp384r1");
 
     const kids = (await client.listKeys()).map((k) => k.kid);
-    assert.deepEqual(kids.filter((k) => k.startsWith("m-")), ["m-es384", "m-ps256"]);
+    assert.deepEqual(
+      kids.filter((k) => k.startsWith("m-")),
+      ["m-es384", "m-ps256"],
+    );
     const jwks = await client.getJwks();
     assert.ok(jwks.keys.some((k) => k.kid === "m-ps256" && k.kty === "RSA"));
 
@@ -71,7 +77,9 @@ describe("HsmClient methods", () => {
     assert.equal(sig.alg, "ES384");
     assert.equal(sig.signature.length, 96);
     const nodeKey = createPublicKey({ key: made.jwk, format: "jwk" });
-    assert.ok(cryptoVerify("sha384", data, { key: nodeKey, dsaEncoding: "ieee-p1363" }, sig.signature));
+    assert.ok(
+      cryptoVerify("sha384", data, { key: nodeKey, dsaEncoding: "ieee-p1363" }, sig.signature),
+    );
     assert.equal(await client.verify("m-es384", data, sig.signature), true);
     assert.equal(await client.verify("m-es384", "hellO", sig.signature), false);
 
@@ -87,7 +95,14 @@ describe("HsmClient methods", () => {
       { kid: "m-ps256", digest: createHash("sha256").update("three").digest() },
     ]);
     assert.equal(batch.length, 3);
-    assert.ok(cryptoVerify("sha384", Buffer.from("one"), { key: nodeKey, dsaEncoding: "ieee-p1363" }, batch[0].signature));
+    assert.ok(
+      cryptoVerify(
+        "sha384",
+        Buffer.from("one"),
+        { key: nodeKey, dsaEncoding: "ieee-p1363" },
+        batch[0].signature,
+      ),
+    );
     assert.ok(batch[1].error instanceof HsmError);
     assert.equal(batch[1].error.code, "not_found");
     assert.equal(batch[2].signature.length, 256);
@@ -119,8 +134,14 @@ describe("HsmClient methods", () => {
         [() => checked.sign(42, "x"), "invalid_params"],
         [() => checked.sign("k", 42), "invalid_params"],
         [() => checked.sign("k", { digest: new Uint8Array(31) }), "invalid_params"],
-        [() => checked.sign("k", { digest: new Uint8Array(32) }, { alg: "ES384" }), "invalid_params"],
-        [() => checked.sign("k", { digest: new Uint8Array(32) }, { alg: "EdDSA" }), "invalid_params"],
+        [
+          () => checked.sign("k", { digest: new Uint8Array(32) }, { alg: "ES384" }),
+          "invalid_params",
+        ],
+        [
+          () => checked.sign("k", { digest: new Uint8Array(32) }, { alg: "EdDSA" }),
+          "invalid_params",
+        ],
         [() => checked.sign("k", "x", { alg: "HS256" }), "unsupported_alg"],
         [() => checked.sign("k", "x", { alg: "none" }), "unsupported_alg"],
         [() => checked.sign("k", "x", { format: "pem" }), "invalid_params"],
@@ -133,16 +154,26 @@ describe("HsmClient methods", () => {
         [() => checked.generateKey("k", { alg: "RS256", rsaBits: 1024 }), "invalid_params"],
         [() => checked.generateKey("k", { alg: "ES999" }), "unsupported_alg"],
         [() => checked.signBatch([]), "invalid_params"],
-        [() => checked.signBatch(Array.from({ length: 257 }, () => ({ kid: "k", data: "x" }))), "invalid_params"],
+        [
+          () => checked.signBatch(Array.from({ length: 257 }, () => ({ kid: "k", data: "x" }))),
+          "invalid_params",
+        ],
         [() => checked.signBatch([{ kid: "k" }]), "invalid_params"],
-        [() => checked.signBatch([{ kid: "k", data: "x", digest: new Uint8Array(32) }]), "invalid_params"],
+        [
+          () => checked.signBatch([{ kid: "k", data: "x", digest: new Uint8Array(32) }]),
+          "invalid_params",
+        ],
         [() => checked.signBatch([{ kid: "", data: "x" }]), "invalid_params"],
         [() => checked.getPublicKey(""), "invalid_params"],
         [() => checked.deleteKey("x".repeat(300)), "invalid_params"],
         [() => checked.signJwt("k", null), "jose_malformed"],
       ];
       for (const [call, code] of cases) await rejectsWith(call(), code);
-      assert.equal(proxy.requests.length, 0, `sent: ${JSON.stringify(proxy.requests.map(([m]) => m))}`);
+      assert.equal(
+        proxy.requests.length,
+        0,
+        `sent: ${JSON.stringify(proxy.requests.map(([m]) => m))}`,
+      );
       // and a good call on the same client goes through
       await checked.health();
       assert.equal(proxy.count("health"), 1);
@@ -158,7 +189,11 @@ describe("HsmClient methods", () => {
     await rejectsWith(client.signJwt("j-ed", { sub: "a" }, { kid: "other" }), "jose_kid_mismatch");
     const jws = await client.signJws("j-ed", "payload", { cty: "text" });
     const [h, p] = jws.split(".");
-    assert.deepEqual(JSON.parse(Buffer.from(h, "base64url")), { alg: "EdDSA", kid: "j-ed", cty: "text" });
+    assert.deepEqual(JSON.parse(Buffer.from(h, "base64url")), {
+      alg: "EdDSA",
+      kid: "j-ed",
+      cty: "text",
+    });
     assert.equal(Buffer.from(p, "base64url").toString(), "payload");
   });
 });
@@ -171,7 +206,10 @@ describe("error codes that need a particular agent", () => {
   after(() => token.remove());
 
   async function withAgent(extraArgs, body) {
-    const agent = await Agent.start(token, { socket: join(token.dir, `a${Date.now()}.sock`), extraArgs });
+    const agent = await Agent.start(token, {
+      socket: join(token.dir, `a${Date.now()}.sock`),
+      extraArgs,
+    });
     const client = new HsmClient({ socketPath: agent.socket, timeoutMs: 2000 });
     try {
       await body(client, agent);
@@ -202,7 +240,10 @@ describe("error codes that need a particular agent", () => {
       await client.generateKey("au");
       let last = "ok";
       for (let i = 0; i < 300 && last !== "audit_unavailable"; i++) {
-        last = await client.sign("au", "x", { maxAttempts: 1 }).then(() => "ok", (e) => e.code);
+        last = await client.sign("au", "x", { maxAttempts: 1 }).then(
+          () => "ok",
+          (e) => e.code,
+        );
         if (last === "ok") await new Promise((r) => setTimeout(r, 10));
       }
       assert.equal(last, "audit_unavailable");
@@ -210,7 +251,10 @@ describe("error codes that need a particular agent", () => {
       // An idempotent call is retried until its deadline: it ends with the agent's code, or
       // with "timeout" when a retry was still in flight at the deadline.
       const started = Date.now();
-      const code = await client.sign("au", "x", { timeoutMs: 300 }).then(() => "ok", (e) => e.code);
+      const code = await client.sign("au", "x", { timeoutMs: 300 }).then(
+        () => "ok",
+        (e) => e.code,
+      );
       assert.ok(["audit_unavailable", "timeout"].includes(code), code);
       assert.ok(Date.now() - started >= 150, "gave up long before its deadline");
     }));
@@ -262,8 +306,16 @@ describe("answers that break the protocol", () => {
     ["bytes that are not MessagePack", () => Buffer.from([0xc1]), "protocol_error"],
     ["an ext value", () => Buffer.from([0xd4, 0x01, 0x00]), "protocol_error"],
     ["a request instead of a response", () => encode([0, 1, "health", [{}]]), "protocol_error"],
-    ["an answer over maxResponseBytes", () => encode([1, 1, null, { pad: new Uint8Array(3000) }]), "protocol_error"],
-    ["an error code the client does not know", () => encode([1, 1, { code: "new_code", message: "m" }, null]), "internal"],
+    [
+      "an answer over maxResponseBytes",
+      () => encode([1, 1, null, { pad: new Uint8Array(3000) }]),
+      "protocol_error",
+    ],
+    [
+      "an error code the client does not know",
+      () => encode([1, 1, { code: "new_code", message: "m" }, null]),
+      "internal",
+    ],
   ]) {
     it(`${name}: ${code}`, async () => {
       const path = join(token.dir, "fake.sock");
@@ -288,22 +340,49 @@ describe("answers that break the protocol", () => {
       socket.on("data", (chunk) => {
         for (const [, msgid] of decoder.decodeMulti(chunk)) {
           requests += 1;
-          socket.write(encode([1, msgid, { code, message: `said ${code}`, ckr: "CKR_DEVICE_ERROR" }, null]));
+          socket.write(
+            encode([1, msgid, { code, message: `said ${code}`, ckr: "CKR_DEVICE_ERROR" }, null]),
+          );
         }
       });
     });
     await new Promise((resolve) => server.listen(path, resolve));
-    const client = new HsmClient({ socketPath: path, maxAttempts: 3, initialBackoffMs: 1, maxBackoffMs: 2 });
+    const client = new HsmClient({
+      socketPath: path,
+      maxAttempts: 3,
+      initialBackoffMs: 1,
+      maxBackoffMs: 2,
+    });
     const transient = ["hsm_unavailable", "overloaded", "shutting_down", "audit_unavailable"];
     try {
-      for (code of ["invalid_request", "unknown_method", "invalid_params", "not_found", "already_exists",
-        "unsupported_alg", "not_supported", "permission_denied", "hsm_unavailable", "hsm_error", "overloaded",
-        "shutting_down", "deadline_exceeded", "audit_unavailable", "internal"]) {
-        for (const [method, idempotent] of [[() => client.sign("k", "x"), true], [() => client.deleteKey("k"), false]]) {
+      for (code of [
+        "invalid_request",
+        "unknown_method",
+        "invalid_params",
+        "not_found",
+        "already_exists",
+        "unsupported_alg",
+        "not_supported",
+        "permission_denied",
+        "hsm_unavailable",
+        "hsm_error",
+        "overloaded",
+        "shutting_down",
+        "deadline_exceeded",
+        "audit_unavailable",
+        "internal",
+      ]) {
+        for (const [method, idempotent] of [
+          [() => client.sign("k", "x"), true],
+          [() => client.deleteKey("k"), false],
+        ]) {
           requests = 0;
           await assert.rejects(method(), (err) => {
             assert.ok(err instanceof HsmError);
-            assert.deepEqual([err.code, err.message, err.ckr], [code, `said ${code}`, "CKR_DEVICE_ERROR"]);
+            assert.deepEqual(
+              [err.code, err.message, err.ckr],
+              [code, `said ${code}`, "CKR_DEVICE_ERROR"],
+            );
             return true;
           });
           assert.equal(requests, idempotent && transient.includes(code) ? 3 : 1, `${code}`);
@@ -320,7 +399,12 @@ describe("answers that break the protocol", () => {
     const server = createServer((socket) => {
       socket.on("data", async (request) => {
         const msgid = request[2]; // 0x94 0x00 <fixint msgid>: the first request
-        const bytes = encode([1, msgid, null, { ok: true, latency_ms: 1.5, error: null, token: {} }]);
+        const bytes = encode([
+          1,
+          msgid,
+          null,
+          { ok: true, latency_ms: 1.5, error: null, token: {} },
+        ]);
         for (const b of bytes) {
           socket.write(Buffer.from([b]));
           await new Promise((r) => setImmediate(r));

@@ -27,7 +27,9 @@ describe("load and recovery", () => {
       const signatures = await Promise.all(messages.map((m) => client.sign("pipe-ed", m)));
       // Ed25519 is deterministic and bound to its message: a signature handed to the wrong
       // call (a mixed-up msgid) does not verify.
-      signatures.forEach((s, i) => assert.ok(cryptoVerify(null, messages[i], publicKey, s.signature), `call ${i}`));
+      signatures.forEach((s, i) =>
+        assert.ok(cryptoVerify(null, messages[i], publicKey, s.signature), `call ${i}`),
+      );
       assert.equal(proxy.connections, 1);
       assert.equal(proxy.count("sign"), 1000);
       assert.equal(client.inFlight, 0);
@@ -52,7 +54,12 @@ describe("load and recovery", () => {
       const load = Promise.all(Array.from({ length: 8 }, worker));
       while (answered < 40) await new Promise((r) => setTimeout(r, 2));
       await agent.restart(); // SIGKILL, then a new agent on the same socket and token
-      const reads = Promise.all([client.getPublicKey("restart-key"), client.listKeys(), client.health(), client.getJwks()]);
+      const reads = Promise.all([
+        client.getPublicKey("restart-key"),
+        client.listKeys(),
+        client.health(),
+        client.getJwks(),
+      ]);
       await load;
       await reads;
       assert.equal(answered, 480);
@@ -67,12 +74,19 @@ describe("load and recovery", () => {
     });
     const client = new HsmClient({ socketPath: proxy.path, timeoutMs: 5000 });
     try {
-      await assert.rejects(client.generateKey("cut-key"), (err) => err instanceof HsmError && err.code === "connection_failed");
+      await assert.rejects(
+        client.generateKey("cut-key"),
+        (err) => err instanceof HsmError && err.code === "connection_failed",
+      );
       assert.equal(proxy.count("generate_key"), 1);
       // An idempotent call lost the same way is sent again, on a new connection.
-      const cutSigns = await RecordingProxy.start(join(agent.token.dir, "cut2.sock"), agent.socket, {
-        cutAfter: () => cutSigns.count("get_public_key") === 1,
-      });
+      const cutSigns = await RecordingProxy.start(
+        join(agent.token.dir, "cut2.sock"),
+        agent.socket,
+        {
+          cutAfter: () => cutSigns.count("get_public_key") === 1,
+        },
+      );
       const reader = new HsmClient({ socketPath: cutSigns.path });
       try {
         await reader.getPublicKey("restart-key");
@@ -82,7 +96,10 @@ describe("load and recovery", () => {
         reader.close();
         await cutSigns.close();
       }
-      await assert.rejects(client.deleteKey("restart-key"), (err) => err instanceof HsmError && err.code === "connection_failed");
+      await assert.rejects(
+        client.deleteKey("restart-key"),
+        (err) => err instanceof HsmError && err.code === "connection_failed",
+      );
       assert.equal(proxy.count("delete_key"), 1);
       assert.equal(proxy.count("generate_key"), 1);
     } finally {

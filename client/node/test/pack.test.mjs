@@ -12,7 +12,8 @@ import { startAgent } from "./agent.mjs";
 const packageDir = dirname(dirname(fileURLToPath(import.meta.url)));
 const npm = process.platform === "win32" ? "npm.cmd" : "npm";
 const own = JSON.parse(readFileSync(join(packageDir, "package.json"), "utf8"));
-const installed = (name) => JSON.parse(readFileSync(join(packageDir, "node_modules", name, "package.json"), "utf8")).version;
+const installed = (name) =>
+  JSON.parse(readFileSync(join(packageDir, "node_modules", name, "package.json"), "utf8")).version;
 
 const consumer = `
 import { HsmClient, HsmError, SidecarKmsAdapter, type KmsAdapter, type KmsKeyRef, type Alg } from "@hsm-sidecar/client";
@@ -47,38 +48,87 @@ describe("npm pack", () => {
   });
 
   it("installs into a scratch project that type-checks and signs a JWT through the agent", () => {
-    const packed = JSON.parse(execFileSync(npm, ["pack", "--json", "--ignore-scripts", "--pack-destination", scratch], { cwd: packageDir, encoding: "utf8" }));
+    const packed = JSON.parse(
+      execFileSync(npm, ["pack", "--json", "--ignore-scripts", "--pack-destination", scratch], {
+        cwd: packageDir,
+        encoding: "utf8",
+      }),
+    );
     const files = packed[0].files.map((f) => f.path).sort();
-    assert.ok(files.includes("dist/index.js") && files.includes("dist/index.d.ts") && files.includes("README.md"), files.join());
-    assert.deepEqual(files.filter((f) => !f.startsWith("dist/") && f !== "README.md" && f !== "package.json"), []);
+    assert.ok(
+      files.includes("dist/index.js") &&
+        files.includes("dist/index.d.ts") &&
+        files.includes("README.md"),
+      files.join(),
+    );
+    assert.deepEqual(
+      files.filter((f) => !f.startsWith("dist/") && f !== "README.md" && f !== "package.json"),
+      [],
+    );
 
-    writeFileSync(join(scratch, "package.json"), JSON.stringify({ name: "scratch", private: true, type: "module" }));
+    writeFileSync(
+      join(scratch, "package.json"),
+      JSON.stringify({ name: "scratch", private: true, type: "module" }),
+    );
     execFileSync(
       npm,
       [
-        "install", "--no-audit", "--no-fund", "--prefer-offline",
+        "install",
+        "--no-audit",
+        "--no-fund",
+        "--prefer-offline",
         join(scratch, packed[0].filename),
         `typescript@${installed("typescript")}`,
         `@types/node@${installed("@types/node")}`,
       ],
       { cwd: scratch, stdio: ["ignore", "ignore", "inherit"] },
     );
-    assert.equal(JSON.parse(readFileSync(join(scratch, "node_modules/@hsm-sidecar/client/package.json"), "utf8")).version, own.version);
+    assert.equal(
+      JSON.parse(
+        readFileSync(join(scratch, "node_modules/@hsm-sidecar/client/package.json"), "utf8"),
+      ).version,
+      own.version,
+    );
 
     const env = { ...process.env, HSM_AGENT_SOCKET: agent.socket };
     copyFileSync(join(packageDir, "examples/issue-jwt.mjs"), join(scratch, "issue-jwt.mjs"));
-    const [jwt, claims] = execFileSync(process.execPath, ["issue-jwt.mjs", "scratch-issuer", "bob"], { cwd: scratch, env, encoding: "utf8" }).trim().split("\n");
+    const [jwt, claims] = execFileSync(
+      process.execPath,
+      ["issue-jwt.mjs", "scratch-issuer", "bob"],
+      { cwd: scratch, env, encoding: "utf8" },
+    )
+      .trim()
+      .split("\n");
     assert.equal(jwt.split(".").length, 3);
-    assert.deepEqual(JSON.parse(claims).header, { alg: "ES256", kid: "scratch-issuer", typ: "JWT" });
+    assert.deepEqual(JSON.parse(claims).header, {
+      alg: "ES256",
+      kid: "scratch-issuer",
+      typ: "JWT",
+    });
     assert.equal(JSON.parse(claims).claims.sub, "bob");
 
     writeFileSync(join(scratch, "consumer.ts"), consumer);
     writeFileSync(
       join(scratch, "tsconfig.json"),
-      JSON.stringify({ compilerOptions: { strict: true, module: "NodeNext", moduleResolution: "NodeNext", target: "ES2022", outDir: "out", types: ["node"] }, files: ["consumer.ts"] }),
+      JSON.stringify({
+        compilerOptions: {
+          strict: true,
+          module: "NodeNext",
+          moduleResolution: "NodeNext",
+          target: "ES2022",
+          outDir: "out",
+          types: ["node"],
+        },
+        files: ["consumer.ts"],
+      }),
     );
-    execFileSync(join(scratch, "node_modules/.bin/tsc"), ["-p", "tsconfig.json"], { cwd: scratch, stdio: "inherit" });
-    const out = JSON.parse(execFileSync(process.execPath, ["out/consumer.js"], { cwd: scratch, env, encoding: "utf8" }));
+    execFileSync(join(scratch, "node_modules/.bin/tsc"), ["-p", "tsconfig.json"], {
+      cwd: scratch,
+      stdio: "inherit",
+    });
+    const out = JSON.parse(
+      execFileSync(process.execPath, ["out/consumer.js"], { cwd: scratch, env, encoding: "utf8" }),
+    );
     assert.deepEqual(out, { signature: 64, jwt: 3 });
   });
 });
