@@ -37,7 +37,11 @@ const { values: args } = parseArgs({
 });
 
 function percentile(sorted, p) {
-  return sorted.length === 0 ? null : sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))];
+  return sorted.length === 0
+    ? null
+    : sorted[
+        Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))
+      ];
 }
 
 /** One measurement: `depth` calls always in flight on one HsmClient. */
@@ -87,41 +91,97 @@ async function load() {
       errors,
       first_error: firstError,
       throughput_per_s: ops / (durationMs / 1000),
-      latency_us: { p50: round(percentile(latencies, 50)), p99: round(percentile(latencies, 99)) },
-      cpu_us_per_op: { client: ops ? round((cpu.user + cpu.system) / ops) : null },
+      latency_us: {
+        p50: round(percentile(latencies, 50)),
+        p99: round(percentile(latencies, 99)),
+      },
+      cpu_us_per_op: {
+        client: ops ? round((cpu.user + cpu.system) / ops) : null,
+      },
     }),
   );
 }
 
 async function compare() {
   const { startAgent } = await import(join(repo, "client/node/test/agent.mjs"));
-  if (!args.agent || !args.hsmctl) throw new Error("--agent BIN and --hsmctl BIN are required");
+  if (!args.agent || !args.hsmctl)
+    throw new Error("--agent BIN and --hsmctl BIN are required");
   process.env.HSM_AGENT_BINARY = args.agent;
   const agent = await startAgent({ extraArgs: ["--audit-log", "/dev/null"] });
   const loadBefore = loadavg()[0];
   try {
-    execFileSync(args.hsmctl, ["--socket", agent.socket, "gen", args.kid, "--alg", "ES256"], { stdio: "ignore" });
+    execFileSync(
+      args.hsmctl,
+      ["--socket", agent.socket, "gen", args.kid, "--alg", "ES256"],
+      { stdio: "ignore" },
+    );
     const levels = args.concurrency.split(",").map(Number);
     const best = {};
     const common = ["--duration", args.duration, "--warmup", args.warmup];
     for (let round = 0; round < Number(args.repeat); round++) {
       for (const depth of levels) {
         const runs = {
-          cpp: [args.hsmctl, ["--socket", agent.socket, "--json", "bench", args.kid, "--depth", String(depth), "--data-bytes", "32", ...common]],
-          node: [process.execPath, [fileURLToPath(import.meta.url), "--load", "--socket", agent.socket, "--kid", args.kid, "--depth", String(depth), ...common]],
+          cpp: [
+            args.hsmctl,
+            [
+              "--socket",
+              agent.socket,
+              "--json",
+              "bench",
+              args.kid,
+              "--depth",
+              String(depth),
+              "--data-bytes",
+              "32",
+              ...common,
+            ],
+          ],
+          node: [
+            process.execPath,
+            [
+              fileURLToPath(import.meta.url),
+              "--load",
+              "--socket",
+              agent.socket,
+              "--kid",
+              args.kid,
+              "--depth",
+              String(depth),
+              ...common,
+            ],
+          ],
         };
         for (const [mode, [bin, argv]] of Object.entries(runs)) {
           const run = spawnSync(bin, argv, { encoding: "utf8" });
-          if (run.status !== 0) throw new Error(`${mode} at ${depth}: exit ${run.status}: ${run.stderr}`);
+          if (run.status !== 0)
+            throw new Error(
+              `${mode} at ${depth}: exit ${run.status}: ${run.stderr}`,
+            );
           const result = JSON.parse(run.stdout.trim().split("\n").pop());
-          if (result.errors > 0) throw new Error(`${mode} at ${depth}: ${result.errors} errors ${result.first_error ?? ""}`);
+          if (result.errors > 0)
+            throw new Error(
+              `${mode} at ${depth}: ${result.errors} errors ${result.first_error ?? ""}`,
+            );
           const key = `${mode}@${depth}`;
-          if (!best[key] || result.throughput_per_s > best[key].throughput_per_s) best[key] = result;
+          if (
+            !best[key] ||
+            result.throughput_per_s > best[key].throughput_per_s
+          )
+            best[key] = result;
         }
       }
     }
-    const f = (x, w = 9) => String(x === null || x === undefined ? "-" : typeof x === "number" ? Math.round(x * 10) / 10 : x).padStart(w);
-    console.log(`in flight |    C++/s   p50 us   p99 us  cpu us |   Node/s   p50 us   p99 us  cpu us | node/C++`);
+    const f = (x, w = 9) =>
+      String(
+        x === null || x === undefined
+          ? "-"
+          : typeof x === "number"
+            ? Math.round(x * 10) / 10
+            : x,
+      ).padStart(w);
+    console.log(
+      `in flight |    C++/s   p50 us   p99 us  cpu us |   Node/s   p50 us   p99 us  cpu us | node/C++`,
+    );
     const ratios = {};
     for (const depth of levels) {
       const c = best[`cpp@${depth}`];
@@ -132,10 +192,16 @@ async function compare() {
           `${f(n.throughput_per_s)}${f(n.latency_us.p50)}${f(n.latency_us.p99)}${f(n.cpu_us_per_op?.client, 8)} |${f(ratios[depth].toFixed(2))}`,
       );
     }
-    console.log(`one connection each; ES256, 32-byte messages; ${args.duration} s after ${args.warmup} s warm-up; best of ${args.repeat}`);
-    console.log(`cpu us: the client process's CPU time per signature; load average ${loadBefore.toFixed(1)} before, ${loadavg()[0].toFixed(1)} after`);
+    console.log(
+      `one connection each; ES256, 32-byte messages; ${args.duration} s after ${args.warmup} s warm-up; best of ${args.repeat}`,
+    );
+    console.log(
+      `cpu us: the client process's CPU time per signature; load average ${loadBefore.toFixed(1)} before, ${loadavg()[0].toFixed(1)} after`,
+    );
     if (ratios[64] !== undefined) {
-      console.log(`issue 18 target\n  ${ratios[64] >= 0.7 ? "PASS" : "MISS"}  64 in flight: Node/C++ throughput >= 0.70: ${ratios[64].toFixed(3)}`);
+      console.log(
+        `issue 18 target\n  ${ratios[64] >= 0.7 ? "PASS" : "MISS"}  64 in flight: Node/C++ throughput >= 0.70: ${ratios[64].toFixed(3)}`,
+      );
     }
   } finally {
     await agent.close();
