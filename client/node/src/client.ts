@@ -89,7 +89,8 @@ export class HsmClient {
   #closed = false;
 
   constructor(options: HsmClientOptions = {}) {
-    this.socketPath = options.socketPath ?? process.env["HSM_AGENT_SOCKET"] ?? DEFAULT_SOCKET;
+    // An empty HSM_AGENT_SOCKET counts as unset, as for the C++ client.
+    this.socketPath = options.socketPath || process.env["HSM_AGENT_SOCKET"] || DEFAULT_SOCKET;
     this.#timeoutMs = positive("timeoutMs", options.timeoutMs ?? 5000, MAX_TIMEOUT_MS);
     this.#maxAttempts = positive("maxAttempts", options.maxAttempts ?? 16, 1_000_000);
     this.#initialBackoffMs = Math.max(0.1, options.initialBackoffMs ?? 10);
