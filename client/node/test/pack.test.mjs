@@ -70,13 +70,7 @@ describe("npm pack", () => {
     );
     execFileSync(
       npm,
-      [
-        "install",
-        "--no-audit",
-        "--no-fund",
-        "--prefer-offline",
-        join(scratch, packed[0].filename),
-      ],
+      ["install", "--no-audit", "--no-fund", "--prefer-offline", join(scratch, packed[0].filename)],
       { cwd: scratch, stdio: ["ignore", "ignore", "inherit"] },
     );
     assert.equal(
