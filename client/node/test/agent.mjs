@@ -23,6 +23,14 @@ const repo = resolve(here, "../../..");
 
 export const MODULE = process.env.HSM_PKCS11_MODULE ?? "/usr/lib/softhsm/libsofthsm2.so";
 
+/** tests/fault_module's forwarding module, or undefined when it was not built. */
+export function faultModule() {
+  const path =
+    process.env.HSM_FAULT_MODULE ??
+    join(repo, "build/test/tests/fault_module/libhsm_fault_pkcs11.so");
+  return existsSync(path) ? path : undefined;
+}
+
 /** The agent binary: $HSM_AGENT_BINARY, else the test build of this checkout. */
 export function agentBinary() {
   const binary = process.env.HSM_AGENT_BINARY ?? join(repo, "build/test/agent/hsm-agent");
@@ -76,8 +84,10 @@ function canConnect(path) {
 
 export class Agent {
   /** Starts hsm-agent on `token`; `extraArgs` are further flags. */
-  static async start(token, { socket, extraArgs = [] } = {}) {
+  static async start(token, { socket, extraArgs = [], module = MODULE, env = {} } = {}) {
     const agent = new Agent(token, socket ?? join(token.dir, "agent.sock"), extraArgs);
+    agent.module = module;
+    agent.env = env;
     await agent.#launch();
     return agent;
   }
@@ -95,7 +105,7 @@ export class Agent {
     this.auditPath = join(this.token.dir, `audit-${this.generation}.log`);
     const args = [
       "--module",
-      MODULE,
+      this.module,
       "--token-label",
       this.token.label,
       "--socket",
@@ -109,7 +119,7 @@ export class Agent {
     ];
     this.stderr = "";
     this.process = spawn(agentBinary(), args, {
-      env: { ...process.env, SOFTHSM2_CONF: this.token.conf },
+      env: { ...process.env, ...this.env, SOFTHSM2_CONF: this.token.conf },
       stdio: ["ignore", "ignore", "pipe"],
     });
     this.process.stderr.on("data", (d) => {

@@ -4,10 +4,11 @@ import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, createPublicKey, verify as cryptoVerify } from "node:crypto";
 import { createServer } from "node:net";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Decoder, encode } from "@msgpack/msgpack";
 import { HsmClient, HsmError } from "../dist/index.js";
-import { Agent, SoftHsmToken, startAgent } from "./agent.mjs";
+import { Agent, SoftHsmToken, faultModule, startAgent } from "./agent.mjs";
 import { RecordingProxy } from "./proxy.mjs";
 
 /** Asserts that `promise` rejects with an HsmError of `code`. */
@@ -276,6 +277,41 @@ describe("error codes that need a particular agent", () => {
       // the client drops that late answer. A fresh call works.
       assert.equal((await client.sign("slow", "y")).signature.length, 64);
     }));
+
+  it("hsm_error and hsm_unavailable carry the token's ckr; hsm_unavailable is retried", async (t) => {
+    const module = faultModule();
+    if (module === undefined) {
+      t.skip("tests/fault_module not built (cmake --build build/test --target hsm_fault_pkcs11)");
+      return;
+    }
+    const control = join(token.dir, "faults.conf");
+    writeFileSync(control, "");
+    const agent = await Agent.start(token, {
+      socket: join(token.dir, "fault.sock"),
+      module,
+      env: { HSM_FAULT_CONTROL: control, HSM_FAULT_POLL_US: "0" },
+    });
+    const client = new HsmClient({ socketPath: agent.socket, timeoutMs: 5000 });
+    try {
+      await client.generateKey("faulty");
+      writeFileSync(control, "C_Sign rv=CKR_FUNCTION_FAILED count=1\n");
+      await assert.rejects(client.sign("faulty", "x"), (err) => {
+        assert.deepEqual([err.code, err.ckr], ["hsm_error", "CKR_FUNCTION_FAILED"]);
+        return true;
+      });
+      writeFileSync(control, "C_Sign rv=CKR_DEVICE_ERROR count=1\n");
+      await assert.rejects(client.sign("faulty", "x", { maxAttempts: 1 }), (err) => {
+        assert.deepEqual([err.code, err.ckr], ["hsm_unavailable", "CKR_DEVICE_ERROR"]);
+        return true;
+      });
+      // The same fault with retries: the agent recovers its session and the call succeeds.
+      writeFileSync(control, "C_Sign rv=CKR_DEVICE_ERROR count=1\n");
+      assert.equal((await client.sign("faulty", "x")).signature.length, 64);
+    } finally {
+      client.close();
+      await agent.stop();
+    }
+  });
 
   it("connection_failed when no agent listens", async () => {
     const client = new HsmClient({ socketPath: join(token.dir, "nobody.sock"), timeoutMs: 300 });
