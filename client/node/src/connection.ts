@@ -76,7 +76,7 @@ export class Connection {
 
   /**
    * Connects to `path`. Rejects with a `connection_failed` HsmError when the agent is not there,
-   * or when `signal` fires first (the caller's deadline or abort; its reason is the error).
+   * or with the signal's reason when `signal` fires first (a connect that hangs).
    */
   static open(
     path: string,
