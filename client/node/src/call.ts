@@ -33,15 +33,15 @@ export class Call implements Pending {
     private readonly onFinish: (call: Call) => void,
   ) {
     this.#deadlineTimer = setTimeout(() => {
-      const waitingToRetry = this.retryTimer !== undefined && this.lastFailure !== undefined;
-      // Waiting to retry, the cause says more than "timeout"; with a request out, it does not.
+      // With no request on the wire (waiting to retry, or to connect again), the last failure
+      // says more than "timeout"; with one out, "timeout" is what happened.
+      const cause = this.inFlight === undefined ? this.lastFailure : undefined;
       this.finish(
-        waitingToRetry
-          ? this.lastFailure!
-          : new HsmError(
-              "timeout",
-              `${method}: no answer within ${timeoutMs} ms (the agent may be overloaded or the HSM slow)`,
-            ),
+        cause ??
+          new HsmError(
+            "timeout",
+            `${method}: no answer within ${timeoutMs} ms (the agent may be overloaded or the HSM slow)`,
+          ),
       );
     }, timeoutMs);
     if (signal !== undefined) {
