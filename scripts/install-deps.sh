@@ -17,8 +17,9 @@ PACKAGES=(
   # deploy tests: helm/kubectl come from an npm package; node validates the rendered objects
   unzip
 )
-# Node.js and npm: any installation will do. Some machines carry a newer nodejs package whose
-# bundled npm conflicts with Debian's npm package, so these are checked as commands.
+# Node.js (18 or newer) and npm, for client/node and the deploy tests: any installation will do.
+# Some machines carry a newer nodejs package whose bundled npm conflicts with Debian's npm
+# package, so these are checked as commands.
 command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
 command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 

@@ -2,7 +2,8 @@
 # The whole test suite, from a fresh Debian bookworm machine: installs packages, builds, runs
 # every test with ctest (unit, integration against a real SoftHSMv2 token, fault injection,
 # security as other uids, a real Prometheus scrape, the installed client package, the benchmark
-# smoke test), then scripts/test-extra.sh (ASan+UBSan, TSan, libFuzzer, deployment checks).
+# smoke test), the Node.js client (scripts/test-node.sh), then scripts/test-extra.sh (ASan+UBSan,
+# TSan, libFuzzer, deployment checks).
 #
 #   scripts/test.sh                          what CI runs
 #   HSM_TEST_QUICK=1 scripts/test.sh         only the main build's ctest run
@@ -38,6 +39,10 @@ ctest --test-dir build/test --output-on-failure -j"$jobs" --timeout 600
 stage_done ctest
 
 if [[ "${HSM_TEST_QUICK:-0}" == "1" ]]; then exit 0; fi
+
+section "Node.js client (client/node)"
+scripts/test-node.sh "$root/build/test/agent/hsm-agent"
+stage_done node-client
 
 if [[ -x scripts/test-extra.sh ]]; then
   section "sanitizers, fuzzing, deploy checks"
