@@ -11,8 +11,10 @@ cd "$(dirname "$0")/.."
 root=$PWD
 jobs=${HSM_JOBS:-2}
 section() { printf '\n==== %s ====\n' "$*"; }
-stage_started=$SECONDS
-stage_done() { printf '(%s: %d s)\n' "$1" $((SECONDS - stage_started)); stage_started=$SECONDS; }
+# shellcheck source=scripts/stage_timer.sh
+source scripts/stage_timer.sh
+work=""  # the fuzzing corpus copy
+trap 'rc=$?; rm -rf "$work"; [[ "${HSM_STAGE_TIMES_OWNER:-}" != "$$" ]] || stage_summary $rc' EXIT
 
 if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   section "AddressSanitizer + UndefinedBehaviorSanitizer: whole suite"
@@ -52,7 +54,6 @@ if [[ "${HSM_TEST_FUZZ:-1}" == "1" ]]; then
     -DHSM_BUILD_TESTS=ON -DHSM_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
   cmake --build build/fuzz -j"$jobs" --target request_fuzzer
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
   cp tests/fuzz/corpus/* "$work/"
   build/fuzz/tests/fuzz/request_fuzzer -max_total_time="${HSM_FUZZ_SECONDS:-60}" \
     -max_len=65536 -print_final_stats=1 "$work"

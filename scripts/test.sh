@@ -13,8 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 section() { printf '\n==== %s ====\n' "$*"; }
-stage_started=$SECONDS
-stage_done() { printf '(%s: %d s)\n' "$1" $((SECONDS - stage_started)); stage_started=$SECONDS; }
+# shellcheck source=scripts/stage_timer.sh
+source scripts/stage_timer.sh
+trap 'stage_summary $?' EXIT
 
 section "Debian packages"
 scripts/install-deps.sh
