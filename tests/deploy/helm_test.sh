@@ -440,6 +440,11 @@ refuse_each agent.extraEnv HSM_AGENT_PIN hsm_agent_pin Hsm-Agent-Pin
 run "agent.extraArgs passes --max-buffered-bytes=1048576 and --spin=1 (no PIN flag)" \
   bash -c '"$@" | grep -q -- "- \"--spin=1\""' _ "$helm" template t "$chart" -f "$demo_values" \
   --set-string 'agent.extraArgs[0]=--max-buffered-bytes=1048576' --set-string 'agent.extraArgs[1]=--spin=1'
+# Latency mode (issue 21): passed on as --busy-poll-us, capped at the agent's 1000 µs.
+run "agent.busyPollMicros=50 renders --busy-poll-us=50" \
+  bash -c '"$@" | grep -q -- "- --busy-poll-us=50$"' _ "$helm" template t "$chart" -f "$demo_values" \
+  --set agent.busyPollMicros=50
+refuse "schema caps agent.busyPollMicros at 1000" 'busyPollMicros' --set agent.busyPollMicros=5000
 must_fail "copyFromImage without an image is refused" 'copyFromImage.image' \
   "$helm" template t "$chart" -f "$here/values/minimal.yaml" --set module.copyFromImage.image=
 

@@ -234,6 +234,7 @@ numeric flags are one table.
       (list "maxConnections" "--max-connections")
       (list "maxInflightPerConnection" "--max-inflight-per-connection")
       (list "maxQueue" "--max-queue")
+      (list "busyPollMicros" "--busy-poll-us")
       (list "requestTimeoutMs" "--request-timeout")
       (list "maxWriteBuffer" "--max-write-buffer")
       (list "idleTimeoutSeconds" "--idle-timeout")
