@@ -6,10 +6,11 @@
 //   hsm_provider_store_sign <uri> [--threads N] [--count N] [--seconds S] [--pss]
 //
 // --pss: RSA-PSS (salt = hash length, as TLS 1.3) instead of PKCS#1 v1.5, for an RSA key.
-// --count: signatures per thread (default 8). --seconds: instead, sign for S seconds and print a
-// line each time a thread's outcome changes ("ok" after errors, "error: ..." after success):
-// what a test watches while it stops and restarts the agent. Exit status 0 when every signature
-// of a --count run verified (a --seconds run: when the last signature of every thread did).
+// --count: signatures per thread (default 8). --seconds: instead, sign for S seconds (or until
+// SIGTERM) and print a line each time a thread's outcome changes ("ok" after errors, "error: ..."
+// after success): what a test watches while it stops and restarts the agent. Exit status 0 when
+// every signature of a --count run verified (a --seconds run: when the last signature of every
+// thread did).
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/rsa.h>
@@ -18,6 +19,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -38,6 +40,11 @@ using Pkey = std::unique_ptr<EVP_PKEY, PkeyFree>;
 using MdCtx = std::unique_ptr<EVP_MD_CTX, MdCtxFree>;
 
 std::mutex output_mutex;
+std::atomic<bool> stopping{false};  // set by SIGTERM (lock-free, so safe in a signal handler)
+
+void on_signal(int /*signum*/) {
+  stopping = true;
+}
 
 /// The first error of this thread's OpenSSL error queue as text (and clears the queue).
 std::string take_error() {
@@ -143,6 +150,7 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  std::signal(SIGTERM, on_signal);
   std::atomic<int> signed_ok{0};
   std::atomic<int> failed{0};
   std::atomic<int> last_failed{0};  // threads whose last signature failed
@@ -153,7 +161,8 @@ int main(int argc, char** argv) {
   for (int t = 0; t < threads; ++t) {
     workers.emplace_back([&, t] {
       bool was_ok = true;
-      for (int n = 0; seconds > 0 ? std::chrono::steady_clock::now() < until : n < count; ++n) {
+      for (int n = 0;
+           seconds > 0 ? !stopping && std::chrono::steady_clock::now() < until : n < count; ++n) {
         const std::string error =
             sign_and_verify(key.get(), verifier.get(),
                             "thread " + std::to_string(t) + " message " + std::to_string(n), pss);
