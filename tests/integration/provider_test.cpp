@@ -135,6 +135,13 @@ std::size_t count_of(const std::string& text, const std::string& needle) {
 
 // ---- the provider's setting ----------------------------------------------------------------
 
+#ifdef HSM_PROVIDER_PRELOAD
+// An AddressSanitizer build: its runtime must come first in a process that loads hsm.so.
+const std::string kPreload = "LD_PRELOAD=" HSM_PROVIDER_PRELOAD " ";
+#else
+const std::string kPreload;
+#endif
+
 /// Stock OpenSSL: no configuration file, so the default provider alone.
 const std::string kStock = "env OPENSSL_CONF=/dev/null openssl";
 
@@ -153,7 +160,7 @@ std::string provider_config(const WorkDir& dir, const std::string& socket, int t
              "[hsm_sect]\nmodule = " +
                  module + "\nsocket = " + socket + "\ntimeout_ms = " + std::to_string(timeout_ms) +
                  "\nactivate = 1\n");
-  return "env OPENSSL_CONF=" + conf + " openssl";
+  return "env " + kPreload + "OPENSSL_CONF=" + conf + " openssl";
 }
 
 /// The agent's public key of `kid` as a PEM file (from the client, not from the provider).
@@ -231,7 +238,7 @@ struct ProviderSetting {
 TEST_CASE("provider: openssl pkey, dgst, pkeyutl and req sign with hsm:<kid> for every key type",
           "[provider]") {
   // A short client timeout: the unreachable socket below fails after it (its retries end there).
-  ProviderSetting setting(500);
+  ProviderSetting setting(1000);
   auto& [token, agent, client, dir, openssl] = setting;
   write_file(dir / "message", "signed through hsm-provider\n");
   const auto message = dir / "message";
@@ -300,7 +307,7 @@ TEST_CASE("provider: openssl pkey, dgst, pkeyutl and req sign with hsm:<kid> for
 
   // -provider hsm -provider default on the command line, no configuration file.
   const auto with_providers = [&](const std::string& command, const std::string& args) {
-    return "env OPENSSL_CONF=/dev/null OPENSSL_MODULES=" +
+    return "env " + kPreload + "OPENSSL_CONF=/dev/null OPENSSL_MODULES=" +
            fs::path(HSM_PROVIDER_MODULE).parent_path().string() +
            " HSM_AGENT_SOCKET=" + agent.socket_path() + " openssl " + command +
            " -provider hsm -provider default " + args;
@@ -442,8 +449,8 @@ TEST_CASE(
     hsm::Client client(agent->socket_path());
     client.generate_key("restart-key", "ES256");
   }
-  // A short client timeout, so that each failed signature returns within half a second.
-  const auto openssl = provider_config(dir, agent->socket_path(), 500);
+  // A short client timeout, so that each failed signature returns within a second.
+  const auto openssl = provider_config(dir, agent->socket_path(), 1000);
   Background signer("env OPENSSL_CONF=" + (dir / "openssl.cnf") + " " + HSM_PROVIDER_STORE_SIGN +
                         " hsm:restart-key --threads 4 --seconds 120",
                     dir / "signer.out");
