@@ -108,7 +108,8 @@ std::shared_ptr<hsm::Client> ProviderContext::client(const std::string& socket_p
 void ProviderContext::raise(int reason, const char* format, ...) const {
   if (new_error_ == nullptr || vset_error_ == nullptr) return;
   new_error_(handle_);
-  if (set_error_debug_ != nullptr) set_error_debug_(handle_, __FILE__, __LINE__, "hsm-provider");
+  if (set_error_debug_ != nullptr)
+    set_error_debug_(handle_, __FILE_NAME__, __LINE__, "hsm-provider");
   va_list args;
   va_start(args, format);
   vset_error_(handle_, static_cast<std::uint32_t>(reason), format, args);
