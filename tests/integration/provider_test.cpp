@@ -305,6 +305,10 @@ TEST_CASE("provider: openssl pkey, dgst, pkeyutl and req sign with hsm:<kid> for
     }));
   }
 
+  // ?socket= names the agent in the URI itself (here the same one as the configuration's).
+  CHECK(ok(openssl + " pkey -in 'hsm:cli-ES256?socket=" + agent.socket_path() + "' -pubout") ==
+        read_file(dir / "cli-ES256.pub.pem"));
+
   // -provider hsm -provider default on the command line, no configuration file.
   const auto with_providers = [&](const std::string& command, const std::string& args) {
     return "env " + kPreload + "OPENSSL_CONF=/dev/null OPENSSL_MODULES=" +
