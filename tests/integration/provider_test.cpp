@@ -17,6 +17,7 @@
 #include <future>
 #include <hsm/client.hpp>
 #include <map>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -425,7 +426,7 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("provider: a C++ program loads hsm:<kid> through OSSL_STORE and signs from 8 threads",
+TEST_CASE("provider: a C++ program loads hsm:<kid> through OSSL_STORE, signs from 8 threads, forks",
           "[provider]") {
   ProviderSetting setting;
   auto& [token, agent, client, dir, openssl] = setting;
@@ -438,6 +439,25 @@ TEST_CASE("provider: a C++ program loads hsm:<kid> through OSSL_STORE and signs 
         ok(conf + HSM_PROVIDER_STORE_SIGN + " hsm:" + kid + " --threads 8 --count 16" + flags);
     CHECK(out.find("signed 128, failed 0") != std::string::npos);
   }
+
+  // A process that forks after it signed (a server's master and its workers): the child opens
+  // its own connection (another peer pid in the audit log) and both go on signing.
+  const auto out =
+      ok(conf + HSM_PROVIDER_STORE_SIGN + " hsm:threads-ES256 --fork --threads 4" + " --count 8");
+  CHECK(count_of(out, "signed 32, failed 0") == 2);
+  CHECK(out.find("child: signed 32, failed 0") != std::string::npos);
+  CHECK(wait_until([&] {
+    std::set<std::string> pids;
+    std::istringstream lines(agent.stdout_text());
+    for (std::string line; std::getline(lines, line);) {
+      const auto at = line.find(R"("pid":)");
+      if (line.find(R"("method":"sign","kid":"threads-ES256")") != std::string::npos &&
+          at != std::string::npos) {
+        pids.insert(line.substr(at, line.find(',', at) - at));
+      }
+    }
+    return pids.size() == 3;  // the 8-thread run, the forking parent, its child
+  }));
 }
 
 TEST_CASE(

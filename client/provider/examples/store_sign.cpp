@@ -6,6 +6,9 @@
 //   hsm_provider_store_sign <uri> [--threads N] [--count N] [--seconds S] [--pss]
 //
 // --pss: RSA-PSS (salt = hash length, as TLS 1.3) instead of PKCS#1 v1.5, for an RSA key.
+// --fork: sign once, then fork (as a server forks its workers after loading its key): parent
+// and child then both sign and each prints its own "signed" line; the parent's exit status
+// counts the child's too.
 // --count: signatures per thread (default 8). --seconds: instead, sign for S seconds (or until
 // SIGTERM) and print a line each time a thread's outcome changes ("ok" after errors, "error: ..."
 // after success): what a test watches while it stops and restarts the agent. Exit status 0 when
@@ -16,6 +19,8 @@
 #include <openssl/rsa.h>
 #include <openssl/store.h>
 #include <openssl/x509.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -128,9 +133,10 @@ int main(int argc, char** argv) {
   int count = 8;
   double seconds = 0;
   bool pss = false;
+  bool fork_after_load = false;
   for (int i = 2; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--pss") == 0) {
-      pss = true;
+    if (std::strcmp(argv[i], "--pss") == 0 || std::strcmp(argv[i], "--fork") == 0) {
+      (argv[i][2] == 'p' ? pss : fork_after_load) = true;
       continue;
     }
     if (i + 1 == argc) break;
@@ -148,6 +154,19 @@ int main(int argc, char** argv) {
   if (!verifier) {
     std::fprintf(stderr, "cannot export the public key: %s\n", take_error().c_str());
     return 1;
+  }
+
+  pid_t child = -1;
+  if (fork_after_load) {
+    // The provider's connection now exists in this process; the child must not share it.
+    if (const auto error = sign_and_verify(key.get(), verifier.get(), "before fork", pss);
+        !error.empty()) {
+      std::fprintf(stderr, "signing before fork: %s\n", error.c_str());
+      return 1;
+    }
+    std::fflush(stdout);
+    child = ::fork();
+    if (child < 0) return 1;
   }
 
   std::signal(SIGTERM, on_signal);
@@ -179,7 +198,21 @@ int main(int argc, char** argv) {
     });
   }
   for (auto& worker : workers) worker.join();
-  std::printf("signed %d, failed %d\n", signed_ok.load(), failed.load());
-  if (seconds > 0) return last_failed == 0 ? 0 : 1;
-  return failed == 0 ? 0 : 1;
+  std::printf("%ssigned %d, failed %d\n", child == 0 ? "child: " : "", signed_ok.load(),
+              failed.load());
+  std::fflush(stdout);
+  int status = 0;
+  if (seconds > 0) {
+    status = last_failed == 0 ? 0 : 1;
+  } else {
+    status = failed == 0 ? 0 : 1;
+  }
+  if (child > 0) {
+    int child_status = 0;
+    if (::waitpid(child, &child_status, 0) != child || !WIFEXITED(child_status) ||
+        WEXITSTATUS(child_status) != 0) {
+      status = 1;
+    }
+  }
+  return status;
 }
