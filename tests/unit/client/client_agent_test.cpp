@@ -22,6 +22,7 @@
 
 #include "fixtures/agent_process.hpp"
 #include "fixtures/openssl_check.hpp"
+#include "fixtures/polling.hpp"
 #include "fixtures/softhsm_token.hpp"
 
 using namespace std::chrono_literals;
@@ -29,24 +30,12 @@ using hsm::jose::Reason;
 using hsm::test::AgentOptions;
 using hsm::test::AgentProcess;
 using hsm::test::SoftHsmToken;
+using hsm::test::wait_until;
 
 namespace {
 
 constexpr const char* kAllAlgs[] = {"ES256", "ES384", "ES512", "ES256K", "RS256", "RS384",
                                     "RS512", "PS256", "PS384", "PS512",  "EdDSA"};
-
-/// Waits for `done` with a bounded timeout (never a fixed sleep as synchronisation).
-template <class Predicate>
-bool eventually(Predicate done, std::chrono::milliseconds limit = 30s) {
-  const auto until = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < until) {
-    if (done()) {
-      return true;
-    }
-    std::this_thread::sleep_for(20ms);
-  }
-  return done();
-}
 
 struct Parts {
   std::string header_json;
@@ -462,13 +451,13 @@ TEST_CASE("the agent SIGKILLed and restarted mid-stream: the client recovers by 
       }
     });
   }
-  REQUIRE(eventually([&] { return ok_before.load() >= 40; }, 60s));
+  REQUIRE(wait_until([&] { return ok_before.load() >= 40; }, 60s));
   agent->signal(SIGKILL);
   REQUIRE(agent->wait_exit(20s).has_value());
   generation.store(1);
   agent.reset();
   agent.emplace(token, agent_options);  // same token, same socket path
-  const bool recovered = eventually([&] { return ok_after.load() >= 40; }, 90s);
+  const bool recovered = wait_until([&] { return ok_after.load() >= 40; }, 90s);
   stop.store(true);
   for (auto& thread : signers) {
     thread.join();
@@ -517,8 +506,9 @@ TEST_CASE("generate_key in flight when the agent dies is not repeated on the new
   const auto started = std::chrono::steady_clock::now();
   auto pending = client.generate_key_async("once", "ES256");
   // The request reached the token: C_GenerateKeyPair is hanging inside the first agent.
-  REQUIRE(eventually(
-      [&] { return stats_count(dir / "stats-first.txt", "C_GenerateKeyPair.injected") == 1; }));
+  REQUIRE(wait_until(
+      [&] { return stats_count(dir / "stats-first.txt", "C_GenerateKeyPair.injected") == 1; },
+      30s));
   agent->signal(SIGKILL);
   REQUIRE(agent->wait_exit(20s).has_value());
   agent.reset();
