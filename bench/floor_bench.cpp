@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "es256_token.hpp"
+#include "hsm/common/file_descriptor.hpp"
 #include "latency_report.hpp"
 
 namespace hsm::bench {
@@ -79,31 +80,7 @@ bool is_sign_failure(const Reply& reply) {
 
 // ---- Sockets ---------------------------------------------------------------------------------
 
-/// Owns one file descriptor, closed by the destructor. Move-only.
-class FileDescriptor {
- public:
-  FileDescriptor() = default;
-  explicit FileDescriptor(int fd) noexcept : fd_(fd) {}
-  ~FileDescriptor() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FileDescriptor(const FileDescriptor&) = delete;
-  FileDescriptor& operator=(const FileDescriptor&) = delete;
-  FileDescriptor(FileDescriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  FileDescriptor& operator=(FileDescriptor&& other) noexcept {
-    if (this != &other) {
-      if (fd_ >= 0) ::close(fd_);
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-
-  [[nodiscard]] int get() const noexcept { return fd_; }
-  [[nodiscard]] bool valid() const noexcept { return fd_ >= 0; }
-
- private:
-  int fd_ = -1;
-};
+using hsm::common::FileDescriptor;
 
 [[noreturn]] void throw_errno(const std::string& what) {
   throw std::system_error(errno, std::generic_category(), what);

@@ -135,38 +135,37 @@ print(f"{label:<28} system calls per signature: {sum(r[0] for r in rows):.1f} = 
 EOF
 }
 
+# Direct signing, then the agent and its client, each under `tool...` (perf stat or strace -c:
+# both take -o FILE, and -p PID to attach to the running agent); `summary` (per_sign or
+# syscalls) reports each file per signature. Files: $work/{direct,agent,client}.<extension>.
+count_per_sign() {  # summary extension tool...
+  local summary=$1 extension=$2
+  shift 2
+  local line tool_pid
+  line=$("$@" -o "$work/direct.$extension" -- "${direct[@]}" --threads 1 \
+    --duration-ms $((seconds * 1000)) --warmup-ms 0)
+  "$summary" "direct (one process)" "$(ops_of "$line")" "$work/direct.$extension"
+  start_agent
+  "$@" -p "$agent_pid" -o "$work/agent.$extension" 2>/dev/null &
+  tool_pid=$!
+  sleep 0.5
+  line=$("$@" -o "$work/client.$extension" -- "$hsmctl_bin" --socket "$work/agent.sock" --json \
+    bench "$kid" --duration "$seconds" --warmup 0)
+  kill -INT "$tool_pid"; wait "$tool_pid" || true
+  "$summary" "agent: hsm-agent" "$(ops_of "$line")" "$work/agent.$extension"
+  "$summary" "agent: client (hsmctl bench)" "$(ops_of "$line")" "$work/client.$extension"
+  stop_agent
+}
+
 if have perf && perf stat -e task-clock true >/dev/null 2>&1; then
   note "CPU and context switches per signature (perf stat, ${seconds} s each)"
-  line=$(perf stat -e task-clock,context-switches -o "$work/direct.perf" "${direct[@]}" --threads 1 \
-    --duration-ms $((seconds * 1000)) --warmup-ms 0)
-  per_sign "direct (one process)" "$(ops_of "$line")" "$work/direct.perf"
-  start_agent
-  perf stat -e task-clock,context-switches -p "$agent_pid" -o "$work/agent.perf" &
-  perf_pid=$!
-  line=$(perf stat -e task-clock,context-switches -o "$work/client.perf" -- \
-    "$hsmctl_bin" --socket "$work/agent.sock" --json bench "$kid" --duration "$seconds" --warmup 0)
-  kill -INT "$perf_pid"; wait "$perf_pid" || true
-  per_sign "agent: hsm-agent" "$(ops_of "$line")" "$work/agent.perf"
-  per_sign "agent: client (hsmctl bench)" "$(ops_of "$line")" "$work/client.perf"
-  stop_agent
+  count_per_sign per_sign perf perf stat -e task-clock,context-switches
 else
   note "perf stat does not work here: skipping CPU and context switch counts"
 fi
 if have strace; then
   note "system calls per signature (strace -c, ${seconds} s each)"
-  line=$(strace -f -c -o "$work/direct.strace" "${direct[@]}" --threads 1 \
-    --duration-ms $((seconds * 1000)) --warmup-ms 0)
-  syscalls "direct (one process)" "$(ops_of "$line")" "$work/direct.strace"
-  start_agent
-  strace -f -c -p "$agent_pid" -o "$work/agent.strace" 2>/dev/null &
-  strace_pid=$!
-  sleep 0.5
-  line=$(strace -f -c -o "$work/client.strace" "$hsmctl_bin" --socket "$work/agent.sock" --json \
-    bench "$kid" --duration "$seconds" --warmup 0)
-  kill -INT "$strace_pid"; wait "$strace_pid" || true
-  syscalls "agent: hsm-agent" "$(ops_of "$line")" "$work/agent.strace"
-  syscalls "agent: client (hsmctl bench)" "$(ops_of "$line")" "$work/client.strace"
-  stop_agent
+  count_per_sign syscalls strace strace -f -c
 else
   note "no strace: skipping system call counts"
 fi

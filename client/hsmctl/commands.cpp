@@ -1,17 +1,19 @@
 #include "commands.hpp"
 
 #include <array>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <iomanip>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <utility>
 #include <vector>
 
 #include "bench_command.hpp"
 #include "encoding.hpp"
-#include "json_writer.hpp"
 #include "metrics_summary.hpp"
 
 namespace hsm::hsmctl {
@@ -25,17 +27,36 @@ std::string format_ms(double milliseconds) {
   return text.str();
 }
 
-/// Opens an object with kid, alg and jwk; the caller may add members, then end_object().
-JsonWriter& begin_key_object(JsonWriter& json, const std::string& kid, const std::string& alg,
-                             const Jwk& jwk) {
-  return json.begin_object().key("kid").string(kid).key("alg").string(alg).key("jwk").string_map(
-      jwk);
+// --json output: nlohmann::json, members in the order written.
+using Json = nlohmann::ordered_json;
+
+/// One compact document. Bytes that are not UTF-8 (a kid, an agent's message) become U+FFFD,
+/// so the output is always valid JSON.
+std::string json_text(const Json& document) {
+  return document.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
-std::string jwk_line(const Jwk& jwk) {
-  std::ostringstream text;
-  JsonWriter(text).string_map(jwk);
-  return text.str();
+void print_json(std::ostream& out, const Json& document) {
+  out << json_text(document) << '\n';
+}
+
+/// A number; whole values (counters read from /metrics as doubles) print as integers.
+Json number(double value) {
+  constexpr double kExactIntegers = 9007199254740992.0;  // 2^53
+  if (std::isfinite(value) && value == std::trunc(value) && std::fabs(value) <= kExactIntegers) {
+    return static_cast<std::int64_t>(value);
+  }
+  return value;  // non-finite values print as null
+}
+
+template <class T>
+Json or_null(const std::optional<T>& value) {
+  return value ? Json(*value) : Json(nullptr);
+}
+
+/// kid, alg and jwk; the caller may add members.
+Json key_object(const std::string& kid, const std::string& alg, const Jwk& jwk) {
+  return Json{{"kid", kid}, {"alg", alg}, {"jwk", jwk}};
 }
 
 // ---- What to sign or verify: shared by sign and verify --------------------------------------
@@ -115,27 +136,14 @@ class HealthCommand final : public Command {
   ExitCode run(Context& context) override {
     const Health health = context.client().health();
     if (context.json()) {
-      JsonWriter json(context.out());
-      json.begin_object()
-          .key("ok")
-          .boolean(health.ok)
-          .key("latency_ms")
-          .number(health.latency_ms)
-          .key("error")
-          .optional_string(health.error)
-          .key("token")
-          .begin_object()
-          .key("label")
-          .string(health.token.label)
-          .key("manufacturer")
-          .string(health.token.manufacturer)
-          .key("model")
-          .string(health.token.model)
-          .key("serial")
-          .string(health.token.serial)
-          .end_object()
-          .end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"ok", health.ok},
+                                 {"latency_ms", number(health.latency_ms)},
+                                 {"error", or_null(health.error)},
+                                 {"token",
+                                  {{"label", health.token.label},
+                                   {"manufacturer", health.token.manufacturer},
+                                   {"model", health.token.model},
+                                   {"serial", health.token.serial}}}});
     } else {
       auto& out = context.out();
       out << (health.ok ? "ok" : "NOT OK");
@@ -156,30 +164,14 @@ class CapabilitiesCommand final : public Command {
   ExitCode run(Context& context) override {
     const Capabilities caps = context.client().capabilities();
     if (context.json()) {
-      JsonWriter json(context.out());
-      json.begin_object()
-          .key("protocol")
-          .number(std::uint64_t{caps.protocol})
-          .key("agent_version")
-          .string(caps.agent_version)
-          .key("can_create")
-          .boolean(caps.can_create)
-          .key("can_import")
-          .boolean(caps.can_import)
-          .key("can_delete")
-          .boolean(caps.can_delete)
-          .key("supported_algs")
-          .begin_array();
-      for (const auto& alg : caps.supported_algs) {
-        json.string(alg);
-      }
-      json.end_array()
-          .key("default_alg")
-          .string(caps.default_alg)
-          .key("max_message_bytes")
-          .number(caps.max_message_bytes)
-          .end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"protocol", caps.protocol},
+                                 {"agent_version", caps.agent_version},
+                                 {"can_create", caps.can_create},
+                                 {"can_import", caps.can_import},
+                                 {"can_delete", caps.can_delete},
+                                 {"supported_algs", caps.supported_algs},
+                                 {"default_alg", caps.default_alg},
+                                 {"max_message_bytes", caps.max_message_bytes}});
       return ExitCode::kOk;
     }
     auto yes_no = [](bool value) { return value ? "yes" : "no"; };
@@ -204,13 +196,11 @@ class KeysCommand final : public Command {
   ExitCode run(Context& context) override {
     const auto keys = context.client().list_keys();
     if (context.json()) {
-      JsonWriter json(context.out());
-      json.begin_object().key("keys").begin_array();
+      Json list = Json::array();
       for (const auto& key : keys) {
-        begin_key_object(json, key.kid, key.alg, key.jwk).end_object();
+        list.push_back(key_object(key.kid, key.alg, key.jwk));
       }
-      json.end_array().end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"keys", std::move(list)}});
       return ExitCode::kOk;
     }
     if (keys.empty()) {
@@ -237,13 +227,7 @@ class JwksCommand final : public Command {
   void define(CLI::App& /*command*/) override {}
   ExitCode run(Context& context) override {
     const auto keys = context.client().get_jwks();
-    JsonWriter json(context.out());
-    json.begin_object().key("keys").begin_array();
-    for (const auto& jwk : keys) {
-      json.string_map(jwk);
-    }
-    json.end_array().end_object();
-    context.out() << '\n';
+    print_json(context.out(), {{"keys", keys}});
     return ExitCode::kOk;
   }
 };
@@ -270,12 +254,10 @@ class GenerateCommand final : public Command {
     }
     const KeyInfo key = context.client().generate_key(kid_, alg, rsa_bits);
     if (context.json()) {
-      JsonWriter json(context.out());
-      begin_key_object(json, key.kid, key.alg, key.jwk).end_object();
-      context.out() << '\n';
+      print_json(context.out(), key_object(key.kid, key.alg, key.jwk));
     } else {
       context.out() << "generated " << key.kid << " (" << key.alg << ")\n"
-                    << jwk_line(key.jwk) << '\n';
+                    << json_text(key.jwk) << '\n';
     }
     return ExitCode::kOk;
   }
@@ -308,16 +290,9 @@ class SignCommand final : public Command {
       write_file(out_file_, signature.signature);
     }
     if (context.json()) {
-      JsonWriter json(context.out());
-      json.begin_object()
-          .key("kid")
-          .string(signature.kid)
-          .key("alg")
-          .string(signature.alg)
-          .key("signature")
-          .string(encode_base64url(signature.signature))
-          .end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"kid", signature.kid},
+                                 {"alg", signature.alg},
+                                 {"signature", encode_base64url(signature.signature)}});
     } else if (out_->count() == 0) {
       context.out() << encode_base64url(signature.signature) << '\n';
     }
@@ -356,8 +331,7 @@ class VerifyCommand final : public Command {
         input.is_digest ? client.verify_digest(kid_, input.bytes, signature, sign_flags_.options())
                         : client.verify(kid_, input.bytes, signature, sign_flags_.options());
     if (context.json()) {
-      JsonWriter(context.out()).begin_object().key("valid").boolean(valid).end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"valid", valid}});
     } else {
       context.out() << (valid ? "valid" : "invalid") << '\n';
     }
@@ -383,16 +357,13 @@ class PublicKeyCommand final : public Command {
   ExitCode run(Context& context) override {
     const PublicKey key = context.client().get_public_key(kid_);
     if (context.json()) {
-      JsonWriter json(context.out());
-      begin_key_object(json, key.kid, key.alg, key.jwk)
-          .key("pem")
-          .string(spki_to_pem(key.spki))
-          .end_object();
-      context.out() << '\n';
+      Json document = key_object(key.kid, key.alg, key.jwk);
+      document["pem"] = spki_to_pem(key.spki);
+      print_json(context.out(), document);
     } else if (format_ == "pem") {
       context.out() << spki_to_pem(key.spki);
     } else {
-      context.out() << jwk_line(key.jwk) << '\n';
+      context.out() << json_text(key.jwk) << '\n';
     }
     return ExitCode::kOk;
   }
@@ -411,14 +382,7 @@ class DeleteCommand final : public Command {
   ExitCode run(Context& context) override {
     const bool deleted = context.client().delete_key(kid_);
     if (context.json()) {
-      JsonWriter(context.out())
-          .begin_object()
-          .key("kid")
-          .string(kid_)
-          .key("deleted")
-          .boolean(deleted)
-          .end_object();
-      context.out() << '\n';
+      print_json(context.out(), {{"kid", kid_}, {"deleted", deleted}});
     } else {
       context.out() << (deleted ? "deleted " : "no such key: ") << kid_ << '\n';
     }
@@ -515,43 +479,36 @@ class MetricsCommand final : public Command {
         << count(s.connections_accepted) << ", rejected "
         << counts(s.connections_rejected_by_reason) << '\n';
   }
-  static void number_map(JsonWriter& json, const std::map<std::string, double>& values) {
-    json.begin_object();
-    for (const auto& [name, value] : values) json.key(name).number(value);
-    json.end_object();
+  static Json number_map(const std::map<std::string, double>& values) {
+    Json object = Json::object();
+    for (const auto& [name, value] : values) object[name] = number(value);
+    return object;
   }
-  static JsonWriter& optional_number(JsonWriter& json, const std::optional<double>& value) {
-    return value ? json.number(*value) : json.null();
+  static Json optional_number(const std::optional<double>& value) {
+    return value ? number(*value) : Json(nullptr);
   }
   static void print_json(std::ostream& out, const MetricsSummary& s) {
-    JsonWriter json(out);
-    json.begin_object().key("version").string(s.version).key("token_label").string(s.token_label);
-    json.key("hsm_up");
-    if (s.hsm_up) {
-      json.boolean(*s.hsm_up == 1);
-    } else {
-      json.null();
-    }
-    json.key("ready").boolean(s.ready).key("ready_text").string(s.ready_text);
-    json.key("requests_by_code");
-    number_map(json, s.requests_by_code);
-    json.key("sign").begin_object().key("count").number(s.sign_count).key("p50_seconds");
-    optional_number(json, s.sign_p50_seconds).key("p99_seconds");
-    optional_number(json, s.sign_p99_seconds).end_object();
-    json.key("queue_wait_p99_seconds");
-    optional_number(json, s.queue_wait_p99_seconds).key("requests_in_flight");
-    optional_number(json, s.requests_in_flight);
-    json.key("sessions").begin_object().key("idle");
-    optional_number(json, s.sessions_idle).key("busy");
-    optional_number(json, s.sessions_busy).end_object();
-    json.key("pkcs11_errors_by_ckr");
-    number_map(json, s.pkcs11_errors_by_ckr);
-    json.key("connections").begin_object().key("open");
-    optional_number(json, s.connections_open).key("accepted");
-    optional_number(json, s.connections_accepted).key("rejected_by_reason");
-    number_map(json, s.connections_rejected_by_reason);
-    json.end_object().end_object();
-    out << '\n';
+    ::hsm::hsmctl::print_json(
+        out,
+        {{"version", s.version},
+         {"token_label", s.token_label},
+         {"hsm_up", s.hsm_up ? Json(*s.hsm_up == 1) : Json(nullptr)},
+         {"ready", s.ready},
+         {"ready_text", s.ready_text},
+         {"requests_by_code", number_map(s.requests_by_code)},
+         {"sign",
+          {{"count", number(s.sign_count)},
+           {"p50_seconds", optional_number(s.sign_p50_seconds)},
+           {"p99_seconds", optional_number(s.sign_p99_seconds)}}},
+         {"queue_wait_p99_seconds", optional_number(s.queue_wait_p99_seconds)},
+         {"requests_in_flight", optional_number(s.requests_in_flight)},
+         {"sessions",
+          {{"idle", optional_number(s.sessions_idle)}, {"busy", optional_number(s.sessions_busy)}}},
+         {"pkcs11_errors_by_ckr", number_map(s.pkcs11_errors_by_ckr)},
+         {"connections",
+          {{"open", optional_number(s.connections_open)},
+           {"accepted", optional_number(s.connections_accepted)},
+           {"rejected_by_reason", number_map(s.connections_rejected_by_reason)}}}});
   }
 
   std::string url_;
@@ -584,19 +541,10 @@ constexpr std::array kCommands{
 
 void report_error(bool json, const hsm::Error& error, std::ostream& err) {
   if (json) {
-    JsonWriter(err)
-        .begin_object()
-        .key("error")
-        .begin_object()
-        .key("code")
-        .string(error.code())
-        .key("message")
-        .string(error.message())
-        .key("ckr")
-        .optional_string(error.ckr())
-        .end_object()
-        .end_object();
-    err << '\n';
+    print_json(
+        err,
+        {{"error",
+          {{"code", error.code()}, {"message", error.message()}, {"ckr", or_null(error.ckr())}}}});
   } else {
     err << "hsmctl: " << error.what() << '\n';
   }

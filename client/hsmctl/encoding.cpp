@@ -1,8 +1,5 @@
 #include "encoding.hpp"
 
-#include <openssl/bio.h>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
 #include <openssl/pem.h>
 
 #include <algorithm>
@@ -10,21 +7,12 @@
 #include <iostream>
 #include <iterator>
 #include <limits>
-#include <memory>
 
+#include "hsm/common/openssl_ptr.hpp"
 #include "hsm/jose.hpp"
 
 namespace hsm::hsmctl {
 namespace {
-
-struct BioFree {
-  void operator()(BIO* bio) const noexcept { BIO_free(bio); }
-};
-using BioPtr = std::unique_ptr<BIO, BioFree>;
-
-struct OpensslFree {
-  void operator()(unsigned char* p) const noexcept { OPENSSL_free(p); }
-};
 
 std::string_view trim(std::string_view text) {
   constexpr std::string_view kSpace = " \t\r\n";
@@ -61,7 +49,7 @@ Bytes decode_hex(std::string_view hex) {
     throw UsageError("empty hex string");
   }
   long length = 0;
-  std::unique_ptr<unsigned char, OpensslFree> buffer(OPENSSL_hexstr2buf(text.c_str(), &length));
+  common::OpenSslBuffer<unsigned char> buffer(OPENSSL_hexstr2buf(text.c_str(), &length));
   if (!buffer || length <= 0) {
     throw UsageError("not a hex string: '" + text + "' (expected pairs of hex digits)");
   }
@@ -86,7 +74,7 @@ Bytes decode_base64url(std::string_view input) {
 }
 
 std::string spki_to_pem(std::span<const std::uint8_t> spki_der) {
-  BioPtr bio(BIO_new(BIO_s_mem()));
+  common::BioPtr bio(BIO_new(BIO_s_mem()));
   if (!bio || spki_der.size() > static_cast<std::size_t>(std::numeric_limits<long>::max()) ||
       PEM_write_bio(bio.get(), "PUBLIC KEY", "", spki_der.data(),
                     static_cast<long>(spki_der.size())) <= 0) {

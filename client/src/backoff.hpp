@@ -1,28 +1,23 @@
-// Capped exponential backoff with jitter, shared by call retries and reconnects.
+// The client's retry and reconnect delays: hsm::common::Backoff (the one formula, shared with
+// the agent) with the bounds of RetryPolicy.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
-#include <cstdint>
 
 #include "hsm/client.hpp"
+#include "hsm/common/backoff.hpp"
 
 namespace hsm::client {
 
-/// Delays of RetryPolicy: the n-th delay (n >= 1) is drawn uniformly from [d/2, d] where
-/// d = min(max_backoff, initial_backoff * 2^(n-1)). The random half spreads out clients that
-/// failed at the same moment (an agent restart), so they do not all come back in lockstep.
-/// Thread-safe (each thread draws from its own generator).
-class Backoff {
+/// RetryPolicy's delays: initial_backoff (at least 100 us) doubling up to max_backoff, each
+/// drawn from the upper half. Thread-safe.
+class Backoff final : public common::Backoff {
  public:
-  explicit Backoff(const RetryPolicy& policy) noexcept;
-
-  [[nodiscard]] std::chrono::nanoseconds delay(std::uint32_t attempt) const;
-  /// The upper bound d of delay(attempt), without jitter.
-  [[nodiscard]] std::chrono::nanoseconds ceiling(std::uint32_t attempt) const noexcept;
-
- private:
-  std::chrono::nanoseconds initial_;
-  std::chrono::nanoseconds max_;
+  explicit Backoff(const RetryPolicy& policy) noexcept
+      : common::Backoff(std::max<std::chrono::nanoseconds>(policy.initial_backoff,
+                                                           std::chrono::microseconds{100}),
+                        policy.max_backoff) {}
 };
 
 }  // namespace hsm::client

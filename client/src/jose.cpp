@@ -2,21 +2,19 @@
 // JSON goes through nlohmann::json (private to this file: it never reaches an installed header).
 #include "hsm/jose.hpp"
 
-#include <openssl/bn.h>
 #include <openssl/core_names.h>
-#include <openssl/ec.h>
-#include <openssl/evp.h>
-#include <openssl/param_build.h>
 #include <openssl/rsa.h>
 
 #include <algorithm>
 #include <array>
-#include <limits>
-#include <memory>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
+#include "hsm/common/base64url.hpp"
+#include "hsm/common/ecdsa_signature.hpp"
+#include "hsm/common/openssl_ptr.hpp"
 #include "jose_alg.hpp"
 
 namespace hsm::jose {
@@ -115,28 +113,6 @@ using detail::Scheme;
 
 namespace {
 
-struct Deleter {
-  void operator()(EVP_PKEY* p) const noexcept { EVP_PKEY_free(p); }
-  void operator()(EVP_PKEY_CTX* p) const noexcept { EVP_PKEY_CTX_free(p); }
-  void operator()(EVP_MD_CTX* p) const noexcept { EVP_MD_CTX_free(p); }
-  void operator()(ECDSA_SIG* p) const noexcept { ECDSA_SIG_free(p); }
-  void operator()(BIGNUM* p) const noexcept { BN_free(p); }
-  void operator()(OSSL_PARAM_BLD* p) const noexcept { OSSL_PARAM_BLD_free(p); }
-  void operator()(OSSL_PARAM* p) const noexcept { OSSL_PARAM_free(p); }
-};
-template <class T>
-using Owned = std::unique_ptr<T, Deleter>;
-
-// ---- Base64url ------------------------------------------------------------------------------
-
-constexpr std::string_view kAlphabet =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-int sextet(char c) noexcept {
-  const auto at = kAlphabet.find(c);
-  return at == std::string_view::npos ? -1 : static_cast<int>(at);
-}
-
 // ---- JWK to EVP_PKEY ------------------------------------------------------------------------
 
 const std::string& member(const Jwk& jwk, const std::string& name) {
@@ -158,23 +134,23 @@ Bytes key_bytes(const Jwk& jwk, const std::string& name) {
   }
 }
 
-Owned<EVP_PKEY> from_params(const char* type, OSSL_PARAM* params) {
-  Owned<EVP_PKEY_CTX> ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
+common::EvpPkeyPtr from_params(const char* type, OSSL_PARAM* params) {
+  common::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
   EVP_PKEY* raw = nullptr;
   if (!ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params) != 1) {
     throw Error(Reason::kBadKey, std::string("the JWK is not a valid ") + type + " public key");
   }
-  Owned<EVP_PKEY> key(raw);
+  common::EvpPkeyPtr key(raw);
   // fromdata decodes the point but does not prove it lies on the curve; check it here.
-  Owned<EVP_PKEY_CTX> check(EVP_PKEY_CTX_new_from_pkey(nullptr, key.get(), nullptr));
+  common::EvpPkeyCtxPtr check(EVP_PKEY_CTX_new_from_pkey(nullptr, key.get(), nullptr));
   if (!check || EVP_PKEY_public_check(check.get()) != 1) {
     throw Error(Reason::kBadKey, std::string("the JWK is not a valid ") + type + " public key");
   }
   return key;
 }
 
-Owned<EVP_PKEY> ec_key(const Jwk& jwk, const AlgSpec& spec) {
+common::EvpPkeyPtr ec_key(const Jwk& jwk, const AlgSpec& spec) {
   const Bytes x = key_bytes(jwk, "x");
   const Bytes y = key_bytes(jwk, "y");
   if (x.size() != spec.field_bytes || y.size() != spec.field_bytes) {
@@ -184,7 +160,7 @@ Owned<EVP_PKEY> ec_key(const Jwk& jwk, const AlgSpec& spec) {
   Bytes point{0x04};  // SEC 1 uncompressed point
   point.insert(point.end(), x.begin(), x.end());
   point.insert(point.end(), y.begin(), y.end());
-  Owned<OSSL_PARAM_BLD> build(OSSL_PARAM_BLD_new());
+  common::ParamBldPtr build(OSSL_PARAM_BLD_new());
   if (!build ||
       OSSL_PARAM_BLD_push_utf8_string(build.get(), OSSL_PKEY_PARAM_GROUP_NAME, spec.ossl_group,
                                       0) != 1 ||
@@ -192,32 +168,33 @@ Owned<EVP_PKEY> ec_key(const Jwk& jwk, const AlgSpec& spec) {
                                        point.size()) != 1) {
     throw Error(Reason::kBadKey, "out of memory building the EC key");
   }
-  Owned<OSSL_PARAM> params(OSSL_PARAM_BLD_to_param(build.get()));
+  common::ParamPtr params(OSSL_PARAM_BLD_to_param(build.get()));
   return from_params("EC", params.get());
 }
 
-Owned<EVP_PKEY> rsa_key(const Jwk& jwk) {
+common::EvpPkeyPtr rsa_key(const Jwk& jwk) {
   const Bytes n = key_bytes(jwk, "n");
   const Bytes e = key_bytes(jwk, "e");
   // RFC 7518 section 3.3: keys of 2048 bits or more. Smaller ones are refused outright.
   if (n.size() < 256 || n.size() > 2048 || e.size() > 8) {
     throw Error(Reason::kBadKey, "the JWK's RSA modulus is not between 2048 and 16384 bits");
   }
-  Owned<BIGNUM> bn_n(BN_bin2bn(n.data(), static_cast<int>(n.size()), nullptr));
-  Owned<BIGNUM> bn_e(BN_bin2bn(e.data(), static_cast<int>(e.size()), nullptr));
-  Owned<OSSL_PARAM_BLD> build(OSSL_PARAM_BLD_new());
+  common::BignumPtr bn_n(BN_bin2bn(n.data(), static_cast<int>(n.size()), nullptr));
+  common::BignumPtr bn_e(BN_bin2bn(e.data(), static_cast<int>(e.size()), nullptr));
+  common::ParamBldPtr build(OSSL_PARAM_BLD_new());
   if (!bn_n || !bn_e || !build ||
       OSSL_PARAM_BLD_push_BN(build.get(), OSSL_PKEY_PARAM_RSA_N, bn_n.get()) != 1 ||
       OSSL_PARAM_BLD_push_BN(build.get(), OSSL_PKEY_PARAM_RSA_E, bn_e.get()) != 1) {
     throw Error(Reason::kBadKey, "out of memory building the RSA key");
   }
-  Owned<OSSL_PARAM> params(OSSL_PARAM_BLD_to_param(build.get()));
+  common::ParamPtr params(OSSL_PARAM_BLD_to_param(build.get()));
   return from_params("RSA", params.get());
 }
 
-Owned<EVP_PKEY> ed25519_key(const Jwk& jwk) {
+common::EvpPkeyPtr ed25519_key(const Jwk& jwk) {
   const Bytes x = key_bytes(jwk, "x");
-  Owned<EVP_PKEY> key(EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, x.data(), x.size()));
+  common::EvpPkeyPtr key(
+      EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, x.data(), x.size()));
   if (!key) {
     throw Error(Reason::kBadKey, "the JWK's x is not an Ed25519 public key");
   }
@@ -225,7 +202,7 @@ Owned<EVP_PKEY> ed25519_key(const Jwk& jwk) {
 }
 
 /// The key for `spec`, after checking that the JWK is of the kind the alg needs.
-Owned<EVP_PKEY> public_key(const Jwk& jwk, const AlgSpec& spec) {
+common::EvpPkeyPtr public_key(const Jwk& jwk, const AlgSpec& spec) {
   const std::string& kty = member(jwk, "kty");
   auto crv = jwk.find("crv");
   const std::string_view jwk_crv = crv == jwk.end() ? std::string_view{} : crv->second;
@@ -253,41 +230,18 @@ Owned<EVP_PKEY> public_key(const Jwk& jwk, const AlgSpec& spec) {
 
 // ---- Signature check ------------------------------------------------------------------------
 
-/// JOSE r||s to the DER ECDSA-Sig-Value OpenSSL verifies; nullopt when the size is wrong.
-std::optional<Bytes> ecdsa_der(const Bytes& raw, std::size_t half) {
-  if (raw.size() != 2 * half) {
-    return std::nullopt;
-  }
-  Owned<ECDSA_SIG> sig(ECDSA_SIG_new());
-  BIGNUM* r = BN_bin2bn(raw.data(), static_cast<int>(half), nullptr);
-  BIGNUM* s = BN_bin2bn(raw.data() + half, static_cast<int>(half), nullptr);
-  if (!sig || r == nullptr || s == nullptr || ECDSA_SIG_set0(sig.get(), r, s) != 1) {
-    BN_free(r);
-    BN_free(s);
-    return std::nullopt;
-  }
-  unsigned char* out = nullptr;
-  const int length = i2d_ECDSA_SIG(sig.get(), &out);
-  if (length <= 0) {
-    return std::nullopt;
-  }
-  Bytes der(out, out + length);
-  OPENSSL_free(out);
-  return der;
-}
-
 bool signature_valid(EVP_PKEY* key, const AlgSpec& spec, std::string_view signing_input,
                      const Bytes& signature) {
   const Bytes* sig = &signature;
   std::optional<Bytes> der;
   if (spec.scheme == Scheme::kEcdsa) {
-    der = ecdsa_der(signature, spec.field_bytes);
+    der = common::ecdsa_raw_to_der(signature, spec.field_bytes);
     if (!der) {
       return false;
     }
     sig = &*der;
   }
-  Owned<EVP_MD_CTX> ctx(EVP_MD_CTX_new());
+  common::EvpMdCtxPtr ctx(EVP_MD_CTX_new());
   EVP_PKEY_CTX* pctx = nullptr;  // owned by ctx
   if (!ctx ||
       EVP_DigestVerifyInit_ex(ctx.get(), &pctx, spec.digest, nullptr, nullptr, key, nullptr) != 1) {
@@ -443,50 +397,19 @@ Error::Error(Reason reason, const std::string& message)
     : hsm::Error(std::string(reason_code(reason)), message), reason_(reason) {}
 
 std::string base64url_encode(std::span<const std::uint8_t> bytes) {
-  if (bytes.empty()) return {};
-  if (bytes.size() > static_cast<std::size_t>(std::numeric_limits<int>::max() / 4 * 3 - 3)) {
-    throw Error(Reason::kTooLarge, "too many bytes to encode");
+  try {
+    return common::base64url_encode(bytes);
+  } catch (const std::length_error& e) {
+    throw Error(Reason::kTooLarge, e.what());
   }
-  // OpenSSL's base64, then the URL alphabet without padding (RFC 7515, appendix C).
-  std::string text(4 * ((bytes.size() + 2) / 3) + 1, '\0');
-  // NOLINTNEXTLINE(cppcoreguidelines-pro-type-reinterpret-cast): OpenSSL takes unsigned char
-  const int written = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(text.data()), bytes.data(),
-                                      static_cast<int>(bytes.size()));
-  text.resize(static_cast<std::size_t>(written));
-  while (!text.empty() && text.back() == '=') text.pop_back();
-  std::replace(text.begin(), text.end(), '+', '-');
-  std::replace(text.begin(), text.end(), '/', '_');
-  return text;
 }
 
 Bytes base64url_decode(std::string_view text) {
-  if (text.size() % 4 == 1) {
-    throw Error(Reason::kMalformed, "a base64url text cannot be 1 more than a multiple of 4 long");
+  try {
+    return common::base64url_decode(text);
+  } catch (const std::invalid_argument& e) {
+    throw Error(Reason::kMalformed, e.what());
   }
-  Bytes out;
-  out.reserve(text.size() * 3 / 4);
-  std::uint32_t buffer = 0;
-  int bits = 0;
-  for (const char c : text) {
-    const int value = sextet(c);
-    if (value < 0) {
-      throw Error(Reason::kMalformed,
-                  "a character outside the base64url alphabet (padding "
-                  "'=' is not used in JOSE)");
-    }
-    buffer = (buffer << 6U) | static_cast<std::uint32_t>(value);
-    bits += 6;
-    if (bits >= 8) {
-      bits -= 8;
-      out.push_back(static_cast<std::uint8_t>((buffer >> static_cast<unsigned>(bits)) & 0xFFU));
-    }
-  }
-  // Leftover bits must be zero, so that each byte string has exactly one encoding (otherwise a
-  // signature could be altered in its last character and still verify).
-  if (bits > 0 && (buffer & ((1U << static_cast<unsigned>(bits)) - 1U)) != 0) {
-    throw Error(Reason::kMalformed, "non-canonical base64url (trailing bits set)");
-  }
-  return out;
 }
 
 Verified verify(std::string_view compact, const Jwk& jwk, const VerifyOptions& options) {

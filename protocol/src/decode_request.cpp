@@ -8,6 +8,7 @@
 #include <limits>
 #include <utility>
 
+#include "hsm/common/utf8.hpp"
 #include "hsm/protocol/codec.hpp"
 #include "object_view.hpp"
 #include "wire_keys.hpp"
@@ -395,55 +396,6 @@ RequestDecodeError invalid(std::optional<std::uint32_t> msgid, ErrorCode code, s
   return RequestDecodeError{msgid, Error{code, std::move(message), std::nullopt}, method};
 }
 
-// ---- UTF-8 -----------------------------------------------------------------------------------
-
-/// Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above U+10FFFF.
-bool is_valid_utf8(std::string_view text) noexcept {
-  std::size_t i = 0;
-  const std::size_t n = text.size();
-  while (i < n) {
-    const auto lead = static_cast<unsigned char>(text[i]);
-    if (lead < 0x80) {
-      ++i;
-      continue;
-    }
-    std::size_t length = 0;
-    std::uint32_t code_point = 0;
-    std::uint32_t smallest = 0;
-    if ((lead & 0xE0U) == 0xC0U) {
-      length = 2;
-      code_point = lead & 0x1FU;
-      smallest = 0x80;
-    } else if ((lead & 0xF0U) == 0xE0U) {
-      length = 3;
-      code_point = lead & 0x0FU;
-      smallest = 0x800;
-    } else if ((lead & 0xF8U) == 0xF0U) {
-      length = 4;
-      code_point = lead & 0x07U;
-      smallest = 0x10000;
-    } else {
-      return false;  // a continuation byte, or 0xF8..0xFF
-    }
-    if (n - i < length) {
-      return false;
-    }
-    for (std::size_t k = 1; k < length; ++k) {
-      const auto next = static_cast<unsigned char>(text[i + k]);
-      if ((next & 0xC0U) != 0x80U) {
-        return false;
-      }
-      code_point = (code_point << 6U) | (next & 0x3FU);
-    }
-    if (code_point < smallest || code_point > 0x10FFFF ||
-        (code_point >= 0xD800 && code_point <= 0xDFFF)) {
-      return false;
-    }
-    i += length;
-  }
-  return true;
-}
-
 }  // namespace
 
 std::optional<std::string> kid_problem(std::string_view kid) {
@@ -457,7 +409,7 @@ std::optional<std::string> kid_problem(std::string_view kid) {
   if (kid.find('\0') != std::string_view::npos) {
     return "must not contain NUL bytes";
   }
-  if (!is_valid_utf8(kid)) {
+  if (!common::is_valid_utf8(kid)) {
     return "must be valid UTF-8";
   }
   return std::nullopt;

@@ -9,6 +9,7 @@
 #include <sstream>
 #include <string>
 
+#include "fixtures/command.hpp"
 #include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
@@ -28,18 +29,8 @@ HsmctlRun hsmctl(const AgentProcess& agent, const std::string& args) {
   const auto err_file = agent.directory() / "hsmctl.err";
   const std::string command = std::string("'") + HSMCTL_BINARY + "' --socket '" +
                               agent.socket_path() + "' " + args + " 2>'" + err_file.string() + "'";
-  HsmctlRun run;
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::array<char, 4096> buffer{};
-  while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) run.out += buffer.data();
-  const int status = ::pclose(pipe);
-  run.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(err_file);
-  std::ostringstream text;
-  text << in.rdbuf();
-  run.err = text.str();
-  return run;
+  auto [status, out] = run_command(command, Capture::kStdout);
+  return HsmctlRun{status, std::move(out), read_text(err_file)};
 }
 
 /// The value of one sample of the agent's /metrics, 0 when absent.

@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "fixtures/fault_module.hpp"
 #include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
@@ -81,61 +82,6 @@ double wait_for_metric(const AgentProcess& agent, const std::string& series, dou
   }
   return now;
 }
-
-// The fault-injecting PKCS#11 module in front of SoftHSMv2, with its control and stats files in
-// a private directory (removed on destruction). See tests/fault_module/README.md.
-struct FaultModule {
-  FaultModule() : dir(make_temp_dir("hsm-hostile-fault")) {}
-  ~FaultModule() {
-    std::error_code ec;
-    std::filesystem::remove_all(dir, ec);
-  }
-  FaultModule(const FaultModule&) = delete;
-  FaultModule& operator=(const FaultModule&) = delete;
-
-  // Replaces the rules atomically (a half-written file would briefly mean "no rules").
-  void write_rules(const std::string& rules) const {
-    const auto temporary = dir / "faults.conf.tmp";
-    std::ofstream(temporary) << rules;
-    std::filesystem::rename(temporary, dir / "faults.conf");
-  }
-
-  // Per-function call counts ("C_Sign", "C_Sign.injected", ...): exact once the agent's
-  // C_Finalize returned, otherwise at most ~25 ms stale.
-  [[nodiscard]] std::map<std::string, std::uint64_t> stats() const {
-    std::map<std::string, std::uint64_t> counts;
-    std::ifstream in(dir / "fault-stats.txt");
-    std::string name;
-    std::uint64_t count = 0;
-    while (in >> name >> count) counts[name] = count;
-    return counts;
-  }
-
-  // Waits until `counter` reaches `value`; false on timeout.
-  [[nodiscard]] bool wait_for(const std::string& counter, std::uint64_t value,
-                              std::chrono::milliseconds timeout) const {
-    const auto until = std::chrono::steady_clock::now() + timeout;
-    while (std::chrono::steady_clock::now() < until) {
-      const auto counts = stats();
-      const auto it = counts.find(counter);
-      if (it != counts.end() && it->second >= value) return true;
-      std::this_thread::sleep_for(20ms);
-    }
-    return false;
-  }
-
-  [[nodiscard]] AgentOptions agent_options(std::vector<std::string> args) const {
-    AgentOptions options;
-    options.module = HSM_FAULT_MODULE;
-    options.extra_args = std::move(args);
-    options.env = {{"HSM_FAULT_TARGET", kSoftHsmModule},
-                   {"HSM_FAULT_CONTROL", (dir / "faults.conf").string()},
-                   {"HSM_FAULT_STATS", (dir / "fault-stats.txt").string()}};
-    return options;
-  }
-
-  std::filesystem::path dir;
-};
 
 AgentOptions with_args(std::vector<std::string> args) {
   AgentOptions options;
@@ -762,7 +708,7 @@ TEST_CASE(
   RunningAgent env(faults.agent_options(
       {"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000"}));
   env.client.generate_key("k");
-  faults.write_rules("C_Sign hang=1\n");
+  faults.set("C_Sign hang=1\n");
   const std::size_t rss_start = resident_kib(env.agent.pid());
 
   const std::string data(kMiB - 512, 'd');
@@ -799,7 +745,7 @@ TEST_CASE(
   CHECK(wait_until(filled, 30s));
   std::this_thread::sleep_for(1500ms);  // and holds no more, however long it waits
   (void)filled();                       // sampled again: checked against the budget below
-  faults.write_rules("");               // the token signs again: everything pushed gets its answer
+  faults.set("");                       // the token signs again: everything pushed gets its answer
   while (readers_done.load() < 2) {
     peak_rss = std::max(peak_rss, resident_kib(env.agent.pid()));
     std::this_thread::sleep_for(50ms);
@@ -1044,7 +990,7 @@ TEST_CASE(
   // Slow signatures (20 ms, two sessions) keep a queue in front of the workers, so when the
   // agent is stopped for longer than the deadline some requests are certainly still waiting.
   FaultModule faults;
-  faults.write_rules("C_Sign delay_ms=20\n");
+  faults.set("C_Sign delay_ms=20\n");
   constexpr std::uint32_t kSessions = 2;
   RunningAgent env(faults.agent_options({"--sessions", std::to_string(kSessions), "--max-sessions",
                                          std::to_string(kSessions), "--request-timeout", "3000"}));
@@ -1141,7 +1087,7 @@ TEST_CASE(
       faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000",
                             "--shutdown-timeout", std::to_string(kShutdownSeconds)}));
   env.client.generate_key("k");
-  faults.write_rules("C_Sign hang=1\n");  // after start-up: nothing before this signs
+  faults.set("C_Sign hang=1\n");  // after start-up: nothing before this signs
   RawConnection connection(env.agent.socket_path());
   REQUIRE(connection.send(sign_request(1, "k", "hung")));
   REQUIRE(faults.wait_for("C_Sign.injected", 1, 10s));
@@ -1164,7 +1110,7 @@ TEST_CASE("a second SIGTERM during a long drain exits at once", "[signals]") {
       faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--request-timeout", "120000",
                             "--shutdown-timeout", "60"}));
   env.client.generate_key("k");
-  faults.write_rules("C_Sign hang=1\n");
+  faults.set("C_Sign hang=1\n");
   RawConnection connection(env.agent.socket_path());
   REQUIRE(connection.send(sign_request(1, "k", "hung")));
   REQUIRE(faults.wait_for("C_Sign.injected", 1, 10s));

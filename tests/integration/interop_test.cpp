@@ -6,33 +6,18 @@
 #include <catch2/catch.hpp>
 #include <cstdio>
 
+#include "fixtures/command.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
 
 namespace {
 
-struct CommandResult {
-  int status = -1;
-  std::string output;
-};
-
-// Runs a shell command (test-controlled strings only) and captures stdout+stderr.
-CommandResult run(const std::string& command) {
-  CommandResult result;
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  if (pipe == nullptr) return result;
-  std::array<char, 4096> buf{};
-  while (std::fgets(buf.data(), buf.size(), pipe) != nullptr) result.output += buf.data();
-  const int status = ::pclose(pipe);
-  result.status = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return result;
-}
-
 std::string pkcs11_tool(const SoftHsmToken& token, const std::string& args) {
-  const auto result = run("SOFTHSM2_CONF='" + token.config_path().string() +
-                          "' pkcs11-tool --module " + kSoftHsmModule + " --token-label '" +
-                          token.label() + "' --login --pin '" + token.user_pin() + "' " + args);
+  const auto result =
+      run_command("SOFTHSM2_CONF='" + token.config_path().string() + "' pkcs11-tool --module " +
+                  kSoftHsmModule + " --token-label '" + token.label() + "' --login --pin '" +
+                  token.user_pin() + "' " + args);
   INFO(result.output);
   REQUIRE(result.status == 0);
   return result.output;
@@ -73,9 +58,9 @@ TEST_CASE("keys made by the agent are sensitive and never extractable", "[intero
 TEST_CASE("a third-party client from protocol/README.md verifies a JWS with jwcrypto",
           "[interop]") {
   RunningAgent env;
-  const auto result =
-      run("/usr/bin/python3 '" HSM_SOURCE_DIR "/tests/integration/third_party_client.py' '" +
-          env.agent.socket_path() + "'");
+  const auto result = run_command("/usr/bin/python3 '" HSM_SOURCE_DIR
+                                  "/tests/integration/third_party_client.py' '" +
+                                  env.agent.socket_path() + "'");
   INFO(result.output);
   CHECK(result.status == 0);
   CHECK(result.output.find("jws verified") != std::string::npos);

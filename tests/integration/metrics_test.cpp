@@ -5,6 +5,7 @@
 #include <fstream>
 #include <regex>
 
+#include "fixtures/command.hpp"
 #include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
@@ -34,15 +35,9 @@ TEST_CASE("request metrics move with successes and failures", "[metrics]") {
   // promtool is the judge of the exposition format.
   const auto file = env.agent.directory() / "metrics.txt";
   std::ofstream(file) << text;
-  const std::string command = "promtool check metrics < '" + file.string() + "' 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::string output;
-  char buf[4096];
-  while (std::fgets(buf, sizeof(buf), pipe) != nullptr) output += buf;
-  const int rc = ::pclose(pipe);
-  INFO(output);
-  CHECK(WEXITSTATUS(rc) == 0);
+  const auto promtool = run_command("promtool check metrics < '" + file.string() + "'");
+  INFO(promtool.output);
+  CHECK(promtool.status == 0);
 }
 
 TEST_CASE("liveness and readiness probes", "[metrics]") {

@@ -45,7 +45,12 @@
 #include <thread>
 #include <vector>
 
+#include "fixtures/command.hpp"
+#include "fixtures/fault_module.hpp"
+#include "fixtures/json_lines.hpp"
 #include "fixtures/polling.hpp"
+#include "fixtures/prometheus_text.hpp"
+#include "fixtures/temp_dir.hpp"
 #include "integration/running_agent.hpp"
 
 using namespace hsm::test;
@@ -55,44 +60,6 @@ using hsm::protocol::Method;
 namespace {
 
 // ---- small tools -------------------------------------------------------------------------
-
-class ScratchDir {
- public:
-  ScratchDir() : path_(make_temp_dir("hsm-obs")) {}
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  ScratchDir(const ScratchDir&) = delete;
-  ScratchDir& operator=(const ScratchDir&) = delete;
-  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
-
-std::string read_text(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
-void write_text(const std::filesystem::path& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << text;
-}
-
-/// Runs a shell command; its exit code and its stdout and stderr together.
-std::pair<int, std::string> run_command(const std::string& command) {
-  FILE* pipe = ::popen((command + " 2>&1").c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::string output;
-  char buffer[4096];
-  while (std::fgets(buffer, sizeof(buffer), pipe) != nullptr) output += buffer;
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
-}
 
 std::string hex(const Bytes& bytes) {
   static constexpr char kDigits[] = "0123456789abcdef";
@@ -114,160 +81,7 @@ std::string error_code_of(const std::function<void()>& call) {
   return "no error";
 }
 
-/// Text up to and including the last newline: a line being written is not judged yet.
-std::string complete_lines(const std::string& text) {
-  const auto end = text.rfind('\n');
-  return end == std::string::npos ? std::string() : text.substr(0, end + 1);
-}
-
-std::size_t count_lines(const std::string& text) {
-  return static_cast<std::size_t>(std::count(text.begin(), text.end(), '\n'));
-}
-
-// ---- JSON lines, judged by Python's json module --------------------------------------------
-
-// Reads the file named by argv[1] and prints one line per input line: "ok" and the object's
-// leaves as key=type:value (nested keys joined with '.', strings as UTF-8 hex so that any
-// character survives), or "bad" and why. Strict: the bytes must be UTF-8, the line one JSON
-// object, keys unique, no NaN/Infinity.
-constexpr const char* kJudgeScript = R"PY(
-import json, sys
-
-def unique(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError("duplicate key " + key)
-        seen[key] = value
-    return seen
-
-def no_constants(name):
-    raise ValueError("not JSON: " + name)
-
-def flatten(key, value, out):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            flatten(key + "." + k if key else k, v, out)
-    elif isinstance(value, bool):
-        out.append(key + "=b:" + ("1" if value else "0"))
-    elif isinstance(value, int):
-        out.append(key + "=i:" + str(value))
-    elif isinstance(value, float):
-        out.append(key + "=f:" + repr(value))
-    elif isinstance(value, str):
-        out.append(key + "=s:" + value.encode("utf-8").hex())
-    elif value is None:
-        out.append(key + "=z:")
-    else:
-        out.append(key + "=l:" + json.dumps(value).encode("utf-8").hex())
-
-with open(sys.argv[1], "rb") as f:
-    pieces = f.read().split(b"\n")
-if pieces and pieces[-1] == b"":
-    pieces.pop()
-for raw in pieces:
-    try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=unique,
-                         parse_constant=no_constants)
-        if not isinstance(obj, dict):
-            raise ValueError("not a JSON object")
-        out = []
-        flatten("", obj, out)
-        print("\t".join(["ok"] + out))
-    except Exception as e:
-        print("bad\t" + repr(e).replace("\t", " ").replace("\n", " "))
-)PY";
-
-struct JsonLine {
-  std::string error;                          // empty: the line is a JSON object
-  std::map<std::string, std::string> fields;  // "peer.uid" -> "i:1000", "kid" -> "s:6b31"
-
-  [[nodiscard]] bool ok() const { return error.empty(); }
-  [[nodiscard]] bool has(const std::string& key) const { return fields.count(key) != 0; }
-
-  /// A string field's value; a marker naming the problem when it is missing or not a string.
-  [[nodiscard]] std::string str(const std::string& key) const {
-    const auto it = fields.find(key);
-    if (it == fields.end()) return "<missing " + key + ">";
-    if (it->second.rfind("s:", 0) != 0) return "<not a string: " + it->second + ">";
-    std::string out;
-    for (std::size_t i = 2; i + 1 < it->second.size(); i += 2) {
-      out.push_back(static_cast<char>(std::stoi(it->second.substr(i, 2), nullptr, 16)));
-    }
-    return out;
-  }
-  /// An integer field as decimal text; a marker when missing or not an integer.
-  [[nodiscard]] std::string integer(const std::string& key) const {
-    const auto it = fields.find(key);
-    if (it == fields.end()) return "<missing " + key + ">";
-    if (it->second.rfind("i:", 0) != 0) return "<not an integer: " + it->second + ">";
-    return it->second.substr(2);
-  }
-  /// A number field (integer or not); NaN when missing or not a number.
-  [[nodiscard]] double number(const std::string& key) const {
-    const auto it = fields.find(key);
-    if (it == fields.end()) return std::numeric_limits<double>::quiet_NaN();
-    if (it->second.rfind("i:", 0) != 0 && it->second.rfind("f:", 0) != 0) {
-      return std::numeric_limits<double>::quiet_NaN();
-    }
-    return std::stod(it->second.substr(2));
-  }
-  [[nodiscard]] std::set<std::string> keys() const {
-    std::set<std::string> out;
-    for (const auto& [key, value] : fields) out.insert(key);
-    return out;
-  }
-};
-
-/// Judges every line of `text` (which must end with a newline). One JsonLine per line.
-std::vector<JsonLine> judge_json_lines(const std::string& text) {
-  ScratchDir dir;
-  write_text(dir.path() / "judge.py", kJudgeScript);
-  write_text(dir.path() / "lines", text);
-  const auto [code, output] =
-      run_command("/usr/bin/python3 '" + (dir.path() / "judge.py").string() + "' '" +
-                  (dir.path() / "lines").string() + "'");
-  INFO(output);
-  REQUIRE(code == 0);
-  std::vector<JsonLine> lines;
-  std::istringstream in(output);
-  std::string row;
-  while (std::getline(in, row)) {
-    std::vector<std::string> cells;
-    std::size_t start = 0;
-    for (;;) {
-      const auto tab = row.find('\t', start);
-      cells.push_back(row.substr(start, tab - start));
-      if (tab == std::string::npos) break;
-      start = tab + 1;
-    }
-    JsonLine line;
-    if (cells.front() == "ok") {
-      for (std::size_t i = 1; i < cells.size(); ++i) {
-        const auto eq = cells[i].find('=');
-        line.fields[cells[i].substr(0, eq)] = cells[i].substr(eq + 1);
-      }
-    } else {
-      line.error = cells.size() > 1 ? cells[1] : "unreadable";
-    }
-    lines.push_back(std::move(line));
-  }
-  REQUIRE(lines.size() == count_lines(text));
-  return lines;
-}
-
 const std::regex kRfc3339Utc(R"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z)");
-
-/// Waits until `read()` holds at least `count` complete lines, then judges them all.
-std::vector<JsonLine> wait_for_json_lines(const std::function<std::string()>& read,
-                                          std::size_t count) {
-  std::string text;
-  wait_until([&] {
-    text = complete_lines(read());
-    return count_lines(text) >= count;
-  });
-  return judge_json_lines(text);
-}
 
 // ---- audit expectations --------------------------------------------------------------------
 
@@ -316,96 +130,6 @@ void check_audit_lines(const std::vector<JsonLine>& lines,
 
 // ---- /metrics -------------------------------------------------------------------------------
 
-struct Sample {
-  std::string name;
-  std::map<std::string, std::string> labels;
-  double value = 0;
-};
-
-/// The Prometheus text format's samples (comments skipped). Label values are unescaped.
-std::vector<Sample> parse_exposition(const std::string& text) {
-  std::vector<Sample> samples;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.empty() || line[0] == '#') continue;
-    Sample sample;
-    std::size_t i = line.find_first_of("{ ");
-    REQUIRE(i != std::string::npos);
-    sample.name = line.substr(0, i);
-    if (line[i] == '{') {
-      ++i;
-      while (line.at(i) != '}') {
-        const auto eq = line.find("=\"", i);
-        REQUIRE(eq != std::string::npos);
-        const std::string key = line.substr(i, eq - i);
-        std::string value;
-        std::size_t j = eq + 2;
-        for (; line.at(j) != '"'; ++j) {
-          if (line[j] == '\\') {
-            ++j;
-            value.push_back(line.at(j) == 'n' ? '\n' : line[j]);
-          } else {
-            value.push_back(line[j]);
-          }
-        }
-        sample.labels[key] = value;
-        i = j + 1;
-        if (line.at(i) == ',') ++i;
-      }
-      ++i;
-    }
-    sample.value = std::stod(line.substr(i + 1));
-    samples.push_back(std::move(sample));
-  }
-  return samples;
-}
-
-class Scrape {
- public:
-  explicit Scrape(const AgentProcess& agent) {
-    auto [status, text] = agent.http_get("/metrics");
-    REQUIRE(status == 200);
-    text_ = std::move(text);
-    samples_ = parse_exposition(text_);
-  }
-
-  /// The sample with exactly this name and these labels; NaN when there is none.
-  [[nodiscard]] double value(const std::string& name,
-                             const std::map<std::string, std::string>& labels = {}) const {
-    for (const auto& sample : samples_) {
-      if (sample.name == name && sample.labels == labels) return sample.value;
-    }
-    return std::numeric_limits<double>::quiet_NaN();
-  }
-  /// As value(), but 0 for a series not created yet (a counter whose labels never occurred).
-  [[nodiscard]] double counter(const std::string& name,
-                               const std::map<std::string, std::string>& labels = {}) const {
-    const double v = value(name, labels);
-    return std::isnan(v) ? 0 : v;
-  }
-  /// Every sample of `name` whose labels include `subset`.
-  [[nodiscard]] std::vector<Sample> all(const std::string& name,
-                                        const std::map<std::string, std::string>& subset) const {
-    std::vector<Sample> out;
-    for (const auto& sample : samples_) {
-      if (sample.name != name) continue;
-      const bool match = std::all_of(subset.begin(), subset.end(), [&](const auto& label) {
-        const auto it = sample.labels.find(label.first);
-        return it != sample.labels.end() && it->second == label.second;
-      });
-      if (match) out.push_back(sample);
-    }
-    return out;
-  }
-  [[nodiscard]] const std::string& text() const noexcept { return text_; }
-  [[nodiscard]] const std::vector<Sample>& samples() const noexcept { return samples_; }
-
- private:
-  std::string text_;
-  std::vector<Sample> samples_;
-};
-
 double metric(const AgentProcess& agent, const std::string& name,
               const std::map<std::string, std::string>& labels = {}) {
   return Scrape(agent).counter(name, labels);
@@ -445,27 +169,6 @@ const std::vector<std::pair<std::string, std::string>> kCatalogue = {
     {"process_open_fds", "gauge"},
     {"process_max_fds", "gauge"},
 };
-// ---- the fault-injecting module in front of SoftHSMv2 ---------------------------------------
-
-struct FaultControl {
-  ScratchDir dir;
-  std::filesystem::path control = dir.path() / "faults";
-
-  FaultControl() { write_text(control, ""); }
-  /// Options that load the fault module in front of SoftHSMv2, rules read on every call.
-  [[nodiscard]] AgentOptions options(std::vector<std::string> args = {}) const {
-    AgentOptions options;
-    options.module = HSM_FAULT_MODULE;
-    options.extra_args = std::move(args);
-    options.env = {{"HSM_FAULT_TARGET", kSoftHsmModule},
-                   {"HSM_FAULT_CONTROL", control.string()},
-                   {"HSM_FAULT_POLL_US", "0"}};
-    return options;
-  }
-  void set(const std::string& rules) const { write_text(control, rules + "\n"); }
-  void clear() const { write_text(control, ""); }
-};
-
 hsm::Client client_for(const AgentProcess& agent, std::chrono::milliseconds timeout = 5s,
                        std::uint32_t attempts = 16) {
   hsm::ClientOptions options;
@@ -563,7 +266,7 @@ TEST_CASE("audit: requests a read-only agent refuses are audited as permission_d
 TEST_CASE("audit: policy denials and refused connections are audited with the peer",
           "[observability][audit]") {
   SoftHsmToken token;
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const auto me = std::to_string(::getuid());
   const auto someone_else = std::to_string(::getuid() + 1);
 
@@ -647,7 +350,7 @@ TEST_CASE("audit: policy denials and refused connections are audited with the pe
 
 TEST_CASE("audit: --audit-log FILE is reopened on SIGHUP after rotation, nothing lost",
           "[observability][audit]") {
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const auto path = dir.path() / "audit.log";
   const auto rotated = dir.path() / "audit.log.1";
   const auto rotated_again = dir.path() / "audit.log.2";
@@ -833,10 +536,10 @@ TEST_CASE("metrics: request histogram buckets, counters and PKCS#11 calls move w
 
 TEST_CASE("metrics: in-flight and session gauges while a PKCS#11 call is held, then at rest",
           "[observability][metrics]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "3", "--max-sessions", "3",
-                                            "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.agent_options({"--sessions", "3", "--max-sessions", "3",
+                                                  "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("held");
   CHECK(metric(agent, "hsm_agent_requests_in_flight") == 0);
@@ -875,9 +578,9 @@ TEST_CASE("metrics: in-flight and session gauges while a PKCS#11 call is held, t
 }
 
 TEST_CASE("metrics: a PKCS#11 error is counted by function and CKR", "[observability][metrics]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options());
+  AgentProcess agent(token, faults.agent_options());
   auto client = client_for(agent, 10s, 1);
   client.generate_key("e");
   faults.set("C_Sign rv=CKR_FUNCTION_FAILED count=1");
@@ -961,9 +664,9 @@ TEST_CASE("metrics: connections over --max-connections are rejected and counted"
 
 TEST_CASE("token health: hsm_up, the probe, logins and /readyz follow the token",
           "[observability][metrics][health]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--probe-interval", "1"}));
+  AgentProcess agent(token, faults.agent_options({"--probe-interval", "1"}));
   auto client = client_for(agent, 5s, 1);
   client.generate_key("h");
 
@@ -1012,11 +715,11 @@ TEST_CASE("token health: hsm_up, the probe, logins and /readyz follow the token"
 
 TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounded",
           "[observability][metrics][promtool]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
   AgentProcess agent(
-      token, faults.options({"--sessions", "2", "--max-sessions", "2", "--max-message-bytes",
-                             "4096", "--max-connections", "3"}));
+      token, faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--max-message-bytes",
+                                   "4096", "--max-connections", "3"}));
   auto client = client_for(agent, 30s, 1);
 
   // Every algorithm the token offers: generate, sign, verify good and bad.
@@ -1088,7 +791,7 @@ TEST_CASE("promtool accepts /metrics after a varied workload; labels stay bounde
   }));
 
   const Scrape scrape(agent);
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const auto file = dir.path() / "metrics.txt";
   write_text(file, scrape.text());
   const auto [code, output] = run_command("promtool check metrics < '" + file.string() + "'");
@@ -1182,11 +885,11 @@ TEST_CASE("metrics: bounded label sets exist at zero from the first scrape",
 
 TEST_CASE("metrics: queue wait measures requests waiting for a worker, not for a session",
           "[observability][metrics]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
   // One session, so one worker: a second request waits in the queue while the first is held.
-  AgentProcess agent(token, faults.options({"--sessions", "1", "--max-sessions", "1",
-                                            "--request-timeout", "120000"}));
+  AgentProcess agent(token, faults.agent_options({"--sessions", "1", "--max-sessions", "1",
+                                                  "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s);
   client.generate_key("q");
   const Scrape before(agent);
@@ -1251,10 +954,10 @@ TEST_CASE("metrics: a client that never reads its answers is closed and counted 
 
 TEST_CASE("readiness: /readyz answers 503 draining once SIGTERM starts the drain",
           "[observability][health]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token,
-                     faults.options({"--shutdown-timeout", "60", "--request-timeout", "120000"}));
+  AgentProcess agent(
+      token, faults.agent_options({"--shutdown-timeout", "60", "--request-timeout", "120000"}));
   auto client = client_for(agent, 120s, 1);
   client.generate_key("d");
   REQUIRE(wait_until([&] { return agent.http_get("/readyz").first == 200; }, 30s));
@@ -1287,13 +990,13 @@ TEST_CASE("readiness: /readyz answers 503 draining once SIGTERM starts the drain
 
 TEST_CASE("audit: no line is lost when the agent exits, on any exit path",
           "[observability][audit]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
   const std::string path = GENERATE(as<std::string>{}, "drain", "second SIGTERM", "abandoned");
   INFO("exit path: " << path);
-  AgentProcess agent(token,
-                     faults.options({"--sessions", "2", "--max-sessions", "2", "--shutdown-timeout",
-                                     path == "abandoned" ? "1" : "60"}));
+  AgentProcess agent(
+      token, faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--shutdown-timeout",
+                                   path == "abandoned" ? "1" : "60"}));
   auto client = client_for(agent, 60s, 1);
   client.generate_key("x");
   // Many answered signs, the last answers just before the signal: their lines are still in the
@@ -1338,7 +1041,7 @@ TEST_CASE(
     "SHA-256",
     "[observability][audit]") {
   SoftHsmToken token;
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const auto policy = dir.path() / "policy.yaml";
   write_text(policy,
              "rules:\n"
@@ -1430,10 +1133,10 @@ TEST_CASE("audit: sign_batch has one items entry per item: kid, own result, inpu
   }
   // Each array element as its own line, judged like any audit line.
   const auto element_lines = [&] {
-    ScratchDir scratch;
+    TempDir scratch("hsm-obs");
     write_text(scratch.path() / "split.py",
                "import json,sys\nfor o in json.loads(sys.stdin.read()): print(json.dumps(o))\n");
-    ScratchDir input;
+    TempDir input("hsm-obs");
     write_text(input.path() / "items.json", items_json);
     const auto [code, output] =
         run_command("/usr/bin/python3 '" + (scratch.path() / "split.py").string() + "' < '" +
@@ -1457,7 +1160,7 @@ TEST_CASE("audit: sign_batch has one items entry per item: kid, own result, inpu
 TEST_CASE("logs: a start-up failure is a JSON line with --log-format json, one plain line else",
           "[observability][logs]") {
   SoftHsmToken token;
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const std::vector<std::string> args = {"--module",         kSoftHsmModule,
                                          "--token-label",    "no-such-token-label",
                                          "--pin-file",       token.write_pin_file().string(),
@@ -1489,9 +1192,9 @@ TEST_CASE("logs: a start-up failure is a JSON line with --log-format json, one p
 
 TEST_CASE("hsmctl metrics summarises a real agent's /metrics and /readyz",
           "[observability][hsmctl]") {
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--sessions", "4", "--max-sessions", "4"}));
+  AgentProcess agent(token, faults.agent_options({"--sessions", "4", "--max-sessions", "4"}));
   auto client = client_for(agent, 10s, 1);
   client.generate_key("c");
   constexpr int kSigns = 7;
@@ -1665,9 +1368,9 @@ TEST_CASE("prometheus: a real Prometheus server scrapes every metric and loads t
                                                << " (scripts/install-deps.sh installs it)");
   REQUIRE(std::filesystem::exists(kPrometheusBinary));
 
-  FaultControl faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   SoftHsmToken token;
-  AgentProcess agent(token, faults.options({"--probe-interval", "1"}));
+  AgentProcess agent(token, faults.agent_options({"--probe-interval", "1"}));
   auto client = client_for(agent, 10s, 1);
   // Work that makes every family have series: requests, a PKCS#11 error, a rejected protocol
   // message (pre-created anyway), and a sign through the queue.
@@ -1677,7 +1380,7 @@ TEST_CASE("prometheus: a real Prometheus server scrapes every metric and loads t
   CHECK(error_code_of([&] { (void)client.sign("p", to_bytes("x")); }) == "hsm_error");
   faults.clear();
 
-  ScratchDir dir;
+  TempDir dir("hsm-obs");
   const int port = free_tcp_port();
   const std::string rules = std::string(HSM_SOURCE_DIR) + "/deploy/prometheus/alerts.yaml";
   const auto config = dir.path() / "prometheus.yml";

@@ -13,6 +13,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fixtures/fault_module.hpp"
 #include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
@@ -23,65 +24,6 @@ using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
 namespace {
-
-// The fault module's control and stats files for one test, and the agent options that load the
-// module in front of SoftHSMv2.
-class FaultControl {
- public:
-  FaultControl() : dir_(make_temp_dir("hsm-reliability")) {}
-  ~FaultControl() {
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-  FaultControl(const FaultControl&) = delete;
-  FaultControl& operator=(const FaultControl&) = delete;
-
-  [[nodiscard]] std::map<std::string, std::string> env() const {
-    return {{"HSM_FAULT_TARGET", kSoftHsmModule},
-            {"HSM_FAULT_CONTROL", control().string()},
-            {"HSM_FAULT_STATS", stats().string()}};
-  }
-
-  [[nodiscard]] AgentOptions agent_options(std::vector<std::string> extra_args = {}) const {
-    AgentOptions options;
-    options.module = HSM_FAULT_MODULE;
-    options.env = env();
-    options.extra_args = std::move(extra_args);
-    return options;
-  }
-
-  /// Replaces the rules atomically (temporary file + rename), as the module's README asks.
-  void set(const std::string& rules) const {
-    const auto tmp = dir_ / "faults.conf.tmp";
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << rules << '\n';
-    }
-    std::filesystem::rename(tmp, control());
-  }
-  void clear() const {
-    std::error_code ec;
-    std::filesystem::remove(control(), ec);
-  }
-
-  /// One counter of the stats file ("C_Login", "C_Sign.injected"); 0 when absent.
-  [[nodiscard]] long count(const std::string& name) const {
-    std::ifstream in(stats());
-    std::string key;
-    long value = 0;
-    while (in >> key >> value) {
-      if (key == name) return value;
-    }
-    return 0;
-  }
-
-  [[nodiscard]] std::filesystem::path control() const { return dir_ / "faults.conf"; }
-  [[nodiscard]] std::filesystem::path stats() const { return dir_ / "fault-stats.txt"; }
-  [[nodiscard]] const std::filesystem::path& directory() const { return dir_; }
-
- private:
-  std::filesystem::path dir_;
-};
 
 // A client that shows the agent's answers as they are: no retries.
 hsm::Client direct_client(const std::string& socket, std::chrono::milliseconds timeout) {
@@ -116,7 +58,7 @@ struct FaultyAgent {
     env.client.generate_key(kid);
     pub = env.client.get_public_key(kid);
   }
-  FaultControl faults;
+  FaultModule faults;
   RunningAgent env;
   hsm::PublicKey pub;
 };
@@ -131,7 +73,7 @@ TEST_CASE(
   // that outlived it would end as deadline_exceeded or a client timeout, both failures below.
   constexpr auto kDeadline = 2000ms;
   constexpr auto kSlack = 2000ms;  // scheduling on a loaded CI machine, not the agent's budget
-  FaultControl faults;
+  FaultModule faults;
   RunningAgent env(faults.agent_options({"--sessions", "4", "--max-sessions", "4",
                                          "--probe-interval", "1", "--request-timeout", "2000"}));
   env.client.generate_key("load");
@@ -229,7 +171,7 @@ TEST_CASE("CKR_SESSION_HANDLE_INVALID once on C_Sign: the request still succeeds
   (void)env.client.sign("retry", "warm the handle cache");
   REQUIRE(wait_until([&] { return faults.count("C_Sign") >= 1; }));
   std::this_thread::sleep_for(100ms);  // the stats file is rewritten at most every 25 ms
-  const long signs_before = faults.count("C_Sign");
+  const std::uint64_t signs_before = faults.count("C_Sign");
 
   faults.set("C_Sign rv=CKR_SESSION_HANDLE_INVALID count=1");
   hsm::Client client = direct_client(env.agent.socket_path(), 5s);
@@ -365,7 +307,7 @@ TEST_CASE(
                                  Refusal{"CKR_PIN_LOCKED", "locked user PIN", true},
                                  Refusal{"CKR_PIN_EXPIRED", "expired user PIN", true}}) {
     INFO(refusal.ckr);
-    FaultControl faults;
+    FaultModule faults;
     SoftHsmToken token("refused-pin", "73915286");  // PINs no log line holds by chance
     const std::string given = refusal.by_rule ? token.user_pin() : "99999999";
     const auto pin_file = faults.directory() / "pin";
@@ -415,11 +357,11 @@ TEST_CASE(
                            {"--sessions", "2", "--max-sessions", "2", "--probe-interval", "1"})),
           client(direct_client(agent.socket_path(), 2s)) {}
     Refusal refusal;
-    FaultControl faults;
+    FaultModule faults;
     SoftHsmToken token;
     AgentProcess agent;
     hsm::Client client;
-    long logins_before = 0;
+    std::uint64_t logins_before = 0;
   };
   // An array destroys its elements last to first, as nested tokens require.
   std::array<std::optional<Subject>, 3> subjects;
@@ -479,7 +421,7 @@ TEST_CASE(
     // Requests answer at once without touching the token, with the refusal's CKR and
     // condition, and without promising a re-initialisation that will not come. (A request
     // left waiting would end in a client timeout at the client's 2 s deadline.)
-    const long signs = s.faults.count("C_Sign");
+    const std::uint64_t signs = s.faults.count("C_Sign");
     try {
       (void)s.client.sign("pin", "y");
       FAIL("signed without a login");
@@ -506,7 +448,7 @@ TEST_CASE(
   auto& [faults, env, pub] = agent;
   REQUIRE(wait_until([&] { return env.agent.http_get("/readyz").first == 200; }));
   const pid_t pid = env.agent.pid();
-  const long finalized = faults.count("C_Finalize");
+  const std::uint64_t finalized = faults.count("C_Finalize");
   hsm::Client client = direct_client(env.agent.socket_path(), 2s);
 
   // The probe's call: C_GetSessionInfo on the anchor session. Nothing else makes it while the
@@ -533,7 +475,7 @@ TEST_CASE(
   const hsm::Health health = client.health();
   CHECK_FALSE(health.ok);
   CHECK(health.error.value_or("").find("probe has not answered") != std::string::npos);
-  const long signs = faults.count("C_Sign");
+  const std::uint64_t signs = faults.count("C_Sign");
   try {
     (void)client.sign("probe", "while the probe hangs");
     FAIL("signed while the token is down");
@@ -561,7 +503,7 @@ TEST_CASE(
 
 TEST_CASE("/readyz and hsm_up follow the token: 503 and 0 while it fails, 200 and 1 after",
           "[reliability][metrics]") {
-  FaultControl faults;
+  FaultModule faults;
   RunningAgent env(
       faults.agent_options({"--sessions", "2", "--max-sessions", "2", "--probe-interval", "1"}));
   env.client.generate_key("ready");
@@ -658,7 +600,7 @@ TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queue
   // it is running in the token, waiting for a session or waiting for a worker.
   // The rule is in place before the agent starts (nothing at start signs), and the module
   // reads its rules on every call: no sign can slip through before the rule is seen.
-  FaultControl faults;
+  FaultModule faults;
   faults.set("C_Sign delay_ms=2500");
   auto options = faults.agent_options({"--sessions", "2", "--max-sessions", "2"});
   options.env["HSM_FAULT_POLL_US"] = "0";
@@ -789,8 +731,8 @@ TEST_CASE(
   auto& [faults, env, pub] = agent;
   CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 4);
   CHECK(open_sessions(env.agent) == 1);
-  const long opened_before = faults.count("C_OpenSession");
-  const long closed_before = faults.count("C_CloseSession");
+  const std::uint64_t opened_before = faults.count("C_OpenSession");
+  const std::uint64_t closed_before = faults.count("C_CloseSession");
 
   // 8 signs at once, each 300 ms inside the token: with one session they would queue; the pool
   // opens sessions for them, up to 4 and no more.
@@ -826,7 +768,7 @@ TEST_CASE(
     "[reliability][pool]") {
   // The fault module plays a token that allows 4 sessions and refuses a fifth, as real HSMs do:
   // one is the login's anchor, so the pool may open 3 and must learn that from C_GetTokenInfo.
-  FaultControl faults;
+  FaultModule faults;
   auto options = faults.agent_options({"--sessions", "2", "--max-sessions", "16"});
   options.env["HSM_FAULT_MAX_SESSIONS"] = "4";
   RunningAgent env(std::move(options));
@@ -868,7 +810,7 @@ TEST_CASE(
   REQUIRE(first != std::string::npos);
   CHECK(log.find("CKR_SESSION_COUNT", first + 1) == std::string::npos);
   // The limit holds once the token would allow more: no new C_OpenSession.
-  const long opened = faults.count("C_OpenSession");
+  const std::uint64_t opened = faults.count("C_OpenSession");
   faults.set("C_Sign delay_ms=100");
   sign_concurrently(env.agent, "limit", pub, 4);
   CHECK(faults.count("C_OpenSession") == opened);

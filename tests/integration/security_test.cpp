@@ -32,6 +32,7 @@
 #include <sstream>
 #include <thread>
 
+#include "fixtures/command.hpp"
 #include "fixtures/polling.hpp"
 #include "integration/running_agent.hpp"
 
@@ -480,13 +481,8 @@ TEST_CASE("policy: a uid that no rule selects is refused, told why, and audited"
   const std::string hsmctl_report = run_as(kStranger, [&] {
     const std::string command =
         std::string("'") + HSMCTL_BINARY + "' --socket '" + agent.socket_path() + "' caps 2>&1";
-    FILE* pipe = ::popen(command.c_str(), "r");
-    if (pipe == nullptr) return std::string("popen failed");
-    std::string output;
-    std::array<char, 512> buffer{};
-    while (std::fgets(buffer.data(), buffer.size(), pipe) != nullptr) output += buffer.data();
-    const int status = ::pclose(pipe);
-    return std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + " " + output;
+    const auto [status, output] = run_command(command, Capture::kStdout);
+    return std::to_string(status) + " " + output;
   });
   INFO("hsmctl: " << hsmctl_report);
   CHECK(hsmctl_report.rfind("3 ", 0) == 0);

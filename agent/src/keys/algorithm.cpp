@@ -9,7 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
-#include "keys/openssl_ptr.hpp"
+#include "hsm/common/openssl_ptr.hpp"
 
 namespace hsm::agent::keys {
 namespace {
@@ -99,7 +99,7 @@ const HashRow& hash_row(Hash hash) {
 // Process-wide, built once: fetched digests (an implicit fetch per use costs a lock and a
 // lookup in OpenSSL 3) and DigestInfo prefixes.
 struct HashCache {
-  std::array<EvpMdPtr, kHashes.size()> mds;
+  std::array<common::EvpMdPtr, kHashes.size()> mds;
   std::array<std::vector<std::uint8_t>, kHashes.size()> prefixes;
 
   HashCache() {
@@ -115,7 +115,7 @@ struct HashCache {
   // DigestInfo ::= SEQUENCE { AlgorithmIdentifier {hash OID, NULL}, OCTET STRING digest }:
   // encode one around a zero digest with OpenSSL and keep everything before the digest.
   static std::vector<std::uint8_t> build_prefix(int nid, std::size_t digest_bytes) {
-    OpenSslPtr<X509_SIG, X509_SIG_free> sig(X509_SIG_new());
+    common::OpenSslPtr<X509_SIG, X509_SIG_free> sig(X509_SIG_new());
     if (!sig) throw std::bad_alloc();
     X509_ALGOR* algor = nullptr;
     ASN1_OCTET_STRING* digest = nullptr;
@@ -191,7 +191,7 @@ std::size_t compute_digest(Hash hash, std::span<const std::uint8_t> data,
     throw std::logic_error("compute_digest: no digest or output too small");
   }
   // One context per worker thread, reset by each EVP_DigestInit_ex2.
-  thread_local const EvpMdCtxPtr ctx(EVP_MD_CTX_new());
+  thread_local const common::EvpMdCtxPtr ctx(EVP_MD_CTX_new());
   unsigned int length = 0;
   if (!ctx || EVP_DigestInit_ex2(ctx.get(), md, nullptr) != 1 ||
       EVP_DigestUpdate(ctx.get(), data.data(), data.size()) != 1 ||

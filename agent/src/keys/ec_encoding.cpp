@@ -1,20 +1,20 @@
 #include "keys/ec_encoding.hpp"
 
 #include <openssl/asn1.h>
-#include <openssl/ecdsa.h>
 #include <openssl/objects.h>
 
 #include <algorithm>
 #include <cstring>
 #include <string_view>
 
-#include "keys/openssl_ptr.hpp"
+#include "hsm/common/ecdsa_signature.hpp"
+#include "hsm/common/openssl_ptr.hpp"
 
 namespace hsm::agent::keys {
 namespace {
 
-using Asn1OctetStringPtr = OpenSslPtr<ASN1_OCTET_STRING, ASN1_OCTET_STRING_free>;
-using Asn1TypePtr = OpenSslPtr<ASN1_TYPE, ASN1_TYPE_free>;
+using Asn1OctetStringPtr = common::OpenSslPtr<ASN1_OCTET_STRING, ASN1_OCTET_STRING_free>;
+using Asn1TypePtr = common::OpenSslPtr<ASN1_TYPE, ASN1_TYPE_free>;
 
 // A bare point of the right size and shape for `curve`.
 bool is_bare_point(std::span<const std::uint8_t> point, const Curve& curve) {
@@ -63,46 +63,11 @@ const Curve* parse_ec_params(std::span<const std::uint8_t> value) {
   }
 }
 
-std::optional<Bytes> ecdsa_raw_to_der(std::span<const std::uint8_t> raw, std::size_t field_bytes) {
-  if (raw.size() != 2 * field_bytes) return std::nullopt;
-  const int half = static_cast<int>(field_bytes);
-  BignumPtr r(BN_bin2bn(raw.data(), half, nullptr));
-  BignumPtr s(BN_bin2bn(raw.data() + field_bytes, half, nullptr));
-  EcdsaSigPtr sig(ECDSA_SIG_new());
-  if (!r || !s || !sig || ECDSA_SIG_set0(sig.get(), r.get(), s.get()) != 1) return std::nullopt;
-  (void)r.release();  // owned by sig now
-  (void)s.release();
-  const int length = i2d_ECDSA_SIG(sig.get(), nullptr);
-  if (length <= 0) return std::nullopt;
-  Bytes der(static_cast<std::size_t>(length));
-  unsigned char* out = der.data();
-  if (i2d_ECDSA_SIG(sig.get(), &out) != length) return std::nullopt;
-  return der;
-}
-
-std::optional<Bytes> ecdsa_der_to_raw(std::span<const std::uint8_t> der, std::size_t field_bytes) {
-  const unsigned char* cursor = der.data();
-  EcdsaSigPtr sig(d2i_ECDSA_SIG(nullptr, &cursor, static_cast<long>(der.size())));
-  if (!sig || cursor != der.data() + der.size()) return std::nullopt;
-  const BIGNUM* r = ECDSA_SIG_get0_r(sig.get());
-  const BIGNUM* s = ECDSA_SIG_get0_s(sig.get());
-  const int half = static_cast<int>(field_bytes);
-  if (BN_is_negative(r) || BN_is_negative(s) || BN_num_bytes(r) > half || BN_num_bytes(s) > half) {
-    return std::nullopt;
-  }
-  Bytes raw(2 * field_bytes);
-  if (BN_bn2binpad(r, raw.data(), half) != half ||
-      BN_bn2binpad(s, raw.data() + field_bytes, half) != half) {
-    return std::nullopt;
-  }
-  return raw;
-}
-
 bool normalize_ecdsa_signature(Bytes& signature, std::size_t field_bytes) {
   const std::size_t expected = 2 * field_bytes;
   if (signature.size() == expected) return true;
   if (!signature.empty() && signature[0] == 0x30) {
-    if (auto raw = ecdsa_der_to_raw(signature, field_bytes)) {
+    if (auto raw = common::ecdsa_der_to_raw(signature, field_bytes)) {
       signature.assign(raw->begin(), raw->end());
       return true;
     }

@@ -35,16 +35,8 @@ using Bytes = std::vector<std::uint8_t>;
 /// 2 * field_bytes, in place: a DER ECDSA-Sig-Value is converted; an even-length r||s shorter
 /// than expected has each half left-padded with zeros. Returns false when the bytes are
 /// neither form (the caller reports a token error). Reuses `signature`'s capacity.
+/// (The two ECDSA encodings themselves: hsm/common/ecdsa_signature.hpp.)
 [[nodiscard]] bool normalize_ecdsa_signature(Bytes& signature, std::size_t field_bytes);
-
-/// r||s (each half field_bytes long) as DER ECDSA-Sig-Value; nullopt when the length is wrong.
-[[nodiscard]] std::optional<Bytes> ecdsa_raw_to_der(std::span<const std::uint8_t> raw,
-                                                    std::size_t field_bytes);
-
-/// DER ECDSA-Sig-Value as r||s with each half left-padded to field_bytes; nullopt when the bytes
-/// are not exactly one DER ECDSA-Sig-Value or r/s do not fit.
-[[nodiscard]] std::optional<Bytes> ecdsa_der_to_raw(std::span<const std::uint8_t> der,
-                                                    std::size_t field_bytes);
 
 /// Upper bound of a DER ECDSA-Sig-Value for a curve: the C_Sign buffer size that fits a token
 /// that answers in DER.

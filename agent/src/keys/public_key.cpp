@@ -6,6 +6,8 @@
 
 #include <stdexcept>
 
+#include "hsm/common/base64url.hpp"
+
 namespace hsm::agent::keys {
 namespace {
 
@@ -14,16 +16,16 @@ namespace {
   throw std::invalid_argument(what);
 }
 
-EvpPkeyPtr pkey_from_params(const char* type, OSSL_PARAM_BLD* builder, const char* what) {
-  ParamPtr params(OSSL_PARAM_BLD_to_param(builder));
-  OpenSslPtr<EVP_PKEY_CTX, EVP_PKEY_CTX_free> ctx(
+common::EvpPkeyPtr pkey_from_params(const char* type, OSSL_PARAM_BLD* builder, const char* what) {
+  common::ParamPtr params(OSSL_PARAM_BLD_to_param(builder));
+  common::OpenSslPtr<EVP_PKEY_CTX, EVP_PKEY_CTX_free> ctx(
       EVP_PKEY_CTX_new_from_name(nullptr, type, nullptr));
   EVP_PKEY* raw = nullptr;
   if (!params || !ctx || EVP_PKEY_fromdata_init(ctx.get()) != 1 ||
       EVP_PKEY_fromdata(ctx.get(), &raw, EVP_PKEY_PUBLIC_KEY, params.get()) != 1) {
     invalid(std::string{"the token's "} + what + " is not a valid public key");
   }
-  return EvpPkeyPtr(raw);
+  return common::EvpPkeyPtr(raw);
 }
 
 protocol::Bytes spki_of(EVP_PKEY* pkey) {
@@ -39,7 +41,7 @@ protocol::Bytes spki_of(EVP_PKEY* pkey) {
 protocol::Bytes bn_param(EVP_PKEY* pkey, const char* name, std::size_t width) {
   BIGNUM* raw = nullptr;
   if (EVP_PKEY_get_bn_param(pkey, name, &raw) != 1) invalid(std::string{"no "} + name);
-  BignumPtr bn(raw);
+  common::BignumPtr bn(raw);
   const std::size_t size = width != 0 ? width : static_cast<std::size_t>(BN_num_bytes(bn.get()));
   protocol::Bytes out(size);
   if (BN_bn2binpad(bn.get(), out.data(), static_cast<int>(size)) < 0) {
@@ -50,22 +52,9 @@ protocol::Bytes bn_param(EVP_PKEY* pkey, const char* name, std::size_t width) {
 
 }  // namespace
 
-std::string base64url(std::span<const std::uint8_t> bytes) {
-  std::string out(4 * ((bytes.size() + 2) / 3) + 1, '\0');
-  const int length = EVP_EncodeBlock(reinterpret_cast<unsigned char*>(out.data()), bytes.data(),
-                                     static_cast<int>(bytes.size()));
-  out.resize(static_cast<std::size_t>(length));
-  while (!out.empty() && out.back() == '=') out.pop_back();
-  for (char& c : out) {
-    if (c == '+') c = '-';
-    if (c == '/') c = '_';
-  }
-  return out;
-}
-
 PublicKey make_ec_public_key(const Curve& curve, std::span<const std::uint8_t> point) {
   if (curve.key_type != KeyType::kEc) throw std::logic_error("not a Weierstrass curve");
-  ParamBldPtr builder(OSSL_PARAM_BLD_new());
+  common::ParamBldPtr builder(OSSL_PARAM_BLD_new());
   if (!builder ||
       OSSL_PARAM_BLD_push_utf8_string(builder.get(), OSSL_PKEY_PARAM_GROUP_NAME, curve.group.data(),
                                       curve.group.size()) != 1 ||
@@ -73,9 +62,9 @@ PublicKey make_ec_public_key(const Curve& curve, std::span<const std::uint8_t> p
                                        point.size()) != 1) {
     throw std::bad_alloc();
   }
-  EvpPkeyPtr pkey = pkey_from_params("EC", builder.get(), "EC point");
+  common::EvpPkeyPtr pkey = pkey_from_params("EC", builder.get(), "EC point");
   // fromdata checks the encoding; the point must also be on the curve.
-  OpenSslPtr<EVP_PKEY_CTX, EVP_PKEY_CTX_free> check(
+  common::OpenSslPtr<EVP_PKEY_CTX, EVP_PKEY_CTX_free> check(
       EVP_PKEY_CTX_new_from_pkey(nullptr, pkey.get(), nullptr));
   if (!check || EVP_PKEY_public_check(check.get()) != 1)
     invalid("the token's EC point is not on " + std::string{curve.jwk_crv});
@@ -84,47 +73,49 @@ PublicKey make_ec_public_key(const Curve& curve, std::span<const std::uint8_t> p
   key.spki = spki_of(pkey.get());
   key.jwk["kty"] = "EC";
   key.jwk["crv"] = std::string{curve.jwk_crv};
-  key.jwk["x"] = base64url(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_X, curve.field_bytes));
-  key.jwk["y"] = base64url(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_Y, curve.field_bytes));
-  key.pkey = share(std::move(pkey));
+  key.jwk["x"] =
+      common::base64url_encode(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_X, curve.field_bytes));
+  key.jwk["y"] =
+      common::base64url_encode(bn_param(pkey.get(), OSSL_PKEY_PARAM_EC_PUB_Y, curve.field_bytes));
+  key.pkey = common::share(std::move(pkey));
   return key;
 }
 
 PublicKey make_ed25519_public_key(std::span<const std::uint8_t> point) {
   if (point.size() != 32) invalid("an Ed25519 public key is 32 bytes");
-  EvpPkeyPtr pkey(
+  common::EvpPkeyPtr pkey(
       EVP_PKEY_new_raw_public_key(EVP_PKEY_ED25519, nullptr, point.data(), point.size()));
   if (!pkey) invalid("the token's Ed25519 point is not a valid public key");
   PublicKey key;
   key.spki = spki_of(pkey.get());
   key.jwk["kty"] = "OKP";
   key.jwk["crv"] = "Ed25519";
-  key.jwk["x"] = base64url(point);
-  key.pkey = share(std::move(pkey));
+  key.jwk["x"] = common::base64url_encode(point);
+  key.pkey = common::share(std::move(pkey));
   return key;
 }
 
 PublicKey make_rsa_public_key(std::span<const std::uint8_t> modulus,
                               std::span<const std::uint8_t> exponent) {
-  BignumPtr n(BN_bin2bn(modulus.data(), static_cast<int>(modulus.size()), nullptr));
-  BignumPtr e(BN_bin2bn(exponent.data(), static_cast<int>(exponent.size()), nullptr));
+  common::BignumPtr n(BN_bin2bn(modulus.data(), static_cast<int>(modulus.size()), nullptr));
+  common::BignumPtr e(BN_bin2bn(exponent.data(), static_cast<int>(exponent.size()), nullptr));
   if (!n || !e) throw std::bad_alloc();
   if (BN_is_zero(n.get()) || BN_is_zero(e.get()) || !BN_is_odd(n.get())) {
     invalid("the token's RSA modulus or exponent is not valid");
   }
-  ParamBldPtr builder(OSSL_PARAM_BLD_new());
+  common::ParamBldPtr builder(OSSL_PARAM_BLD_new());
   if (!builder || OSSL_PARAM_BLD_push_BN(builder.get(), OSSL_PKEY_PARAM_RSA_N, n.get()) != 1 ||
       OSSL_PARAM_BLD_push_BN(builder.get(), OSSL_PKEY_PARAM_RSA_E, e.get()) != 1) {
     throw std::bad_alloc();
   }
-  EvpPkeyPtr pkey = pkey_from_params("RSA", builder.get(), "RSA key");
+  common::EvpPkeyPtr pkey = pkey_from_params("RSA", builder.get(), "RSA key");
   PublicKey key;
   key.spki = spki_of(pkey.get());
   key.jwk["kty"] = "RSA";
   // RFC 7518 6.3.1: unsigned big-endian, minimal (no leading zero octets).
-  key.jwk["n"] = base64url(bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_N, 0));
-  key.jwk["e"] = base64url(bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_E, 0));
-  key.pkey = share(std::move(pkey));
+  key.jwk["n"] = common::base64url_encode(bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_N, 0));
+  key.jwk["e"] = common::base64url_encode(bn_param(pkey.get(), OSSL_PKEY_PARAM_RSA_E, 0));
+  key.pkey = common::share(std::move(pkey));
   return key;
 }
 

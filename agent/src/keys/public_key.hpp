@@ -8,16 +8,16 @@
 #include <string>
 #include <string_view>
 
+#include "hsm/common/openssl_ptr.hpp"
 #include "hsm/protocol/types.hpp"
 #include "keys/algorithm.hpp"
-#include "keys/openssl_ptr.hpp"
 
 namespace hsm::agent::keys {
 
 struct PublicKey {
-  SharedPkey pkey;       // immutable after construction; safe for concurrent verify
-  protocol::Bytes spki;  // DER SubjectPublicKeyInfo
-  protocol::Jwk jwk;     // kty and the key's public fields (crv/x/y, n/e, crv/x); no kid/alg/use
+  common::SharedPkey pkey;  // immutable after construction; safe for concurrent verify
+  protocol::Bytes spki;     // DER SubjectPublicKeyInfo
+  protocol::Jwk jwk;        // kty and the key's public fields (crv/x/y, n/e, crv/x); no kid/alg/use
 };
 
 /// Throws std::invalid_argument when the token's values do not form a valid key (a point not on
@@ -30,8 +30,5 @@ struct PublicKey {
 /// The published JWK: the key's fields plus kid, alg and use="sig".
 [[nodiscard]] protocol::Jwk jwk_with(const PublicKey& key, std::string_view kid,
                                      std::string_view alg);
-
-/// Base64url without padding (RFC 7515 section 2), via EVP_EncodeBlock.
-[[nodiscard]] std::string base64url(std::span<const std::uint8_t> bytes);
 
 }  // namespace hsm::agent::keys

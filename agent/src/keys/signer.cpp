@@ -7,6 +7,7 @@
 #include <array>
 #include <cstring>
 
+#include "hsm/common/ecdsa_signature.hpp"
 #include "keys/ec_encoding.hpp"
 #include "keys/request_error.hpp"
 #include "pkcs11/error.hpp"
@@ -106,7 +107,7 @@ protocol::Bytes sign(pkcs11::Session& session, const KeyEntry& key, const Algori
         throw RequestError(ErrorCode::kHsmError, "the token returned a malformed ECDSA signature");
       }
       if (format == SignatureFormat::kDer) {
-        auto der = ecdsa_raw_to_der(signature, alg.curve->field_bytes);
+        auto der = common::ecdsa_raw_to_der(signature, alg.curve->field_bytes);
         if (!der) throw RequestError(ErrorCode::kInternal, "cannot encode the signature as DER");
         return std::move(*der);
       }
@@ -142,7 +143,7 @@ bool verify(const KeyEntry& key, const AlgorithmPlan& plan, SignInputView input,
   // OpenSSL verifies ECDSA in DER; a raw r||s must be exactly two curve-sized halves.
   protocol::Bytes der;
   if (alg.scheme == SignScheme::kEcdsa && format == SignatureFormat::kRaw) {
-    auto converted = ecdsa_raw_to_der(signature, alg.curve->field_bytes);
+    auto converted = common::ecdsa_raw_to_der(signature, alg.curve->field_bytes);
     if (!converted) return false;
     der = std::move(*converted);
     signature = der;
@@ -151,7 +152,7 @@ bool verify(const KeyEntry& key, const AlgorithmPlan& plan, SignInputView input,
 
   int result = 0;
   if (alg.scheme == SignScheme::kEddsa) {
-    EvpMdCtxPtr ctx(EVP_MD_CTX_new());
+    common::EvpMdCtxPtr ctx(EVP_MD_CTX_new());
     result = ctx && EVP_DigestVerifyInit(ctx.get(), nullptr, nullptr, nullptr, pkey) == 1
                  ? EVP_DigestVerify(ctx.get(), signature.data(), signature.size(),
                                     input.bytes.data(), input.bytes.size())
@@ -164,7 +165,7 @@ bool verify(const KeyEntry& key, const AlgorithmPlan& plan, SignInputView input,
       digest_view = std::span<const std::uint8_t>(digest.data(),
                                                   compute_digest(alg.hash, input.bytes, digest));
     }
-    EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
+    common::EvpPkeyCtxPtr ctx(EVP_PKEY_CTX_new_from_pkey(nullptr, pkey, nullptr));
     bool ready = ctx && EVP_PKEY_verify_init(ctx.get()) == 1 &&
                  EVP_PKEY_CTX_set_signature_md(ctx.get(), md) == 1;
     if (ready && alg.scheme == SignScheme::kRsaPss) {

@@ -2,16 +2,17 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <cstdint>
 #include <mutex>
 #include <optional>
-#include <random>
 #include <string>
 #include <utility>
 
+#include "hsm/common/backoff.hpp"
 #include "metrics/agent_metrics.hpp"
 #include "metrics/health_state.hpp"
-#include "service/backoff.hpp"
 #include "service/token_state.hpp"
 
 namespace hsm::agent {
@@ -36,7 +37,7 @@ class TokenSupervisor::Core {
         health_(health),
         metrics_(metrics),
         options_(options),
-        backoff_(options.first_backoff, options.max_backoff, std::random_device{}()) {
+        backoff_(std::max(options.first_backoff, milliseconds{1}), options.max_backoff) {
     metrics_.hsm_up.Set(state_.is_down() ? 0 : 1);
   }
 
@@ -201,9 +202,16 @@ class TokenSupervisor::Core {
     metrics_.hsm_up.Set(0);
     // A token that failed again soon after a recovery keeps backing off; one that had been
     // healthy for a while gets an immediate first attempt.
-    if (now - last_recovered_ >= options_.stable_after) backoff_.reset();
-    next_attempt_ = now + backoff_.next();
+    if (now - last_recovered_ >= options_.stable_after) backoff_attempts_ = 0;
+    next_attempt_ = now + next_backoff_locked();
     publish_readiness_locked();
+  }
+
+  /// The wait before the next re-initialisation attempt; counts that attempt.
+  Clock::duration next_backoff_locked() {
+    const std::uint32_t attempt = backoff_attempts_;
+    if (backoff_attempts_ < UINT32_MAX) ++backoff_attempts_;
+    return backoff_.delay(attempt);
   }
 
   void handle_recovery_locked(const Recovery& recovery) {
@@ -233,12 +241,12 @@ class TokenSupervisor::Core {
         next_attempt_ = now;  // the drain wait itself paced this attempt
         break;
       case Recovery::Result::kFailed: {
-        const milliseconds delay = backoff_.next();
+        const auto delay = next_backoff_locked();
         next_attempt_ = now + delay;
         last_attempt_error_ = recovery.detail;
         busy_note_.clear();
         spdlog::warn("re-initialising the token failed (attempt {}): {}; next attempt in {} ms",
-                     episode_attempts_, recovery.detail, delay.count());
+                     episode_attempts_, recovery.detail, ms_of(delay));
         break;
       }
       case Recovery::Result::kPinRejected:
@@ -320,7 +328,8 @@ class TokenSupervisor::Core {
 
   // The current down episode.
   bool handling_down_ = false;
-  Backoff backoff_;
+  const common::Backoff backoff_;
+  std::uint32_t backoff_attempts_ = 0;  // since the last stable period: 0 makes the next immediate
   Clock::time_point down_since_{};
   unsigned episode_attempts_ = 0;  // re-initialisations tried since the token went down
   Clock::time_point next_attempt_{};

@@ -37,7 +37,7 @@ struct SupervisorOptions {
   std::chrono::milliseconds probe_interval{10000};  // --probe-interval
   /// A probe still running after this marks the token down (the token hangs).
   std::chrono::milliseconds probe_timeout{5000};
-  /// Backoff between failed re-initialisation attempts (service/backoff.hpp).
+  /// Backoff between failed re-initialisation attempts (hsm/common/backoff.hpp).
   std::chrono::milliseconds first_backoff{100};
   std::chrono::milliseconds max_backoff{5000};
   /// A token that stayed up this long after a recovery counts as healthy again: the next fault

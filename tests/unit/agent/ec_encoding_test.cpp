@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 #include <numeric>
 
+#include "hsm/common/ecdsa_signature.hpp"
 #include "keys/algorithm.hpp"
 
 namespace keys = hsm::agent::keys;
@@ -178,7 +179,7 @@ TEST_CASE("ECDSA: a DER signature from the token becomes r||s", "[ecdsa]") {
   raw[0] = 0x80;
   raw[32] = 0x00;
   raw[33] = 0x7F;
-  const auto der = keys::ecdsa_raw_to_der(raw, 32);
+  const auto der = hsm::common::ecdsa_raw_to_der(raw, 32);
   REQUIRE(der);
   CHECK((*der)[0] == 0x30);
   Bytes sig = *der;
@@ -191,7 +192,7 @@ TEST_CASE("ECDSA: raw <-> DER round trips agree with OpenSSL", "[ecdsa]") {
   for (std::size_t i = 0; i < raw.size(); ++i) raw[i] = static_cast<std::uint8_t>(i * 7 + 3);
   raw[0] = 0x01;  // P-521: r < 2^521
   raw[66] = 0x00;
-  const auto der = keys::ecdsa_raw_to_der(raw, 66);
+  const auto der = hsm::common::ecdsa_raw_to_der(raw, 66);
   REQUIRE(der);
   // OpenSSL parses it and sees the same r and s.
   const unsigned char* cursor = der->data();
@@ -202,7 +203,7 @@ TEST_CASE("ECDSA: raw <-> DER round trips agree with OpenSSL", "[ecdsa]") {
   BN_bn2binpad(ECDSA_SIG_get0_s(parsed), s.data(), 66);
   ECDSA_SIG_free(parsed);
   CHECK(concat({r, s}) == raw);
-  CHECK(keys::ecdsa_der_to_raw(*der, 66) == raw);
+  CHECK(hsm::common::ecdsa_der_to_raw(*der, 66) == raw);
 }
 
 TEST_CASE("ECDSA: malformed signatures are refused", "[ecdsa]") {
@@ -212,13 +213,13 @@ TEST_CASE("ECDSA: malformed signatures are refused", "[ecdsa]") {
   CHECK_FALSE(keys::normalize_ecdsa_signature(too_long, 32));
   Bytes empty;
   CHECK_FALSE(keys::normalize_ecdsa_signature(empty, 32));
-  CHECK_FALSE(keys::ecdsa_raw_to_der(Bytes(63, 1), 32));
+  CHECK_FALSE(hsm::common::ecdsa_raw_to_der(Bytes(63, 1), 32));
   // DER with trailing garbage, and DER whose r does not fit the curve.
-  auto der = keys::ecdsa_raw_to_der(Bytes(64, 0x42), 32);
+  auto der = hsm::common::ecdsa_raw_to_der(Bytes(64, 0x42), 32);
   REQUIRE(der);
   Bytes trailing = concat({*der, {0x00}});
-  CHECK_FALSE(keys::ecdsa_der_to_raw(trailing, 32));
-  auto big = keys::ecdsa_raw_to_der(Bytes(96, 0x42), 48);
+  CHECK_FALSE(hsm::common::ecdsa_der_to_raw(trailing, 32));
+  auto big = hsm::common::ecdsa_raw_to_der(Bytes(96, 0x42), 48);
   REQUIRE(big);
-  CHECK_FALSE(keys::ecdsa_der_to_raw(*big, 32));
+  CHECK_FALSE(hsm::common::ecdsa_der_to_raw(*big, 32));
 }

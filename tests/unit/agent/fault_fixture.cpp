@@ -1,10 +1,9 @@
 #include "fault_fixture.hpp"
 
 #include <cstdlib>
-#include <fstream>
 #include <system_error>
 
-#include "fixtures/agent_process.hpp"
+#include "fixtures/fault_module.hpp"
 #include "fixtures/softhsm_token.hpp"
 
 namespace hsm::agent::test {
@@ -39,12 +38,7 @@ FaultRules::~FaultRules() {
 }
 
 void FaultRules::set(const std::string& rules) const {
-  const auto tmp = control_file().string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << rules << '\n';
-  }
-  std::filesystem::rename(tmp, control_file());
+  hsm::test::write_fault_rules(control_file(), rules);
 }
 
 void FaultRules::clear() const {

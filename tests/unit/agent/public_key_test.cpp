@@ -10,12 +10,12 @@
 #include <catch2/catch.hpp>
 
 #include "fixtures/openssl_check.hpp"
+#include "hsm/common/openssl_ptr.hpp"
 #include "keys/algorithm.hpp"
-#include "keys/openssl_ptr.hpp"
 
 namespace keys = hsm::agent::keys;
 using Bytes = hsm::protocol::Bytes;
-using keys::EvpPkeyPtr;
+using hsm::common::EvpPkeyPtr;
 
 namespace {
 
@@ -164,13 +164,4 @@ TEST_CASE("jwk_with adds kid, alg and use", "[public_key]") {
   CHECK(jwk.at("alg") == "EdDSA");
   CHECK(jwk.at("use") == "sig");
   CHECK(jwk.size() == 6);
-}
-
-TEST_CASE("base64url without padding", "[public_key]") {
-  CHECK(keys::base64url(Bytes{}).empty());
-  CHECK(keys::base64url(Bytes{'f'}) == "Zg");
-  CHECK(keys::base64url(Bytes{'f', 'o'}) == "Zm8");
-  CHECK(keys::base64url(Bytes{'f', 'o', 'o'}) == "Zm9v");
-  CHECK(keys::base64url(Bytes{0xFB, 0xFF}) == "-_8");
-  CHECK(keys::base64url(Bytes{0x03, 0xE0, 0x3F}) == "A-A_");
 }

@@ -9,12 +9,14 @@
 #include <thread>
 
 #include "fault_fixture.hpp"
+#include "fixtures/polling.hpp"
 #include "metrics/health_state.hpp"
 #include "pkcs11/error.hpp"
 #include "service/token_state.hpp"
 #include "service/token_supervisor.hpp"
 #include "service_fixture.hpp"
 
+using hsm::test::wait_until;
 using namespace hsm::agent;
 using namespace std::chrono_literals;
 namespace protocol = hsm::protocol;
@@ -43,16 +45,6 @@ protocol::SignParams sign_params(const std::string& kid, const std::string& data
 
 double logins(OpenService& svc, const std::string& result) {
   return svc.metrics().logins_total.Add({{"result", result}}).Value();
-}
-
-template <typename Predicate>
-bool eventually(Predicate done, std::chrono::milliseconds limit = 10s) {
-  const auto until = std::chrono::steady_clock::now() + limit;
-  for (;;) {
-    if (done()) return true;
-    if (std::chrono::steady_clock::now() >= until) return false;
-    std::this_thread::sleep_for(10ms);
-  }
 }
 
 }  // namespace
@@ -223,7 +215,7 @@ TEST_CASE("a call in progress holds the re-initialisation up: never finalised un
   auto stuck = std::async(std::launch::async,
                           [&] { return svc.call(Method::kSign, sign_params("k", "stuck")); });
   // C_SignInit returned: the request is about to sign (and hang), holding generation 1.
-  REQUIRE(eventually([&] { return pkcs11_calls(svc.metrics(), "C_SignInit") > sign_inits; }));
+  REQUIRE(wait_until([&] { return pkcs11_calls(svc.metrics(), "C_SignInit") > sign_inits; }));
   REQUIRE(state.mark_down(1, "forced for the test", std::nullopt));
   const Recovery busy = state.reinitialise(200ms);
   CHECK(busy.result == Recovery::Result::kBusy);
@@ -276,7 +268,7 @@ TEST_CASE(
   }
   faults.clear();
   const int before = signed_ok.load();
-  CHECK(eventually([&] { return signed_ok.load() > before + 20; }));
+  CHECK(wait_until([&] { return signed_ok.load() > before + 20; }));
   stop = true;
   for (auto& signer : signers) signer.join();
   CHECK(supervisor.stop());
@@ -305,26 +297,26 @@ TEST_CASE("the supervisor: readiness and hsm_up follow the probe; recovery in th
   supervisor.set_serving();
   CHECK_FALSE(health.not_ready_reason());
   CHECK(svc.metrics().hsm_up.Value() == 1);
-  CHECK(eventually([&] {
+  CHECK(wait_until([&] {
     return svc.metrics().hsm_probe_duration_seconds.Collect().histogram.sample_count >= 2;
   }));
 
   faults.set("* rv=CKR_TOKEN_NOT_PRESENT");
-  REQUIRE(eventually([&] { return health.not_ready_reason().has_value(); }));
+  REQUIRE(wait_until([&] { return health.not_ready_reason().has_value(); }));
   const std::string reason = health.not_ready_reason().value();
   CHECK(reason.find("token probe failed") != std::string::npos);
   CHECK(reason.find("CKR_TOKEN_NOT_PRESENT") != std::string::npos);
   CHECK(reason.find('\n') == std::string::npos);
   CHECK(svc.metrics().hsm_up.Value() == 0);
   // Attempts keep failing in the background (C_Initialize refused) and say so.
-  CHECK(eventually([&] {
+  CHECK(wait_until([&] {
     const auto now = health.not_ready_reason();
     return now && now->find("last attempt: C_Initialize failed") != std::string::npos;
   }));
   CHECK(svc.error(Method::kSign, sign_params("k", "x")).code == ErrorCode::kHsmUnavailable);
 
   faults.clear();
-  CHECK(eventually([&] { return !health.not_ready_reason().has_value(); }));
+  CHECK(wait_until([&] { return !health.not_ready_reason().has_value(); }));
   CHECK(svc.metrics().hsm_up.Value() == 1);
   (void)svc.sign_data("k", bytes_of("back"));
   CHECK(supervisor.stop());
@@ -348,7 +340,7 @@ TEST_CASE("the supervisor: a PIN refused at re-login leaves the agent not ready,
   const auto login_calls = pkcs11_calls(svc.metrics(), "C_Login");
   // The probe fails once (down), then the re-login is refused.
   faults.set("C_GetSessionInfo rv=CKR_DEVICE_ERROR count=1\nC_Login rv=CKR_PIN_LOCKED");
-  REQUIRE(eventually([&] {
+  REQUIRE(wait_until([&] {
     const auto reason = health.not_ready_reason();
     return reason && reason->find("PIN") != std::string::npos;
   }));

@@ -8,7 +8,6 @@
 #include <catch2/catch.hpp>
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <future>
 #include <hsm/client.hpp>
 #include <hsm/jose.hpp>
@@ -21,32 +20,23 @@
 #include <vector>
 
 #include "fixtures/agent_process.hpp"
+#include "fixtures/fault_module.hpp"
 #include "fixtures/openssl_check.hpp"
+#include "fixtures/polling.hpp"
 #include "fixtures/softhsm_token.hpp"
 
 using namespace std::chrono_literals;
 using hsm::jose::Reason;
 using hsm::test::AgentOptions;
 using hsm::test::AgentProcess;
+using hsm::test::FaultModule;
 using hsm::test::SoftHsmToken;
+using hsm::test::wait_until;
 
 namespace {
 
 constexpr const char* kAllAlgs[] = {"ES256", "ES384", "ES512", "ES256K", "RS256", "RS384",
                                     "RS512", "PS256", "PS384", "PS512",  "EdDSA"};
-
-/// Waits for `done` with a bounded timeout (never a fixed sleep as synchronisation).
-template <class Predicate>
-bool eventually(Predicate done, std::chrono::milliseconds limit = 30s) {
-  const auto until = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < until) {
-    if (done()) {
-      return true;
-    }
-    std::this_thread::sleep_for(20ms);
-  }
-  return done();
-}
 
 struct Parts {
   std::string header_json;
@@ -80,18 +70,6 @@ std::optional<Reason> refusal(F&& verify) {
     return e.reason();
   }
   return std::nullopt;
-}
-
-std::uint64_t stats_count(const std::filesystem::path& stats, const std::string& name) {
-  std::ifstream in(stats);
-  std::string function;
-  std::uint64_t count = 0;
-  while (in >> function >> count) {
-    if (function == name) {
-      return count;
-    }
-  }
-  return 0;
 }
 
 /// The sum of hsm_agent_requests_total over every code for method="generate_key".
@@ -411,7 +389,8 @@ TEST_CASE("16 threads share one Client with sync and async calls, every signatur
 TEST_CASE("the agent SIGKILLed and restarted mid-stream: the client recovers by itself",
           "[restart][agent]") {
   SoftHsmToken token;
-  const auto dir = hsm::test::make_temp_dir("hsm-client-restart");
+  const hsm::test::TempDir scratch("hsm-client-restart");
+  const auto& dir = scratch.path();
   AgentOptions agent_options;
   agent_options.socket = dir / "agent.sock";
   std::optional<AgentProcess> agent;
@@ -462,18 +441,17 @@ TEST_CASE("the agent SIGKILLed and restarted mid-stream: the client recovers by 
       }
     });
   }
-  REQUIRE(eventually([&] { return ok_before.load() >= 40; }, 60s));
+  REQUIRE(wait_until([&] { return ok_before.load() >= 40; }, 60s));
   agent->signal(SIGKILL);
   REQUIRE(agent->wait_exit(20s).has_value());
   generation.store(1);
   agent.reset();
   agent.emplace(token, agent_options);  // same token, same socket path
-  const bool recovered = eventually([&] { return ok_after.load() >= 40; }, 90s);
+  const bool recovered = wait_until([&] { return ok_after.load() >= 40; }, 90s);
   stop.store(true);
   for (auto& thread : signers) {
     thread.join();
   }
-  std::filesystem::remove_all(dir);
   CHECK(recovered);
   CHECK(bad_signatures.load() == 0);
   CHECK(overdue.load() == 0);
@@ -490,23 +468,15 @@ TEST_CASE("the agent SIGKILLed and restarted mid-stream: the client recovers by 
 TEST_CASE("generate_key in flight when the agent dies is not repeated on the new agent",
           "[restart][agent]") {
   SoftHsmToken token;
-  const auto dir = hsm::test::make_temp_dir("hsm-client-generate");
-  const auto control = dir / "faults.conf";
-  AgentOptions agent_options;
+  const FaultModule faults(FaultModule::RuleChecks::kEveryCall);
+  const auto& dir = faults.directory();
+  AgentOptions agent_options = faults.agent_options();
   agent_options.socket = dir / "agent.sock";
-  agent_options.module = HSM_FAULT_MODULE;
-  agent_options.env = {{"HSM_FAULT_TARGET", hsm::test::kSoftHsmModule},
-                       {"HSM_FAULT_CONTROL", control.string()},
-                       {"HSM_FAULT_POLL_US", "0"},
-                       {"HSM_FAULT_STATS", (dir / "stats-first.txt").string()}};
   std::optional<AgentProcess> agent;
   agent.emplace(token, agent_options);
   // Armed once the agent is up (its start-up probe may generate keys itself); the module reads
-  // the file on every call (HSM_FAULT_POLL_US=0).
-  {
-    std::ofstream(dir / "faults.tmp") << "C_GenerateKeyPair hang=1\n";
-    std::filesystem::rename(dir / "faults.tmp", control);
-  }
+  // its rules before every call.
+  faults.set("C_GenerateKeyPair hang=1");
 
   hsm::ClientOptions options;
   options.socket_path = (dir / "agent.sock").string();
@@ -517,15 +487,14 @@ TEST_CASE("generate_key in flight when the agent dies is not repeated on the new
   const auto started = std::chrono::steady_clock::now();
   auto pending = client.generate_key_async("once", "ES256");
   // The request reached the token: C_GenerateKeyPair is hanging inside the first agent.
-  REQUIRE(eventually(
-      [&] { return stats_count(dir / "stats-first.txt", "C_GenerateKeyPair.injected") == 1; }));
+  REQUIRE(wait_until([&] { return faults.count("C_GenerateKeyPair.injected") == 1; }, 30s));
   agent->signal(SIGKILL);
   REQUIRE(agent->wait_exit(20s).has_value());
   agent.reset();
 
   // The second agent: same token and socket, no faults, its own stats file. It is up before
   // the client could have given up, so a blind retry would reach it.
-  std::filesystem::remove(control);
+  faults.clear();
   agent_options.env["HSM_FAULT_STATS"] = (dir / "stats-second.txt").string();
   agent.emplace(token, agent_options);
   // The same client, without being told, reconnects to the new agent.
@@ -552,5 +521,4 @@ TEST_CASE("generate_key in flight when the agent dies is not repeated on the new
   // delete_key is not repeated either: the same flow for the other non-idempotent method is
   // covered by the retry rule unit tests (client_test.cpp); here the agent stays up.
   agent.reset();
-  std::filesystem::remove_all(dir);
 }

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -13,7 +14,6 @@
 #include "commands.hpp"
 #include "encoding.hpp"
 #include "fake_agent.hpp"
-#include "json_writer.hpp"
 
 namespace {
 
@@ -249,48 +249,19 @@ TEST_CASE("hsmctl exit codes for agent errors and no agent and usage errors", "[
   CHECK(contains(run.out, "Exit codes"));
 }
 
-TEST_CASE("JSON strings are escaped and always valid UTF-8", "[hsmctl][json]") {
-  using hsm::hsmctl::json_quote;
-  CHECK(json_quote("plain") == R"("plain")");
-  CHECK(json_quote("a\"b\\c") == R"("a\"b\\c")");
-  CHECK(json_quote("\n\t\r\b\f") == R"("\n\t\r\b\f")");
-  CHECK(json_quote(std::string("\x01\x1f\0", 3)) == R"("\u0001\u001f\u0000")");
-  CHECK(json_quote("h\xc3\xa9llo \xe2\x82\xac \xf0\x9f\x94\x91") ==
-        "\"h\xc3\xa9llo \xe2\x82\xac \xf0\x9f\x94\x91\"");         // é € 🔑 pass through
-  CHECK(json_quote("\xff") == R"("\ufffd")");                      // not UTF-8
-  CHECK(json_quote("\xc3") == R"("\ufffd")");                      // truncated sequence
-  CHECK(json_quote("\xc0\xaf") == R"("\ufffd\ufffd")");            // overlong
-  CHECK(json_quote("\xed\xa0\x80") == R"("\ufffd\ufffd\ufffd")");  // a surrogate
-}
-
-TEST_CASE("JsonWriter places commas and refuses misuse", "[hsmctl][json]") {
-  std::ostringstream out;
-  hsm::hsmctl::JsonWriter json(out);
-  json.begin_object()
-      .key("a")
-      .number(std::uint64_t{1})
-      .key("b")
-      .begin_array()
-      .boolean(true)
-      .null()
-      .string("x")
-      .number(0.5)
-      .end_array()
-      .key("c")
-      .begin_object()
-      .end_object()
-      .key("d")
-      .number(std::numeric_limits<double>::infinity())
-      .key("e")
-      .optional_string(std::nullopt)
-      .end_object();
-  CHECK(out.str() == R"({"a":1,"b":[true,null,"x",0.5],"c":{},"d":null,"e":null})");
-
-  std::ostringstream other;
-  hsm::hsmctl::JsonWriter bad(other);
-  bad.begin_object();
-  CHECK_THROWS_AS(bad.string("value without key"), std::logic_error);
-  CHECK_THROWS_AS(bad.end_array(), std::logic_error);
+TEST_CASE("hsmctl --json output stays valid JSON whatever the bytes", "[hsmctl][json]") {
+  FakeAgent agent;
+  // A kid that is not UTF-8 (refused before it is sent) and one with quotes and control bytes.
+  for (const std::string& kid : {std::string("k\xff\xc0\xaf"), std::string("a\"b\\c\n\x01")}) {
+    const auto run = hsmctl(agent, {"--json", "delete", kid});
+    const std::string& text = run.out.empty() ? run.err : run.out;
+    INFO(text);
+    const auto parsed = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+    REQUIRE_FALSE(parsed.is_discarded());
+    CHECK(parsed.is_object());
+  }
+  const auto run = hsmctl(agent, {"--json", "delete", "a\"b\\c\n\x01"});
+  CHECK(run.out == "{\"kid\":\"a\\\"b\\\\c\\n\\u0001\",\"deleted\":false}\n");
 }
 
 TEST_CASE("base64url and hex and PEM encodings", "[hsmctl][encoding]") {

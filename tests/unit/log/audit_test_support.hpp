@@ -10,30 +10,13 @@
 #include <stdexcept>
 #include <string>
 
+#include "fixtures/temp_dir.hpp"
 #include "metrics/agent_metrics.hpp"
 #include "metrics/health_state.hpp"
 
 namespace hsm::agent::test {
 
-/// A private temporary directory, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "hsm-audit-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using hsm::test::TempDir;  // tests/fixtures/temp_dir.hpp
 
 /// What an AuditLog reports to: metrics in a registry of their own, and a health state.
 struct Observers {

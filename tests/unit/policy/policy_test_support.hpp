@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "fixtures/temp_dir.hpp"
 #include "hsm/protocol/types.hpp"
 #include "policy/caller.hpp"
 
@@ -73,36 +74,6 @@ inline protocol::Request sign_batch(const std::vector<std::string>& kids) {
   return r;
 }
 
-/// A private temporary directory, removed with everything in it.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "policy-test-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  /// Writes `text` to `name` in the directory, mode 0644; returns its path.
-  [[nodiscard]] std::string write(const std::string& name, const std::string& text) const {
-    const auto path = path_ / name;
-    {
-      std::ofstream out(path, std::ios::binary | std::ios::trunc);
-      out << text;
-      if (!out) throw std::runtime_error("cannot write " + path.string());
-    }
-    ::chmod(path.c_str(), 0644);
-    return path.string();
-  }
-  [[nodiscard]] const std::filesystem::path& path() const noexcept { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using hsm::test::TempDir;  // tests/fixtures/temp_dir.hpp
 
 }  // namespace hsm::agent::test

@@ -1,8 +1,10 @@
-// Owning smart pointers for the OpenSSL objects the agent uses: one alias per C type, each
-// freeing with its own free function (Envoy's c_smart_ptr.h pattern).
+// Owning smart pointers for the OpenSSL objects agent, client and hsmctl use: one alias per C
+// type, each freeing with its own free function (Envoy's c_smart_ptr.h pattern).
 #pragma once
 
+#include <openssl/bio.h>
 #include <openssl/bn.h>
+#include <openssl/crypto.h>
 #include <openssl/ec.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
@@ -10,7 +12,7 @@
 
 #include <memory>
 
-namespace hsm::agent::keys {
+namespace hsm::common {
 
 template <typename T, void (*Free)(T*)>
 struct OpenSslDeleter {
@@ -28,6 +30,14 @@ using BignumPtr = OpenSslPtr<BIGNUM, BN_free>;
 using EcdsaSigPtr = OpenSslPtr<ECDSA_SIG, ECDSA_SIG_free>;
 using ParamBldPtr = OpenSslPtr<OSSL_PARAM_BLD, OSSL_PARAM_BLD_free>;
 using ParamPtr = OpenSslPtr<OSSL_PARAM, OSSL_PARAM_free>;
+using BioPtr = OpenSslPtr<BIO, BIO_free_all>;
+
+/// Memory OpenSSL allocated for the caller (i2d_* output, BIO_get_mem_data is not one).
+struct OpenSslFree {
+  void operator()(void* p) const noexcept { OPENSSL_free(p); }
+};
+template <typename T>
+using OpenSslBuffer = std::unique_ptr<T, OpenSslFree>;
 
 /// Shares an EVP_PKEY between owners (EVP_PKEY_up_ref); read-only use (verify, export) from
 /// several threads is safe in OpenSSL 3.
@@ -36,4 +46,4 @@ using SharedPkey = std::shared_ptr<EVP_PKEY>;
   return SharedPkey(pkey.release(), [](EVP_PKEY* p) { EVP_PKEY_free(p); });
 }
 
-}  // namespace hsm::agent::keys
+}  // namespace hsm::common

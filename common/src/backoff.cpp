@@ -1,18 +1,17 @@
-#include "backoff.hpp"
+#include "hsm/common/backoff.hpp"
 
 #include <algorithm>
 #include <random>
 
-namespace hsm::client {
+namespace hsm::common {
 
-Backoff::Backoff(const RetryPolicy& policy) noexcept
-    : initial_(std::max<std::chrono::nanoseconds>(policy.initial_backoff,
-                                                  std::chrono::microseconds{100})),
-      max_(std::max<std::chrono::nanoseconds>(policy.max_backoff, initial_)) {}
+Backoff::Backoff(std::chrono::nanoseconds first, std::chrono::nanoseconds max) noexcept
+    : first_(first), max_(std::max(max, first)) {}
 
 std::chrono::nanoseconds Backoff::ceiling(std::uint32_t attempt) const noexcept {
+  if (attempt == 0) return std::chrono::nanoseconds{0};
   // Doubling stops as soon as the cap is reached, so there is no overflow for any attempt.
-  auto d = initial_;
+  auto d = first_;
   for (std::uint32_t i = 1; i < attempt && d < max_; ++i) {
     d *= 2;
   }
@@ -20,10 +19,11 @@ std::chrono::nanoseconds Backoff::ceiling(std::uint32_t attempt) const noexcept 
 }
 
 std::chrono::nanoseconds Backoff::delay(std::uint32_t attempt) const {
-  thread_local std::minstd_rand generator{std::random_device{}()};
   const auto high = ceiling(attempt).count();
+  if (high == 0) return std::chrono::nanoseconds{0};
+  thread_local std::minstd_rand generator{std::random_device{}()};
   std::uniform_int_distribution<std::chrono::nanoseconds::rep> pick(high / 2, high);
   return std::chrono::nanoseconds{pick(generator)};
 }
 
-}  // namespace hsm::client
+}  // namespace hsm::common
