@@ -330,19 +330,18 @@ TEST_CASE("many threads share one client and one connection", "[client]") {
   CHECK(agent.connections_accepted() == 1);
 }
 
-// A synchronous caller reads its own answer when nobody else reads the connection, and then
-// reads for everyone until its answer is in: the cases below put a caller in that position
-// (its call sent first, the others while it waits) and check that every other call still gets
-// its own answer, from the right thread, however the leader stops reading.
-TEST_CASE("a synchronous caller reading the connection hands other calls their answers",
-          "[client][leader]") {
+// Calls of every kind pipelined on one connection: a synchronous call sent first, the others
+// while it waits. Every call gets its own answer, callbacks on a client thread, however the
+// first call ends (answered, timed out, or the agent gone).
+TEST_CASE("a synchronous call and the calls sent while it waits each get their own answer",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   auto options = options_for(agent, 30'000ms);  // a hang would end in timeout, not in a value
   options.retry.max_attempts = 1;
   hsm::Client client(options);
 
-  // The leader's call goes out first, so it finds nobody reading; the others are sent while
+  // The first call goes out first, alone on the connection; the others are sent while
   // it waits for its answer (the pause only makes that likely; every check holds either way).
   std::thread::id leader_thread;
   auto leader = std::async(std::launch::async, [&] {
@@ -379,7 +378,7 @@ TEST_CASE("a synchronous caller reading the connection hands other calls their a
   SECTION("answers after the leader's own: someone still reads them") {
     CHECK(board.answer("leader"));
     CHECK(leader.get() == bytes_of("leader"));
-    std::this_thread::sleep_for(20ms);  // the leader has let go (not needed for the checks)
+    std::this_thread::sleep_for(20ms);  // the first call is done (not needed for the checks)
     CHECK(board.answer_all("sync-") == 3);
     CHECK(board.answer_all("async-") == 5);
   }
@@ -404,8 +403,8 @@ TEST_CASE("a synchronous caller reading the connection hands other calls their a
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("a synchronous call that times out while it reads leaves the others to be read",
-          "[client][leader]") {
+TEST_CASE("a synchronous call that times out leaves the other calls on its connection answered",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   // The asynchronous calls start a second after the synchronous one, so their deadlines are a
@@ -446,8 +445,8 @@ TEST_CASE("a synchronous call that times out while it reads leaves the others to
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("the agent going away while a synchronous caller reads fails every pending call",
-          "[client][leader]") {
+TEST_CASE("the agent going away while a synchronous call waits fails every pending call",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   auto options = options_for(agent, 30'000ms);  // a call left hanging would report timeout
@@ -483,7 +482,7 @@ TEST_CASE("the agent going away while a synchronous caller reads fails every pen
 }
 
 TEST_CASE("synchronous and asynchronous calls on one connection, answers shuffled",
-          "[client][leader]") {
+          "[client][pipelined]") {
   // The agent answers in batches, newest first, from its own thread: the calls that read for
   // others keep changing, and the read side keeps passing between callers and the reader thread.
   struct Shuffler {
@@ -552,14 +551,12 @@ TEST_CASE("synchronous and asynchronous calls on one connection, answers shuffle
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("the read side moves between the reader thread and callers as call kinds alternate",
-          "[client][leader]") {
+TEST_CASE("synchronous, future and callback calls alternate on one connection",
+          "[client][pipelined]") {
   FakeAgent agent;
   hsm::Client client(options_for(agent, 30'000ms));
   for (int i = 0; i < 200; ++i) {
     const std::string n = std::to_string(i);
-    // After an asynchronous call the reader thread keeps the read side; the synchronous call
-    // that follows takes it back; a callback call answered while a caller reads runs elsewhere.
     CHECK(client.sign_async("k", bytes_of("future-" + n)).get().signature ==
           bytes_of("future-" + n));
     CHECK(client.sign("k", std::string_view("sync-" + n)) == bytes_of("sync-" + n));
