@@ -57,12 +57,16 @@ void CallRunner::start(const std::shared_ptr<Call>& call, const std::stop_token&
     call->set_deadline_timer(*handle);
   }
   if (stop.stop_possible()) {
-    // Runs at once, here, when the stop was requested already: nothing is sent then.
+    // Runs at once, here, when the stop was requested already; a callback call's cancellation
+    // then completes on the timer thread, so look at the token, not at the call.
     call->watch_stop(stop, [this, weak] {
       if (auto cancelled = weak.lock()) {
         finish_from_caller(cancelled, Error(Errc::kCancelled, "the call was cancelled"));
       }
     });
+    if (stop.stop_requested()) {
+      return;  // nothing is sent for a call stopped before it started
+    }
   }
   if (auto not_sent = attempt(call)) {
     if (call->completes_on_client_thread()) {

@@ -252,7 +252,8 @@ TEST_CASE("a cancelled call leaves no pending entry behind", "[client][internals
   CHECK(fixture.agent.count(hsm::protocol::Method::kHealth) <= 1);
 }
 
-TEST_CASE("a call stopped before it starts sends nothing", "[client][internals]") {
+TEST_CASE("the runner makes no attempt for a call stopped before it starts",
+          "[client][internals]") {
   SilentAgentRunner fixture;
   std::stop_source stop;
   stop.request_stop();

@@ -952,3 +952,122 @@ TEST_CASE("an agent that stops reading cannot block a call past its deadline", "
   ::unlink(path.c_str());
   ::rmdir(directory.c_str());
 }
+
+// ---- Per-call options: deadline and cancellation ------------------------------------------------
+
+TEST_CASE("a call's own timeout or deadline ends it with kTimeout, in every form",
+          "[client][call]") {
+  Switchboard board;  // holds every request: nothing is answered
+  FakeAgent agent(board.handler());
+  hsm::Client client(options_for(agent, 30'000ms));
+  const hsm::CallOptions short_timeout{.timeout = 50ms};
+
+  const auto started = std::chrono::steady_clock::now();
+  CHECK(error_of([&] { (void)client.sign("k", std::string_view("sync"), short_timeout); }).errc() ==
+        hsm::Errc::kTimeout);
+  CHECK(std::chrono::steady_clock::now() - started < 20s);  // not the client's 30 s
+
+  auto future = client.sign_async("k", bytes_of("future"), {},
+                                  {.deadline = std::chrono::steady_clock::now() + 50ms});
+  CHECK(error_of([&] { (void)future.get(); }).errc() == hsm::Errc::kTimeout);
+
+  std::promise<hsm::Errc> callback;
+  client.health_async(
+      [&](hsm::Outcome<hsm::Health> outcome) {
+        callback.set_value(outcome ? hsm::Errc::kUnknown : outcome.error().errc());
+      },
+      short_timeout);
+  CHECK(callback.get_future().get() == hsm::Errc::kTimeout);
+
+  // With both, the earlier one counts; the request carries the time left.
+  CHECK(error_of([&] {
+          (void)client.sign(
+              "k", std::string_view("both"),
+              {.timeout = 60'000ms, .deadline = std::chrono::steady_clock::now() + 50ms});
+        }).errc() == hsm::Errc::kTimeout);
+  for (const auto& request : agent.requests()) {
+    CHECK(request.timeout_ms <= 60u);
+  }
+}
+
+TEST_CASE("a cancelled call completes with kCancelled and its late answer is dropped",
+          "[client][call]") {
+  Switchboard board;
+  FakeAgent agent(board.handler());
+  hsm::ClientOptions options = options_for(agent, 30'000ms);
+  hsm::Client client(options);
+
+  SECTION("synchronous") {
+    std::stop_source stop;
+    auto cancelled = std::async(std::launch::async, [&] {
+      return code_of([&] {
+        (void)client.sign("k", std::string_view("cancel-me"), {.stop = stop.get_token()});
+      });
+    });
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    CHECK(cancelled.get() == hsm::kCancelled);
+  }
+  SECTION("future") {
+    std::stop_source stop;
+    auto future = client.sign_async("k", bytes_of("cancel-me"), {}, {.stop = stop.get_token()});
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    CHECK(error_of([&] { (void)future.get(); }).errc() == hsm::Errc::kCancelled);
+  }
+  SECTION("callback: run on a client thread, not the one that stops") {
+    std::stop_source stop;
+    std::promise<std::pair<hsm::Errc, std::thread::id>> done;
+    client.sign_async("k", bytes_of("cancel-me"),
+                      [&](hsm::Outcome<hsm::Signature> outcome) {
+                        done.set_value({outcome ? hsm::Errc::kUnknown : outcome.error().errc(),
+                                        std::this_thread::get_id()});
+                      },
+                      {}, {.stop = stop.get_token()});
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    const auto [code, thread] = done.get_future().get();
+    CHECK(code == hsm::Errc::kCancelled);
+    CHECK(thread != std::this_thread::get_id());
+  }
+  // The agent answers the cancelled request after all: dropped, and the connection carries on.
+  CHECK(board.answer("cancel-me"));
+  auto next =
+      std::async(std::launch::async, [&] { return client.sign("k", std::string_view("next")); });
+  REQUIRE(board.wait_for(1));
+  CHECK(board.answer("next"));
+  CHECK(next.get() == bytes_of("next"));
+  CHECK(agent.connections_accepted() == 1);
+  CHECK(agent.count(Method::kSign) == 2);  // a cancelled call is not retried
+}
+
+TEST_CASE("a call stopped before it starts sends nothing", "[client][call]") {
+  FakeAgent agent;
+  hsm::Client client(options_for(agent));
+  std::stop_source stop;
+  stop.request_stop();
+  CHECK(error_of([&] { (void)client.health({.stop = stop.get_token()}); }).errc() ==
+        hsm::Errc::kCancelled);
+  std::promise<hsm::Errc> callback;
+  client.list_keys_async(
+      [&](hsm::Outcome<std::vector<hsm::KeyInfo>> outcome) {
+        callback.set_value(outcome ? hsm::Errc::kUnknown : outcome.error().errc());
+      },
+      {.stop = stop.get_token()});
+  CHECK(callback.get_future().get() == hsm::Errc::kCancelled);
+  CHECK(agent.requests().empty());
+  CHECK(client.health().ok);  // a stop after completion changes nothing either
+}
+
+TEST_CASE("agent errors carry their typed code", "[client][call]") {
+  FakeAgent agent(
+      [](const std::shared_ptr<FakeConnection>& connection, const hsm::protocol::Request& request) {
+        connection->answer_error(request.msgid, ErrorCode::kAlreadyExists, "taken");
+      });
+  auto options = options_for(agent);
+  hsm::Client client(options);
+  const hsm::Error error = error_of([&] { (void)client.generate_key("k", "ES256"); });
+  CHECK(error.errc() == hsm::Errc::kAlreadyExists);
+  CHECK(error.code() == "already_exists");  // the string stays, for logs
+  CHECK(hsm::to_string(error.errc()) == error.code());
+}
