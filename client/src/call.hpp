@@ -5,14 +5,15 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <future>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <stop_token>
 #include <utility>
 #include <variant>
 
-#include "completion_flag.hpp"
 #include "hsm/client.hpp"
 #include "hsm/protocol/types.hpp"
 #include "timer_queue.hpp"
@@ -33,22 +34,15 @@ struct Failure {
   Delivery delivery = Delivery::kMaybeSent;
 };
 
-/// The thread that reports an attempt's outcome to the CallRunner: a thread that made a call
-/// (a synchronous caller that read answers for others, or a caller whose attempt failed before
-/// anything was sent), or one of the client's own threads (a reader thread, the timer thread).
-/// A callback never runs on a caller's thread: the runner hands it to the timer thread.
-enum class ReportingThread : std::uint8_t { kCaller, kClient };
-
 /// Turns the result of a method into the public type; throws Error(protocol_error) when the
 /// result is not the method's.
 template <class T>
 using Converter = T (*)(protocol::Result&&);
 
-/// Shared between the thread that started the call, the thread reading the connection that
-/// carries it (its reader thread, or a synchronous caller reading for everyone), and the timer
-/// thread. Completion happens exactly once (finish()); everything else either runs on the one
-/// thread driving the current attempt (attempts are sequential: the next starts only after the
-/// previous failed) or is guarded by mutex_.
+/// Shared between the thread that started the call, the reader thread of the connection that
+/// carries it, the timer thread and a thread requesting its stop. Completion happens exactly once
+/// (finish()); everything else either runs on the one thread driving the current attempt (attempts
+/// are sequential: the next starts only after the previous failed) or is guarded by mutex_.
 class Call {
  public:
   struct InFlight {
@@ -73,7 +67,8 @@ class Call {
   [[nodiscard]] Clock::time_point deadline() const noexcept { return deadline_; }
   /// Safe to send again after an answer may have been lost (sign, verify, reads).
   [[nodiscard]] bool idempotent() const noexcept { return idempotent_; }
-  /// Callback calls never complete on the thread that started them (see client.hpp).
+  /// Callback calls never complete on a caller's thread (one that starts a call or requests a
+  /// stop; see client.hpp): the runner hands such completions to the timer thread.
   [[nodiscard]] virtual bool completes_on_client_thread() const noexcept = 0;
 
   [[nodiscard]] bool finished() const noexcept { return finished_.load(std::memory_order_acquire); }
@@ -114,6 +109,12 @@ class Call {
     return std::exchange(deadline_timer_, std::nullopt);
   }
 
+  /// Runs `on_stop` when `stop` is requested (at once, on this thread, when it already was).
+  /// Called once, by the thread starting the call, before the first attempt.
+  void watch_stop(const std::stop_token& stop, std::function<void()> on_stop) {
+    stop_watch_.emplace(stop, std::move(on_stop));
+  }
+
  protected:
   /// Delivers the answer to whoever waits; called once. Must not throw.
   virtual void complete(Answer&& answer) noexcept = 0;
@@ -123,8 +124,7 @@ class Call {
     // Nearly every call has finished by now: build the error (two strings) only when it has
     // not, instead of on every call's destruction (docs/performance.md).
     if (finished_.load(std::memory_order_acquire)) return;
-    finish(
-        Error(std::string(kConnectionFailed), "the client was closed before the call completed"));
+    finish(Error(Errc::kConnectionFailed, "the client was closed before the call completed"));
   }
 
  private:
@@ -137,6 +137,9 @@ class Call {
   std::mutex mutex_;
   std::optional<InFlight> in_flight_;
   std::optional<TimerQueue::Handle> deadline_timer_;
+  // Declared last: destroyed first, so a stop callback running on another thread is waited for
+  // before the rest of the call goes.
+  std::optional<std::stop_callback<std::function<void()>>> stop_watch_;
 };
 
 /// A call completed through a std::promise of the value (the public future forms).
@@ -175,13 +178,10 @@ class FutureCall final : public Call {
   Converter<T> convert_;
 };
 
-/// A synchronous call: the caller blocks on its own thread until completion() is set (in
-/// CallRunner::run, which may read the answer itself: Connection::await). The outcome is
-/// handed over with a CompletionFlag rather than a std::promise, whose completion costs extra
-/// system calls per call (libstdc++ runs it under call_once, and glibc's once always issues a
-/// futex wake); and the error travels as a value, thrown on the caller's thread, so no
-/// exception object is shared between threads (ThreadSanitizer cannot see libstdc++'s
-/// exception_ptr reference counting).
+/// A synchronous call: the caller blocks in take() until the call completed (an answer, a
+/// failure, its deadline enforced by the timer thread, or a stop). The error travels as a
+/// value, thrown on the caller's thread, so no exception object is shared between threads
+/// (ThreadSanitizer cannot see libstdc++'s exception_ptr reference counting).
 template <class T>
 class SyncCall final : public Call {
  public:
@@ -196,14 +196,9 @@ class SyncCall final : public Call {
 
   [[nodiscard]] bool completes_on_client_thread() const noexcept override { return false; }
 
-  /// Set when the call completed (after its outcome is stored); waited on by the calling
-  /// thread only. Lives as long as the call.
-  [[nodiscard]] CompletionFlag& completion() noexcept { return done_; }
-  /// The outcome. Blocks until the call completed: after the caller's deadline passed and the
-  /// call was expired, it returns at once, or as soon as the completion that won the race has
-  /// delivered.
+  /// The outcome; blocks until the call completed. Called once, by the thread that made it.
   [[nodiscard]] Outcome<T> take() {
-    done_.wait();
+    done_.wait(false, std::memory_order_acquire);
     return std::move(*outcome_);
   }
 
@@ -212,9 +207,12 @@ class SyncCall final : public Call {
     try {
       outcome_.emplace(make_outcome(std::move(answer)));
     } catch (...) {  // out of memory while converting
-      outcome_.emplace(Error("internal", "out of memory while reading the answer"));
+      outcome_.emplace(Error(Errc::kInternal, "out of memory while reading the answer"));
     }
-    done_.set();  // publishes outcome_; the caller holds its own reference to this call
+    // Publishes outcome_. The completing thread holds a reference to the call, so the waiter
+    // cannot free it under notify_one().
+    done_.store(true, std::memory_order_release);
+    done_.notify_one();
   }
 
   Outcome<T> make_outcome(Answer&& answer) {
@@ -230,7 +228,7 @@ class SyncCall final : public Call {
 
   Converter<T> convert_;
   std::optional<Outcome<T>> outcome_;  // written once by complete(), read after done_
-  CompletionFlag done_;
+  std::atomic<bool> done_{false};
 };
 
 /// A call completed by running the user's callback.

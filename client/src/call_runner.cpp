@@ -8,15 +8,9 @@ namespace hsm::client {
 namespace {
 
 /// Agent error codes that say "not now" rather than "no": the same request may succeed later.
-bool is_transient(const std::string& code) {
-  using protocol::ErrorCode;
-  for (ErrorCode transient : {ErrorCode::kHsmUnavailable, ErrorCode::kOverloaded,
-                              ErrorCode::kShuttingDown, ErrorCode::kAuditUnavailable}) {
-    if (code == protocol::to_string(transient)) {
-      return true;
-    }
-  }
-  return false;
+bool is_transient(Errc code) {
+  return code == Errc::kHsmUnavailable || code == Errc::kOverloaded ||
+         code == Errc::kShuttingDown || code == Errc::kAuditUnavailable;
 }
 
 protocol::Limits response_limits(const ClientOptions& options) {
@@ -35,7 +29,10 @@ CallRunner::CallRunner(const ClientOptions& options)
       backoff_(options.retry),
       pool_(ConnectionSettings{options.socket_path, response_limits(options),
                                options.max_request_bytes},
-            options.connections, options.retry, *this) {}
+            options.connections, options.retry,
+            [this](const std::shared_ptr<Call>& call, Answer&& answer) {
+              attempt_ended(call, std::move(answer));
+            }) {}
 
 CallRunner::~CallRunner() {
   closing_.store(true, std::memory_order_release);
@@ -45,54 +42,54 @@ CallRunner::~CallRunner() {
   timer_.stop();
 }
 
-void CallRunner::start(const std::shared_ptr<Call>& call) {
+void CallRunner::start(const std::shared_ptr<Call>& call, const std::stop_token& stop) {
   std::weak_ptr<Call> weak = call;
   auto handle = timer_.schedule(call->deadline(), [this, weak] {
     if (auto expiring = weak.lock()) {
-      expire(expiring);
+      finish(expiring,
+             Error(Errc::kTimeout,
+                   "no answer within the call's timeout (the agent may be overloaded or the HSM "
+                   "slow)"),
+             true);
     }
   });
   if (handle) {
     call->set_deadline_timer(*handle);
   }
-  (void)attempt(call, Thread::kCaller);
-}
-
-void CallRunner::run(const std::shared_ptr<Call>& call, CompletionFlag& done) {
-  const std::optional<OwnAnswer> own = attempt(call, Thread::kCaller, ReadBy::kSender);
-  // Not in flight on a connection after the first attempt: it completed already, or a retry
-  // will carry it (read by that connection's reader thread).
-  const bool completed =
-      own ? own->connection->await(call, done, own->msgid) : done.wait_until(call->deadline());
-  if (!completed) {
-    expire(call);
-  }
-}
-
-void CallRunner::expire(const std::shared_ptr<Call>& call) {
-  if (!call->finish(Error(std::string(kTimeout),
-                          "no answer within the call's timeout (the agent may be overloaded "
-                          "or the HSM slow)"))) {
-    return;
-  }
-  if (auto handle = call->take_deadline_timer()) {
-    timer_.cancel(*handle);
-  }
-  if (auto in_flight = call->take_in_flight()) {
-    if (auto connection = in_flight->connection.lock()) {
-      connection->forget(in_flight->msgid, call.get());
+  if (stop.stop_possible()) {
+    // Runs at once, here, when the stop was requested already; a callback call's cancellation
+    // then completes on the timer thread, so look at the token, not at the call.
+    call->watch_stop(stop, [this, weak] {
+      if (auto cancelled = weak.lock()) {
+        finish_from_caller(cancelled, Error(Errc::kCancelled, "the call was cancelled"));
+      }
+    });
+    if (stop.stop_requested()) {
+      return;  // nothing is sent for a call stopped before it started
     }
   }
+  if (auto not_sent = attempt(call)) {
+    if (call->completes_on_client_thread()) {
+      // A callback never runs on the thread that made the call (it may hold locks the
+      // callback takes): decide on the timer thread.
+      auto decided = timer_.schedule(Clock::now(), [this, call, not_sent = *not_sent]() mutable {
+        retry_or_finish(call, std::move(not_sent.failure), not_sent.not_before);
+      });
+      if (decided) {
+        return;
+      }
+    }
+    retry_or_finish(call, std::move(not_sent->failure), not_sent->not_before);
+  }
 }
 
-std::optional<CallRunner::OwnAnswer> CallRunner::attempt(const std::shared_ptr<Call>& call,
-                                                         Thread thread, ReadBy read_by) {
+std::optional<CallRunner::NotSent> CallRunner::attempt(const std::shared_ptr<Call>& call) {
   if (call->finished()) {
-    return std::nullopt;  // timed out while waiting for this retry
+    return std::nullopt;  // timed out or cancelled while waiting for this attempt
   }
   if (closing_.load(std::memory_order_acquire)) {
-    finish(call, Error(std::string(kConnectionFailed), "the client is closed"), thread);
-    return std::nullopt;
+    return NotSent{{Error(Errc::kConnectionFailed, "the client is closed"), Delivery::kNotSent},
+                   {}};
   }
   call->begin_attempt();
   // A connection can die while idle (the agent restarted) without its reader having noticed
@@ -102,84 +99,88 @@ std::optional<CallRunner::OwnAnswer> CallRunner::attempt(const std::shared_ptr<C
   for (int stale = 0;; ++stale) {
     auto acquired = pool_.acquire();
     if (auto* unavailable = std::get_if<ConnectionPool::Unavailable>(&acquired)) {
-      retry_or_finish(call, {std::move(unavailable->error), Delivery::kNotSent}, thread,
-                      unavailable->retry_at);
-      return std::nullopt;
+      return NotSent{{std::move(unavailable->error), Delivery::kNotSent}, unavailable->retry_at};
     }
     auto& connection = std::get<std::shared_ptr<Connection>>(acquired);
-    auto sent = connection->send(call, read_by);
-    if (const auto* in_flight = std::get_if<Connection::Sent>(&sent)) {
-      if (read_by == ReadBy::kSender) {
-        return OwnAnswer{std::move(connection), in_flight->msgid};
-      }
+    std::optional<Failure> failure = connection->send(call);
+    if (!failure) {
       return std::nullopt;
     }
-    auto& failure = std::get<Failure>(sent);
     const bool stale_connection =
-        failure.delivery == Delivery::kNotSent && failure.error.code() == kConnectionFailed;
+        failure->delivery == Delivery::kNotSent && failure->error.errc() == Errc::kConnectionFailed;
     if (!stale_connection || stale >= kStaleConnectionRetries) {
-      retry_or_finish(call, std::move(failure), thread, Clock::time_point{});
+      if (failure->delivery == Delivery::kNotSent) {
+        return NotSent{std::move(*failure), {}};
+      }
+      retry_or_finish(call, std::move(*failure), {});  // cut in the middle of its request
       return std::nullopt;
     }
   }
 }
 
-void CallRunner::on_answer(const std::shared_ptr<Call>& call, Answer&& answer,
-                           ReportingThread thread) {
-  if (auto* error = std::get_if<Error>(&answer);
-      error != nullptr && call->idempotent() && is_transient(error->code())) {
-    retry_or_finish(call, {std::move(*error), Delivery::kMaybeSent}, thread, {});
+void CallRunner::attempt_ended(const std::shared_ptr<Call>& call, Answer&& answer) {
+  if (auto* error = std::get_if<Error>(&answer)) {
+    retry_or_finish(call, {std::move(*error), Delivery::kMaybeSent}, {});
     return;
   }
-  finish(call, std::move(answer), thread);
-}
-
-void CallRunner::on_failure(const std::shared_ptr<Call>& call, Failure&& failure,
-                            ReportingThread thread) {
-  retry_or_finish(call, std::move(failure), thread, {});
+  finish(call, std::move(answer));
 }
 
 void CallRunner::retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure,
-                                 Thread thread, Clock::time_point not_before) {
-  const std::string& code = failure.error.code();
+                                 Clock::time_point not_before) {
+  const Errc code = failure.error.errc();
   // A request that never left may be sent again whatever it does; one that may have reached
   // the agent only if doing it twice is harmless (never generate_key or delete_key).
   const bool may_repeat = failure.delivery == Delivery::kNotSent || call->idempotent();
-  const bool retryable = (code == kConnectionFailed || is_transient(code)) && may_repeat;
+  const bool retryable = (code == Errc::kConnectionFailed || is_transient(code)) && may_repeat;
   if (!retryable || call->attempts() >= max_attempts_ || closing_.load(std::memory_order_acquire)) {
-    finish(call, std::move(failure.error), thread);
+    finish(call, std::move(failure.error));
     return;
   }
   const auto at = std::max(Clock::now() + backoff_.delay(call->attempts()), not_before);
   if (at >= call->deadline()) {  // the retry could not finish in time: report the cause now
-    finish(call, std::move(failure.error), thread);
+    finish(call, std::move(failure.error));
     return;
   }
-  auto scheduled = timer_.schedule(at, [this, call] { (void)attempt(call, Thread::kClient); });
+  auto scheduled = timer_.schedule(at, [this, call] {
+    if (auto not_sent = attempt(call)) {
+      retry_or_finish(call, std::move(not_sent->failure), not_sent->not_before);
+    }
+  });
   if (!scheduled) {
-    finish(call, std::move(failure.error), thread);
+    finish(call, std::move(failure.error));
   }
 }
 
-void CallRunner::finish(const std::shared_ptr<Call>& call, Answer&& answer, Thread thread) {
-  if (thread == Thread::kCaller && call->completes_on_client_thread()) {
-    // A callback never runs on the thread that made the call (it may hold locks the callback
-    // takes); hand it to the timer thread.
-    auto shared_answer = std::make_shared<Answer>(std::move(answer));
-    auto handed_over = timer_.schedule(Clock::now(), [this, call, shared_answer] {
-      finish(call, std::move(*shared_answer), Thread::kClient);
-    });
-    if (handed_over) {
-      return;
-    }
-    answer = std::move(*shared_answer);  // the timer is stopped (closing): complete here
-  }
+void CallRunner::finish(const std::shared_ptr<Call>& call, Answer&& answer, bool withdraw_request) {
   if (!call->finish(std::move(answer))) {
     return;
   }
   if (auto handle = call->take_deadline_timer()) {
     timer_.cancel(*handle);
   }
+  if (!withdraw_request) {
+    return;  // answered or failed: nothing of it is pending on a connection any more
+  }
+  if (auto in_flight = call->take_in_flight()) {
+    if (auto connection = in_flight->connection.lock()) {
+      connection->forget(in_flight->msgid, call.get());
+    }
+  }
+}
+
+void CallRunner::finish_from_caller(const std::shared_ptr<Call>& call, Error&& error) {
+  if (call->finished()) {
+    return;
+  }
+  if (call->completes_on_client_thread()) {
+    auto handed_over = timer_.schedule(
+        Clock::now(), [this, call, error]() mutable { finish(call, std::move(error), true); });
+    if (handed_over) {
+      return;
+    }
+  }
+  finish(call, std::move(error), true);
 }
 
 }  // namespace hsm::client

@@ -1,11 +1,13 @@
 // Drives calls through attempts: picks a connection, sends, and on failure decides between a
-// retry (after a backoff, within the deadline) and completing the call with the error.
+// retry (after a backoff, within the deadline) and completing the call with the error. Enforces
+// deadlines (timer thread) and cancellation (the call's stop_token).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <stop_token>
 
 #include "backoff.hpp"
 #include "call.hpp"
@@ -18,7 +20,11 @@ namespace hsm::client {
 /// Thread-safe. The retry rules (see client.hpp): a failure is retried when the request never
 /// left this process, or when the call is idempotent and the connection was lost or the agent
 /// answered hsm_unavailable, overloaded, shutting_down or audit_unavailable; never past the
-/// deadline or RetryPolicy::max_attempts.
+/// deadline or RetryPolicy::max_attempts, and never once the call completed (timed out or
+/// cancelled).
+///
+/// Owns the timer and the pool; the pool's connections report each attempt's end through the
+/// function the runner hands the pool (they know nothing of the runner).
 class CallRunner {
  public:
   explicit CallRunner(const ClientOptions& options);
@@ -30,37 +36,33 @@ class CallRunner {
   CallRunner(CallRunner&&) = delete;
   CallRunner& operator=(CallRunner&&) = delete;
 
-  /// Starts an asynchronous call on the calling thread, with a timer that fails it with
-  /// timeout at its deadline.
-  void start(const std::shared_ptr<Call>& call);
-  /// Runs a synchronous call on the calling thread: starts it, then blocks until `done` (the
-  /// call's completion flag) is set or the call's deadline passes, and then expires it. The
-  /// deadline is enforced on the caller's own thread (no timer round trip), and the caller
-  /// reads its own answer from the connection when no other thread reads it
-  /// (Connection::await).
-  void run(const std::shared_ptr<Call>& call, CompletionFlag& done);
-  /// Fails the call with timeout unless it completed; its answer, if one comes, is dropped.
-  void expire(const std::shared_ptr<Call>& call);
+  /// Starts a call from the calling thread: a timer that fails it with timeout at its deadline,
+  /// a watch on `stop` that cancels it, and its first attempt. Returns at once (a synchronous
+  /// caller then waits on its SyncCall). A callback call never completes on this thread.
+  void start(const std::shared_ptr<Call>& call, const std::stop_token& stop);
 
-  /// From the thread reading a connection: the agent's answer to one attempt.
-  void on_answer(const std::shared_ptr<Call>& call, Answer&& answer, ReportingThread thread);
-  /// From the thread reading a connection: the connection died with the call pending.
-  void on_failure(const std::shared_ptr<Call>& call, Failure&& failure, ReportingThread thread);
+  /// Where a call stands on its connections, for tests: calls waiting for an answer.
+  [[nodiscard]] std::size_t pending_calls() { return pool_.pending_calls(); }
 
  private:
-  using Thread = ReportingThread;
-  /// Where a synchronous call's first attempt waits for the answer its caller reads.
-  struct OwnAnswer {
-    std::shared_ptr<Connection> connection;
-    std::uint32_t msgid = 0;
+  /// An attempt that failed before anything was sent, and when a retry may start.
+  struct NotSent {
+    Failure failure;
+    Clock::time_point not_before;
   };
-  /// One attempt: picks a connection and sends. With ReadBy::kSender (the caller's own first
-  /// attempt of a synchronous call) returns where the call is in flight, for await().
-  std::optional<OwnAnswer> attempt(const std::shared_ptr<Call>& call, Thread thread,
-                                   ReadBy read_by = ReadBy::kAnyone);
-  void retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure, Thread thread,
+  /// One attempt: picks a connection and sends. nullopt: in flight (its connection reports
+  /// its end) or already completed.
+  std::optional<NotSent> attempt(const std::shared_ptr<Call>& call);
+  /// From a connection's reader thread: the attempt's answer, or the connection lost.
+  void attempt_ended(const std::shared_ptr<Call>& call, Answer&& answer);
+  void retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure,
                        Clock::time_point not_before);
-  void finish(const std::shared_ptr<Call>& call, Answer&& answer, Thread thread);
+  /// Completes the call unless it completed already; withdraws its deadline timer, and with
+  /// `withdraw_request` its pending entry (a timeout or a cancellation: its answer is dropped).
+  void finish(const std::shared_ptr<Call>& call, Answer&& answer, bool withdraw_request = false);
+  /// From a thread that is not the client's (a stop requested): a callback call's completion
+  /// goes to the timer thread.
+  void finish_from_caller(const std::shared_ptr<Call>& call, Error&& error);
 
   const std::uint32_t max_attempts_;
   const Backoff backoff_;

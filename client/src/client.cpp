@@ -13,6 +13,7 @@
 #include "call.hpp"
 #include "call_runner.hpp"
 #include "hsm/jose.hpp"
+#include "hsm/protocol/codec.hpp"
 #include "hsm/protocol/types.hpp"
 #include "jose_alg.hpp"
 
@@ -54,7 +55,7 @@ R expect(protocol::Result&& result) {
   if (auto* wanted = std::get_if<R>(&result)) {
     return std::move(*wanted);
   }
-  throw Error(std::string(kProtocolError), "the agent answered with another method's result");
+  throw Error(Errc::kProtocolError, "the agent answered with another method's result");
 }
 
 Capabilities to_capabilities(protocol::Result&& result) {
@@ -137,13 +138,10 @@ std::optional<protocol::SignatureFormat> to_format(const std::optional<std::stri
   if (!format) {
     return std::nullopt;
   }
-  if (*format == "raw") {
-    return protocol::SignatureFormat::kRaw;
+  if (auto parsed = protocol::parse_signature_format(*format)) {
+    return parsed;
   }
-  if (*format == "der") {
-    return protocol::SignatureFormat::kDer;
-  }
-  throw Error(std::string(kInvalidParams),
+  throw Error(Errc::kInvalidParams,
               "unknown signature format '" + *format + "' (expected raw or der)");
 }
 
@@ -203,53 +201,84 @@ class Client::Impl {
 
   [[nodiscard]] const ClientOptions& options() const noexcept { return options_; }
 
-  /// Blocks until the answer or the deadline, whichever comes first.
+  /// The call's deadline: its own timeout or deadline (the earlier of the two), else now plus
+  /// ClientOptions::timeout.
+  [[nodiscard]] client::Clock::time_point deadline(const CallOptions& call) const {
+    const auto now = client::Clock::now();
+    if (!call.timeout && !call.deadline) {
+      return now + options_.timeout;
+    }
+    auto deadline = client::Clock::time_point::max();
+    if (call.timeout) {
+      deadline = now + *call.timeout;
+    }
+    if (call.deadline) {
+      deadline = std::min(deadline, *call.deadline);
+    }
+    return deadline;
+  }
+
+  /// The same options with the deadline fixed now: for several calls that share one deadline.
+  [[nodiscard]] CallOptions fixed(const CallOptions& call) const {
+    return CallOptions{std::nullopt, deadline(call), call.stop};
+  }
+
+  /// Blocks until the answer, the deadline or a stop, whichever comes first.
   template <class T>
-  T call(Prepared<T> prepared) {
-    auto call = make<SyncCall<T>>(std::move(prepared));
-    runner_.run(call, call->completion());  // may read the answer itself (Connection::await)
+  T call(Prepared<T> prepared, const CallOptions& options) {
+    auto call = make<SyncCall<T>>(std::move(prepared), options);
+    runner_.start(call, options.stop);
     return call->take().value();  // throws the call's hsm::Error here, on the caller's thread
   }
 
   template <class T>
-  std::future<T> call_future(Prepared<T> prepared) {
-    auto call = make<FutureCall<T>>(std::move(prepared));
+  std::future<T> call_future(Prepared<T> prepared, const CallOptions& options) {
+    auto call = make<FutureCall<T>>(std::move(prepared), options);
     std::future<T> answer = call->future();
-    runner_.start(call);
+    runner_.start(call, options.stop);
     return answer;
   }
 
+  template <class T>
+  void call_back(Prepared<T> prepared, Callback<T> done, const CallOptions& options) {
+    auto call = make<CallbackCall<T>>(std::move(prepared), options, std::move(done));
+    runner_.start(call, options.stop);
+  }
+
   /// The key's alg for JOSE headers: cached per kid; `refresh` asks the agent again.
-  std::string jose_alg(std::string_view kid, bool refresh) {
+  std::string jose_alg(std::string_view kid, bool refresh, const CallOptions& options) {
     {
       std::lock_guard lock(alg_mutex_);
       if (auto it = alg_by_kid_.find(kid); it != alg_by_kid_.end() && !refresh) {
         return it->second;
       }
     }
-    std::string alg = call(prepare_get_public_key(kid)).alg;  // no lock held across the call
+    // No lock held across the call.
+    std::string alg = call(prepare_get_public_key(kid), options).alg;
     std::lock_guard lock(alg_mutex_);
     alg_by_kid_.insert_or_assign(std::string(kid), alg);
     return alg;
   }
 
   std::string sign_jws(std::string_view kid, std::string_view header_json,
-                       std::span<const std::uint8_t> payload, std::string_view defaults_json) {
+                       std::span<const std::uint8_t> payload, std::string_view defaults_json,
+                       const CallOptions& call_options) {
+    const CallOptions options = fixed(call_options);  // one deadline for the look-up and sign
     const std::string encoded_payload = jose::base64url_encode(payload);
     for (bool refresh : {false, true}) {
-      const auto header = jose::detail::make_header(header_json, jose_alg(kid, refresh), kid,
-                                                    options_.max_request_bytes, defaults_json);
+      const auto header = jose::detail::make_header(header_json, jose_alg(kid, refresh, options),
+                                                    kid, options_.max_request_bytes, defaults_json);
       std::string signing_input =
           jose::base64url_encode(as_bytes(header.json)) + '.' + encoded_payload;
       SignOptions sign_options;
       sign_options.alg = header.alg;  // the agent refuses an alg the key cannot do
       try {
-        const Signature sig =
-            call(prepare_sign(kid, InputKind::kData, as_bytes(signing_input), sign_options));
+        const Signature sig = call(
+            prepare_sign(kid, InputKind::kData, as_bytes(signing_input), sign_options), options);
         return signing_input + '.' + jose::base64url_encode(sig.signature);
       } catch (const Error& e) {
         // A cached alg refused: the key may have been replaced by one of another type.
-        if (refresh || header.alg_from_caller || e.code() != "unsupported_alg") {
+        if (refresh || header.alg_from_caller || e.errc() != Errc::kUnsupportedAlg) {
           throw;
         }
       }
@@ -257,17 +286,11 @@ class Client::Impl {
     throw std::logic_error("unreachable");
   }
 
-  template <class T>
-  void call_back(Prepared<T> prepared, Callback<T> done) {
-    auto call = make<CallbackCall<T>>(std::move(prepared), std::move(done));
-    runner_.start(call);
-  }
-
  private:
   template <class C, class T, class... Extra>
-  std::shared_ptr<C> make(Prepared<T>&& prepared, Extra&&... extra) {
+  std::shared_ptr<C> make(Prepared<T>&& prepared, const CallOptions& options, Extra&&... extra) {
     const Method method = prepared.request.method;
-    return std::make_shared<C>(std::move(prepared.request), client::Clock::now() + options_.timeout,
+    return std::make_shared<C>(std::move(prepared.request), deadline(options),
                                is_idempotent(method), prepared.convert,
                                std::forward<Extra>(extra)...);
   }
@@ -305,201 +328,252 @@ const ClientOptions& Client::options() const {
   return impl().options();
 }
 
-Capabilities Client::capabilities() {
-  return impl().call(
-      prepare<Capabilities>(Method::kCapabilities, protocol::EmptyParams{}, &to_capabilities));
+namespace {
+Prepared<Capabilities> prepare_capabilities() {
+  return prepare<Capabilities>(Method::kCapabilities, protocol::EmptyParams{}, &to_capabilities);
+}
+Prepared<Health> prepare_health() {
+  return prepare<Health>(Method::kHealth, protocol::EmptyParams{}, &to_health);
+}
+Prepared<std::vector<KeyInfo>> prepare_list_keys() {
+  return prepare<std::vector<KeyInfo>>(Method::kListKeys, protocol::EmptyParams{}, &to_key_list);
+}
+Prepared<std::vector<Jwk>> prepare_get_jwks() {
+  return prepare<std::vector<Jwk>>(Method::kGetJwks, protocol::EmptyParams{}, &to_jwks);
+}
+}  // namespace
+
+Capabilities Client::capabilities(const CallOptions& call) {
+  return impl().call(prepare_capabilities(), call);
 }
 
-Health Client::health() {
-  return impl().call(prepare<Health>(Method::kHealth, protocol::EmptyParams{}, &to_health));
+Health Client::health(const CallOptions& call) {
+  return impl().call(prepare_health(), call);
 }
 
 KeyInfo Client::generate_key(std::string_view kid, std::optional<std::string> alg,
-                             std::optional<std::uint32_t> rsa_bits) {
-  return impl().call(prepare_generate(kid, std::move(alg), rsa_bits));
+                             std::optional<std::uint32_t> rsa_bits, const CallOptions& call) {
+  return impl().call(prepare_generate(kid, std::move(alg), rsa_bits), call);
 }
 
-Bytes Client::sign(std::string_view kid, std::span<const std::uint8_t> data) {
-  return sign_detailed(kid, data).signature;
+PublicKey Client::ensure_key(std::string_view kid, std::optional<std::string> alg,
+                             const CallOptions& call) {
+  const CallOptions options = impl().fixed(call);  // one deadline for every step
+  auto checked = [&](PublicKey key) {
+    if (alg && key.alg != *alg) {
+      throw Error(Errc::kAlreadyExists,
+                  "key '" + std::string(kid) + "' exists with alg " + key.alg + ", not " + *alg);
+    }
+    return key;
+  };
+  try {
+    return checked(get_public_key(kid, options));
+  } catch (const Error& e) {
+    if (e.errc() != Errc::kNotFound) {
+      throw;
+    }
+  }
+  try {
+    (void)generate_key(kid, alg, std::nullopt, options);
+  } catch (const Error& e) {
+    // already_exists: a concurrent creator won the race; read its key. connection_failed: the
+    // request may have reached the agent (generate_key is never retried then); the key tells.
+    if (e.errc() == Errc::kConnectionFailed) {
+      try {
+        return checked(get_public_key(kid, options));
+      } catch (const Error& lookup) {
+        if (lookup.errc() == Errc::kNotFound) {
+          throw e;
+        }
+        throw;
+      }
+    }
+    if (e.errc() != Errc::kAlreadyExists) {
+      throw;
+    }
+  }
+  return checked(get_public_key(kid, options));
 }
 
-Bytes Client::sign(std::string_view kid, std::string_view data) {
-  return sign_detailed(kid, as_bytes(data)).signature;
+Bytes Client::sign(std::string_view kid, std::span<const std::uint8_t> data,
+                   const CallOptions& call) {
+  return sign_detailed(kid, data, {}, call).signature;
 }
 
-Bytes Client::sign_digest(std::string_view kid, std::span<const std::uint8_t> digest) {
-  return sign_digest_detailed(kid, digest).signature;
+Bytes Client::sign(std::string_view kid, std::string_view data, const CallOptions& call) {
+  return sign_detailed(kid, as_bytes(data), {}, call).signature;
+}
+
+Bytes Client::sign_digest(std::string_view kid, std::span<const std::uint8_t> digest,
+                          const CallOptions& call) {
+  return sign_digest_detailed(kid, digest, {}, call).signature;
 }
 
 Signature Client::sign_detailed(std::string_view kid, std::span<const std::uint8_t> data,
-                                const SignOptions& options) {
-  return impl().call(prepare_sign(kid, InputKind::kData, data, options));
+                                const SignOptions& options, const CallOptions& call) {
+  return impl().call(prepare_sign(kid, InputKind::kData, data, options), call);
 }
 
 Signature Client::sign_digest_detailed(std::string_view kid, std::span<const std::uint8_t> digest,
-                                       const SignOptions& options) {
-  return impl().call(prepare_sign(kid, InputKind::kDigest, digest, options));
+                                       const SignOptions& options, const CallOptions& call) {
+  return impl().call(prepare_sign(kid, InputKind::kDigest, digest, options), call);
 }
 
 bool Client::verify(std::string_view kid, std::span<const std::uint8_t> data,
-                    std::span<const std::uint8_t> signature, const SignOptions& options) {
-  return impl().call(prepare_verify(kid, InputKind::kData, data, signature, options));
+                    std::span<const std::uint8_t> signature, const SignOptions& options,
+                    const CallOptions& call) {
+  return impl().call(prepare_verify(kid, InputKind::kData, data, signature, options), call);
 }
 
 bool Client::verify(std::string_view kid, std::string_view data,
-                    std::span<const std::uint8_t> signature) {
-  return verify(kid, as_bytes(data), signature);
+                    std::span<const std::uint8_t> signature, const CallOptions& call) {
+  return verify(kid, as_bytes(data), signature, {}, call);
 }
 
 bool Client::verify_digest(std::string_view kid, std::span<const std::uint8_t> digest,
-                           std::span<const std::uint8_t> signature, const SignOptions& options) {
-  return impl().call(prepare_verify(kid, InputKind::kDigest, digest, signature, options));
+                           std::span<const std::uint8_t> signature, const SignOptions& options,
+                           const CallOptions& call) {
+  return impl().call(prepare_verify(kid, InputKind::kDigest, digest, signature, options), call);
 }
 
-PublicKey Client::get_public_key(std::string_view kid) {
-  return impl().call(prepare_get_public_key(kid));
+PublicKey Client::get_public_key(std::string_view kid, const CallOptions& call) {
+  return impl().call(prepare_get_public_key(kid), call);
 }
 
-std::vector<KeyInfo> Client::list_keys() {
-  return impl().call(
-      prepare<std::vector<KeyInfo>>(Method::kListKeys, protocol::EmptyParams{}, &to_key_list));
+std::vector<KeyInfo> Client::list_keys(const CallOptions& call) {
+  return impl().call(prepare_list_keys(), call);
 }
 
-std::vector<Jwk> Client::get_jwks() {
-  return impl().call(
-      prepare<std::vector<Jwk>>(Method::kGetJwks, protocol::EmptyParams{}, &to_jwks));
+std::vector<Jwk> Client::get_jwks(const CallOptions& call) {
+  return impl().call(prepare_get_jwks(), call);
 }
 
-bool Client::delete_key(std::string_view kid) {
-  return impl().call(prepare_delete(kid));
+bool Client::delete_key(std::string_view kid, const CallOptions& call) {
+  return impl().call(prepare_delete(kid), call);
 }
 
-// ---- Asynchronous forms
-// ---------------------------------------------------------------------------
+// ---- Asynchronous forms -------------------------------------------------------------------------
 
-std::future<Capabilities> Client::capabilities_async() {
-  return impl().call_future(
-      prepare<Capabilities>(Method::kCapabilities, protocol::EmptyParams{}, &to_capabilities));
+std::future<Capabilities> Client::capabilities_async(const CallOptions& call) {
+  return impl().call_future(prepare_capabilities(), call);
 }
-void Client::capabilities_async(Callback<Capabilities> done) {
-  impl().call_back(
-      prepare<Capabilities>(Method::kCapabilities, protocol::EmptyParams{}, &to_capabilities),
-      std::move(done));
+void Client::capabilities_async(Callback<Capabilities> done, const CallOptions& call) {
+  impl().call_back(prepare_capabilities(), std::move(done), call);
 }
 
-std::future<Health> Client::health_async() {
-  return impl().call_future(prepare<Health>(Method::kHealth, protocol::EmptyParams{}, &to_health));
+std::future<Health> Client::health_async(const CallOptions& call) {
+  return impl().call_future(prepare_health(), call);
 }
-void Client::health_async(Callback<Health> done) {
-  impl().call_back(prepare<Health>(Method::kHealth, protocol::EmptyParams{}, &to_health),
-                   std::move(done));
+void Client::health_async(Callback<Health> done, const CallOptions& call) {
+  impl().call_back(prepare_health(), std::move(done), call);
 }
 
 std::future<KeyInfo> Client::generate_key_async(std::string_view kid,
                                                 std::optional<std::string> alg,
-                                                std::optional<std::uint32_t> rsa_bits) {
-  return impl().call_future(prepare_generate(kid, std::move(alg), rsa_bits));
+                                                std::optional<std::uint32_t> rsa_bits,
+                                                const CallOptions& call) {
+  return impl().call_future(prepare_generate(kid, std::move(alg), rsa_bits), call);
 }
 void Client::generate_key_async(std::string_view kid, std::optional<std::string> alg,
-                                std::optional<std::uint32_t> rsa_bits, Callback<KeyInfo> done) {
-  impl().call_back(prepare_generate(kid, std::move(alg), rsa_bits), std::move(done));
+                                std::optional<std::uint32_t> rsa_bits, Callback<KeyInfo> done,
+                                const CallOptions& call) {
+  impl().call_back(prepare_generate(kid, std::move(alg), rsa_bits), std::move(done), call);
 }
 
 std::future<Signature> Client::sign_async(std::string_view kid, std::span<const std::uint8_t> data,
-                                          const SignOptions& options) {
-  return impl().call_future(prepare_sign(kid, InputKind::kData, data, options));
+                                          const SignOptions& options, const CallOptions& call) {
+  return impl().call_future(prepare_sign(kid, InputKind::kData, data, options), call);
 }
 void Client::sign_async(std::string_view kid, std::span<const std::uint8_t> data,
-                        Callback<Signature> done, const SignOptions& options) {
-  impl().call_back(prepare_sign(kid, InputKind::kData, data, options), std::move(done));
+                        Callback<Signature> done, const SignOptions& options,
+                        const CallOptions& call) {
+  impl().call_back(prepare_sign(kid, InputKind::kData, data, options), std::move(done), call);
 }
 
 std::future<Signature> Client::sign_digest_async(std::string_view kid,
                                                  std::span<const std::uint8_t> digest,
-                                                 const SignOptions& options) {
-  return impl().call_future(prepare_sign(kid, InputKind::kDigest, digest, options));
+                                                 const SignOptions& options,
+                                                 const CallOptions& call) {
+  return impl().call_future(prepare_sign(kid, InputKind::kDigest, digest, options), call);
 }
 void Client::sign_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
-                               Callback<Signature> done, const SignOptions& options) {
-  impl().call_back(prepare_sign(kid, InputKind::kDigest, digest, options), std::move(done));
+                               Callback<Signature> done, const SignOptions& options,
+                               const CallOptions& call) {
+  impl().call_back(prepare_sign(kid, InputKind::kDigest, digest, options), std::move(done), call);
 }
 
 std::future<bool> Client::verify_async(std::string_view kid, std::span<const std::uint8_t> data,
                                        std::span<const std::uint8_t> signature,
-                                       const SignOptions& options) {
-  return impl().call_future(prepare_verify(kid, InputKind::kData, data, signature, options));
+                                       const SignOptions& options, const CallOptions& call) {
+  return impl().call_future(prepare_verify(kid, InputKind::kData, data, signature, options), call);
 }
 void Client::verify_async(std::string_view kid, std::span<const std::uint8_t> data,
                           std::span<const std::uint8_t> signature, Callback<bool> done,
-                          const SignOptions& options) {
-  impl().call_back(prepare_verify(kid, InputKind::kData, data, signature, options),
-                   std::move(done));
+                          const SignOptions& options, const CallOptions& call) {
+  impl().call_back(prepare_verify(kid, InputKind::kData, data, signature, options), std::move(done),
+                   call);
 }
 
 std::future<bool> Client::verify_digest_async(std::string_view kid,
                                               std::span<const std::uint8_t> digest,
                                               std::span<const std::uint8_t> signature,
-                                              const SignOptions& options) {
-  return impl().call_future(prepare_verify(kid, InputKind::kDigest, digest, signature, options));
+                                              const SignOptions& options, const CallOptions& call) {
+  return impl().call_future(prepare_verify(kid, InputKind::kDigest, digest, signature, options),
+                            call);
 }
 void Client::verify_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
                                  std::span<const std::uint8_t> signature, Callback<bool> done,
-                                 const SignOptions& options) {
+                                 const SignOptions& options, const CallOptions& call) {
   impl().call_back(prepare_verify(kid, InputKind::kDigest, digest, signature, options),
-                   std::move(done));
+                   std::move(done), call);
 }
 
-std::future<PublicKey> Client::get_public_key_async(std::string_view kid) {
-  return impl().call_future(prepare_get_public_key(kid));
+std::future<PublicKey> Client::get_public_key_async(std::string_view kid, const CallOptions& call) {
+  return impl().call_future(prepare_get_public_key(kid), call);
 }
-void Client::get_public_key_async(std::string_view kid, Callback<PublicKey> done) {
-  impl().call_back(prepare_get_public_key(kid), std::move(done));
-}
-
-std::future<std::vector<KeyInfo>> Client::list_keys_async() {
-  return impl().call_future(
-      prepare<std::vector<KeyInfo>>(Method::kListKeys, protocol::EmptyParams{}, &to_key_list));
-}
-void Client::list_keys_async(Callback<std::vector<KeyInfo>> done) {
-  impl().call_back(
-      prepare<std::vector<KeyInfo>>(Method::kListKeys, protocol::EmptyParams{}, &to_key_list),
-      std::move(done));
+void Client::get_public_key_async(std::string_view kid, Callback<PublicKey> done,
+                                  const CallOptions& call) {
+  impl().call_back(prepare_get_public_key(kid), std::move(done), call);
 }
 
-std::future<std::vector<Jwk>> Client::get_jwks_async() {
-  return impl().call_future(
-      prepare<std::vector<Jwk>>(Method::kGetJwks, protocol::EmptyParams{}, &to_jwks));
+std::future<std::vector<KeyInfo>> Client::list_keys_async(const CallOptions& call) {
+  return impl().call_future(prepare_list_keys(), call);
 }
-void Client::get_jwks_async(Callback<std::vector<Jwk>> done) {
-  impl().call_back(prepare<std::vector<Jwk>>(Method::kGetJwks, protocol::EmptyParams{}, &to_jwks),
-                   std::move(done));
+void Client::list_keys_async(Callback<std::vector<KeyInfo>> done, const CallOptions& call) {
+  impl().call_back(prepare_list_keys(), std::move(done), call);
 }
 
-std::future<bool> Client::delete_key_async(std::string_view kid) {
-  return impl().call_future(prepare_delete(kid));
+std::future<std::vector<Jwk>> Client::get_jwks_async(const CallOptions& call) {
+  return impl().call_future(prepare_get_jwks(), call);
 }
-void Client::delete_key_async(std::string_view kid, Callback<bool> done) {
-  impl().call_back(prepare_delete(kid), std::move(done));
+void Client::get_jwks_async(Callback<std::vector<Jwk>> done, const CallOptions& call) {
+  impl().call_back(prepare_get_jwks(), std::move(done), call);
 }
 
-// ---- JOSE
-// -----------------------------------------------------------------------------------------
+std::future<bool> Client::delete_key_async(std::string_view kid, const CallOptions& call) {
+  return impl().call_future(prepare_delete(kid), call);
+}
+void Client::delete_key_async(std::string_view kid, Callback<bool> done, const CallOptions& call) {
+  impl().call_back(prepare_delete(kid), std::move(done), call);
+}
+
+// ---- JOSE ---------------------------------------------------------------------------------------
 
 std::string Client::sign_jws(std::string_view kid, std::string_view header_json,
-                             std::span<const std::uint8_t> payload) {
-  return impl().sign_jws(kid, header_json, payload, "{}");
+                             std::span<const std::uint8_t> payload, const CallOptions& call) {
+  return impl().sign_jws(kid, header_json, payload, "{}", call);
 }
 
 std::string Client::sign_jws(std::string_view kid, std::string_view header_json,
-                             std::string_view payload) {
-  return impl().sign_jws(kid, header_json, as_bytes(payload), "{}");
+                             std::string_view payload, const CallOptions& call) {
+  return impl().sign_jws(kid, header_json, as_bytes(payload), "{}", call);
 }
 
 std::string Client::sign_jwt(std::string_view kid, std::string_view claims_json,
-                             std::string_view header_json) {
+                             std::string_view header_json, const CallOptions& call) {
   const std::string claims =
       jose::detail::compact_claims(claims_json, impl().options().max_request_bytes);
-  return impl().sign_jws(kid, header_json, as_bytes(claims), R"({"typ":"JWT"})");
+  return impl().sign_jws(kid, header_json, as_bytes(claims), R"({"typ":"JWT"})", call);
 }
 
 }  // namespace hsm

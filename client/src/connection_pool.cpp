@@ -7,10 +7,10 @@
 namespace hsm::client {
 
 ConnectionPool::ConnectionPool(ConnectionSettings settings, std::size_t size,
-                               const RetryPolicy& policy, CallRunner& runner)
+                               const RetryPolicy& policy, AttemptEnded attempt_ended)
     : settings_(std::move(settings)),
       backoff_(policy),
-      runner_(runner),
+      attempt_ended_(std::move(attempt_ended)),
       slots_(std::max<std::size_t>(size, 1)) {}
 
 ConnectionPool::~ConnectionPool() {
@@ -56,7 +56,7 @@ std::variant<std::shared_ptr<Connection>, ConnectionPool::Unavailable> Connectio
   }
 
   Unavailable unavailable{
-      Error(std::string(kConnectionFailed), "cannot connect to " + settings_.socket_path),
+      Error(Errc::kConnectionFailed, "cannot connect to " + settings_.socket_path),
       Clock::time_point::max()};
   for (std::size_t i = 0; i < count; ++i) {
     Slot& slot = slots_[(first + i) % count];
@@ -77,7 +77,7 @@ std::shared_ptr<Connection> ConnectionPool::connect_locked(Slot& slot, Clock::ti
   }
   try {
     auto connection = std::make_shared<Connection>(connect_unix_socket(settings_.socket_path),
-                                                   settings_, runner_);
+                                                   settings_, attempt_ended_);
     start_reader(connection);
     // The connection replaced here (if any) is dead; its reader thread still holds it until it
     // has failed its calls, and is joined later.
@@ -90,7 +90,7 @@ std::shared_ptr<Connection> ConnectionPool::connect_locked(Slot& slot, Clock::ti
     slot.last_error = error;
   } catch (const std::exception& error) {  // std::thread could not start, out of memory
     slot.last_error =
-        Error(std::string(kConnectionFailed),
+        Error(Errc::kConnectionFailed,
               "cannot open a connection to " + settings_.socket_path + ": " + error.what());
   }
   ++slot.failures;
@@ -102,7 +102,7 @@ void ConnectionPool::start_reader(const std::shared_ptr<Connection>& connection)
   std::lock_guard lock(readers_mutex_);
   if (closed_) {
     connection->close();
-    throw Error(std::string(kConnectionFailed), "the client is closed");
+    throw Error(Errc::kConnectionFailed, "the client is closed");
   }
   // Join the readers of connections that died before (they have finished or are finishing).
   std::erase_if(readers_, [](Reader& reader) {
@@ -119,6 +119,17 @@ void ConnectionPool::start_reader(const std::shared_ptr<Connection>& connection)
     done->store(true, std::memory_order_release);
   });
   readers_.push_back(Reader{std::move(thread), std::move(done)});
+}
+
+std::size_t ConnectionPool::pending_calls() {
+  std::size_t pending = 0;
+  for (Slot& slot : slots_) {
+    std::lock_guard lock(slot.mutex);
+    if (slot.connection) {
+      pending += slot.connection->pending_calls();
+    }
+  }
+  return pending;
 }
 
 void ConnectionPool::close() noexcept {

@@ -16,14 +16,13 @@
 
 namespace hsm::client {
 
-class CallRunner;
-
 /// Thread-safe. Owns the reader threads of its connections and joins them in close().
 class ConnectionPool {
  public:
-  /// No connection is opened here: each slot connects the first time it is picked.
+  /// No connection is opened here: each slot connects the first time it is picked. Every
+  /// connection reports the end of its attempts to `attempt_ended`, on its reader thread.
   ConnectionPool(ConnectionSettings settings, std::size_t size, const RetryPolicy& policy,
-                 CallRunner& runner);
+                 AttemptEnded attempt_ended);
   ~ConnectionPool();
   ConnectionPool(const ConnectionPool&) = delete;
   ConnectionPool& operator=(const ConnectionPool&) = delete;
@@ -45,6 +44,9 @@ class ConnectionPool {
   /// failed when it returns). acquire() fails afterwards. Must not run on a reader thread.
   void close() noexcept;
 
+  /// Calls waiting for an answer on the pool's current connections (for tests).
+  [[nodiscard]] std::size_t pending_calls();
+
  private:
   struct Slot {
     std::mutex mutex;
@@ -65,7 +67,7 @@ class ConnectionPool {
 
   const ConnectionSettings settings_;
   const Backoff backoff_;
-  CallRunner& runner_;
+  const AttemptEnded attempt_ended_;
   std::vector<Slot> slots_;
   std::atomic<std::size_t> next_slot_{0};
 

@@ -7,7 +7,7 @@
 
 namespace hsm::client {
 
-std::uint32_t PendingCalls::add(std::shared_ptr<Call> call, bool sender_reads) {
+std::uint32_t PendingCalls::add(std::shared_ptr<Call> call) {
   // 2^32 calls in flight on one connection cannot happen (memory runs out long before), but
   // the loop below must still terminate.
   if (calls_.size() >= std::size_t{0xFFFFFFFFu}) {
@@ -17,18 +17,8 @@ std::uint32_t PendingCalls::add(std::shared_ptr<Call> call, bool sender_reads) {
   while (calls_.contains(msgid)) {
     msgid = next_msgid_++;
   }
-  calls_.emplace(msgid, Entry{std::move(call), sender_reads});
-  if (!sender_reads) {
-    ++without_own_reader_;
-  }
+  calls_.emplace(msgid, Entry{std::move(call)});
   return msgid;
-}
-
-PendingCalls::Map::iterator PendingCalls::erase(Map::iterator it) {
-  if (!it->second.sender_reads) {
-    --without_own_reader_;
-  }
-  return calls_.erase(it);
 }
 
 std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
@@ -37,7 +27,7 @@ std::shared_ptr<Call> PendingCalls::take(std::uint32_t msgid) {
     return nullptr;
   }
   auto call = std::move(it->second.call);
-  erase(it);
+  calls_.erase(it);
   return call;
 }
 
@@ -46,7 +36,7 @@ bool PendingCalls::remove(std::uint32_t msgid, const Call* call) {
   if (it == calls_.end() || it->second.call.get() != call) {
     return false;
   }
-  erase(it);
+  calls_.erase(it);
   return true;
 }
 
@@ -68,7 +58,7 @@ std::vector<std::shared_ptr<Call>> PendingCalls::take_all_written() {
       continue;
     }
     taken.push_back(std::move(it->second.call));
-    it = erase(it);
+    it = calls_.erase(it);
   }
   return taken;
 }

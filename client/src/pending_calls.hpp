@@ -14,18 +14,16 @@ class Call;
 /// at 2^32; an id still in flight is skipped, never reused. Not thread-safe: the connection
 /// guards it with its mutex.
 ///
-/// Each entry also records whether the thread that sent it will read the answer itself (a
-/// synchronous caller, see Connection::await); the connection keeps its reader thread reading
-/// while any other entry waits (without_own_reader()). And whether its request is still being
-/// written: only its writer knows then whether any byte of it left, so a connection that ends
-/// leaves such an entry to its writer (take_all_written()).
+/// Each entry also records whether its request is still being written: only its writer knows then
+/// whether any byte of it left, so a connection that ends leaves such an entry to its writer
+/// (take_all_written()).
 class PendingCalls {
  public:
   explicit PendingCalls(std::uint32_t first_msgid = 1) : next_msgid_(first_msgid) {}
 
   /// Registers `call` under a fresh msgid and returns the msgid. Its request counts as being
   /// written until written() is called.
-  std::uint32_t add(std::shared_ptr<Call> call, bool sender_reads = false);
+  std::uint32_t add(std::shared_ptr<Call> call);
   /// The request of `msgid` (if it still belongs to `call`) is no longer being written. True
   /// when the entry is still here.
   bool written(std::uint32_t msgid, const Call* call);
@@ -42,9 +40,6 @@ class PendingCalls {
   [[nodiscard]] bool holds(std::uint32_t msgid, const Call* call) const;
   [[nodiscard]] std::size_t size() const noexcept { return calls_.size(); }
   [[nodiscard]] bool empty() const noexcept { return calls_.empty(); }
-  /// Entries added with sender_reads false: their answers need a reading thread other than
-  /// their sender's.
-  [[nodiscard]] std::size_t without_own_reader() const noexcept { return without_own_reader_; }
   /// Where the msgid counter continues. Tests use it to reach the wrap-around and the ids in
   /// flight without 2^32 calls.
   void set_next_msgid(std::uint32_t msgid) noexcept { next_msgid_ = msgid; }
@@ -52,15 +47,9 @@ class PendingCalls {
  private:
   struct Entry {
     std::shared_ptr<Call> call;
-    bool sender_reads = false;
     bool being_written = true;
   };
-  using Map = std::unordered_map<std::uint32_t, Entry>;
-  /// Removes the entry, keeping without_own_reader_ right; returns the next one.
-  Map::iterator erase(Map::iterator it);
-
-  Map calls_;
-  std::size_t without_own_reader_ = 0;
+  std::unordered_map<std::uint32_t, Entry> calls_;
   std::uint32_t next_msgid_;
 };
 

@@ -5,7 +5,10 @@
 #   2. the installed tree holds the headers, libhsm_client.so/.a, the CMake package and
 #      hsm-client.pc, and no header of msgpack, libuv, prometheus-cpp or PKCS#11 is reachable
 #   3. tests/consumer/project (find_package(hsm_client CONFIG)) builds the example against it,
-#      linked shared and static; the same example is built with pkg-config alone
+#      linked shared and static; the same example is built with pkg-config alone, shared
+#      (hsm-client) and static (hsm-client-static, no libhsm_client.so), and from source with
+#      add_subdirectory (tests/consumer/subdirectory: the client alone, no agent dependency);
+#      <hsm/client.hpp> compiled as C++17 stops at its #error saying C++20 is needed
 #   4. a real hsm-agent on a throwaway SoftHSMv2 token; each binary issues a JWT in the HSM and
 #      verifies it offline against the JWKS; the JWT is also checked with the openssl CLI
 #
@@ -43,7 +46,8 @@ cmake --install "$build" --component client --prefix "$tmp/prefix" >"$tmp/instal
 prefix=$tmp/prefix
 pc=$(find "$prefix" -name hsm-client.pc)
 config=$(find "$prefix" -name hsm_clientConfig.cmake)
-for file in "$prefix/include/hsm/client.hpp" "$prefix/include/hsm/jose.hpp" "$pc" "$config"; do
+pc_static=$(find "$prefix" -name hsm-client-static.pc)
+for file in "$prefix/include/hsm/client.hpp" "$prefix/include/hsm/jose.hpp" "$pc" "$pc_static" "$config"; do
   if [[ -f $file ]]; then pass "installed ${file#"$prefix"/}"; else fail "missing $file"; fi
 done
 libdir=$(dirname "$(dirname "$pc")")
@@ -92,6 +96,55 @@ else
   fail "pkg-config consumer did not build"
 fi
 
+step "build the example with pkg-config --static (hsm-client-static)"
+static_libs=$(pkg-config --static --libs hsm-client-static)
+if [[ $static_libs == *libhsm_client.a* && $static_libs != *-lhsm_client* ]]; then
+  pass "pkg-config --static --libs hsm-client-static names the archive: $static_libs"
+else
+  fail "pkg-config --static --libs hsm-client-static: $static_libs"
+fi
+# shellcheck disable=SC2046,SC2086  # pkg-config output is a list of flags
+if "$cxx" -std=c++20 $cxx_flags "$tmp/src/issue_jwt.cpp" -o "$tmp/issue_jwt_pkgconfig_static" \
+    $(pkg-config --static --cflags --libs hsm-client-static) $link_flags 2>"$tmp/pc-static-build.log" &&
+   ! ldd "$tmp/issue_jwt_pkgconfig_static" | grep -q hsm_client; then
+  pass "pkg-config static consumer built, without libhsm_client.so"
+else
+  tail -40 "$tmp/pc-static-build.log"
+  fail "pkg-config static consumer did not build, or links libhsm_client.so"
+fi
+
+step "build the example with add_subdirectory(<hsm-sidecar source>) (the client alone)"
+mkdir -p "$tmp/subdir-src"
+cp "$source/tests/consumer/subdirectory/CMakeLists.txt" "$source/client/examples/issue_jwt.cpp" "$tmp/subdir-src/"
+# Release without -g: ccache can share the objects between runs.
+if cmake -S "$tmp/subdir-src" -B "$tmp/subdir-build" -DCMAKE_BUILD_TYPE=Release \
+    -DHSM_SIDECAR_SOURCE_DIR="$source" -DCMAKE_CXX_COMPILER="$cxx" \
+    -DCMAKE_CXX_FLAGS="$cxx_flags" -DCMAKE_EXE_LINKER_FLAGS="$link_flags" \
+    -DCMAKE_CXX_COMPILER_LAUNCHER="$(command -v ccache || true)" >"$tmp/subdir-configure.log" 2>&1 &&
+   cmake --build "$tmp/subdir-build" -j2 >"$tmp/subdir-build.log" 2>&1; then
+  pass "add_subdirectory consumer configured and built"
+else
+  tail -40 "$tmp/subdir-configure.log" "$tmp/subdir-build.log" 2>/dev/null
+  fail "add_subdirectory consumer did not build"
+fi
+if grep -Eq '^(CLI11_DIR|prometheus-cpp_DIR|spdlog_DIR|yaml-cpp_DIR|UV_[A-Z_]+|P11KIT_[A-Z_]+|Catch2_DIR)[:=]' \
+    "$tmp/subdir-build/CMakeCache.txt"; then
+  fail "the add_subdirectory build looked for an agent or hsmctl dependency"
+else
+  pass "the add_subdirectory build found only the client's dependencies"
+fi
+
+step "compile <hsm/client.hpp> as C++17"
+printf '#include <hsm/client.hpp>\nint main() {}\n' >"$tmp/cxx17.cpp"
+if "$cxx" -std=c++17 -fsyntax-only -I"$prefix/include" "$tmp/cxx17.cpp" >"$tmp/cxx17.log" 2>&1; then
+  fail "a C++17 compile of hsm/client.hpp succeeded"
+elif head -3 "$tmp/cxx17.log" | grep -q 'requires C++20'; then
+  pass "a C++17 compile stops first at: $(grep -m1 -o 'hsm/client.hpp requires C++20[^"]*' "$tmp/cxx17.log")"
+else
+  head -5 "$tmp/cxx17.log"
+  fail "a C++17 compile failed without saying C++20 is required"
+fi
+
 step "start hsm-agent on a throwaway SoftHSMv2 token"
 mkdir -p "$tmp/tokens"
 cat >"$tmp/softhsm2.conf" <<EOF
@@ -135,8 +188,9 @@ PY
   openssl dgst -sha256 -verify "$pem" -signature "$tmp/sig.der" "$tmp/input" >/dev/null
 }
 
-step "run the three binaries against the agent"
-for binary in "$tmp/build/issue_jwt_shared" "$tmp/build/issue_jwt_static" "$tmp/issue_jwt_pkgconfig"; do
+step "run the five binaries against the agent"
+for binary in "$tmp/build/issue_jwt_shared" "$tmp/build/issue_jwt_static" "$tmp/issue_jwt_pkgconfig" \
+    "$tmp/issue_jwt_pkgconfig_static" "$tmp/subdir-build/issue_jwt_subdirectory"; do
   name=$(basename "$binary")
   if [[ ! -x $binary ]]; then fail "$name not built"; continue; fi
   if "$binary" consumer-jwt ES256 >"$tmp/$name.jwt" 2>"$tmp/$name.err" &&

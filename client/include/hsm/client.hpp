@@ -8,16 +8,22 @@
 // calls share a small pool of pipelined connections (ClientOptions::connections, default 1);
 // requests are matched to answers by msgid, so one slow call does not hold up the others.
 //
-// Blocking: every synchronous call blocks the calling thread until the answer arrives or the
-// call's deadline (now + ClientOptions::timeout) passes; it never blocks longer than that.
-// Asynchronous calls (`*_async`) never block on the agent: they encode and write the request
-// (a write into the socket buffer, bounded by the deadline) and return.
+// Per-call control: every call (synchronous, future and callback forms) takes a CallOptions
+// last: its own timeout or deadline (default: now + ClientOptions::timeout) and a
+// std::stop_token. A call whose stop is requested completes at once with Errc::kCancelled; a
+// call whose deadline passes completes with Errc::kTimeout. Either way its answer, if one comes
+// later, is dropped, and nothing of it stays behind in the client.
 //
-// Errors: every failure is reported as hsm::Error, carrying the protocol's error code
-// ("not_found", "hsm_unavailable", ...), or "connection_failed" / "timeout" / "protocol_error" /
-// "invalid_params" (a request rejected before it was sent) for failures on this side of the
-// socket. Synchronous calls throw it; futures rethrow it from get(); callbacks receive it in
-// their Outcome.
+// Blocking: every synchronous call blocks the calling thread until the answer arrives, the
+// call's deadline passes or it is cancelled; never longer. Asynchronous calls (`*_async`) never
+// block on the agent: they encode and write the request (a write into the socket buffer,
+// bounded by the deadline) and return.
+//
+// Errors: every failure is reported as hsm::Error, whose errc() is an hsm::Errc: the protocol's
+// error codes (kNotFound, kHsmUnavailable, ...) and the client-side ones (kConnectionFailed,
+// kTimeout, kCancelled, kProtocolError; kInvalidParams for a request rejected before it was
+// sent). code() keeps the same code as a string ("not_found") for logs. Synchronous calls throw
+// it; futures rethrow it from get(); callbacks receive it in their Outcome.
 //
 // Resilience: connections open lazily (the first call connects) and are reopened on demand
 // after the agent goes away, with capped exponential backoff and jitter between attempts
@@ -28,19 +34,17 @@
 // retried only when the request certainly never left this process (the connect failed, or the
 // connection was found dead before a byte was written). A connection that died while idle (an
 // agent restart) is replaced by the next call at once, without counting as a retry. Other
-// agent errors (not_found, invalid_params, hsm_error, deadline_exceeded, ...) and timeouts
-// are never retried.
+// agent errors (not_found, invalid_params, hsm_error, deadline_exceeded, ...), timeouts and
+// cancellations are never retried.
 //
 // Cost: a Client owns threads and sockets. Make one per process (or per agent) and share it;
 // do not make one per request.
 //
-// Threads: a Client owns one reader thread per open connection and one timer thread (started
-// by the first retry or asynchronous call). A synchronous call reads its own answer on the
-// calling thread when no other thread is reading its connection, and then also reads the
-// answers of other calls that arrive meanwhile. Callbacks run on one of the internal threads,
-// never on a thread that made a call: on the reader thread of the connection that carried the
-// answer, or on the timer thread (timeouts, failures found before sending, and answers read by
-// a synchronous caller). A callback must not block (it holds up every answer on its
+// Threads: a Client owns one reader thread per open connection, which reads every answer on
+// it, and one timer thread (deadlines, retries; started by the first call). Callbacks run on
+// one of these, never on a thread that made a call or requested a stop: on the reader thread of
+// the connection that carried the answer, or on the timer thread (timeouts, cancellations,
+// failures found before sending). A callback must not block (it holds up every answer on its
 // connection), must not call synchronous methods of the same Client, and must not destroy the
 // Client; it may start asynchronous calls.
 // Exceptions thrown by a callback are caught and dropped.
@@ -50,7 +54,12 @@
 // possibly on the destroying thread.
 #pragma once
 
+#if __cplusplus < 202002L && !(defined(_MSVC_LANG) && _MSVC_LANG >= 202002L)
+#error "hsm/client.hpp requires C++20 or later: compile with -std=c++20 (CMake: cxx_std_20)"
+#endif
+
 #include <chrono>
+#include <concepts>
 #include <cstdint>
 #include <functional>
 #include <future>
@@ -59,6 +68,7 @@
 #include <optional>
 #include <span>
 #include <stdexcept>
+#include <stop_token>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -70,10 +80,53 @@ namespace hsm {
 using Bytes = std::vector<std::uint8_t>;
 using Jwk = std::map<std::string, std::string>;
 
-/// Client-side error codes that are not protocol codes.
+/// Every error code an hsm::Error can carry, typed. The protocol's codes come first, in the
+/// order of protocol/README.md; then the codes of this side of the socket and of hsm::jose.
+enum class Errc : std::uint8_t {
+  // The agent's answers (protocol codes).
+  kInvalidRequest,    // "invalid_request": a message of the wrong shape
+  kUnknownMethod,     // "unknown_method"
+  kInvalidParams,     // "invalid_params": also a request this client refused to send
+  kNotFound,          // "not_found": no key with that kid
+  kAlreadyExists,     // "already_exists": generate_key on a kid in use
+  kUnsupportedAlg,    // "unsupported_alg"
+  kNotSupported,      // "not_supported": the agent was started without that permission
+  kPermissionDenied,  // "permission_denied"
+  kHsmUnavailable,    // "hsm_unavailable": session or token gone (retried)
+  kHsmError,          // "hsm_error": any other PKCS#11 failure (see Error::ckr())
+  kOverloaded,        // "overloaded" (retried)
+  kShuttingDown,      // "shutting_down" (retried)
+  kDeadlineExceeded,  // "deadline_exceeded": the agent gave up at the call's timeout_ms
+  kAuditUnavailable,  // "audit_unavailable": the audit log cannot be written (retried)
+  kInternal,          // "internal"
+  // This side of the socket.
+  kConnectionFailed,  // "connection_failed": cannot connect, or the connection was lost
+  kTimeout,           // "timeout": the call's deadline passed
+  kCancelled,         // "cancelled": the call's stop_token was stopped
+  kProtocolError,     // "protocol_error": the agent's answer broke the protocol
+  // hsm::jose (see jose.hpp).
+  kJoseMalformed,       // "jose_malformed"
+  kJoseTooLarge,        // "jose_too_large"
+  kJoseUnsupportedAlg,  // "jose_unsupported_alg"
+  kJoseAlgMismatch,     // "jose_alg_mismatch"
+  kJoseKidMismatch,     // "jose_kid_mismatch"
+  kJoseBadKey,          // "jose_bad_key"
+  kJoseBadSignature,    // "jose_bad_signature"
+  /// A code this version does not know (from a newer agent); Error::code() has its name.
+  kUnknown,
+};
+
+/// The code's name, as Error::code() spells it ("not_found"); "unknown" for kUnknown.
+[[nodiscard]] std::string_view to_string(Errc code) noexcept;
+/// The Errc of a code's name; kUnknown for a name not listed above.
+[[nodiscard]] Errc errc_from_string(std::string_view name) noexcept;
+
+/// Client-side error codes as strings (the names of kConnectionFailed, ...), for code that
+/// compares code(); errc() is the typed form.
 inline constexpr std::string_view kConnectionFailed = "connection_failed";
 inline constexpr std::string_view kTimeout = "timeout";
 inline constexpr std::string_view kProtocolError = "protocol_error";
+inline constexpr std::string_view kCancelled = "cancelled";
 /// A request this client refused to send (bad option, larger than the agent's limit). Same
 /// spelling as the protocol code the agent would have answered with.
 inline constexpr std::string_view kInvalidParams = "invalid_params";
@@ -82,7 +135,10 @@ class Error : public std::runtime_error {
  public:
   /// what() reads "code: message" (plus " (CKR_...)" when there is a ckr).
   Error(std::string code, const std::string& message, std::optional<std::string> ckr = {});
-  /// The protocol error code ("not_found", ...) or one of the client-side codes above.
+  Error(Errc code, const std::string& message, std::optional<std::string> ckr = {});
+  /// The typed code; kUnknown for a code this version does not know (code() has it).
+  [[nodiscard]] Errc errc() const noexcept { return errc_; }
+  /// The code as a string ("not_found", ...), for logs.
   [[nodiscard]] const std::string& code() const noexcept { return code_; }
   /// The message alone, without the code.
   [[nodiscard]] const std::string& message() const noexcept { return message_; }
@@ -93,6 +149,7 @@ class Error : public std::runtime_error {
   std::string code_;
   std::string message_;
   std::optional<std::string> ckr_;
+  Errc errc_;
 };
 
 /// The socket path from HSM_AGENT_SOCKET, else the agent's default path.
@@ -178,6 +235,31 @@ struct SignOptions {
   std::optional<std::string> format;  // "raw" (JOSE, default) or "der" (ECDSA only)
 };
 
+/// Options of one call, any form (synchronous, future, callback); the last parameter of each.
+///
+///   std::stop_source stop;
+///   auto sig = client.sign("k", data, {.timeout = std::chrono::milliseconds(200),
+///                                      .stop = stop.get_token()});
+struct CallOptions {
+  /// Time allowed for this call, retries included (default: ClientOptions::timeout). The time
+  /// left is sent to the agent with each attempt (timeout_ms).
+  std::optional<std::chrono::milliseconds> timeout;
+  /// An absolute deadline instead; with both, the earlier one counts.
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  /// Stopping it completes the call at once with Errc::kCancelled (a callback then runs on a
+  /// client thread, not on the one requesting the stop); the answer, if one comes later, is
+  /// dropped. A stop requested before the call starts cancels it before anything is sent. It
+  /// does not undo what the agent already did (a generate_key may still create the key).
+  std::stop_token stop;
+};
+
+/// A JSON value type that serialises itself with dump(): nlohmann::json, which sign_jwt accepts
+/// as claims without this header depending on it.
+template <class T>
+concept JsonValue = requires(const T& value) {
+  { value.dump() } -> std::convertible_to<std::string>;
+};
+
 /// The result of an asynchronous call handed to a callback: a value or an hsm::Error.
 template <class T>
 class Outcome {
@@ -238,42 +320,53 @@ class Client {
 
   [[nodiscard]] const ClientOptions& options() const;
 
-  // ---- Synchronous calls: block until the answer or the deadline; throw hsm::Error. -------
+  // ---- Synchronous calls: block until the answer, the deadline or a stop; throw hsm::Error.
 
-  [[nodiscard]] Capabilities capabilities();
-  [[nodiscard]] Health health();
+  [[nodiscard]] Capabilities capabilities(const CallOptions& call = {});
+  [[nodiscard]] Health health(const CallOptions& call = {});
   /// Generates a key pair inside the token. `rsa_bits` applies to RSA algs only.
   KeyInfo generate_key(std::string_view kid, std::optional<std::string> alg = {},
-                       std::optional<std::uint32_t> rsa_bits = {});
+                       std::optional<std::uint32_t> rsa_bits = {}, const CallOptions& call = {});
+  /// The key's public key, creating the key first (with `alg`, the agent's default when
+  /// empty) only when there is none. Safe against a concurrent creator: whoever loses the race
+  /// reads the winner's key. A key that exists with another alg is not replaced: it throws
+  /// Errc::kAlreadyExists. One deadline (`call`) covers the up to three calls it makes.
+  PublicKey ensure_key(std::string_view kid, std::optional<std::string> alg = {},
+                       const CallOptions& call = {});
 
   /// Signs `data` (hashed by the agent as the alg requires). Returns the signature bytes.
-  [[nodiscard]] Bytes sign(std::string_view kid, std::span<const std::uint8_t> data);
-  [[nodiscard]] Bytes sign(std::string_view kid, std::string_view data);
+  [[nodiscard]] Bytes sign(std::string_view kid, std::span<const std::uint8_t> data,
+                           const CallOptions& call = {});
+  [[nodiscard]] Bytes sign(std::string_view kid, std::string_view data,
+                           const CallOptions& call = {});
   /// Signs a digest the caller computed (its length must match the alg's hash).
-  [[nodiscard]] Bytes sign_digest(std::string_view kid, std::span<const std::uint8_t> digest);
+  [[nodiscard]] Bytes sign_digest(std::string_view kid, std::span<const std::uint8_t> digest,
+                                  const CallOptions& call = {});
   /// The full form: kid and alg of the answer too, with options.
   [[nodiscard]] Signature sign_detailed(std::string_view kid, std::span<const std::uint8_t> data,
-                                        const SignOptions& options = {});
+                                        const SignOptions& options = {},
+                                        const CallOptions& call = {});
   [[nodiscard]] Signature sign_digest_detailed(std::string_view kid,
                                                std::span<const std::uint8_t> digest,
-                                               const SignOptions& options = {});
+                                               const SignOptions& options = {},
+                                               const CallOptions& call = {});
 
   /// True when `signature` is valid for `data`; false when it is not (not an exception).
   [[nodiscard]] bool verify(std::string_view kid, std::span<const std::uint8_t> data,
                             std::span<const std::uint8_t> signature,
-                            const SignOptions& options = {});
+                            const SignOptions& options = {}, const CallOptions& call = {});
   [[nodiscard]] bool verify(std::string_view kid, std::string_view data,
-                            std::span<const std::uint8_t> signature);
+                            std::span<const std::uint8_t> signature, const CallOptions& call = {});
   [[nodiscard]] bool verify_digest(std::string_view kid, std::span<const std::uint8_t> digest,
                                    std::span<const std::uint8_t> signature,
-                                   const SignOptions& options = {});
+                                   const SignOptions& options = {}, const CallOptions& call = {});
 
-  [[nodiscard]] PublicKey get_public_key(std::string_view kid);
-  [[nodiscard]] std::vector<KeyInfo> list_keys();
+  [[nodiscard]] PublicKey get_public_key(std::string_view kid, const CallOptions& call = {});
+  [[nodiscard]] std::vector<KeyInfo> list_keys(const CallOptions& call = {});
   /// Every public key as JWKs (the "keys" of a JWKS document).
-  [[nodiscard]] std::vector<Jwk> get_jwks();
+  [[nodiscard]] std::vector<Jwk> get_jwks(const CallOptions& call = {});
   /// True when a key was deleted, false when there was no such key.
-  bool delete_key(std::string_view kid);
+  bool delete_key(std::string_view kid, const CallOptions& call = {});
 
   // ---- Asynchronous calls: the future form returns at once (the future rethrows
   // hsm::Error from get()); the callback form calls `done` exactly once, on a client thread.
@@ -281,50 +374,61 @@ class Client {
   // (an unknown SignOptions::format) throws hsm::Error(invalid_params) from the call itself,
   // in the synchronous and asynchronous forms alike. ----------------------------------------
 
-  [[nodiscard]] std::future<Capabilities> capabilities_async();
-  void capabilities_async(Callback<Capabilities> done);
-  [[nodiscard]] std::future<Health> health_async();
-  void health_async(Callback<Health> done);
+  [[nodiscard]] std::future<Capabilities> capabilities_async(const CallOptions& call = {});
+  void capabilities_async(Callback<Capabilities> done, const CallOptions& call = {});
+  [[nodiscard]] std::future<Health> health_async(const CallOptions& call = {});
+  void health_async(Callback<Health> done, const CallOptions& call = {});
   [[nodiscard]] std::future<KeyInfo> generate_key_async(std::string_view kid,
                                                         std::optional<std::string> alg = {},
-                                                        std::optional<std::uint32_t> rsa_bits = {});
+                                                        std::optional<std::uint32_t> rsa_bits = {},
+                                                        const CallOptions& call = {});
   void generate_key_async(std::string_view kid, std::optional<std::string> alg,
-                          std::optional<std::uint32_t> rsa_bits, Callback<KeyInfo> done);
+                          std::optional<std::uint32_t> rsa_bits, Callback<KeyInfo> done,
+                          const CallOptions& call = {});
 
   [[nodiscard]] std::future<Signature> sign_async(std::string_view kid,
                                                   std::span<const std::uint8_t> data,
-                                                  const SignOptions& options = {});
+                                                  const SignOptions& options = {},
+                                                  const CallOptions& call = {});
   void sign_async(std::string_view kid, std::span<const std::uint8_t> data,
-                  Callback<Signature> done, const SignOptions& options = {});
+                  Callback<Signature> done, const SignOptions& options = {},
+                  const CallOptions& call = {});
   [[nodiscard]] std::future<Signature> sign_digest_async(std::string_view kid,
                                                          std::span<const std::uint8_t> digest,
-                                                         const SignOptions& options = {});
+                                                         const SignOptions& options = {},
+                                                         const CallOptions& call = {});
   void sign_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
-                         Callback<Signature> done, const SignOptions& options = {});
+                         Callback<Signature> done, const SignOptions& options = {},
+                         const CallOptions& call = {});
 
   [[nodiscard]] std::future<bool> verify_async(std::string_view kid,
                                                std::span<const std::uint8_t> data,
                                                std::span<const std::uint8_t> signature,
-                                               const SignOptions& options = {});
+                                               const SignOptions& options = {},
+                                               const CallOptions& call = {});
   void verify_async(std::string_view kid, std::span<const std::uint8_t> data,
                     std::span<const std::uint8_t> signature, Callback<bool> done,
-                    const SignOptions& options = {});
+                    const SignOptions& options = {}, const CallOptions& call = {});
   [[nodiscard]] std::future<bool> verify_digest_async(std::string_view kid,
                                                       std::span<const std::uint8_t> digest,
                                                       std::span<const std::uint8_t> signature,
-                                                      const SignOptions& options = {});
+                                                      const SignOptions& options = {},
+                                                      const CallOptions& call = {});
   void verify_digest_async(std::string_view kid, std::span<const std::uint8_t> digest,
                            std::span<const std::uint8_t> signature, Callback<bool> done,
-                           const SignOptions& options = {});
+                           const SignOptions& options = {}, const CallOptions& call = {});
 
-  [[nodiscard]] std::future<PublicKey> get_public_key_async(std::string_view kid);
-  void get_public_key_async(std::string_view kid, Callback<PublicKey> done);
-  [[nodiscard]] std::future<std::vector<KeyInfo>> list_keys_async();
-  void list_keys_async(Callback<std::vector<KeyInfo>> done);
-  [[nodiscard]] std::future<std::vector<Jwk>> get_jwks_async();
-  void get_jwks_async(Callback<std::vector<Jwk>> done);
-  [[nodiscard]] std::future<bool> delete_key_async(std::string_view kid);
-  void delete_key_async(std::string_view kid, Callback<bool> done);
+  [[nodiscard]] std::future<PublicKey> get_public_key_async(std::string_view kid,
+                                                            const CallOptions& call = {});
+  void get_public_key_async(std::string_view kid, Callback<PublicKey> done,
+                            const CallOptions& call = {});
+  [[nodiscard]] std::future<std::vector<KeyInfo>> list_keys_async(const CallOptions& call = {});
+  void list_keys_async(Callback<std::vector<KeyInfo>> done, const CallOptions& call = {});
+  [[nodiscard]] std::future<std::vector<Jwk>> get_jwks_async(const CallOptions& call = {});
+  void get_jwks_async(Callback<std::vector<Jwk>> done, const CallOptions& call = {});
+  [[nodiscard]] std::future<bool> delete_key_async(std::string_view kid,
+                                                   const CallOptions& call = {});
+  void delete_key_async(std::string_view kid, Callback<bool> done, const CallOptions& call = {});
 
   // ---- JOSE: compact JWS / JWT signed in the HSM (verification: hsm/jose.hpp, offline). ----
   // The header's "alg" is the caller's when `header_json` has one (any alg the key can do: an
@@ -333,23 +437,38 @@ class Client {
   // the Client's lifetime; when the agent refuses a cached alg (the key was replaced by one of
   // another type) the entry is refreshed and the sign made once more. "kid" is the key id; a
   // caller's "kid" must equal it. Both are placed first in the header.
-  // Blocking and retries are those of sign(). Throws hsm::Error for the agent's errors and
-  // hsm::jose::Error (an hsm::Error, codes "jose_*") for a bad header or claims (kMalformed,
-  // kUnsupportedAlg, kKidMismatch, kTooLarge). Header and payload are each bounded by
-  // ClientOptions::max_request_bytes.
+  // Blocking and retries are those of sign(); `call` covers the look-up and the sign together.
+  // Throws hsm::Error for the agent's errors and hsm::jose::Error (an hsm::Error, codes
+  // "jose_*") for a bad header or claims (kMalformed, kUnsupportedAlg, kKidMismatch,
+  // kTooLarge). Header and payload are each bounded by ClientOptions::max_request_bytes.
 
   /// A compact JWS (RFC 7515): `header_json` is a JSON object ("" or "{}" for none); the
   /// payload is signed as given (base64url-encoded).
   [[nodiscard]] std::string sign_jws(std::string_view kid, std::string_view header_json,
-                                     std::span<const std::uint8_t> payload);
+                                     std::span<const std::uint8_t> payload,
+                                     const CallOptions& call = {});
   [[nodiscard]] std::string sign_jws(std::string_view kid, std::string_view header_json,
-                                     std::string_view payload);
+                                     std::string_view payload, const CallOptions& call = {});
   /// A JWT (RFC 7519): payload `claims_json` (a JSON object, re-serialised compactly;
   /// jose::Error kMalformed otherwise), header {"alg", "kid", "typ": "JWT"} plus `header_json`'s
   /// members (e.g. R"({"alg":"PS256"})" for an RSA key). Claims are the caller's: set "exp",
   /// "iat", "iss" and so on yourself.
   [[nodiscard]] std::string sign_jwt(std::string_view kid, std::string_view claims_json,
-                                     std::string_view header_json = "{}");
+                                     std::string_view header_json = "{}",
+                                     const CallOptions& call = {});
+  /// The same with the claims as a JSON value (nlohmann::json; this header does not include
+  /// it):
+  ///
+  ///   const auto now = std::chrono::system_clock::now();
+  ///   nlohmann::json claims{{"sub", "alice"}, {"iat", seconds(now)}, {"exp", seconds(now) + 300}};
+  ///   std::string jwt = client.sign_jwt("k", claims);
+  template <JsonValue Json>
+  [[nodiscard]] std::string sign_jwt(std::string_view kid, const Json& claims,
+                                     std::string_view header_json = "{}",
+                                     const CallOptions& call = {}) {
+    const std::string text = claims.dump();  // anything but an object: jose::Error kMalformed
+    return sign_jwt(kid, std::string_view(text), header_json, call);
+  }
 
  private:
   class Impl;

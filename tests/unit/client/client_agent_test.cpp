@@ -1,9 +1,11 @@
 // hsm::Client against the real hsm-agent on a private SoftHSMv2 token: JOSE output checked by
 // OpenSSL directly (tests/fixtures/openssl_check) and by the library's own verifier, negative
 // verification cases, 16 threads sharing one Client, and the agent SIGKILLed and restarted on
-// the same socket in the middle of a stream of signs.
+// the same socket in the middle of a stream of signs, ensure_key raced by concurrent creators,
+// JWT claims as nlohmann::json.
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
@@ -11,6 +13,7 @@
 #include <future>
 #include <hsm/client.hpp>
 #include <hsm/jose.hpp>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -521,4 +524,85 @@ TEST_CASE("generate_key in flight when the agent dies is not repeated on the new
   // delete_key is not repeated either: the same flow for the other non-idempotent method is
   // covered by the retry rule unit tests (client_test.cpp); here the agent stays up.
   agent.reset();
+}
+
+TEST_CASE("ensure_key: concurrent creators all get the one key that was made",
+          "[agent][ensure_key]") {
+  Env env;
+  constexpr int kCreators = 6;
+  // Each creator is its own Client (own connection), as separate replicas starting together.
+  std::vector<std::unique_ptr<hsm::Client>> clients;
+  for (int i = 0; i < kCreators; ++i) {
+    clients.push_back(std::make_unique<hsm::Client>(env.agent.socket_path()));
+    (void)clients.back()->health();  // connected before the race starts
+  }
+  for (const char* kid : {"race-1", "race-2", "race-3"}) {
+    INFO(kid);
+    std::atomic<int> ready{0};
+    std::vector<std::future<hsm::PublicKey>> created;
+    for (int i = 0; i < kCreators; ++i) {
+      created.push_back(std::async(std::launch::async, [&, i] {
+        ready.fetch_add(1);
+        while (ready.load() < kCreators) {
+          std::this_thread::yield();  // start together: the race is the point
+        }
+        return clients[static_cast<std::size_t>(i)]->ensure_key(kid, "ES256");
+      }));
+    }
+    std::vector<hsm::PublicKey> keys;
+    for (auto& future : created) {
+      keys.push_back(future.get());  // none throws already_exists
+    }
+    for (const auto& key : keys) {
+      CHECK(key.kid == kid);
+      CHECK(key.alg == "ES256");
+      CHECK(key.spki == keys.front().spki);
+    }
+    const auto listed = env.client.list_keys();
+    CHECK(std::count_if(listed.begin(), listed.end(),
+                        [&](const hsm::KeyInfo& key) { return key.kid == kid; }) == 1);
+    // The key they got is the one that signs.
+    const hsm::Bytes sig = env.client.sign(kid, std::string_view("payload"));
+    CHECK(env.client.verify(kid, std::string_view("payload"), sig));
+    CHECK(hsm::test::verify_with_spki(keys.front().spki, "ES256", hsm::test::to_bytes("payload"),
+                                      sig));
+  }
+  // Present with another alg: refused, not replaced.
+  const hsm::Error mismatch = [&] {
+    try {
+      (void)env.client.ensure_key("race-1", "ES384");
+    } catch (const hsm::Error& e) {
+      return e;
+    }
+    FAIL("expected already_exists");
+    throw std::logic_error("unreachable");
+  }();
+  CHECK(mismatch.errc() == hsm::Errc::kAlreadyExists);
+  CHECK(env.client.get_public_key("race-1").alg == "ES256");
+}
+
+TEST_CASE("sign_jwt takes the claims as nlohmann::json; agent errors have typed codes",
+          "[jose][agent]") {
+  Env env;
+  env.client.generate_key("json-claims", "ES256");
+  const auto now = std::chrono::duration_cast<std::chrono::seconds>(
+                       std::chrono::system_clock::now().time_since_epoch())
+                       .count();
+  const nlohmann::json claims{
+      {"sub", "alice"}, {"iat", now}, {"exp", now + 300}, {"roles", {"reader", "writer"}}};
+  const std::string jwt = env.client.sign_jwt("json-claims", claims);
+  const auto verified = hsm::jose::verify(jwt, env.client.get_jwks());
+  CHECK(nlohmann::json::parse(verified.payload_text()) == claims);
+  CHECK(nlohmann::json::parse(split(jwt).header_json).at("typ") == "JWT");
+  // Anything but an object is refused before signing.
+  CHECK(refusal([&] { return env.client.sign_jwt("json-claims", nlohmann::json::array()); }) ==
+        Reason::kMalformed);
+
+  try {
+    (void)env.client.get_public_key("no-such-key");
+    FAIL("expected not_found");
+  } catch (const hsm::Error& e) {
+    CHECK(e.errc() == hsm::Errc::kNotFound);
+    CHECK(e.code() == "not_found");
+  }
 }

@@ -1,5 +1,5 @@
-// The client's internal pieces: msgid allocation, backoff delays, the timer queue, the
-// completion flag.
+// The client's internal pieces: msgid allocation, backoff delays, the timer queue, error codes,
+// and the call runner's deadlines and cancellation against a fake agent.
 #include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
@@ -7,12 +7,14 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <stop_token>
 #include <thread>
 #include <vector>
 
 #include "backoff.hpp"
 #include "call.hpp"
-#include "completion_flag.hpp"
+#include "call_runner.hpp"
+#include "fake_agent.hpp"
 #include "pending_calls.hpp"
 #include "timer_queue.hpp"
 
@@ -88,7 +90,7 @@ TEST_CASE("take_all_written() leaves the calls still being written to their writ
   std::vector<std::uint32_t> ids;
   for (int i = 0; i < 5; ++i) {
     calls.push_back(make_call());
-    ids.push_back(pending.add(calls.back(), /*sender_reads=*/i % 2 == 0));
+    ids.push_back(pending.add(calls.back()));
   }
   CHECK(pending.written(ids[0], calls[0].get()));
   CHECK(pending.written(ids[1], calls[1].get()));
@@ -103,61 +105,11 @@ TEST_CASE("take_all_written() leaves the calls still being written to their writ
   CHECK(pending.size() == 2);
   CHECK(pending.holds(ids[2], calls[2].get()));
   CHECK(pending.holds(ids[4], calls[4].get()));
-  CHECK(pending.without_own_reader() == 0);  // 2 and 4 are read by their senders
 
   CHECK(pending.written(ids[2], calls[2].get()));
   CHECK(pending.take_all_written().size() == 1);
   CHECK(pending.take(ids[4]) == calls[4]);
   CHECK(pending.empty());
-}
-
-TEST_CASE("pending calls count those that only a reading thread will read", "[client][internals]") {
-  hsm::client::PendingCalls pending;
-  auto async_call = make_call();
-  auto sync_call = make_call();
-  const auto a = pending.add(async_call);
-  const auto s = pending.add(sync_call, /*sender_reads=*/true);
-  const auto b = pending.add(make_call());
-  CHECK(pending.without_own_reader() == 2);
-  CHECK(pending.holds(s, sync_call.get()));
-  CHECK_FALSE(pending.holds(s, async_call.get()));
-  CHECK(pending.take(a) == async_call);
-  CHECK(pending.without_own_reader() == 1);
-  CHECK(pending.remove(s, sync_call.get()));
-  CHECK_FALSE(pending.holds(s, sync_call.get()));
-  CHECK(pending.without_own_reader() == 1);
-  (void)pending.add(sync_call, true);
-  CHECK(pending.take(b) != nullptr);
-  CHECK(pending.without_own_reader() == 0);
-  CHECK(pending.size() == 1);
-  CHECK(pending.without_own_reader() == 0);
-  CHECK(pending.take_all_written().empty());  // its request is still being written
-  CHECK(pending.size() == 1);
-}
-
-TEST_CASE("a completion flag reports set, nudges and its deadline apart", "[client][internals]") {
-  using Wake = hsm::client::CompletionFlag::Wake;
-  hsm::client::CompletionFlag flag;
-  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 1ms) == Wake::kTimedOut);
-  CHECK_FALSE(flag.wait_until(Clock::now() + 1ms));
-
-  flag.nudge();  // before the wait: reported once, by the wait that asks for nudges
-  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kNudged);
-  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 1ms) == Wake::kTimedOut);
-  flag.nudge();
-  CHECK_FALSE(flag.wait_until(Clock::now() + 1ms));  // a plain wait ignores it
-
-  std::thread nudger([&] { flag.nudge(); });  // while the waiter sleeps (most likely)
-  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kNudged);
-  nudger.join();
-
-  std::thread setter([&] { flag.set(); });
-  CHECK(flag.wait_until(Clock::now() + 10s));
-  setter.join();
-  flag.nudge();  // after set(): set wins
-  CHECK(flag.is_set());
-  CHECK(flag.wait_until_set_or_nudged(Clock::now() + 10s) == Wake::kSet);
-  flag.wait();
 }
 
 TEST_CASE("the client's backoff takes RetryPolicy's bounds", "[client][internals]") {
@@ -229,4 +181,89 @@ TEST_CASE("a call completes once and a dropped call reports connection_failed",
   } catch (const hsm::Error& error) {
     CHECK(error.code() == hsm::kConnectionFailed);
   }
+}
+
+TEST_CASE("every error code has one name and back", "[client][internals]") {
+  for (int value = 0; value < static_cast<int>(hsm::Errc::kUnknown); ++value) {
+    const auto code = static_cast<hsm::Errc>(value);
+    const std::string_view name = hsm::to_string(code);
+    CHECK_FALSE(name.empty());
+    CHECK(hsm::errc_from_string(name) == code);
+    const hsm::Error error(code, "m");
+    CHECK(error.errc() == code);
+    CHECK(error.code() == name);
+    CHECK(hsm::Error(std::string(name), "m").errc() == code);
+  }
+  // Every protocol code, by the protocol's own names.
+  for (const auto code : hsm::protocol::all_error_codes()) {
+    CHECK(hsm::to_string(hsm::errc_from_string(hsm::protocol::to_string(code))) ==
+          hsm::protocol::to_string(code));
+  }
+  CHECK(hsm::to_string(hsm::Errc::kNotFound) == "not_found");
+  CHECK(hsm::to_string(hsm::Errc::kCancelled) == hsm::kCancelled);
+  CHECK(hsm::to_string(hsm::Errc::kJoseBadSignature) == "jose_bad_signature");
+  const hsm::Error newer("quota_exceeded", "from a newer agent");
+  CHECK(newer.errc() == hsm::Errc::kUnknown);
+  CHECK(newer.code() == "quota_exceeded");
+}
+
+namespace {
+
+/// A runner on a fake agent that never answers: every call stays pending until it ends.
+struct SilentAgentRunner {
+  hsm::test::FakeAgent agent{[](const auto&, const auto&) {}};
+  hsm::ClientOptions options = [this] {
+    hsm::ClientOptions o;
+    o.socket_path = agent.socket_path();
+    return o;
+  }();
+  hsm::client::CallRunner runner{options};
+
+  std::shared_ptr<hsm::client::SyncCall<bool>> make_sync(Clock::duration timeout) {
+    hsm::protocol::Request request;
+    request.method = hsm::protocol::Method::kHealth;
+    return std::make_shared<hsm::client::SyncCall<bool>>(
+        std::move(request), Clock::now() + timeout, true,
+        [](hsm::protocol::Result&&) { return true; });
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a cancelled call leaves no pending entry behind", "[client][internals]") {
+  SilentAgentRunner fixture;
+  std::stop_source stop;
+  auto call = fixture.make_sync(10s);
+  fixture.runner.start(call, stop.get_token());
+  REQUIRE(fixture.runner.pending_calls() == 1);
+  stop.request_stop();
+  auto outcome = call->take();
+  REQUIRE_FALSE(outcome.ok());
+  CHECK(outcome.error().errc() == hsm::Errc::kCancelled);
+  CHECK(fixture.runner.pending_calls() == 0);
+  CHECK(fixture.agent.count(hsm::protocol::Method::kHealth) <= 1);
+}
+
+TEST_CASE("the runner makes no attempt for a call stopped before it starts",
+          "[client][internals]") {
+  SilentAgentRunner fixture;
+  std::stop_source stop;
+  stop.request_stop();
+  auto call = fixture.make_sync(10s);
+  fixture.runner.start(call, stop.get_token());
+  auto outcome = call->take();
+  REQUIRE_FALSE(outcome.ok());
+  CHECK(outcome.error().errc() == hsm::Errc::kCancelled);
+  CHECK(fixture.runner.pending_calls() == 0);
+  CHECK(call->attempts() == 0);
+}
+
+TEST_CASE("a call past its deadline times out and leaves no pending entry", "[client][internals]") {
+  SilentAgentRunner fixture;
+  auto call = fixture.make_sync(50ms);
+  fixture.runner.start(call, {});
+  auto outcome = call->take();
+  REQUIRE_FALSE(outcome.ok());
+  CHECK(outcome.error().errc() == hsm::Errc::kTimeout);
+  CHECK(fixture.runner.pending_calls() == 0);
 }

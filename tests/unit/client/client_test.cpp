@@ -330,19 +330,18 @@ TEST_CASE("many threads share one client and one connection", "[client]") {
   CHECK(agent.connections_accepted() == 1);
 }
 
-// A synchronous caller reads its own answer when nobody else reads the connection, and then
-// reads for everyone until its answer is in: the cases below put a caller in that position
-// (its call sent first, the others while it waits) and check that every other call still gets
-// its own answer, from the right thread, however the leader stops reading.
-TEST_CASE("a synchronous caller reading the connection hands other calls their answers",
-          "[client][leader]") {
+// Calls of every kind pipelined on one connection: a synchronous call sent first, the others
+// while it waits. Every call gets its own answer, callbacks on a client thread, however the
+// first call ends (answered, timed out, or the agent gone).
+TEST_CASE("a synchronous call and the calls sent while it waits each get their own answer",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   auto options = options_for(agent, 30'000ms);  // a hang would end in timeout, not in a value
   options.retry.max_attempts = 1;
   hsm::Client client(options);
 
-  // The leader's call goes out first, so it finds nobody reading; the others are sent while
+  // The first call goes out first, alone on the connection; the others are sent while
   // it waits for its answer (the pause only makes that likely; every check holds either way).
   std::thread::id leader_thread;
   auto leader = std::async(std::launch::async, [&] {
@@ -379,7 +378,7 @@ TEST_CASE("a synchronous caller reading the connection hands other calls their a
   SECTION("answers after the leader's own: someone still reads them") {
     CHECK(board.answer("leader"));
     CHECK(leader.get() == bytes_of("leader"));
-    std::this_thread::sleep_for(20ms);  // the leader has let go (not needed for the checks)
+    std::this_thread::sleep_for(20ms);  // the first call is done (not needed for the checks)
     CHECK(board.answer_all("sync-") == 3);
     CHECK(board.answer_all("async-") == 5);
   }
@@ -404,8 +403,8 @@ TEST_CASE("a synchronous caller reading the connection hands other calls their a
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("a synchronous call that times out while it reads leaves the others to be read",
-          "[client][leader]") {
+TEST_CASE("a synchronous call that times out leaves the other calls on its connection answered",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   // The asynchronous calls start a second after the synchronous one, so their deadlines are a
@@ -446,8 +445,8 @@ TEST_CASE("a synchronous call that times out while it reads leaves the others to
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("the agent going away while a synchronous caller reads fails every pending call",
-          "[client][leader]") {
+TEST_CASE("the agent going away while a synchronous call waits fails every pending call",
+          "[client][pipelined]") {
   Switchboard board;
   FakeAgent agent(board.handler());
   auto options = options_for(agent, 30'000ms);  // a call left hanging would report timeout
@@ -483,7 +482,7 @@ TEST_CASE("the agent going away while a synchronous caller reads fails every pen
 }
 
 TEST_CASE("synchronous and asynchronous calls on one connection, answers shuffled",
-          "[client][leader]") {
+          "[client][pipelined]") {
   // The agent answers in batches, newest first, from its own thread: the calls that read for
   // others keep changing, and the read side keeps passing between callers and the reader thread.
   struct Shuffler {
@@ -552,14 +551,12 @@ TEST_CASE("synchronous and asynchronous calls on one connection, answers shuffle
   CHECK(agent.connections_accepted() == 1);
 }
 
-TEST_CASE("the read side moves between the reader thread and callers as call kinds alternate",
-          "[client][leader]") {
+TEST_CASE("synchronous, future and callback calls alternate on one connection",
+          "[client][pipelined]") {
   FakeAgent agent;
   hsm::Client client(options_for(agent, 30'000ms));
   for (int i = 0; i < 200; ++i) {
     const std::string n = std::to_string(i);
-    // After an asynchronous call the reader thread keeps the read side; the synchronous call
-    // that follows takes it back; a callback call answered while a caller reads runs elsewhere.
     CHECK(client.sign_async("k", bytes_of("future-" + n)).get().signature ==
           bytes_of("future-" + n));
     CHECK(client.sign("k", std::string_view("sync-" + n)) == bytes_of("sync-" + n));
@@ -954,4 +951,123 @@ TEST_CASE("an agent that stops reading cannot block a call past its deadline", "
   ::close(listener);
   ::unlink(path.c_str());
   ::rmdir(directory.c_str());
+}
+
+// ---- Per-call options: deadline and cancellation ------------------------------------------------
+
+TEST_CASE("a call's own timeout or deadline ends it with kTimeout, in every form",
+          "[client][call]") {
+  Switchboard board;  // holds every request: nothing is answered
+  FakeAgent agent(board.handler());
+  hsm::Client client(options_for(agent, 30'000ms));
+  const hsm::CallOptions short_timeout{.timeout = 50ms};
+
+  const auto started = std::chrono::steady_clock::now();
+  CHECK(error_of([&] { (void)client.sign("k", std::string_view("sync"), short_timeout); }).errc() ==
+        hsm::Errc::kTimeout);
+  CHECK(std::chrono::steady_clock::now() - started < 20s);  // not the client's 30 s
+
+  auto future = client.sign_async("k", bytes_of("future"), {},
+                                  {.deadline = std::chrono::steady_clock::now() + 50ms});
+  CHECK(error_of([&] { (void)future.get(); }).errc() == hsm::Errc::kTimeout);
+
+  std::promise<hsm::Errc> callback;
+  client.health_async(
+      [&](hsm::Outcome<hsm::Health> outcome) {
+        callback.set_value(outcome ? hsm::Errc::kUnknown : outcome.error().errc());
+      },
+      short_timeout);
+  CHECK(callback.get_future().get() == hsm::Errc::kTimeout);
+
+  // With both, the earlier one counts; the request carries the time left.
+  CHECK(error_of([&] {
+          (void)client.sign(
+              "k", std::string_view("both"),
+              {.timeout = 60'000ms, .deadline = std::chrono::steady_clock::now() + 50ms});
+        }).errc() == hsm::Errc::kTimeout);
+  for (const auto& request : agent.requests()) {
+    CHECK(request.timeout_ms <= 60u);
+  }
+}
+
+TEST_CASE("a cancelled call completes with kCancelled and its late answer is dropped",
+          "[client][call]") {
+  Switchboard board;
+  FakeAgent agent(board.handler());
+  hsm::ClientOptions options = options_for(agent, 30'000ms);
+  hsm::Client client(options);
+
+  SECTION("synchronous") {
+    std::stop_source stop;
+    auto cancelled = std::async(std::launch::async, [&] {
+      return code_of([&] {
+        (void)client.sign("k", std::string_view("cancel-me"), {.stop = stop.get_token()});
+      });
+    });
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    CHECK(cancelled.get() == hsm::kCancelled);
+  }
+  SECTION("future") {
+    std::stop_source stop;
+    auto future = client.sign_async("k", bytes_of("cancel-me"), {}, {.stop = stop.get_token()});
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    CHECK(error_of([&] { (void)future.get(); }).errc() == hsm::Errc::kCancelled);
+  }
+  SECTION("callback: run on a client thread, not the one that stops") {
+    std::stop_source stop;
+    std::promise<std::pair<hsm::Errc, std::thread::id>> done;
+    client.sign_async("k", bytes_of("cancel-me"),
+                      [&](hsm::Outcome<hsm::Signature> outcome) {
+                        done.set_value({outcome ? hsm::Errc::kUnknown : outcome.error().errc(),
+                                        std::this_thread::get_id()});
+                      },
+                      {}, {.stop = stop.get_token()});
+    REQUIRE(board.wait_for(1));
+    stop.request_stop();
+    const auto [code, thread] = done.get_future().get();
+    CHECK(code == hsm::Errc::kCancelled);
+    CHECK(thread != std::this_thread::get_id());
+  }
+  // The agent answers the cancelled request after all: dropped, and the connection carries on.
+  CHECK(board.answer("cancel-me"));
+  auto next =
+      std::async(std::launch::async, [&] { return client.sign("k", std::string_view("next")); });
+  REQUIRE(board.wait_for(1));
+  CHECK(board.answer("next"));
+  CHECK(next.get() == bytes_of("next"));
+  CHECK(agent.connections_accepted() == 1);
+  CHECK(agent.count(Method::kSign) == 2);  // a cancelled call is not retried
+}
+
+TEST_CASE("a call stopped before it starts sends nothing", "[client][call]") {
+  FakeAgent agent;
+  hsm::Client client(options_for(agent));
+  std::stop_source stop;
+  stop.request_stop();
+  CHECK(error_of([&] { (void)client.health({.stop = stop.get_token()}); }).errc() ==
+        hsm::Errc::kCancelled);
+  std::promise<hsm::Errc> callback;
+  client.list_keys_async(
+      [&](hsm::Outcome<std::vector<hsm::KeyInfo>> outcome) {
+        callback.set_value(outcome ? hsm::Errc::kUnknown : outcome.error().errc());
+      },
+      {.stop = stop.get_token()});
+  CHECK(callback.get_future().get() == hsm::Errc::kCancelled);
+  CHECK(agent.requests().empty());
+  CHECK(client.health().ok);  // a stop after completion changes nothing either
+}
+
+TEST_CASE("agent errors carry their typed code", "[client][call]") {
+  FakeAgent agent(
+      [](const std::shared_ptr<FakeConnection>& connection, const hsm::protocol::Request& request) {
+        connection->answer_error(request.msgid, ErrorCode::kAlreadyExists, "taken");
+      });
+  auto options = options_for(agent);
+  hsm::Client client(options);
+  const hsm::Error error = error_of([&] { (void)client.generate_key("k", "ES256"); });
+  CHECK(error.errc() == hsm::Errc::kAlreadyExists);
+  CHECK(error.code() == "already_exists");  // the string stays, for logs
+  CHECK(hsm::to_string(error.errc()) == error.code());
 }
