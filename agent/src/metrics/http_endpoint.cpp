@@ -1,7 +1,7 @@
 #include "metrics/http_endpoint.hpp"
 
-#include <microhttpd.h>
 #include <arpa/inet.h>
+#include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
