@@ -218,7 +218,7 @@ if ((callgrind)) && have valgrind; then
       '    BlockingPool::submit_call=BlockingPool::submit_call\(' \
       '  Worker::complete=Worker::complete\(' \
       '    AuditLog::record=AuditLog::record\(' \
-      '    metrics=request_counter|request_histogram|Histogram::Observe|Counter::Increment|Gauge::' \
+      '    metrics=request_counter|observe_request|Histogram::Observe|Counter::Increment|Gauge::' \
       '  Connection writes=Connection::(flush|send)' \
       'audit writer thread=spdlog::details::thread_pool::worker_loop_' \
       'malloc + free (everything)=^(malloc|free|cfree|realloc)$'

@@ -9,6 +9,8 @@ PACKAGES=(
   # libraries
   libuv1-dev libmsgpack-cxx-dev prometheus-cpp-dev libmicrohttpd-dev libssl-dev libp11-kit-dev
   libcli11-dev libspdlog-dev libyaml-cpp-dev nlohmann-json3-dev
+  # the agent: gzip for /metrics, sd_notify for systemd (Type=notify)
+  zlib1g-dev libsystemd-dev
   # tokens and PKCS#11 tools
   softhsm2 opensc p11-kit openssl
   # tests: Catch2, promtool, a third-party msgpack/JOSE client, fuzzing and sanitizers

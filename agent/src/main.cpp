@@ -26,6 +26,7 @@
 #include "server/server.hpp"
 #include "server/socket_path.hpp"
 #include "service/key_service.hpp"
+#include "service/systemd_notifier.hpp"
 #include "service/token_supervisor.hpp"
 
 namespace {
@@ -76,7 +77,7 @@ int run(int argc, char** argv) {
   spdlog::info("access: {} ({} rules)", access->description(), access->rules()->size());
 
   auto registry = std::make_shared<prometheus::Registry>();
-  AgentMetrics metrics(*registry);
+  AgentMetrics metrics(*registry, config.metrics_all_histograms);
   HealthState health;
   std::unique_ptr<AuditLog> audit;
   std::unique_ptr<KeyService> keys;
@@ -106,7 +107,8 @@ int run(int argc, char** argv) {
     try {
       http =
           std::make_unique<HttpEndpoint>(config.metrics_listen, registry, health, process_metrics);
-      spdlog::info("metrics on http://{}/metrics", config.metrics_listen);
+      keys->set_metrics_url(http->metrics_url());
+      spdlog::info("metrics on {}", http->metrics_url());
     } catch (const std::exception& e) {
       keys->close();
       return fail(e.what(), kExitStartup);
@@ -118,6 +120,7 @@ int run(int argc, char** argv) {
   TokenSupervisor supervisor =
       keys->supervise(health, SupervisorOptions{.probe_interval = config.probe_interval});
 
+  SystemdNotifier systemd(health);
   Server server({config, *keys, metrics, health, *access, *audit, *rate_limiter});
   try {
     server.run([&supervisor] { supervisor.set_serving(); },
@@ -131,7 +134,9 @@ int run(int argc, char** argv) {
                    spdlog::info("access: {} ({} rules)", access->description(),
                                 access->rules()->size());
                  }
-               });
+               },
+               [&systemd, &config] { systemd.ready(config.socket_path); },
+               [&systemd] { systemd.stopping(); });
   } catch (const SocketSetupError& e) {
     (void)supervisor.stop();
     keys->close();

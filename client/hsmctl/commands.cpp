@@ -164,14 +164,16 @@ class CapabilitiesCommand final : public Command {
   ExitCode run(Context& context) override {
     const Capabilities caps = context.client().capabilities();
     if (context.json()) {
-      print_json(context.out(), {{"protocol", caps.protocol},
-                                 {"agent_version", caps.agent_version},
-                                 {"can_create", caps.can_create},
-                                 {"can_import", caps.can_import},
-                                 {"can_delete", caps.can_delete},
-                                 {"supported_algs", caps.supported_algs},
-                                 {"default_alg", caps.default_alg},
-                                 {"max_message_bytes", caps.max_message_bytes}});
+      print_json(context.out(),
+                 {{"protocol", caps.protocol},
+                  {"agent_version", caps.agent_version},
+                  {"can_create", caps.can_create},
+                  {"can_import", caps.can_import},
+                  {"can_delete", caps.can_delete},
+                  {"supported_algs", caps.supported_algs},
+                  {"default_alg", caps.default_alg},
+                  {"max_message_bytes", caps.max_message_bytes},
+                  {"metrics_url", caps.metrics_url ? Json(*caps.metrics_url) : Json(nullptr)}});
       return ExitCode::kOk;
     }
     auto yes_no = [](bool value) { return value ? "yes" : "no"; };
@@ -185,7 +187,8 @@ class CapabilitiesCommand final : public Command {
                   << "\ncreate keys:       " << yes_no(caps.can_create)
                   << "\nimport keys:       " << yes_no(caps.can_import)
                   << "\ndelete keys:       " << yes_no(caps.can_delete)
-                  << "\nmax message bytes: " << caps.max_message_bytes << '\n';
+                  << "\nmax message bytes: " << caps.max_message_bytes
+                  << "\nmetrics:           " << caps.metrics_url.value_or("none") << '\n';
     return ExitCode::kOk;
   }
 };
@@ -394,19 +397,32 @@ class DeleteCommand final : public Command {
 };
 
 /// `hsmctl metrics`: the agent's own /metrics and /readyz, summarised (metrics_summary.hpp).
+/// Without --metrics-url or $HSM_AGENT_METRICS_URL it asks the agent on --socket where its
+/// metrics are (capabilities.metrics_url), so it summarises that agent and never a guess.
 class MetricsCommand final : public Command {
  public:
   void define(CLI::App& command) override {
     const char* env = std::getenv("HSM_AGENT_METRICS_URL");
-    url_ = env != nullptr && *env != '\0' ? env : "http://127.0.0.1:9464/metrics";
+    if (env != nullptr) url_ = env;
     command
         .add_option("--metrics-url", url_,
-                    "the agent's /metrics ($HSM_AGENT_METRICS_URL, else "
-                    "http://127.0.0.1:9464/metrics)")
-        ->type_name("URL")
-        ->capture_default_str();
+                    "the agent's /metrics ($HSM_AGENT_METRICS_URL, else the address the agent "
+                    "on --socket gives in capabilities)")
+        ->type_name("URL");
   }
   ExitCode run(Context& context) override {
+    if (url_.empty()) {
+      // Throws hsm::Error when no agent answers on the socket (exit 4, like every command).
+      const Capabilities caps = context.client().capabilities();
+      if (!caps.metrics_url) {
+        context.err() << "hsmctl: the agent on " << context.socket()
+                      << " does not say where its metrics are (it serves none, "
+                         "--metrics-listen \"\", or predates capabilities.metrics_url); give "
+                         "--metrics-url\n";
+        return ExitCode::kUsage;
+      }
+      url_ = *caps.metrics_url;
+    }
     constexpr std::size_t kMaxMetricsBytes = std::size_t{8} * 1024 * 1024;
     constexpr std::size_t kMaxReadyBytes = 64 * 1024;
     const auto timeout = std::chrono::milliseconds{context.timeout_ms()};

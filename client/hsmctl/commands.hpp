@@ -38,6 +38,7 @@ class Context {
 
   [[nodiscard]] hsm::Client& client();
   [[nodiscard]] bool json() const noexcept { return options_.json; }
+  [[nodiscard]] const std::string& socket() const noexcept { return options_.socket; }
   [[nodiscard]] std::uint32_t timeout_ms() const noexcept { return options_.timeout_ms; }
   [[nodiscard]] std::ostream& out() noexcept { return out_; }
   [[nodiscard]] std::ostream& err() noexcept { return err_; }

@@ -309,7 +309,7 @@ MetricsSummary summarize(const std::vector<MetricSample>& samples) {
   summary.sessions_idle = single(samples, "hsm_agent_sessions", {{"state", "idle"}});
   summary.sessions_busy = single(samples, "hsm_agent_sessions", {{"state", "busy"}});
   summary.requests_in_flight = single(samples, "hsm_agent_requests_in_flight");
-  summary.connections_open = single(samples, "hsm_agent_connections");
+  summary.connections_open = single(samples, "hsm_agent_connections_open");
   summary.connections_accepted = single(samples, "hsm_agent_connections_total");
   summary.sign_count =
       single(samples, "hsm_agent_request_duration_seconds_count", {{"method", "sign"}}).value_or(0);

@@ -67,7 +67,8 @@ Capabilities to_capabilities(protocol::Result&& result) {
                       r.can_delete,
                       std::move(r.supported_algs),
                       std::move(r.default_alg),
-                      r.max_message_bytes};
+                      r.max_message_bytes,
+                      std::move(r.metrics_url)};
 }
 
 Health to_health(protocol::Result&& result) {

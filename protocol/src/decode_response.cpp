@@ -103,7 +103,7 @@ Jwk as_jwk(const object& obj, std::string_view context) {
 /// The known fields of one map, looked up once; `names` must outlive the reader.
 class MapReader {
  public:
-  static constexpr std::size_t kMaxFields = 8;
+  static constexpr std::size_t kMaxFields = 9;
 
   MapReader(const object& obj, std::string context, std::span<const std::string_view> names)
       : context_(std::move(context)), names_(names) {
@@ -182,9 +182,10 @@ KeyDescription decode_key_description(const object& obj, std::string context) {
 // ---- One decoder per result type ---------------------------------------------------------------
 
 CapabilitiesResult decode_capabilities(const object& obj) {
-  static constexpr std::array<std::string_view, 8> kNames = {
-      wire::kProtocol,  wire::kAgentVersion,  wire::kCanCreate,  wire::kCanImport,
-      wire::kCanDelete, wire::kSupportedAlgs, wire::kDefaultAlg, wire::kMaxMessageBytes};
+  static constexpr std::array<std::string_view, 9> kNames = {
+      wire::kProtocol,   wire::kAgentVersion,    wire::kCanCreate,
+      wire::kCanImport,  wire::kCanDelete,       wire::kSupportedAlgs,
+      wire::kDefaultAlg, wire::kMaxMessageBytes, wire::kMetricsUrl};
   const MapReader map(obj, "result", kNames);
   CapabilitiesResult r;
   r.protocol = static_cast<std::uint32_t>(map.uint(0, std::numeric_limits<std::uint32_t>::max()));
@@ -200,6 +201,10 @@ CapabilitiesResult decode_capabilities(const object& obj) {
   }
   r.default_alg = map.str(6);
   r.max_message_bytes = map.uint(7, std::numeric_limits<std::uint64_t>::max());
+  // Optional: agents before it send no metrics_url; nil when the agent serves no metrics.
+  if (const object* url = map.find(8); url != nullptr && url->type != msgpack::type::NIL) {
+    r.metrics_url = as_str(*url, map.field(8));
+  }
   return r;
 }
 

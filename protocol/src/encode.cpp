@@ -183,7 +183,7 @@ struct ResultPacker {
   msgpack::sbuffer& out;
 
   void operator()(const CapabilitiesResult& r) const {
-    pk.pack_map(8);
+    pk.pack_map(9);
     pack_str(pk, wire::kProtocol);
     pk.pack_uint32(r.protocol);
     pack_str(pk, wire::kAgentVersion);
@@ -203,6 +203,12 @@ struct ResultPacker {
     pack_str(pk, r.default_alg);
     pack_str(pk, wire::kMaxMessageBytes);
     pk.pack_uint64(r.max_message_bytes);
+    pack_str(pk, wire::kMetricsUrl);
+    if (r.metrics_url) {
+      pack_str(pk, *r.metrics_url);
+    } else {
+      pk.pack_nil();
+    }
   }
 
   void operator()(const HealthResult& r) const {

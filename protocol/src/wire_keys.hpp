@@ -31,6 +31,7 @@ inline constexpr std::string_view kCanDelete = "can_delete";
 inline constexpr std::string_view kSupportedAlgs = "supported_algs";
 inline constexpr std::string_view kDefaultAlg = "default_alg";
 inline constexpr std::string_view kMaxMessageBytes = "max_message_bytes";
+inline constexpr std::string_view kMetricsUrl = "metrics_url";
 inline constexpr std::string_view kOk = "ok";
 inline constexpr std::string_view kLatencyMs = "latency_ms";
 inline constexpr std::string_view kError = "error";

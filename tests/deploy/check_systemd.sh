@@ -55,6 +55,7 @@ fi
 
 # Required settings: key=value lines that must be present exactly.
 required=(
+  "Type=notify"
   "DynamicUser=yes"
   "SupplementaryGroups=hsm-clients"
   "RuntimeDirectory=hsm-agent"

@@ -599,7 +599,7 @@ TEST_CASE(
   }
   CHECK(hung_up >= must_reject);
   CHECK(static_cast<double>(hung_up) == rejected);
-  CHECK(metric(env.agent, "hsm_agent_connections") == static_cast<double>(kMaxConnections));
+  CHECK(metric(env.agent, "hsm_agent_connections_open") == static_cast<double>(kMaxConnections));
   CHECK(env.agent.stderr_text().find("connection refused (max_connections)") != std::string::npos);
 
   // ~1,000 idle connections open: the agent's memory.
@@ -854,7 +854,7 @@ TEST_CASE("a client that never reads and then falls silent is closed at the idle
   NonReader quiet(env.agent);
   quiet.send_and_wait();
   CHECK(peer_hung_up(quiet.fd(), 15s));
-  CHECK(metric(env.agent, "hsm_agent_connections") == 0);
+  CHECK(metric(env.agent, "hsm_agent_connections_open") == 0);
   CHECK(env.agent.running());
 }
 

@@ -1,5 +1,7 @@
 // Start-up and shutdown behaviour of the real binary: one clear line and a non-zero exit for
 // every operator mistake, the socket's safety rules, the PIN kept out of argv and environ.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -62,31 +64,54 @@ TEST_CASE("--help documents every flag", "[lifecycle]") {
   CHECK(result.out.find("HSM_AGENT_MODULE") != std::string::npos);
 }
 
+// Each message is listed in the README's troubleshooting section: keep them in step. Exit code 2
+// is a configuration error (flags, PIN file, policy), 1 a start-up failure (module, token,
+// socket, metrics port).
 TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycle]") {
   SoftHsmToken token;
   const auto dir = make_temp_dir("hsm-lifecycle");
   const auto socket = (dir / "agent.sock").string();
   auto args = base_args(token, socket);
   std::string expect;
+  int code = 1;
+  int held_port = -1;  // a listening socket on it while the agent runs
 
   SECTION("module not found") {
     args[1] = "/nonexistent/libvendor-pkcs11.so";
-    expect = "/nonexistent/libvendor-pkcs11.so";
+    expect =
+        "cannot load PKCS#11 module /nonexistent/libvendor-pkcs11.so: "
+        "/nonexistent/libvendor-pkcs11.so: cannot open shared object file: No such file or "
+        "directory";
+  }
+  SECTION("module not a PKCS#11 module") {
+    args[1] = "/usr/lib/x86_64-linux-gnu/libuv.so.1";
+    expect = "no C_GetFunctionList (not a PKCS#11 module?)";
   }
   SECTION("token not found") {
     args[3] = "no-such-token";
-    expect = "no-such-token";
+    expect = "no token with label 'no-such-token' in " + std::string(kSoftHsmModule) +
+             " (tokens present: #0 '" + token.label() + "'";
   }
   SECTION("wrong PIN") {
     const auto pin = dir / "wrong-pin";
     std::ofstream(pin) << "99999999";
     ::chmod(pin.c_str(), 0600);
     args[5] = pin.string();
-    expect = "PIN";
+    expect = "wrong PIN for token '" + token.label() +
+             "': CKR_PIN_INCORRECT (not retried); give the agent the right PIN and restart it";
+  }
+  SECTION("PIN file missing") {
+    args[5] = (dir / "no-pin-file").string();
+    expect = "cannot read the PIN file " + args[5] + ": No such file or directory";
+    code = 2;
   }
   SECTION("socket directory not writable") {
     args[7] = "/proc/hsm-agent.sock";
-    expect = "/proc";
+    expect = "cannot bind socket /proc/hsm-agent.sock: permission denied";
+  }
+  SECTION("socket directory missing") {
+    args[7] = (dir / "missing" / "agent.sock").string();
+    expect = "socket directory " + (dir / "missing").string() + " is not usable";
   }
   SECTION("metrics address not HOST:PORT") {
     args[9] = "9464";
@@ -94,23 +119,48 @@ TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycl
   }
   SECTION("metrics address not on this machine") {
     args[9] = "192.0.2.1:9464";  // TEST-NET-1: bind fails, nothing is sent
-    expect = "cannot listen for metrics on 192.0.2.1:9464";
+    expect =
+        "cannot listen for metrics on 192.0.2.1:9464: Failed to bind to port 9464: Cannot "
+        "assign requested address";
+  }
+  SECTION("metrics port already in use") {
+    held_port = free_tcp_port();
+    args[9] = "127.0.0.1:" + std::to_string(held_port);
+    expect = "cannot listen for metrics on " + args[9] + ": Failed to bind to port " +
+             std::to_string(held_port) + ": Address already in use";
   }
   SECTION("--max-sessions below --sessions") {
     args.insert(args.end(), {"--sessions", "8", "--max-sessions", "4"});
     expect = "--max-sessions (4) is below --sessions (8)";
+    code = 2;
   }
   SECTION("unknown flag") {
     args.push_back("--frobnicate");
     expect = "frobnicate";
+    code = 2;
   }
   SECTION("no PIN") {
     args.erase(args.begin() + 4, args.begin() + 6);
-    expect = "PIN";
+    expect = "no PIN: set --pin-file (or HSM_AGENT_PIN_FILE) or HSM_AGENT_PIN";
+    code = 2;
+  }
+  int holder = -1;
+  if (held_port > 0) {
+    holder = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(holder >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(static_cast<std::uint16_t>(held_port));
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(holder, reinterpret_cast<sockaddr*>(&address), sizeof(address)) == 0);
+    REQUIRE(::listen(holder, 1) == 0);
   }
   const auto result = run_agent(args, token_env(token));
+  if (holder >= 0) ::close(holder);
+  INFO(result.err);
   CHECK(result.status.exited);
-  CHECK(result.status.code != 0);
+  CHECK(result.status.code == code);
+  CHECK(result.err.find("hsm-agent: ") != std::string::npos);
   CHECK(result.err.find(expect) != std::string::npos);
   CHECK(count_failure_lines(result.err) == 1);
   CHECK(result.err.find(token.user_pin()) == std::string::npos);

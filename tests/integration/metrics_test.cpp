@@ -28,7 +28,7 @@ TEST_CASE("request metrics move with successes and failures", "[metrics]") {
   CHECK(metric_sample(text, R"(hsm_agent_requests_total{code="not_found",method="sign"})") == 1);
   CHECK(metric_sample(text, R"(hsm_agent_requests_total{code="ok",method="generate_key"})") == 1);
   CHECK(metric_sample(text, R"(hsm_agent_request_duration_seconds_count{method="sign"})") == 6);
-  CHECK(metric_sample(text, R"(hsm_agent_connections)") >= 1);
+  CHECK(metric_sample(text, R"(hsm_agent_connections_open)") >= 1);
   CHECK(text.find("hsm_agent_build_info{") != std::string::npos);
   CHECK(text.find("process_resident_memory_bytes") != std::string::npos);
 

@@ -92,6 +92,9 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   add_option(app, "--metrics-listen", config.metrics_listen,
              "HOST:PORT for /metrics, /healthz, /readyz; empty disables")
       ->capture_default_str();
+  add_flag(app, "--metrics-all-histograms", config.metrics_all_histograms,
+           "a latency histogram for every method and PKCS#11 function, not only those of the "
+           "signing path (about 470 more series per agent: for investigating a token)");
   add_option(app, "--probe-interval", probe_interval_s, "seconds between token health probes")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{1}, std::size_t{3600}));

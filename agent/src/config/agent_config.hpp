@@ -60,6 +60,9 @@ struct AgentConfig {
   /// its own (a Kubernetes emptyDir); see server/socket_path.hpp.
   bool shared_socket_dir = false;
   std::string metrics_listen = "127.0.0.1:9464";  // empty: no HTTP endpoint
+  /// --metrics-all-histograms: a latency histogram for every method and PKCS#11 function, not
+  /// only the signing path's (docs/metrics.md, "Series budget").
+  bool metrics_all_histograms = false;
   std::chrono::seconds probe_interval{10};
 
   ServerLimits limits;

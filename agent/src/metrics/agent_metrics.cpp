@@ -1,5 +1,6 @@
 #include "metrics/agent_metrics.hpp"
 
+#include <algorithm>
 #include <cmath>
 
 namespace hsm::agent {
@@ -10,11 +11,12 @@ using prometheus::BuildGauge;
 using prometheus::BuildHistogram;
 using prometheus::Histogram;
 
-// Roughly 1-2.5-5 steps from 50 µs to 10 s: fine where a local token lives (tens of µs) and
-// wide enough for a network HSM under failover.
+// 1-2.5-5 steps from 100 µs to 25 ms, where a local token (tens to hundreds of µs) and a
+// network HSM (milliseconds) answer, then the alerts' thresholds (100 ms queue wait, 250 ms sign
+// p99), 1 s, and 5 s (the probe's hang limit, the default request deadline). Twelve: every
+// histogram series costs 15 series (buckets, +Inf, sum, count) on every pod.
 Histogram::BucketBoundaries make_latency_buckets() {
-  return {0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-          0.05,    0.1,    0.25,    0.5,    1.0,   2.5,    5.0,   10.0};
+  return {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.25, 1.0, 5.0};
 }
 
 }  // namespace
@@ -24,7 +26,7 @@ const Histogram::BucketBoundaries& latency_buckets() {
   return buckets;
 }
 
-AgentMetrics::AgentMetrics(prometheus::Registry& registry)
+AgentMetrics::AgentMetrics(prometheus::Registry& registry, bool all_histograms)
     : requests_total(BuildCounter()
                          .Name("hsm_agent_requests_total")
                          .Help("Requests answered, by method and result code (ok or an error)")
@@ -38,10 +40,16 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                              .Help("Requests received and not yet answered")
                              .Register(registry)
                              .Add({})),
-      pkcs11_call_duration_seconds(BuildHistogram()
-                                       .Name("hsm_agent_pkcs11_call_duration_seconds")
-                                       .Help("Duration of PKCS#11 calls, by function")
-                                       .Register(registry)),
+      pkcs11_calls_total(BuildCounter()
+                             .Name("hsm_agent_pkcs11_calls_total")
+                             .Help("PKCS#11 calls made, by function (failed ones included)")
+                             .Register(registry)),
+      pkcs11_call_duration_seconds(
+          BuildHistogram()
+              .Name("hsm_agent_pkcs11_call_duration_seconds")
+              .Help("Duration of PKCS#11 calls, by function (those of the signing path, or every "
+                    "one with --metrics-all-histograms)")
+              .Register(registry)),
       pkcs11_errors_total(BuildCounter()
                               .Name("hsm_agent_pkcs11_errors_total")
                               .Help("PKCS#11 calls that returned an error, by function and CKR")
@@ -95,8 +103,10 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                        .Name("hsm_agent_logins_total")
                        .Help("C_Login attempts, by result (ok or the CKR name)")
                        .Register(registry)),
+      // Not hsm_agent_connections: under OpenMetrics that is the family name of the counter
+      // hsm_agent_connections_total, and the two would collide.
       connections(BuildGauge()
-                      .Name("hsm_agent_connections")
+                      .Name("hsm_agent_connections_open")
                       .Help("Client connections open now")
                       .Register(registry)
                       .Add({})),
@@ -159,13 +169,23 @@ AgentMetrics::AgentMetrics(prometheus::Registry& registry)
                      .Name("hsm_agent_build_info")
                      .Help("Always 1; labels tell the agent version, PKCS#11 module and token")
                      .Register(registry)),
-      pkcs11{latency_buckets(),   pkcs11_call_duration_seconds,
-             pkcs11_errors_total, logins_total,
-             sessions_idle,       sessions_busy,
-             sessions_limit,      session_wait_seconds} {
+      pkcs11{.latency_buckets = latency_buckets(),
+             .calls_total = pkcs11_calls_total,
+             .call_duration_seconds = pkcs11_call_duration_seconds,
+             .all_call_histograms = all_histograms,
+             .errors_total = pkcs11_errors_total,
+             .logins_total = logins_total,
+             .sessions_idle = sessions_idle,
+             .sessions_busy = sessions_busy,
+             .sessions_limit = sessions_limit,
+             .session_wait_seconds = session_wait_seconds} {
   for (const auto method : protocol::all_methods()) {
-    request_histograms_.at(static_cast<std::size_t>(method)) = &request_duration_seconds.Add(
-        {{"method", std::string(protocol::to_string(method))}}, latency_buckets());
+    const bool timed = all_histograms || std::find(kTimedMethods.begin(), kTimedMethods.end(),
+                                                   method) != kTimedMethods.end();
+    if (timed) {
+      request_histograms_.at(static_cast<std::size_t>(method)) = &request_duration_seconds.Add(
+          {{"method", std::string(protocol::to_string(method))}}, latency_buckets());
+    }
     (void)request_counter(method, std::nullopt);  // {code="ok"} at zero from the start
   }
   for (const auto reason : kConnectionRejectReasons) {
@@ -191,8 +211,10 @@ prometheus::Counter& AgentMetrics::request_counter(protocol::Method method,
   return counter;
 }
 
-prometheus::Histogram& AgentMetrics::request_histogram(protocol::Method method) {
-  return *request_histograms_.at(static_cast<std::size_t>(method));
+void AgentMetrics::observe_request(protocol::Method method, double seconds) {
+  if (auto* histogram = request_histograms_.at(static_cast<std::size_t>(method))) {
+    histogram->Observe(seconds);
+  }
 }
 
 }  // namespace hsm::agent

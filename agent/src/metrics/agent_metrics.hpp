@@ -24,8 +24,14 @@
 
 namespace hsm::agent {
 
-/// Request latency buckets: 50 µs to 10 s.
+/// Request latency buckets: 100 µs to 5 s, 12 of them (docs/metrics.md, "Series budget").
 [[nodiscard]] const prometheus::Histogram::BucketBoundaries& latency_buckets();
+
+/// The methods whose latency is a histogram by default: those of the signing path. Every other
+/// method is counted (hsm_agent_requests_total), not timed, unless --metrics-all-histograms:
+/// a histogram costs 15 series, and every pod with the sidecar multiplies them.
+inline constexpr std::array<protocol::Method, 2> kTimedMethods = {protocol::Method::kSign,
+                                                                  protocol::Method::kSignBatch};
 
 /// The bounded label values created at zero when the metrics are declared, so that every
 /// `# TYPE` line and series exists from the first scrape (rate() and alerts need a zero before
@@ -37,16 +43,21 @@ inline constexpr std::array<std::string_view, 5> kProtocolErrorReasons = {
 
 class AgentMetrics {
  public:
-  explicit AgentMetrics(prometheus::Registry& registry);
+  /// `all_histograms` (--metrics-all-histograms): a latency histogram for every method and
+  /// every PKCS#11 function, not only those of the signing path (about 470 more series).
+  explicit AgentMetrics(prometheus::Registry& registry, bool all_histograms = false);
 
   // requests
-  prometheus::Family<prometheus::Counter>& requests_total;              // {method,code}
-  prometheus::Family<prometheus::Histogram>& request_duration_seconds;  // {method}
+  prometheus::Family<prometheus::Counter>& requests_total;  // {method,code}
+  prometheus::Family<prometheus::Histogram>&
+      request_duration_seconds;  // {method}, see kTimedMethods
   prometheus::Gauge& requests_in_flight;
 
   // PKCS#11
-  prometheus::Family<prometheus::Histogram>& pkcs11_call_duration_seconds;  // {function}
-  prometheus::Family<prometheus::Counter>& pkcs11_errors_total;             // {function,ckr}
+  prometheus::Family<prometheus::Counter>& pkcs11_calls_total;  // {function}, every function
+  /// {function}: the signing path's functions (pkcs11::kTimedFunctions), or every one.
+  prometheus::Family<prometheus::Histogram>& pkcs11_call_duration_seconds;
+  prometheus::Family<prometheus::Counter>& pkcs11_errors_total;  // {function,ckr}
 
   // sessions
   prometheus::Family<prometheus::Gauge>& sessions;  // {state}
@@ -73,7 +84,7 @@ class AgentMetrics {
   prometheus::Family<prometheus::Counter>& logins_total;  // {result}
 
   // connections
-  prometheus::Gauge& connections;
+  prometheus::Gauge& connections;  // hsm_agent_connections_open
   prometheus::Counter& connections_total;
   prometheus::Family<prometheus::Counter>& connections_rejected_total;  // {reason}
   prometheus::Family<prometheus::Counter>& protocol_errors_total;       // {reason}
@@ -108,14 +119,16 @@ class AgentMetrics {
   /// in a fixed table after the first use; safe from any thread.
   prometheus::Counter& request_counter(protocol::Method method,
                                        std::optional<protocol::ErrorCode> code);
-  prometheus::Histogram& request_histogram(protocol::Method method);
+  /// Records a request's latency in its method's histogram, if the method has one
+  /// (kTimedMethods, or every method with --metrics-all-histograms). Safe from any thread.
+  void observe_request(protocol::Method method, double seconds);
 
  private:
   static constexpr std::size_t kMethods = 11;
   static constexpr std::size_t kCodes = 16;  // every ErrorCode + "ok"
   static_assert(kCodes == static_cast<std::size_t>(protocol::ErrorCode::kInternal) + 2);
   std::array<std::array<std::atomic<prometheus::Counter*>, kCodes>, kMethods> request_counters_{};
-  std::array<prometheus::Histogram*, kMethods> request_histograms_{};
+  std::array<prometheus::Histogram*, kMethods> request_histograms_{};  // nullptr: not timed
 };
 
 }  // namespace hsm::agent

@@ -15,6 +15,10 @@ class HealthState {
  public:
   using Clock = std::chrono::steady_clock;
 
+  /// The loop ticks every second; three missed ticks mean it is stuck (/healthz, and the
+  /// systemd watchdog).
+  static constexpr std::chrono::milliseconds kMaxLoopSilence{3000};
+
   HealthState() : last_heartbeat_ns_(now_ns()) {}
 
   /// Called by a timer on the event loop: proves the loop is turning.

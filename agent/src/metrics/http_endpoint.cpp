@@ -1,16 +1,20 @@
 #include "metrics/http_endpoint.hpp"
 
+#include <arpa/inet.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <prometheus/text_serializer.h>
 #include <spdlog/spdlog.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <array>
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstdarg>
@@ -30,8 +34,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The loop ticks every second; three missed ticks mean it is stuck.
-constexpr std::chrono::milliseconds kMaxLoopSilence{3000};
+constexpr std::string_view kMetricsContentType = "text/plain; version=0.0.4; charset=utf-8";
 
 // "HOST:PORT" to the address to bind: HOST an IPv4 address, an IPv6 address in brackets or a
 // name (its first address). Throws std::runtime_error saying what is wrong.
@@ -109,7 +112,68 @@ struct Answer {
   unsigned status;
   std::string_view content_type;
   std::string body;
+  bool negotiated = false;  // the encoding follows Accept-Encoding: Vary says so
+  bool gzip = false;        // body is gzip-compressed: sent with Content-Encoding: gzip
 };
+
+struct DeflateEnd {
+  void operator()(z_stream* stream) const noexcept { deflateEnd(stream); }
+};
+
+// `text` as a gzip member (RFC 1952), by zlib: windowBits 15 + 16 asks deflate for the gzip
+// header and trailer. Throws std::runtime_error if zlib fails (it does not, short of memory).
+std::string gzip(std::string_view text) {
+  z_stream stream{};
+  if (deflateInit2(&stream, Z_DEFAULT_COMPRESSION, Z_DEFLATED, 15 + 16, 8, Z_DEFAULT_STRATEGY) !=
+      Z_OK) {
+    throw std::runtime_error("deflateInit2 failed");
+  }
+  const std::unique_ptr<z_stream, DeflateEnd> owned(&stream);
+  std::string out(deflateBound(&stream, static_cast<uLong>(text.size())), '\0');
+  stream.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(text.data()));
+  stream.avail_in = static_cast<uInt>(text.size());
+  stream.next_out = reinterpret_cast<Bytef*>(out.data());
+  stream.avail_out = static_cast<uInt>(out.size());
+  // deflateBound() is enough for one Z_FINISH call.
+  if (deflate(&stream, Z_FINISH) != Z_STREAM_END) throw std::runtime_error("deflate failed");
+  out.resize(stream.total_out);
+  return out;
+}
+
+// Whether an Accept-Encoding value (RFC 9110, 12.5.3) accepts gzip: a "gzip" (or "x-gzip")
+// coding, or "*", whose weight is not zero. Without the header, identity only.
+bool accepts_gzip(std::string_view header) {
+  const auto trim = [](std::string_view s) {
+    while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+    return s;
+  };
+  const auto iequals = [](std::string_view a, std::string_view b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+             return std::tolower(static_cast<unsigned char>(x)) ==
+                    std::tolower(static_cast<unsigned char>(y));
+           });
+  };
+  while (!header.empty()) {
+    const auto comma = header.find(',');
+    std::string_view item = header.substr(0, comma);
+    header = comma == std::string_view::npos ? std::string_view() : header.substr(comma + 1);
+    const auto semicolon = item.find(';');
+    const std::string_view coding = trim(item.substr(0, semicolon));
+    if (!iequals(coding, "gzip") && !iequals(coding, "x-gzip") && coding != "*") continue;
+    if (semicolon == std::string_view::npos) return true;
+    // The weight: "q=0", "q=0.0", "q=0.000" refuse; any other value accepts.
+    const std::string_view weight = trim(item.substr(semicolon + 1));
+    if (weight.size() < 2 || std::tolower(static_cast<unsigned char>(weight[0])) != 'q' ||
+        weight[1] != '=') {
+      return true;
+    }
+    const std::string_view value = trim(weight.substr(2));
+    const bool zero = !value.empty() && value.find_first_not_of("0.") == std::string_view::npos;
+    if (!zero) return true;
+  }
+  return false;
+}
 
 MHD_Result queue_answer(MHD_Connection* connection, const Answer& answer) {
   const std::unique_ptr<MHD_Response, ResponseDestroy> response(MHD_create_response_from_buffer(
@@ -123,6 +187,14 @@ MHD_Result queue_answer(MHD_Connection* connection, const Answer& answer) {
       // One request per connection: the header deadline runs from accept, and a client cannot
       // keep a connection by asking again.
       MHD_add_response_header(response.get(), MHD_HTTP_HEADER_CONNECTION, "close") != MHD_YES) {
+    return MHD_NO;
+  }
+  if (answer.negotiated &&
+      MHD_add_response_header(response.get(), MHD_HTTP_HEADER_VARY, "Accept-Encoding") != MHD_YES) {
+    return MHD_NO;
+  }
+  if (answer.gzip && MHD_add_response_header(response.get(), MHD_HTTP_HEADER_CONTENT_ENCODING,
+                                             "gzip") != MHD_YES) {
     return MHD_NO;
   }
   if (answer.status == MHD_HTTP_METHOD_NOT_ALLOWED &&
@@ -142,7 +214,8 @@ class HttpEndpoint::Server {
   Server(const std::string& listen, std::shared_ptr<prometheus::Registry> registry,
          const HealthState& health, std::shared_ptr<prometheus::Collectable> extra)
       : registry_(std::move(registry)), extra_(std::move(extra)), health_(health) {
-    sockaddr_storage address = listen_address(listen);
+    sockaddr_storage& address = address_;
+    address = listen_address(listen);
     unsigned flags = MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     if (address.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
     // No MHD_OPTION_LISTENING_ADDRESS_REUSE: without it libmicrohttpd sets SO_REUSEADDR (and
@@ -170,6 +243,27 @@ class HttpEndpoint::Server {
   [[nodiscard]] int port() const {
     const auto* info = MHD_get_daemon_info(daemon_.get(), MHD_DAEMON_INFO_BIND_PORT);
     return info == nullptr ? 0 : info->port;
+  }
+
+  [[nodiscard]] std::string metrics_url() const {
+    sockaddr_storage address = address_;
+    std::string host;
+    if (address.ss_family == AF_INET6) {
+      auto& in6 = reinterpret_cast<sockaddr_in6&>(address);
+      if (IN6_IS_ADDR_UNSPECIFIED(&in6.sin6_addr)) in6.sin6_addr = in6addr_loopback;
+    } else {
+      auto& in4 = reinterpret_cast<sockaddr_in&>(address);
+      if (in4.sin_addr.s_addr == htonl(INADDR_ANY)) in4.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    }
+    std::array<char, NI_MAXHOST> text{};
+    if (::getnameinfo(reinterpret_cast<const sockaddr*>(&address),
+                      address.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in),
+                      text.data(), text.size(), nullptr, 0, NI_NUMERICHOST) != 0) {
+      throw std::runtime_error("cannot format the metrics address");
+    }
+    host = text.data();
+    if (address.ss_family == AF_INET6) host = "[" + host + "]";
+    return "http://" + host + ":" + std::to_string(port()) + "/metrics";
   }
 
  private:
@@ -215,7 +309,7 @@ class HttpEndpoint::Server {
     return next;
   }
 
-  Answer answer(std::string_view url, std::string_view method) const {
+  Answer answer(std::string_view url, std::string_view method, bool gzip_accepted) const {
     if (method != MHD_HTTP_METHOD_GET) {
       return {MHD_HTTP_METHOD_NOT_ALLOWED, "text/plain", "only GET\n"};
     }
@@ -226,11 +320,13 @@ class HttpEndpoint::Server {
         families.insert(families.end(), std::make_move_iterator(more.begin()),
                         std::make_move_iterator(more.end()));
       }
-      return {MHD_HTTP_OK, "text/plain; version=0.0.4; charset=utf-8",
-              prometheus::TextSerializer().Serialize(families)};
+      std::string text = prometheus::TextSerializer().Serialize(families);
+      if (gzip_accepted) return {MHD_HTTP_OK, kMetricsContentType, gzip(text), true, true};
+      return {MHD_HTTP_OK, kMetricsContentType, std::move(text), true};
     }
     if (url == "/healthz") {
-      if (health_.loop_alive(kMaxLoopSilence)) return {MHD_HTTP_OK, "text/plain", "ok\n"};
+      if (health_.loop_alive(HealthState::kMaxLoopSilence))
+        return {MHD_HTTP_OK, "text/plain", "ok\n"};
       return {MHD_HTTP_SERVICE_UNAVAILABLE, "text/plain", "event loop not responding\n"};
     }
     if (url == "/readyz") {
@@ -259,7 +355,10 @@ class HttpEndpoint::Server {
     *request_state = &self;
     self.awaiting_request_.erase(connection);
     try {
-      return queue_answer(connection, self.answer(url, method));
+      const char* encodings =
+          MHD_lookup_connection_value(connection, MHD_HEADER_KIND, MHD_HTTP_HEADER_ACCEPT_ENCODING);
+      const bool gzip_accepted = encodings != nullptr && accepts_gzip(encodings);
+      return queue_answer(connection, self.answer(url, method, gzip_accepted));
     } catch (const std::exception& e) {
       spdlog::error("metrics endpoint: {} {}: {}", method, url, e.what());
       return MHD_NO;  // closes the connection
@@ -302,6 +401,7 @@ class HttpEndpoint::Server {
 
   const std::shared_ptr<prometheus::Registry> registry_;
   const std::shared_ptr<prometheus::Collectable> extra_;
+  sockaddr_storage address_{};  // the address bound (its port as asked: 0 for any)
   const HealthState& health_;
   bool started_ = false;     // set before the serving thread starts
   std::string start_error_;  // libmicrohttpd's messages while starting
@@ -329,6 +429,10 @@ HttpEndpoint::~HttpEndpoint() = default;
 
 int HttpEndpoint::port() const {
   return server_->port();
+}
+
+std::string HttpEndpoint::metrics_url() const {
+  return server_->metrics_url();
 }
 
 }  // namespace hsm::agent

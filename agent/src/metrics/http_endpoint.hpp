@@ -50,6 +50,9 @@ class HttpEndpoint {
 
   /// The bound port (useful with port 0).
   [[nodiscard]] int port() const;
+  /// "http://HOST:PORT/metrics" with the bound port, for clients on this host or pod: a
+  /// wildcard address (0.0.0.0, [::]) becomes the loopback address of its family.
+  [[nodiscard]] std::string metrics_url() const;
 
  private:
   class Server;

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <utility>
@@ -53,8 +54,12 @@ Library::Library(std::string path) : path_(std::move(path)) {
 Module::Module(std::shared_ptr<const Library> library, Pkcs11Stats& stats)
     : library_(std::move(library)), stats_(stats), functions_(library_->functions()) {
   for (std::size_t i = 0; i < kFunctionCount; ++i) {
-    durations_[i] = &stats_.call_duration_seconds.Add(
-        {{"function", std::string{kFunctionNames[i]}}}, stats_.latency_buckets);
+    const prometheus::Labels labels{{"function", std::string{kFunctionNames[i]}}};
+    calls_[i] = &stats_.calls_total.Add(labels);
+    const bool timed =
+        stats_.all_call_histograms || std::find(kTimedFunctions.begin(), kTimedFunctions.end(),
+                                                static_cast<Function>(i)) != kTimedFunctions.end();
+    if (timed) durations_[i] = &stats_.call_duration_seconds.Add(labels, stats_.latency_buckets);
   }
   // The agent calls the library from several worker threads: ask it to use OS locking.
   CK_C_INITIALIZE_ARGS args{};
@@ -78,8 +83,10 @@ Module::~Module() {
 
 void Module::observe(Function function,
                      std::chrono::steady_clock::duration elapsed) const noexcept {
-  durations_[static_cast<std::size_t>(function)]->Observe(
-      std::chrono::duration<double>(elapsed).count());
+  const auto i = static_cast<std::size_t>(function);
+  calls_[i]->Increment();
+  if (durations_[i] != nullptr)
+    durations_[i]->Observe(std::chrono::duration<double>(elapsed).count());
 }
 
 void Module::fail(Function function, CK_RV rv) const {

@@ -35,8 +35,9 @@
 #include "pkcs11/stats.hpp"
 
 namespace prometheus {
+class Counter;
 class Histogram;
-}
+}  // namespace prometheus
 
 namespace hsm::agent::pkcs11 {
 
@@ -76,6 +77,11 @@ inline constexpr std::size_t kFunctionCount = 0
     HSM_PKCS11_FUNCTIONS(HSM_PKCS11_COUNT)
 #undef HSM_PKCS11_COUNT
     ;
+
+/// The functions every signature calls: their latency is a histogram
+/// (pkcs11_call_duration_seconds) by default; every function's calls are counted
+/// (pkcs11_calls_total) and its errors too. docs/metrics.md, "Series budget".
+inline constexpr std::array<Function, 2> kTimedFunctions = {Function::kSignInit, Function::kSign};
 
 /// "C_Sign": the PKCS#11 name, used in errors and as the metric label (a bounded set).
 [[nodiscard]] std::string_view function_name(Function function) noexcept;
@@ -150,8 +156,9 @@ class Module {
   [[nodiscard]] Pkcs11Stats& stats() const noexcept { return stats_; }
 
  private:
-  // The single place a PKCS#11 function is entered: times the call into
-  // pkcs11_call_duration_seconds{function}. Counting and throwing happen in fail().
+  // The single place a PKCS#11 function is entered: counts the call in
+  // pkcs11_calls_total{function} and times it into pkcs11_call_duration_seconds{function} when
+  // the function has a histogram. Counting errors and throwing happen in fail().
   template <Function F, typename... Args>
   [[nodiscard]] CK_RV invoke(Args... args) const {
     const auto start = std::chrono::steady_clock::now();
@@ -167,7 +174,9 @@ class Module {
   Pkcs11Stats& stats_;
   CK_FUNCTION_LIST_PTR functions_ = nullptr;
   bool finalize_on_destruction_ = false;
-  std::array<prometheus::Histogram*, kFunctionCount> durations_{};  // cached, one per function
+  // Cached, one per function; a duration is nullptr for a function without a histogram.
+  std::array<prometheus::Counter*, kFunctionCount> calls_{};
+  std::array<prometheus::Histogram*, kFunctionCount> durations_{};
 };
 
 }  // namespace hsm::agent::pkcs11

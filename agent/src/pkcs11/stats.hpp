@@ -17,9 +17,13 @@ namespace hsm::agent::pkcs11 {
 struct Pkcs11Stats {
   /// Bucket boundaries for call_duration_seconds (the agent's latency buckets).
   const prometheus::Histogram::BucketBoundaries& latency_buckets;
-  prometheus::Family<prometheus::Histogram>& call_duration_seconds;  // {function}
-  prometheus::Family<prometheus::Counter>& errors_total;             // {function,ckr}
-  prometheus::Family<prometheus::Counter>& logins_total;             // {result}
+  prometheus::Family<prometheus::Counter>& calls_total;  // {function}: every call
+  /// {function}: the signing path's functions (kTimedFunctions in module.hpp), or every one when
+  /// all_call_histograms.
+  prometheus::Family<prometheus::Histogram>& call_duration_seconds;
+  bool all_call_histograms = false;
+  prometheus::Family<prometheus::Counter>& errors_total;  // {function,ckr}
+  prometheus::Family<prometheus::Counter>& logins_total;  // {result}
   /// The session pool (pkcs11/session_pool.hpp): sessions open and idle, leased, the most the
   /// pool may open now, and how long acquire() waited.
   prometheus::Gauge& sessions_idle;

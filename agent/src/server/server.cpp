@@ -117,9 +117,11 @@ Server::~Server() {
   if (uv_loop_close(&loop_) != 0) spdlog::debug("event loop closed with handles still open");
 }
 
-void Server::run(const std::function<void()>& on_listening,
-                 const std::function<void()>& on_reload) {
+void Server::run(const std::function<void()>& on_listening, const std::function<void()>& on_reload,
+                 const std::function<void()>& on_accepting,
+                 const std::function<void()>& on_draining) {
   on_reload_ = on_reload;
+  on_draining_ = on_draining;
   deps_.metrics.buffered_bytes_limit.Set(static_cast<double>(budget_.limit()));
   control_async_ = uv::Handle<uv_async_t>(
       &loop_,
@@ -160,6 +162,7 @@ void Server::run(const std::function<void()>& on_listening,
   start_workers();
   try {
     listen(on_listening);
+    if (on_accepting) on_accepting();
   } catch (...) {
     begin_shutdown();  // the workers end their loops, and then this one ends
     uv_run(&loop_, UV_RUN_DEFAULT);
@@ -536,6 +539,7 @@ void Server::begin_shutdown() {
     shutting_down_ = true;
   }
   deps_.health.set_draining();  // /readyz: 503 "draining" from now on
+  if (on_draining_) on_draining_();
   if (listening_ || listener_) {
     listening_ = false;
     listener_.close();

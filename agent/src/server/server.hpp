@@ -65,7 +65,11 @@ class Server {
   /// that can connect finds it done: readiness). `on_reload` runs on SIGHUP, on a thread of
   /// libuv's pool, never on the loop (it reads files: a slow one must not stop the agent
   /// answering); never two at once, and SIGHUPs that arrive meanwhile make one more run after it.
-  void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload);
+  /// `on_accepting` runs once the socket accepts connections, `on_draining` when SIGTERM/SIGINT
+  /// starts the drain, both on the loop (systemd's READY=1 and STOPPING=1).
+  void run(const std::function<void()>& on_listening, const std::function<void()>& on_reload,
+           const std::function<void()>& on_accepting = {},
+           const std::function<void()>& on_draining = {});
 
   /// True when shutdown left threads inside hung PKCS#11 calls: the token must not be finalised
   /// under them, and the process should exit without destructors.
@@ -108,6 +112,7 @@ class Server {
   protocol::CapabilitiesResult capabilities_;  // the token's, with the transport's limits
   uv_loop_t loop_{};
   std::function<void()> on_reload_;
+  std::function<void()> on_draining_;
 
   MemoryBudget budget_;
   BlockingPool pool_;

@@ -475,7 +475,7 @@ void Worker::complete(Call& call, Outcome outcome) {
   // the first request in /metrics and in the audit log, in order.
   context_.metrics.requests_in_flight.Decrement();
   context_.metrics.request_counter(method, code).Increment();
-  context_.metrics.request_histogram(method).Observe(elapsed);
+  context_.metrics.observe_request(method, elapsed);
   if (AuditLog::audited(method, code)) {
     auto record = audit_record(call.request, call.caller, outcome);
     record.duration_seconds = elapsed;

@@ -106,6 +106,11 @@ class KeyService {
   [[nodiscard]] const protocol::CapabilitiesResult& capabilities() const noexcept {
     return capabilities_;
   }
+  /// Where the agent serves its metrics, told to clients in capabilities.metrics_url. Set at
+  /// start, before the server copies the capabilities; not thread-safe.
+  void set_metrics_url(std::optional<std::string> url) {
+    capabilities_.metrics_url = std::move(url);
+  }
 
   /// The token's description, for logs and hsm_agent_build_info.
   [[nodiscard]] const protocol::TokenDescription& token() const noexcept;

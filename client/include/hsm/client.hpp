@@ -197,6 +197,9 @@ struct Capabilities {
   std::vector<std::string> supported_algs;
   std::string default_alg;
   std::uint64_t max_message_bytes = 0;
+  /// Where the agent serves its Prometheus metrics (http://HOST:PORT/metrics, reachable from the
+  /// agent's host or pod); nullopt when it serves none or is too old to say.
+  std::optional<std::string> metrics_url;
 };
 
 struct TokenInfo {

@@ -47,9 +47,8 @@ void FaultRules::clear() const {
 }
 
 std::uint64_t pkcs11_calls(AgentMetrics& metrics, const std::string& function) {
-  return metrics.pkcs11_call_duration_seconds.Add({{"function", function}}, latency_buckets())
-      .Collect()
-      .histogram.sample_count;
+  return static_cast<std::uint64_t>(
+      metrics.pkcs11_calls_total.Add({{"function", function}}).Value());
 }
 
 }  // namespace hsm::agent::test

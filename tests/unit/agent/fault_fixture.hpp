@@ -30,7 +30,7 @@ class FaultRules {
 };
 
 /// PKCS#11 calls of `function` made so far through the agent's call wrapper, from the
-/// pkcs11_call_duration_seconds histogram of `metrics`.
+/// pkcs11_calls_total counter of `metrics`.
 [[nodiscard]] std::uint64_t pkcs11_calls(AgentMetrics& metrics, const std::string& function);
 
 }  // namespace hsm::agent::test

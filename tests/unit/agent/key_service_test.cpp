@@ -59,10 +59,8 @@ protocol::SignParams sign_params(const std::string& kid, std::optional<Bytes> da
 }
 
 std::uint64_t calls_of(OpenService& svc, const std::string& function) {
-  return svc.metrics()
-      .pkcs11_call_duration_seconds.Add({{"function", function}}, latency_buckets())
-      .Collect()
-      .histogram.sample_count;
+  return static_cast<std::uint64_t>(
+      svc.metrics().pkcs11_calls_total.Add({{"function", function}}).Value());
 }
 
 }  // namespace

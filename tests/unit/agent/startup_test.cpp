@@ -25,10 +25,7 @@ std::string startup_error(HsmConfig config, AgentMetrics& metrics) {
 }
 
 double login_calls(AgentMetrics& metrics) {
-  return static_cast<double>(
-      metrics.pkcs11_call_duration_seconds.Add({{"function", "C_Login"}}, latency_buckets())
-          .Collect()
-          .histogram.sample_count);
+  return metrics.pkcs11_calls_total.Add({{"function", "C_Login"}}).Value();
 }
 
 }  // namespace

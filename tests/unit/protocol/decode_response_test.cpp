@@ -276,4 +276,26 @@ TEST_CASE("decode_response is lenient where the protocol may grow", "[decode_res
                                             Method::kHealth);
     CHECK(std::get<HealthResult>(std::get<Result>(health.body)).latency_ms == 3.0);
   }
+  SECTION("capabilities: metrics_url is optional (older agents) and may be nil") {
+    // The ninth key is metrics_url, or another key an older or later agent might send.
+    const auto url_of = [&b](std::string_view key, Object value) {
+      const Object result = b.params({{"protocol", b.uint(1)},
+                                      {"agent_version", b.str("v")},
+                                      {"can_create", b.boolean(true)},
+                                      {"can_import", b.boolean(false)},
+                                      {"can_delete", b.boolean(true)},
+                                      {"supported_algs", b.array({b.str("ES256")})},
+                                      {"default_alg", b.str("ES256")},
+                                      {"max_message_bytes", b.uint(1024)},
+                                      {key, value}});
+      const Response r = decode_response(b.response(7, b.nil(), result), Method::kCapabilities);
+      return std::get<CapabilitiesResult>(std::get<Result>(r.body)).metrics_url;
+    };
+    CHECK_FALSE(url_of("later_key", b.str("x")).has_value());
+    CHECK_FALSE(url_of("metrics_url", b.nil()).has_value());
+    CHECK(url_of("metrics_url", b.str("http://127.0.0.1:9464/metrics")) ==
+          std::optional<std::string>("http://127.0.0.1:9464/metrics"));
+    CHECK_THROWS_WITH(url_of("metrics_url", b.uint(9464)),
+                      Catch::Contains("result.metrics_url: must be str"));
+  }
 }

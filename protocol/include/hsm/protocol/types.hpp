@@ -174,6 +174,10 @@ struct CapabilitiesResult {
   std::vector<std::string> supported_algs;
   std::string default_alg;
   std::uint64_t max_message_bytes = kDefaultMaxMessageBytes;
+  /// Where this agent serves its Prometheus metrics ("http://127.0.0.1:9464/metrics"), so a
+  /// client on the same host or pod summarises the agent it talks to; nullopt when the agent
+  /// serves none (--metrics-listen ""), or is older than the field (absent on the wire).
+  std::optional<std::string> metrics_url;
   friend bool operator==(const CapabilitiesResult&, const CapabilitiesResult&) = default;
 };
 
