@@ -39,7 +39,11 @@ usage: bench/run.sh [options]
                             connections with concurrency/N requests in flight on each
                             (default 2); on plain SoftHSMv2 the agent always has one connection
                             per caller, one request in flight on each, like the floor
-  --quick                   CI smoke test: 1 s runs, concurrency 1, latency part at 1 and 16
+  --busy-poll LIST          latency mode (issue 21): also run agents started with --busy-poll-us
+                            N for each N in LIST, on plain SoftHSMv2 at every concurrency and
+                            on the slow module at concurrency 1 (default 50,200; "" skips it)
+  --quick                   CI smoke test: 1 s runs, concurrency 1, latency part at 1 and 16,
+                            no latency mode
   --build-dir DIR           CMake build directory (default: build/bench, else an existing
                             build/release or build/dev; configured and built when missing)
   --json-out FILE           where the JSON goes (default bench/results/latest.json)
@@ -57,6 +61,7 @@ concurrency=1,2
 latency_concurrency=1,16,64
 delay_ms=2
 agent_connections=2
+busy_poll=50,200
 build_dir=
 json_out=$repo/bench/results/latest.json
 keep=0
@@ -70,7 +75,8 @@ while (($#)); do
     --latency-concurrency) latency_concurrency=$2; shift 2 ;;
     --delay-ms) delay_ms=$2; shift 2 ;;
     --agent-connections) agent_connections=$2; shift 2 ;;
-    --quick) duration_s=1; warmup_ms=200; concurrency=1; latency_concurrency=1,16; shift ;;
+    --busy-poll) busy_poll=$2; shift 2 ;;
+    --quick) duration_s=1; warmup_ms=200; concurrency=1; latency_concurrency=1,16; busy_poll=; shift ;;
     --build-dir) build_dir=$2; shift 2 ;;
     --json-out) json_out=$2; shift 2 ;;
     --keep) keep=1; shift ;;
@@ -92,6 +98,8 @@ positive_int "$agent_connections" --agent-connections
 warmup_s=$(printf '%d.%03d' $((warmup_ms / 1000)) $((warmup_ms % 1000)))  # for hsmctl bench
 IFS=, read -r -a plain_levels <<<"$concurrency"
 IFS=, read -r -a latency_levels <<<"$latency_concurrency"
+IFS=, read -r -a busy_polls <<<"$busy_poll"
+for n in "${busy_polls[@]}"; do [[ $n =~ ^[1-9][0-9]*$ ]] || die "--busy-poll takes positive numbers, got '$n'"; done
 for level in "${plain_levels[@]}" "${latency_levels[@]}"; do positive_int "$level" concurrency; done
 
 for tool in softhsm2-util p11-kit python3; do
@@ -196,11 +204,11 @@ agent_pid= agent_socket=
 # The agent runs with its default tuning (issue 16: "with default flags"): no --sessions, no
 # limits. The flags below only say where things go: the token, the socket, the audit log (a
 # file), quieter logs, and no HTTP endpoint (so no fixed port; the metrics are still counted).
-start_agent() {  # module name
+start_agent() {  # module name [extra agent flags...]
   agent_socket=$work/agent-$2.sock
   "${binary[hsm-agent]}" --module "$1" --token-label "$token_label" --pin-file "$work/user.pin" \
     --socket "$agent_socket" --metrics-listen "" --log-level warn \
-    --audit-log "$work/audit-$2.log" >"$work/agent-$2.out" 2>"$work/agent-$2.err" &
+    --audit-log "$work/audit-$2.log" "${@:3}" >"$work/agent-$2.out" 2>"$work/agent-$2.err" &
   agent_pid=$!
   pids+=("$agent_pid")
   local tries
@@ -254,14 +262,27 @@ start_floor_server() {  # module name
   die "hsm-bench-floor --serve did not start"
 }
 
+# Latency mode: one more agent per --busy-poll value, idle (and so not polling) while the others
+# are measured. poll_agents[N]=socket, poll_agent_pids[N]=pid.
+declare -A poll_agents=() poll_agent_pids=()
+start_poll_agents() {  # module name
+  local n plain_socket=$agent_socket plain_pid=$agent_pid
+  for n in "${busy_polls[@]}"; do
+    start_agent "$1" "$2-poll$n" --busy-poll-us "$n"
+    poll_agents[$n]=$agent_socket poll_agent_pids[$n]=$agent_pid
+  done
+  agent_socket=$plain_socket agent_pid=$plain_pid
+}
+
 stop_servers() {
   local pid
-  for pid in "$agent_pid" "$p11kit_pid" "$floor_pid"; do
+  for pid in "$agent_pid" "$p11kit_pid" "$floor_pid" "${poll_agent_pids[@]}"; do
     [[ -n $pid ]] || continue
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   agent_pid='' p11kit_pid='' floor_pid=''
+  poll_agents=() poll_agent_pids=()
   pids=()
 }
 
@@ -298,6 +319,7 @@ run_scenario() {  # scenario module with_floor levels...
   shift 3
   local levels=("$@")
   start_agent "$module" "$scenario"
+  start_poll_agents "$module" "$scenario"
   start_p11kit_server "$module" "$scenario"
   if ((with_floor)); then start_floor_server "$module" "$scenario"; fi
   local common=(--token-label "$token_label" --pin-file "$work/user.pin" --kid "$kid"
@@ -323,6 +345,16 @@ run_scenario() {  # scenario module with_floor levels...
       record "$scenario" "$level" agent "${binary[hsmctl]}" --socket "$agent_socket" --json \
         bench "$kid" --connections "$connections" --depth "$depth" --duration "$duration_s" \
         --warmup "$warmup_s" --server-pid "$agent_pid"
+      # Latency mode: the same load on the polling agents (on the slow module at 1 only).
+      local n
+      if ((with_floor || level == 1)); then
+        for n in "${busy_polls[@]}"; do
+          record "$scenario" "$level" "agent_poll$n" "${binary[hsmctl]}" \
+            --socket "${poll_agents[$n]}" --json bench "$kid" --connections "$connections" \
+            --depth "$depth" --duration "$duration_s" --warmup "$warmup_s" \
+            --server-pid "${poll_agent_pids[$n]}"
+        done
+      fi
       P11_KIT_SERVER_ADDRESS=$p11kit_address record "$scenario" "$level" p11kit \
         "${binary[hsm-bench-direct]}" --module "$p11kit_client" --threads "$level" "${common[@]}" \
         --server-pid "$p11kit_pid"
@@ -618,6 +650,64 @@ lines += [
     f"  {delay_ms} ms module at c: the agent as started with default flags (no --sessions) and "
     "the agent load above, against direct's c threads with a session each"]
 
+# Latency mode (issue 21): the agents started with --busy-poll-us N next to the one without, on
+# the same load. The client does not poll yet (ClientOptions::busy_poll is still to come), so
+# these rows show the agent side alone.
+latency = []
+latency_lines = []
+for (scenario, level), modes in rows.items():
+    polls = sorted((int(m[len("agent_poll"):]), m) for m in modes if m.startswith("agent_poll"))
+    if not polls:
+        continue
+    fl = floors.get((scenario, level))
+    base = {m: cell(modes, m) for m in ("direct", "agent")}
+    floor_cell = fl["floor"] if fl else None
+    def line(label, c):
+        cpu = c["cpu_us_per_op"] if c else None
+        return (f"  {scenario:<14} {level:>4} {label:<14} | "
+                f"{(c or {}).get('throughput_per_s', 0):>8.0f} {fmt((c or {}).get('p50_us'), '7.1f')} "
+                f"{fmt((c or {}).get('p99_us'), '7.1f')}{'!' if c and c['errors'] else ' '} | "
+                f"{cpu_cell(c, True) if c else format('-', '>23')}")
+    latency_lines.append(line("direct", base["direct"]))
+    if floor_cell:
+        latency_lines.append(line("floor", floor_cell))
+    latency_lines.append(line("agent, off", base["agent"]))
+    for n, m in polls:
+        c = cell(modes, m)
+        off = base["agent"]
+        entry = {"scenario": scenario, "concurrency": level, "busy_poll_us": n, **{m: c},
+                 "over_direct": ratio(c["throughput_per_s"], base["direct"]["throughput_per_s"]),
+                 "over_floor": ratio(c["throughput_per_s"], floor_cell and floor_cell["throughput_per_s"]),
+                 "over_off": ratio(c["throughput_per_s"], off["throughput_per_s"]),
+                 "cpu_over_off": ratio((c["cpu_us_per_op"] or {}).get("total"),
+                                       (off["cpu_us_per_op"] or {}).get("total"))}
+        # The targets of issue 21 for this row, PASS or MISS (information, not a gate).
+        checks = []
+        if scenario == plain and level == 1:
+            checks += [("poll/direct >= 0.80", entry["over_direct"], 0.80),
+                       ("poll/floor >= 1.50", entry["over_floor"], 1.50)]
+        if scenario == plain and level == 2:
+            checks += [("poll/off >= 1.00", entry["over_off"], 1.00)]
+        if scenario != plain and level == 1:
+            checks += [("off CPU/poll CPU >= 0.91 (poll CPU within 1.1x)",
+                        ratio((off["cpu_us_per_op"] or {}).get("total"),
+                              (c["cpu_us_per_op"] or {}).get("total")), 0.91)]
+        entry["targets"] = [{"target": t, "value": v,
+                             "status": "n/a" if v is None else "PASS" if v >= g else "MISS"}
+                            for t, v, g in checks]
+        latency.append(entry)
+        marks = "; ".join(f"{t['status']} {t['target']}: {fmt(t['value'], '.2f')}"
+                          for t in entry["targets"])
+        latency_lines.append(line(f"agent, {n} us", c) +
+                             f" | x{fmt(entry['over_off'], '.2f')} of off" +
+                             (f" | {marks}" if marks else ""))
+if latency_lines:
+    lines += ["", "latency mode (issue 21): agents with --busy-poll-us N beside the one without, "
+              "same load; the client does not poll yet",
+              f"  {'scenario':<14} {'conc':>4} {'mode':<14} | {'sig/s':>8} {'p50':>7} {'p99':>7}  | "
+              f"{'CPU/sig: client + srv':>23}"]
+    lines += latency_lines
+
 lines.append("")
 lines.append(f"load average (1, 5, 15 min) before: {' '.join(loads.split()[:3])}, "
              f"after: {' '.join(loads.split()[3:])}; {os.cpu_count()} CPUs")
@@ -633,6 +723,7 @@ document = {
     "floor_table": floor_table,
     "floor_bounds": floor_bounds,
     "issue16_targets": issue16,
+    "latency_mode": latency,
     "runs": runs,
 }
 with open(json_out, "w") as out:
