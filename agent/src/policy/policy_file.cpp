@@ -14,8 +14,8 @@
 #include <system_error>
 #include <utility>
 
-#include "config/file_descriptor.hpp"
 #include "config/trusted_path.hpp"
+#include "hsm/common/file_descriptor.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -338,7 +338,7 @@ std::vector<PolicyRule> load_policy_file(const std::string& path) {
   }
   // O_NOFOLLOW and O_NONBLOCK: should the file have been swapped since the checks (by root or
   // the agent's uid: no one else can), the agent still never follows a link nor waits.
-  const FileDescriptor fd(
+  const common::FileDescriptor fd(
       ::open(found.resolved.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY));
   if (fd.get() < 0) throw system_error("cannot open the policy file " + found.resolved);
   struct stat st {};

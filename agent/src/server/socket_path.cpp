@@ -16,8 +16,8 @@
 #include <system_error>
 #include <vector>
 
-#include "config/file_descriptor.hpp"
 #include "config/trusted_path.hpp"
+#include "hsm/common/file_descriptor.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -161,7 +161,7 @@ SocketFile secure_bound_socket(const std::string& path, mode_t mode,
   // write (check_socket_directory), so the socket file owned by the agent's uid found there now
   // is the one bind made; with --shared-socket-dir the operator vouches that no one else
   // mounts the directory writable. Its device and inode then identify the socket from now on.
-  const FileDescriptor file(::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  const common::FileDescriptor file(::open(path.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
   if (file.get() < 0) throw SocketSetupError("cannot open socket " + path + ": " + errno_text());
   struct stat st {};
   if (::fstat(file.get(), &st) != 0) {
