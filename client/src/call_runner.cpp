@@ -153,19 +153,24 @@ void CallRunner::retry_or_finish(const std::shared_ptr<Call>& call, Failure&& fa
 }
 
 void CallRunner::finish(const std::shared_ptr<Call>& call, Answer&& answer, bool withdraw_request) {
+  if (call->finished()) {
+    return;
+  }
+  // The request is withdrawn before the caller hears the outcome, so that a caller woken by a
+  // timeout or a cancellation finds no entry of its call left on the connection. A reader that
+  // took the entry first answers the call itself, and whichever finish() comes first wins.
+  if (withdraw_request) {
+    if (auto in_flight = call->take_in_flight()) {
+      if (auto connection = in_flight->connection.lock()) {
+        connection->forget(in_flight->msgid, call.get());
+      }
+    }
+  }
   if (!call->finish(std::move(answer))) {
     return;
   }
   if (auto handle = call->take_deadline_timer()) {
     timer_.cancel(*handle);
-  }
-  if (!withdraw_request) {
-    return;  // answered or failed: nothing of it is pending on a connection any more
-  }
-  if (auto in_flight = call->take_in_flight()) {
-    if (auto connection = in_flight->connection.lock()) {
-      connection->forget(in_flight->msgid, call.get());
-    }
   }
 }
 

@@ -760,11 +760,15 @@ TEST_CASE(
 #if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
   // docs/reliability.md, "Memory": at most twice what the budget admits, over the start.
   CHECK(peak_rss <= rss_start + 2 * kBudget / 1024 + 4 * 1024);
+  // Back to within 32 MiB of the start: the fault this guards against kept 537 MB. One
+  // fresh-clone CI run of three ended 26 MiB over (from a 16 MiB start, an 84 MiB peak); the
+  // rest came back within 20. Why it sometimes keeps more is not yet known (see the issue 16
+  // note of 2026-12-07); the bound is the fault's, not a figure to tune to.
   std::size_t rss_after = 0;
   CHECK(wait_until(
       [&] {
         rss_after = resident_kib(env.agent.pid());
-        return rss_after <= rss_start + 20 * 1024;
+        return rss_after <= rss_start + 32 * 1024;
       },
       10s));
   WARN("agent VmRSS after: " << rss_after << " KiB");
