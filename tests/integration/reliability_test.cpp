@@ -53,8 +53,14 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
 
 // An agent behind the fault module, with one ES256 key and its public key.
 struct FaultyAgent {
-  FaultyAgent(std::vector<std::string> agent_args, const std::string& kid)
-      : env(faults.agent_options(std::move(agent_args))) {
+  /// `module_env`: extra environment of the agent, for the fault module (HSM_FAULT_*).
+  FaultyAgent(std::vector<std::string> agent_args, const std::string& kid,
+              const std::map<std::string, std::string>& module_env = {})
+      : env([&] {
+          auto options = faults.agent_options(std::move(agent_args));
+          options.env.insert(module_env.begin(), module_env.end());
+          return options;
+        }()) {
     env.client.generate_key(kid);
     pub = env.client.get_public_key(kid);
   }
@@ -768,12 +774,9 @@ TEST_CASE(
     "[reliability][pool]") {
   // The fault module plays a token that allows 4 sessions and refuses a fifth, as real HSMs do:
   // one is the login's anchor, so the pool may open 3 and must learn that from C_GetTokenInfo.
-  FaultModule faults;
-  auto options = faults.agent_options({"--sessions", "2", "--max-sessions", "16"});
-  options.env["HSM_FAULT_MAX_SESSIONS"] = "4";
-  RunningAgent env(std::move(options));
-  env.client.generate_key("limited");
-  const auto pub = env.client.get_public_key("limited");
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limited",
+                    {{"HSM_FAULT_MAX_SESSIONS", "4"}});
+  auto& [faults, env, pub] = agent;
   CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 3);
   faults.set("C_Sign delay_ms=100");
   std::this_thread::sleep_for(5ms);  // the module's 1 ms rule poll
@@ -791,13 +794,14 @@ TEST_CASE(
     "a token that refuses more sessions (CKR_SESSION_COUNT): the pool stops growing there, "
     "says so once, and requests still succeed",
     "[reliability][pool]") {
-  FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limit");
+  // Every call into the module sees the rules written before it. With the default 1 ms between
+  // re-reads, a C_OpenSession that raced the re-read of another thread still opened a third
+  // session (seen in CI, and again with the agent's latency mode on a loaded machine).
+  FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limit",
+                    {{"HSM_FAULT_POLL_US", "0"}});
   auto& [faults, env, pub] = agent;
   CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 16);
   faults.set("C_OpenSession rv=CKR_SESSION_COUNT\nC_Sign delay_ms=100");
-  // The module looks at its rules at most once a millisecond: a C_OpenSession within 1 ms of its
-  // last look would still open a session (the CI run saw a limit of 3).
-  std::this_thread::sleep_for(5ms);
   sign_concurrently(env.agent, "limit", pub, 8);
   faults.clear();
   // The limit is what was open when the token refused: the two sessions it started with.
