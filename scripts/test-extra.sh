@@ -44,6 +44,10 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   build/tsan/tests/unit/policy/policy_unit_tests "[concurrency]"  # SIGHUP reload vs. requests
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts
+  # Latency mode on both sides (issue 21): callers poll for their answers, the agent's workers
+  # poll for requests; the same suites must pass unchanged.
+  HSM_CLIENT_BUSY_POLL_US=200 build/tsan/tests/unit/client/client_unit_tests
+  HSM_CLIENT_BUSY_POLL_US=200 HSM_AGENT_BUSY_POLL_US=50 build/tsan/tests/unit/client/client_agent_tests
   unset TSAN_OPTIONS
   stage_done tsan
 fi

@@ -211,6 +211,13 @@ class BenchCommand final : public Command {
         ->type_name("S")
         ->capture_default_str()
         ->check(CLI::Range(0.0, 3600.0));
+    command
+        .add_option("--busy-poll-us", busy_poll_us_,
+                    "latency mode: each synchronous call polls for its answer for up to N us "
+                    "before it blocks (ClientOptions::busy_poll; 0: off; default: "
+                    "HSM_CLIENT_BUSY_POLL_US, else 0)")
+        ->type_name("N")
+        ->check(CLI::Range(0, static_cast<int>(ClientOptions::kMaxBusyPoll.count())));
     auto* group = command.add_option_group("payload", "what each request signs (one of)");
     group->add_option("--data-bytes", data_bytes_, "a message of N bytes (default 32)")
         ->type_name("N");
@@ -246,7 +253,7 @@ class BenchCommand final : public Command {
     try {
       key_alg = setup.get_public_key(kid_).alg;
     } catch (const Error& e) {
-      if (e.code() != "not_found" || !(default_kid || create_key_)) throw;
+      if (e.errc() != Errc::kNotFound || !(default_kid || create_key_)) throw;
       key_alg = setup.generate_key(kid_, new_key_alg).alg;
       generated_ = true;
     }
@@ -259,6 +266,7 @@ class BenchCommand final : public Command {
     job.client.connections = 1;
     // A benchmark reports what the agent does: a failed call is an error, not a hidden retry.
     job.client.retry.max_attempts = 1;
+    if (busy_poll_us_) job.client.busy_poll = std::chrono::microseconds(*busy_poll_us_);
 
     const Signature probe = digest_ ? setup.sign_digest_detailed(kid_, job.payload, job.sign)
                                     : setup.sign_detailed(kid_, job.payload, job.sign);
@@ -294,14 +302,17 @@ class BenchCommand final : public Command {
     auto report = bench::finished_run_report("agent", std::uint64_t{connections_} * depth_, window,
                                              errors, cpu, !server_pids_.empty());
     report.latencies = &all;
-    report.settings = {{"socket", bench::json_string(job.client.socket_path)},
-                       {"kid", bench::json_string(job.kid)},
-                       {"alg", bench::json_string(alg_used_)},
-                       {"key_generated", generated_ ? "true" : "false"},
-                       {"payload", bench::json_string(job.digest ? "digest" : "data")},
-                       {"payload_bytes", std::to_string(job.payload.size())},
-                       {"connections", std::to_string(connections_)},
-                       {"depth", std::to_string(depth_)}};
+    report.settings = {
+        {"socket", bench::json_string(job.client.socket_path)},
+        {"kid", bench::json_string(job.kid)},
+        {"alg", bench::json_string(alg_used_)},
+        {"key_generated", generated_ ? "true" : "false"},
+        {"busy_poll_us",
+         std::to_string(job.client.busy_poll.value_or(std::chrono::microseconds::zero()).count())},
+        {"payload", bench::json_string(job.digest ? "digest" : "data")},
+        {"payload_bytes", std::to_string(job.payload.size())},
+        {"connections", std::to_string(connections_)},
+        {"depth", std::to_string(depth_)}};
     if (context.json()) {
       bench::write_json(context.out(), report);
     } else {
@@ -343,6 +354,7 @@ class BenchCommand final : public Command {
   bool create_key_ = false;
   unsigned connections_ = 1;
   unsigned depth_ = 1;
+  std::optional<int> busy_poll_us_;
   double duration_s_ = 5.0;
   double warmup_s_ = 0.5;
   std::size_t data_bytes_ = 32;

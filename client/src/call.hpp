@@ -70,6 +70,9 @@ class Call {
   /// Callback calls never complete on a caller's thread (one that starts a call or requests a
   /// stop; see client.hpp): the runner hands such completions to the timer thread.
   [[nodiscard]] virtual bool completes_on_client_thread() const noexcept = 0;
+  /// The thread that started the call waits for it, and may read its answer itself
+  /// (CallRunner::read_answer_here()).
+  [[nodiscard]] virtual bool caller_waits() const noexcept { return false; }
 
   [[nodiscard]] bool finished() const noexcept { return finished_.load(std::memory_order_acquire); }
   /// Completes the call with `answer` unless it already completed. True when this did it.
@@ -97,6 +100,10 @@ class Call {
   std::optional<InFlight> take_in_flight() {
     std::lock_guard lock(mutex_);
     return std::exchange(in_flight_, std::nullopt);
+  }
+  [[nodiscard]] std::optional<InFlight> in_flight() {
+    std::lock_guard lock(mutex_);
+    return in_flight_;
   }
 
   /// The timer that fails an asynchronous call at its deadline (cancelled on completion).
@@ -195,6 +202,7 @@ class SyncCall final : public Call {
   SyncCall& operator=(SyncCall&&) = delete;
 
   [[nodiscard]] bool completes_on_client_thread() const noexcept override { return false; }
+  [[nodiscard]] bool caller_waits() const noexcept override { return true; }
 
   /// The outcome; blocks until the call completed. Called once, by the thread that made it.
   [[nodiscard]] Outcome<T> take() {

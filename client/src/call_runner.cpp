@@ -27,6 +27,10 @@ protocol::Limits response_limits(const ClientOptions& options) {
 CallRunner::CallRunner(const ClientOptions& options)
     : max_attempts_(std::max<std::uint32_t>(options.retry.max_attempts, 1)),
       backoff_(options.retry),
+      spin_(options.busy_poll.value_or(std::chrono::microseconds::zero())),
+      deliver_on_caller_([this](const std::shared_ptr<Call>& call, Answer&& answer) {
+        attempt_ended_on_caller(call, std::move(answer));
+      }),
       pool_(ConnectionSettings{options.socket_path, response_limits(options),
                                options.max_request_bytes},
             options.connections, options.retry,
@@ -68,7 +72,7 @@ void CallRunner::start(const std::shared_ptr<Call>& call, const std::stop_token&
       return;  // nothing is sent for a call stopped before it started
     }
   }
-  if (auto not_sent = attempt(call)) {
+  if (auto not_sent = attempt(call, call->caller_waits())) {
     if (call->completes_on_client_thread()) {
       // A callback never runs on the thread that made the call (it may hold locks the
       // callback takes): decide on the timer thread.
@@ -83,7 +87,27 @@ void CallRunner::start(const std::shared_ptr<Call>& call, const std::stop_token&
   }
 }
 
-std::optional<CallRunner::NotSent> CallRunner::attempt(const std::shared_ptr<Call>& call) {
+void CallRunner::read_answer_here(const std::shared_ptr<Call>& call) {
+  const auto in_flight = call->in_flight();
+  if (!in_flight) {
+    return;
+  }
+  const auto connection = in_flight->connection.lock();
+  if (!connection) {
+    return;
+  }
+  const auto started = Clock::now();
+  if (!connection->read_until_answered(*call, in_flight->msgid, spin_.next(), deliver_on_caller_)) {
+    return;  // another thread reads the connection: it wakes the caller
+  }
+  caller_reads_.fetch_add(1, std::memory_order_relaxed);
+  if (call->finished()) {
+    spin_.record(Clock::now() - started);
+  }
+}
+
+std::optional<CallRunner::NotSent> CallRunner::attempt(const std::shared_ptr<Call>& call,
+                                                       bool caller_reads) {
   if (call->finished()) {
     return std::nullopt;  // timed out or cancelled while waiting for this attempt
   }
@@ -102,7 +126,7 @@ std::optional<CallRunner::NotSent> CallRunner::attempt(const std::shared_ptr<Cal
       return NotSent{{std::move(unavailable->error), Delivery::kNotSent}, unavailable->retry_at};
     }
     auto& connection = std::get<std::shared_ptr<Connection>>(acquired);
-    std::optional<Failure> failure = connection->send(call);
+    std::optional<Failure> failure = connection->send(call, caller_reads);
     if (!failure) {
       return std::nullopt;
     }
@@ -124,6 +148,19 @@ void CallRunner::attempt_ended(const std::shared_ptr<Call>& call, Answer&& answe
     return;
   }
   finish(call, std::move(answer));
+}
+
+void CallRunner::attempt_ended_on_caller(const std::shared_ptr<Call>& call, Answer&& answer) {
+  if (call->completes_on_client_thread()) {
+    // A callback never runs on a thread that made a call (client.hpp). A copy goes to the
+    // timer thread, so the answer is still here if that thread has stopped (closing).
+    if (timer_.schedule(Clock::now(), [this, call, answer]() mutable {
+          attempt_ended(call, std::move(answer));
+        })) {
+      return;
+    }
+  }
+  attempt_ended(call, std::move(answer));
 }
 
 void CallRunner::retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure,

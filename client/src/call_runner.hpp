@@ -13,6 +13,7 @@
 #include "call.hpp"
 #include "connection_pool.hpp"
 #include "hsm/client.hpp"
+#include "poll_then_block.hpp"
 #include "timer_queue.hpp"
 
 namespace hsm::client {
@@ -41,8 +42,19 @@ class CallRunner {
   /// caller then waits on its SyncCall). A callback call never completes on this thread.
   void start(const std::shared_ptr<Call>& call, const std::stop_token& stop);
 
+  /// After start(), on the thread that started a synchronous call: reads the answer here when
+  /// nobody else is reading its connection (no thread wake-up between the answer and its
+  /// caller), polling first for the budget ClientOptions::busy_poll allows. Returns when the
+  /// call's answer is in, or when it cannot be read here (another thread reads the connection,
+  /// the call moved on to a retry, its deadline passed); the caller then waits on the call.
+  void read_answer_here(const std::shared_ptr<Call>& call);
+
   /// Where a call stands on its connections, for tests: calls waiting for an answer.
   [[nodiscard]] std::size_t pending_calls() { return pool_.pending_calls(); }
+  /// Synchronous calls whose caller held the read turn of their connection (for tests).
+  [[nodiscard]] std::uint64_t caller_reads() const noexcept {
+    return caller_reads_.load(std::memory_order_relaxed);
+  }
 
  private:
   /// An attempt that failed before anything was sent, and when a retry may start.
@@ -52,9 +64,12 @@ class CallRunner {
   };
   /// One attempt: picks a connection and sends. nullopt: in flight (its connection reports
   /// its end) or already completed.
-  std::optional<NotSent> attempt(const std::shared_ptr<Call>& call);
+  /// `caller_reads`: the first attempt of a synchronous call, sent from its caller's thread.
+  std::optional<NotSent> attempt(const std::shared_ptr<Call>& call, bool caller_reads = false);
   /// From a connection's reader thread: the attempt's answer, or the connection lost.
   void attempt_ended(const std::shared_ptr<Call>& call, Answer&& answer);
+  /// The same, read by a synchronous caller: a callback call's goes to the timer thread.
+  void attempt_ended_on_caller(const std::shared_ptr<Call>& call, Answer&& answer);
   void retry_or_finish(const std::shared_ptr<Call>& call, Failure&& failure,
                        Clock::time_point not_before);
   /// Completes the call unless it completed already; withdraws its deadline timer, and with
@@ -67,6 +82,9 @@ class CallRunner {
   const std::uint32_t max_attempts_;
   const Backoff backoff_;
   std::atomic<bool> closing_{false};
+  SpinBudget spin_;
+  std::atomic<std::uint64_t> caller_reads_{0};
+  const AttemptEnded deliver_on_caller_;
   TimerQueue timer_;
   ConnectionPool pool_;  // declared last: destroyed first (its readers report to the above)
 };

@@ -2,12 +2,16 @@
 // the protocol's result into the public type.
 #include "hsm/client.hpp"
 
+#include <charconv>
+#include <chrono>
+#include <cstdlib>
 #include <functional>
 #include <future>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "call.hpp"
@@ -229,6 +233,7 @@ class Client::Impl {
   T call(Prepared<T> prepared, const CallOptions& options) {
     auto call = make<SyncCall<T>>(std::move(prepared), options);
     runner_.start(call, options.stop);
+    runner_.read_answer_here(call);
     return call->take().value();  // throws the call's hsm::Error here, on the caller's thread
   }
 
@@ -313,7 +318,42 @@ ClientOptions with_socket_path(std::string socket_path) {
 }  // namespace
 
 Client::Client(std::string socket_path) : Client(with_socket_path(std::move(socket_path))) {}
-Client::Client(ClientOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+namespace {
+
+/// ClientOptions::busy_poll resolved: the option, else HSM_CLIENT_BUSY_POLL_US, else 0; out of
+/// range is invalid_params (a typo in a pod spec must not pass silently).
+ClientOptions checked(ClientOptions options) {
+  constexpr std::string_view kVariable = "HSM_CLIENT_BUSY_POLL_US";
+  std::string from;
+  if (!options.busy_poll) {
+    const char* text = std::getenv(kVariable.data());  // NOLINT(concurrency-mt-unsafe)
+    const std::string_view value = text == nullptr ? std::string_view() : std::string_view(text);
+    long long micros = 0;
+    if (!value.empty()) {
+      const auto [end, error] = std::from_chars(value.data(), value.data() + value.size(), micros);
+      if (error != std::errc() || end != value.data() + value.size()) {
+        throw Error(Errc::kInvalidParams, std::string(kVariable) +
+                                              " must be a whole number of microseconds, not '" +
+                                              std::string(value.substr(0, 32)) + "'");
+      }
+      from = " (from " + std::string(kVariable) + ")";
+    }
+    options.busy_poll = std::chrono::microseconds(micros);
+  }
+  if (*options.busy_poll < std::chrono::microseconds::zero() ||
+      *options.busy_poll > ClientOptions::kMaxBusyPoll) {
+    throw Error(Errc::kInvalidParams, "ClientOptions::busy_poll must be between 0 and " +
+                                          std::to_string(ClientOptions::kMaxBusyPoll.count()) +
+                                          " us, not " + std::to_string(options.busy_poll->count()) +
+                                          from);
+  }
+  return options;
+}
+
+}  // namespace
+
+Client::Client(ClientOptions options)
+    : impl_(std::make_unique<Impl>(checked(std::move(options)))) {}
 Client::~Client() = default;
 Client::Client(Client&&) noexcept = default;
 Client& Client::operator=(Client&&) noexcept = default;

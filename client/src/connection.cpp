@@ -1,10 +1,10 @@
-// How answers come back: the reader thread, the only one that reads the socket, blocks in
-// recv(), decodes every complete answer in what it got and hands each to its call (through
-// AttemptEnded); answers to calls no longer pending are dropped. When the stream ends (the
-// agent closed it, close() shut it down, or it broke the protocol) the reader fails every call
-// still pending and returns. A call whose request is still being written at that moment is
-// failed by its writer instead, who alone knows whether any byte of it left (none: it goes out
-// again on a fresh connection, not counted as a retry).
+// How answers come back: whoever holds the read turn (the reader thread, or a synchronous caller
+// reading for its own answer; connection.hpp) reads the socket, decodes every complete answer in
+// what it got and hands each to its call; answers to calls no longer pending are dropped. When
+// the stream ends (the agent closed it, close() shut it down, or it broke the protocol) the
+// reader fails every call still pending. A call whose request is still being written at that
+// moment is failed by its writer instead, who alone knows whether any byte of it left (none: it
+// goes out again on a fresh connection, not counted as a retry).
 #include "connection.hpp"
 
 #include <poll.h>
@@ -20,6 +20,8 @@
 #include <system_error>
 #include <utility>
 #include <vector>
+
+#include "poll_then_block.hpp"
 
 namespace hsm::client {
 namespace {
@@ -38,6 +40,10 @@ std::string describe_errno(int error) {
 Error connection_error(const std::string& path, const std::string& what) {
   return Error(Errc::kConnectionFailed, "connection to " + path + " " + what);
 }
+
+// A caller reading for its answer looks up from poll() at least this often, to notice that its
+// call completed elsewhere (cancelled through its stop_token; its deadline is the poll's end).
+constexpr auto kCallerWaitSlice = std::chrono::milliseconds(10);
 
 int poll_timeout_ms(Clock::time_point deadline) {
   const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
@@ -94,7 +100,7 @@ Connection::Connection(UniqueFd fd, const ConnectionSettings& settings,
       attempt_ended_(attempt_ended),
       frames_(settings.response_limits, kReadChunkBytes) {}
 
-std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
+std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call, bool caller_reads) {
   std::uint32_t msgid = 0;
   {
     std::lock_guard lock(mutex_);
@@ -104,6 +110,9 @@ std::optional<Failure> Connection::send(const std::shared_ptr<Call>& call) {
       return Failure{connection_error(settings_.socket_path, "is closed"), Delivery::kNotSent};
     }
     msgid = pending_.add(call);
+  }
+  if (!caller_reads) {
+    reader_wanted_.notify_one();  // a sleeping reader thread has an answer to wait for
   }
   auto withdraw = [&](Failure failure) -> std::optional<Failure> {
     // When the entry is already gone the reader drained it and reports the call.
@@ -233,10 +242,16 @@ std::size_t Connection::pending_calls() {
 }
 
 void Connection::mark_broken() noexcept {
-  broken_.store(true, std::memory_order_release);
-  // Wakes the reader out of recv() (it then fails the pending calls) and any writer waiting in
-  // poll(). The descriptor itself stays open until the last owner lets go.
+  {
+    // Under the lock the reader thread checks must_read_locked() with, so it cannot miss it.
+    std::lock_guard lock(mutex_);
+    broken_.store(true, std::memory_order_release);
+  }
+  // Wakes whoever reads out of recv() or poll() (the reader then fails the pending calls) and
+  // any writer waiting in poll(), and a sleeping reader thread. The descriptor itself stays open
+  // until the last owner lets go.
   ::shutdown(fd_.get(), SHUT_RDWR);
+  reader_wanted_.notify_all();
 }
 
 void Connection::close() noexcept {
@@ -244,41 +259,100 @@ void Connection::close() noexcept {
 }
 
 void Connection::read_loop() noexcept {
+  for (;;) {
+    {
+      std::unique_lock lock(mutex_);
+      if (reader_ == Reader::kReaderThread && !must_read_locked()) {
+        reader_ = Reader::kNobody;  // nothing awaited: a synchronous caller may read for itself
+      }
+      reader_wanted_.wait(lock, [&] { return reader_ != Reader::kCaller && must_read_locked(); });
+      reader_ = Reader::kReaderThread;
+    }
+    if (!read_some(attempt_ended_, std::chrono::nanoseconds::zero(), Clock::time_point::max())) {
+      return;
+    }
+  }
+}
+
+bool Connection::read_until_answered(const Call& call, std::uint32_t msgid,
+                                     std::chrono::nanoseconds spin, const AttemptEnded& deliver) {
+  {
+    std::lock_guard lock(mutex_);
+    if (reader_ != Reader::kNobody) {
+      return false;
+    }
+    reader_ = Reader::kCaller;
+  }
+  const auto spin_end = Clock::now() + spin;
+  for (;;) {
+    {
+      std::lock_guard lock(mutex_);
+      if (!pending_.holds(msgid, &call) || !usable()) {
+        break;  // answered, withdrawn or failed; or the connection is ending (the thread reads on)
+      }
+    }
+    const auto now = Clock::now();
+    if (call.finished() || now >= call.deadline()) {
+      break;  // completed elsewhere, or its timer is about to fail it
+    }
+    const auto spin_left =
+        std::max(std::chrono::nanoseconds::zero(), std::chrono::nanoseconds(spin_end - now));
+    if (!read_some(deliver, spin_left, std::min(call.deadline(), now + kCallerWaitSlice))) {
+      break;
+    }
+  }
+  hand_back_read_turn();
+  return true;
+}
+
+void Connection::hand_back_read_turn() noexcept {
+  bool wake = false;
+  {
+    std::lock_guard lock(mutex_);
+    reader_ = Reader::kNobody;
+    wake = must_read_locked();
+  }
+  if (wake) {
+    reader_wanted_.notify_one();  // answers of other calls are still awaited
+  }
+}
+
+bool Connection::read_some(const AttemptEnded& deliver, std::chrono::nanoseconds spin,
+                           Clock::time_point until) {
   std::optional<Error> reason;  // built only when the connection ends (not on every read)
   try {
-    for (;;) {
-      std::span<char> space = frames_.prepare(kReadChunkBytes);
-      if (space.empty()) {
-        throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,
-                                   "an answer exceeds the client's max_response_bytes");
-      }
-      const ssize_t n = ::recv(fd_.get(), space.data(), space.size(), 0);
-      if (n < 0) {
-        const int error = errno;
-        if (error == EINTR) {
-          continue;
-        }
-        reason = connection_error(settings_.socket_path, "failed: " + describe_errno(error));
+    std::span<char> space = frames_.prepare(kReadChunkBytes);
+    if (space.empty()) {
+      throw protocol::FrameError(protocol::FrameErrorReason::kTooLarge,
+                                 "an answer exceeds the client's max_response_bytes");
+    }
+    const Received got = receive(fd_.get(), space, spin, until);
+    switch (got.kind) {
+      case Received::Kind::kNothing:
+        return true;
+      case Received::Kind::kFailed:
+        reason = connection_error(settings_.socket_path, "failed: " + describe_errno(got.error));
         break;
-      }
-      if (n == 0) {
+      case Received::Kind::kEnd:
         if (!usable()) {
           reason = connection_error(settings_.socket_path, "was closed");
         }
         break;
-      }
-      frames_.commit(static_cast<std::size_t>(n));
-      while (auto message = frames_.next()) {
-        dispatch(message->get());
-      }
+      case Received::Kind::kData:
+        frames_.commit(got.size);
+        while (auto message = frames_.next()) {
+          dispatch(message->get(), deliver);
+        }
+        return true;
     }
   } catch (...) {
     reason = read_failure();
   }
-  end(std::move(reason));
+  end(std::move(reason), deliver);
+  return false;
 }
 
-void Connection::end(std::optional<Error> reason) noexcept {
+void Connection::end(std::optional<Error> reason, const AttemptEnded& deliver) noexcept {
   // Built here, not by the reader up front: most connections never end while in use.
   Error why = reason ? std::move(*reason)
                      : connection_error(settings_.socket_path, "was closed by the agent");
@@ -286,17 +360,22 @@ void Connection::end(std::optional<Error> reason) noexcept {
   {
     std::lock_guard lock(mutex_);
     broken_.store(true, std::memory_order_release);
-    end_reason_ = why;
+    if (end_reason_) {
+      why = *end_reason_;  // a caller saw the end first; the reader thread only confirms it
+    } else {
+      end_reason_ = why;
+    }
     // A call whose request is still being written is failed by its writer (send()).
     orphans = pending_.take_all_written();
   }
   ::shutdown(fd_.get(), SHUT_RDWR);  // writers blocked in poll() see the end too
+  reader_wanted_.notify_all();       // a sleeping reader thread reads the stream's end and returns
   for (auto& call : orphans) {
-    attempt_ended_(call, Answer(why));
+    deliver(call, Answer(why));
   }
 }
 
-void Connection::dispatch(const msgpack::object& message) {
+void Connection::dispatch(const msgpack::object& message, const AttemptEnded& deliver) {
   const auto msgid = protocol::response_msgid(message);
   if (!msgid) {
     // The stream is framed correctly but the peer is not speaking the protocol: nothing it
@@ -322,7 +401,7 @@ void Connection::dispatch(const msgpack::object& message) {
                                              ": " + error.what());
     }
   }();
-  attempt_ended_(call, std::move(answer));
+  deliver(call, std::move(answer));
 }
 
 }  // namespace hsm::client

@@ -40,14 +40,17 @@
 // Cost: a Client owns threads and sockets. Make one per process (or per agent) and share it;
 // do not make one per request.
 //
-// Threads: a Client owns one reader thread per open connection, which reads every answer on
-// it, and one timer thread (deadlines, retries; started by the first call). Callbacks run on
-// one of these, never on a thread that made a call or requested a stop: on the reader thread of
-// the connection that carried the answer, or on the timer thread (timeouts, cancellations,
-// failures found before sending). A callback must not block (it holds up every answer on its
-// connection), must not call synchronous methods of the same Client, and must not destroy the
-// Client; it may start asynchronous calls.
-// Exceptions thrown by a callback are caught and dropped.
+// Threads: a Client owns one reader thread per open connection, which reads the answers on it,
+// and one timer thread (deadlines, retries; started by the first call). A synchronous caller
+// that finds nobody reading its connection reads there itself until its own answer is in
+// (answers of other calls it meets on the way go to their owners), so a lone synchronous caller
+// is answered without any thread being woken. Callbacks run on a client thread, never on a
+// thread that made a call or requested a stop: on the reader thread of the connection that
+// carried the answer, or on the timer thread (timeouts, cancellations, failures found before
+// sending, answers a synchronous caller read). A callback must not block (it holds up every answer
+// on its connection), must not call synchronous methods of the same Client, and must not destroy
+// the Client; it may start asynchronous calls. Exceptions thrown by a callback are caught and
+// dropped.
 //
 // Destruction: ~Client closes the connections and completes every call still pending with
 // connection_failed ("client closed") before it returns; callbacks still pending run then,
@@ -186,6 +189,17 @@ struct ClientOptions {
   std::size_t max_request_bytes = std::size_t{1024} * 1024;
   /// Largest response accepted; a bigger one closes the connection with protocol_error.
   std::size_t max_response_bytes = std::size_t{16} * 1024 * 1024;
+  /// Latency mode (docs/performance.md, "Latency mode"): a synchronous call that reads its own
+  /// answer polls the socket for up to this long before it blocks, which saves the kernel's
+  /// wake-up of the caller (tens of microseconds on many machines) at the price of the CPU
+  /// spent polling. Adaptive: while recent answers took longer than this on average, calls do
+  /// not poll at all. At most kMaxBusyPoll; 0 never polls. Unset: the environment variable
+  /// HSM_CLIENT_BUSY_POLL_US (which the Helm chart sets from client.busyPollMicros), else 0.
+  /// The constructor refuses a value out of range with invalid_params. Worth it on dedicated
+  /// cores with a fast local token, next to an agent started with --busy-poll-us; not on shared
+  /// or CPU-limited nodes.
+  std::optional<std::chrono::microseconds> busy_poll;
+  static constexpr std::chrono::microseconds kMaxBusyPoll{1000};
 };
 
 struct Capabilities {
@@ -312,6 +326,7 @@ class Client {
  public:
   /// Connects lazily: the first call opens the connection. Does not block.
   explicit Client(std::string socket_path);
+  /// Throws Error(invalid_params) for options out of range (busy_poll).
   explicit Client(ClientOptions options);
   ~Client();
   Client(const Client&) = delete;

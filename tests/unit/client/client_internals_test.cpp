@@ -267,3 +267,25 @@ TEST_CASE("a call past its deadline times out and leaves no pending entry", "[cl
   CHECK(outcome.error().errc() == hsm::Errc::kTimeout);
   CHECK(fixture.runner.pending_calls() == 0);
 }
+
+TEST_CASE("a lone synchronous caller reads its own answers, without waking the reader thread",
+          "[client][internals]") {
+  hsm::test::FakeAgent agent;  // answers every request at once
+  hsm::ClientOptions options;
+  options.socket_path = agent.socket_path();
+  hsm::client::CallRunner runner{options};
+  constexpr int kCalls = 20;
+  for (int i = 0; i < kCalls; ++i) {
+    hsm::protocol::Request request;
+    request.method = hsm::protocol::Method::kHealth;
+    auto call = std::make_shared<hsm::client::SyncCall<bool>>(
+        std::move(request), Clock::now() + 10s, true, [](hsm::protocol::Result&&) { return true; });
+    runner.start(call, {});
+    runner.read_answer_here(call);
+    CHECK(call->take().ok());
+  }
+  // Nothing wakes the reader thread while only this caller sends, so the caller finds the read
+  // turn free every time. The reader thread starting up with the first call may take that one.
+  CHECK(runner.caller_reads() >= kCalls - 1);
+  CHECK(runner.pending_calls() == 0);
+}

@@ -921,6 +921,58 @@ TEST_CASE("default_socket_path honours HSM_AGENT_SOCKET", "[client]") {
   }
 }
 
+TEST_CASE("latency mode: busy_poll is bounded, read from HSM_CLIENT_BUSY_POLL_US when unset",
+          "[client][busy_poll]") {
+  FakeAgent agent;
+  const char* saved = std::getenv("HSM_CLIENT_BUSY_POLL_US");
+  const std::optional<std::string> previous =
+      saved ? std::optional<std::string>(saved) : std::nullopt;
+  auto options = options_for(agent);
+
+  SECTION("the option beyond kMaxBusyPoll, or negative, is refused") {
+    options.busy_poll = hsm::ClientOptions::kMaxBusyPoll + 1us;
+    const auto too_long = error_of([&] { hsm::Client client(options); });
+    CHECK(too_long.errc() == hsm::Errc::kInvalidParams);
+    CHECK_THAT(too_long.message(), Catch::Contains("between 0 and 1000 us, not 1001"));
+    options.busy_poll = -1us;
+    CHECK(error_of([&] { hsm::Client client(options); }).errc() == hsm::Errc::kInvalidParams);
+  }
+  SECTION("a set option wins over the environment") {
+    ::setenv("HSM_CLIENT_BUSY_POLL_US", "not a number", 1);
+    options.busy_poll = 200us;
+    hsm::Client client(options);
+    CHECK(client.options().busy_poll == 200us);
+    CHECK(client.sign("k", std::string_view("polled")) == bytes_of("polled"));
+  }
+  SECTION("unset, the environment decides") {
+    ::setenv("HSM_CLIENT_BUSY_POLL_US", "50", 1);
+    hsm::Client client(options);
+    CHECK(client.options().busy_poll == 50us);
+    for (int i = 0; i < 20; ++i) {
+      const std::string data = "polled-" + std::to_string(i);
+      CHECK(client.sign("k", std::string_view(data)) == bytes_of(data));
+    }
+  }
+  SECTION("a bad environment value is refused and named") {
+    for (const char* bad : {"fifty", "50us", "-5", "5000", "99999999999999999999999"}) {
+      ::setenv("HSM_CLIENT_BUSY_POLL_US", bad, 1);
+      const auto error = error_of([&] { hsm::Client client(options); });
+      CHECK(error.errc() == hsm::Errc::kInvalidParams);
+      CHECK_THAT(error.message(), Catch::Contains("HSM_CLIENT_BUSY_POLL_US"));
+    }
+  }
+  SECTION("unset everywhere, latency mode is off") {
+    ::unsetenv("HSM_CLIENT_BUSY_POLL_US");
+    hsm::Client client(options);
+    CHECK(client.options().busy_poll == 0us);
+  }
+  if (previous) {
+    ::setenv("HSM_CLIENT_BUSY_POLL_US", previous->c_str(), 1);
+  } else {
+    ::unsetenv("HSM_CLIENT_BUSY_POLL_US");
+  }
+}
+
 TEST_CASE("an agent that stops reading cannot block a call past its deadline", "[client]") {
   // A listener that never accepts: connect() succeeds (the backlog), writes fill the socket
   // buffer and then block.

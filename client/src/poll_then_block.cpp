@@ -1,0 +1,90 @@
+#include "poll_then_block.hpp"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+
+namespace hsm::client {
+namespace {
+
+Received classify(ssize_t n) {
+  if (n > 0) {
+    return {Received::Kind::kData, static_cast<std::size_t>(n), 0};
+  }
+  if (n == 0) {
+    return {Received::Kind::kEnd, 0, 0};
+  }
+  return {Received::Kind::kFailed, 0, errno};
+}
+
+bool would_block(int error) {
+  return error == EAGAIN || error == EWOULDBLOCK || error == EINTR;
+}
+
+int poll_timeout_ms(Clock::time_point until) {
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()).count();
+  return static_cast<int>(std::clamp<std::chrono::milliseconds::rep>(left, 0, 60'000));
+}
+
+}  // namespace
+
+Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
+                 Clock::time_point until, ReceiveProbe* probe) noexcept {
+  if (spin > std::chrono::nanoseconds::zero()) {
+    const auto spin_end = Clock::now() + spin;
+    do {
+      if (probe != nullptr) ++probe->polls;
+      const Received got = classify(::recv(fd, space.data(), space.size(), MSG_DONTWAIT));
+      if (got.kind != Received::Kind::kFailed || !would_block(got.error)) {
+        return got;
+      }
+    } while (Clock::now() < spin_end);
+  }
+
+  if (probe != nullptr) {
+    ++probe->blocks;
+    if (probe->before_block) probe->before_block();
+  }
+  if (until == Clock::time_point::max()) {
+    for (;;) {
+      const Received got = classify(::recv(fd, space.data(), space.size(), 0));
+      if (got.kind != Received::Kind::kFailed || got.error != EINTR) {
+        return got;
+      }
+    }
+  }
+  for (;;) {
+    pollfd descriptor{fd, POLLIN, 0};
+    const int ready = ::poll(&descriptor, 1, poll_timeout_ms(until));
+    if (ready < 0 && errno != EINTR) {
+      return {Received::Kind::kFailed, 0, errno};
+    }
+    if (ready > 0) {
+      // Readable, closed or failed: recv() says which (POLLHUP still lets buffered bytes out).
+      const Received got = classify(::recv(fd, space.data(), space.size(), MSG_DONTWAIT));
+      if (got.kind != Received::Kind::kFailed || !would_block(got.error)) {
+        return got;
+      }
+    }
+    if (Clock::now() >= until) {
+      return {};
+    }
+  }
+}
+
+std::chrono::nanoseconds SpinBudget::next() const noexcept {
+  return share_.load(std::memory_order_relaxed) >= kWhole / 2 ? cap_
+                                                              : std::chrono::nanoseconds::zero();
+}
+
+void SpinBudget::record(Clock::duration answer_time) noexcept {
+  if (cap_ == std::chrono::nanoseconds::zero()) {
+    return;
+  }
+  const std::int32_t sample = answer_time <= cap_ ? kWhole : 0;
+  const std::int32_t share = share_.load(std::memory_order_relaxed);
+  share_.store(share + (sample - share) / 8, std::memory_order_relaxed);
+}
+
+}  // namespace hsm::client
