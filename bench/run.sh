@@ -345,14 +345,15 @@ run_scenario() {  # scenario module with_floor levels...
       record "$scenario" "$level" agent "${binary[hsmctl]}" --socket "$agent_socket" --json \
         bench "$kid" --connections "$connections" --depth "$depth" --duration "$duration_s" \
         --warmup "$warmup_s" --server-pid "$agent_pid"
-      # Latency mode: the same load on the polling agents (on the slow module at 1 only).
+      # Latency mode: the same load on the polling agents, with the client polling for the same
+      # budget (both sides of the socket; on the slow module at 1 only).
       local n
       if ((with_floor || level == 1)); then
         for n in "${busy_polls[@]}"; do
           record "$scenario" "$level" "agent_poll$n" "${binary[hsmctl]}" \
             --socket "${poll_agents[$n]}" --json bench "$kid" --connections "$connections" \
             --depth "$depth" --duration "$duration_s" --warmup "$warmup_s" \
-            --server-pid "${poll_agent_pids[$n]}"
+            --server-pid "${poll_agent_pids[$n]}" --busy-poll-us "$n"
         done
       fi
       P11_KIT_SERVER_ADDRESS=$p11kit_address record "$scenario" "$level" p11kit \
@@ -651,8 +652,7 @@ lines += [
     "the agent load above, against direct's c threads with a session each"]
 
 # Latency mode (issue 21): the agents started with --busy-poll-us N next to the one without, on
-# the same load. The client does not poll yet (ClientOptions::busy_poll is still to come), so
-# these rows show the agent side alone.
+# the same load, each measured by an hsmctl bench whose calls poll for N us too (both sides).
 latency = []
 latency_lines = []
 for (scenario, level), modes in rows.items():
@@ -702,8 +702,8 @@ for (scenario, level), modes in rows.items():
                              f" | x{fmt(entry['over_off'], '.2f')} of off" +
                              (f" | {marks}" if marks else ""))
 if latency_lines:
-    lines += ["", "latency mode (issue 21): agents with --busy-poll-us N beside the one without, "
-              "same load; the client does not poll yet",
+    lines += ["", "latency mode (issue 21): agent --busy-poll-us N and client busy_poll N beside "
+              "both off, same load; CPU/sig includes what polling burns",
               f"  {'scenario':<14} {'conc':>4} {'mode':<14} | {'sig/s':>8} {'p50':>7} {'p99':>7}  | "
               f"{'CPU/sig: client + srv':>23}"]
     lines += latency_lines

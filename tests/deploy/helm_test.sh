@@ -445,6 +445,15 @@ run "agent.busyPollMicros=50 renders --busy-poll-us=50" \
   bash -c '"$@" | grep -q -- "- --busy-poll-us=50$"' _ "$helm" template t "$chart" -f "$demo_values" \
   --set agent.busyPollMicros=50
 refuse "schema caps agent.busyPollMicros at 1000" 'busyPollMicros' --set agent.busyPollMicros=5000
+# The client side: hsm-sidecar.appEnv gives the app HSM_CLIENT_BUSY_POLL_US, and only when set.
+run "client.busyPollMicros=200 gives the app HSM_CLIENT_BUSY_POLL_US=200" \
+  bash -c '"$@" | grep -A1 -- "- name: HSM_CLIENT_BUSY_POLL_US" | grep -q "value: \"200\""' _ \
+  "$helm" template t "$chart" -f "$demo_values" --set client.busyPollMicros=200
+run "no client.busyPollMicros: the app's environment has the socket and no latency mode" \
+  bash -c 'out=$("$@") && grep -q "name: HSM_AGENT_SOCKET" <<<"$out" && ! grep -q HSM_CLIENT_BUSY_POLL_US <<<"$out"' _ \
+  "$helm" template t "$chart" -f "$demo_values"
+refuse "schema caps client.busyPollMicros at 1000" 'busyPollMicros' --set client.busyPollMicros=1001
+refuse "schema refuses unknown client settings" 'client' --set client.busyPoll=5
 must_fail "copyFromImage without an image is refused" 'copyFromImage.image' \
   "$helm" template t "$chart" -f "$here/values/minimal.yaml" --set module.copyFromImage.image=
 

@@ -15,6 +15,8 @@ dependency's name) or .Values.hsmSidecar (an alias) when called from a parent ch
   hsm-sidecar.container          list item: the sidecar container alone
   hsm-sidecar.volumes            list items: every pod volume the sidecar needs
   hsm-sidecar.appVolumeMounts    list item: the socket mount for an app container
+  hsm-sidecar.appEnv             list items: the environment of an app container (the socket
+                                 path; hsm::client's latency mode when client.busyPollMicros)
   hsm-sidecar.podSecurityContext map: the pod securityContext (fsGroup shares the socket)
   hsm-sidecar.podAnnotations     map: a checksum that restarts the pods when the policy changes
   hsm-sidecar.socketPath         string: the socket path, for the app's configuration
@@ -48,6 +50,9 @@ Private templates (leading underscore) take (dict "v" <sidecar values> "root" <r
 {{- end -}}
 {{- define "hsm-sidecar.appVolumeMounts" -}}
 {{- include "hsm-sidecar.dispatch" (dict "tpl" "appVolumeMounts" "root" .) -}}
+{{- end -}}
+{{- define "hsm-sidecar.appEnv" -}}
+{{- include "hsm-sidecar.dispatch" (dict "tpl" "appEnv" "root" .) -}}
 {{- end -}}
 {{- define "hsm-sidecar.podSecurityContext" -}}
 {{- include "hsm-sidecar.dispatch" (dict "tpl" "podSecurityContext" "root" .) -}}
@@ -418,6 +423,16 @@ numeric flags are one table.
 - name: hsm-socket
   mountPath: {{ .v.agent.socket.dir }}
   readOnly: true
+{{- end -}}
+
+{{- define "hsm-sidecar._appEnv" -}}
+- name: HSM_AGENT_SOCKET
+  value: {{ include "hsm-sidecar._socketPath" . | quote }}
+{{- $client := .v.client | default dict }}
+{{- if not (kindIs "invalid" $client.busyPollMicros) }}
+- name: HSM_CLIENT_BUSY_POLL_US
+  value: {{ include "hsm-sidecar._number" $client.busyPollMicros | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "hsm-sidecar._podSecurityContext" -}}
