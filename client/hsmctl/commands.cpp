@@ -645,8 +645,8 @@ int run_hsmctl(std::span<const std::string> args, std::ostream& out, std::ostrea
       return static_cast<int>(ExitCode::kUsage);
     } catch (const hsm::Error& error) {
       report_error(options.json, error, err);
-      return static_cast<int>(error.code() == kConnectionFailed ? ExitCode::kCannotConnect
-                                                                : ExitCode::kAgentError);
+      return static_cast<int>(error.errc() == Errc::kConnectionFailed ? ExitCode::kCannotConnect
+                                                                      : ExitCode::kAgentError);
     } catch (const std::exception& error) {
       err << "hsmctl: " << error.what() << '\n';
       return static_cast<int>(ExitCode::kAgentError);

@@ -99,7 +99,7 @@ std::shared_ptr<const HsmKey> fetch_key(ProviderContext& provider, const KeyUri&
   try {
     answer = provider.client(uri.socket)->get_public_key(uri.kid);
   } catch (const hsm::Error& error) {
-    if (error.code() == "not_found") {
+    if (error.errc() == hsm::Errc::kNotFound) {
       provider.raise(kReasonAgent, "no key 'hsm:%s' on hsm-agent at %s: %s", uri.kid.c_str(),
                      (uri.socket.empty() ? provider.default_socket() : uri.socket).c_str(),
                      error.what());

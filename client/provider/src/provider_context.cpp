@@ -119,7 +119,7 @@ void ProviderContext::raise(int reason, const char* format, ...) const {
 void ProviderContext::raise_agent_error(const hsm::Error& error, const std::string& what,
                                         const std::string& socket_path) const {
   const std::string& socket = socket_path.empty() ? default_socket_ : socket_path;
-  if (error.code() == hsm::kConnectionFailed || error.code() == hsm::kTimeout) {
+  if (error.errc() == hsm::Errc::kConnectionFailed || error.errc() == hsm::Errc::kTimeout) {
     raise(kReasonUnreachable, "%s: no answer from hsm-agent at %s: %s", what.c_str(),
           socket.c_str(), error.what());
   } else {
