@@ -97,7 +97,9 @@ void CallRunner::read_answer_here(const std::shared_ptr<Call>& call) {
     return;
   }
   const auto started = Clock::now();
-  if (!connection->read_until_answered(*call, in_flight->msgid, spin_.next(), deliver_on_caller_)) {
+  const SpinBudget::Lease polling = spin_.lease();
+  if (!connection->read_until_answered(*call, in_flight->msgid, polling.spin(),
+                                       deliver_on_caller_)) {
     return;  // another thread reads the connection: it wakes the caller
   }
   caller_reads_.fetch_add(1, std::memory_order_relaxed);

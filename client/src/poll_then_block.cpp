@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <thread>
 
 namespace hsm::client {
 namespace {
@@ -73,9 +74,18 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
   }
 }
 
-std::chrono::nanoseconds SpinBudget::next() const noexcept {
-  return share_.load(std::memory_order_relaxed) >= kWhole / 2 ? cap_
-                                                              : std::chrono::nanoseconds::zero();
+SpinBudget::SpinBudget(std::chrono::microseconds cap, unsigned max_pollers) noexcept
+    : cap_(cap),
+      pollers_(std::clamp<std::ptrdiff_t>(
+          max_pollers != 0 ? max_pollers : std::thread::hardware_concurrency() / 2, 1,
+          kMostPollers)) {}
+
+SpinBudget::Lease SpinBudget::lease() noexcept {
+  if (cap_ == std::chrono::nanoseconds::zero() ||
+      share_.load(std::memory_order_relaxed) < kWhole / 2 || !pollers_.try_acquire()) {
+    return Lease(nullptr, std::chrono::nanoseconds::zero());
+  }
+  return Lease(this, cap_);
 }
 
 void SpinBudget::record(Clock::duration answer_time) noexcept {

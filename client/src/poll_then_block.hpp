@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <semaphore>
 #include <span>
 
 #include "timer_queue.hpp"  // Clock
@@ -54,15 +55,39 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
 /// spinning per call). It keeps a moving average of how many answers came within the cap (each
 /// answer moves it by an eighth), and polls while that share is at least a half: one slow answer
 /// does not switch polling off, a slow token does within a few calls, and since answers keep
-/// being timed while it is off, polling comes back when the token is fast again. Thread-safe
-/// (samples of concurrent callers may overwrite each other, which only makes the average a
-/// little coarser).
+/// being timed while it is off, polling comes back when the token is fast again.
+///
+/// And at most half the machine's cores (at least one caller) poll at once: callers that spin
+/// on every core leave none for the agent and the app, and everybody is slower (measured in
+/// docs/performance.md, "Latency mode"). Thread-safe (samples of concurrent callers may
+/// overwrite each other, which only makes the average a little coarser).
 class SpinBudget {
  public:
-  /// `cap` zero: never polls.
-  explicit SpinBudget(std::chrono::microseconds cap) noexcept : cap_(cap) {}
+  /// The right to poll for one call, and for how long; given back when it goes.
+  class Lease {
+   public:
+    ~Lease() {
+      if (owner_ != nullptr) owner_->pollers_.release();
+    }
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    Lease(Lease&&) = delete;
+    Lease& operator=(Lease&&) = delete;
+    [[nodiscard]] std::chrono::nanoseconds spin() const noexcept { return spin_; }
 
-  [[nodiscard]] std::chrono::nanoseconds next() const noexcept;
+   private:
+    friend class SpinBudget;
+    Lease(SpinBudget* owner, std::chrono::nanoseconds spin) noexcept : owner_(owner), spin_(spin) {}
+    SpinBudget* owner_;
+    std::chrono::nanoseconds spin_;
+  };
+
+  /// `cap` zero: never polls. `max_pollers`: 0 for half the cores (at least 1).
+  explicit SpinBudget(std::chrono::microseconds cap, unsigned max_pollers = 0) noexcept;
+
+  /// The budget for the next call: the cap, or nothing while answers are slow or enough
+  /// callers poll already.
+  [[nodiscard]] Lease lease() noexcept;
   /// How long a call's answer took, from its request leaving to its answer read.
   void record(Clock::duration answer_time) noexcept;
   /// The share of recent answers that came within the cap, 0 to 1.
@@ -72,8 +97,10 @@ class SpinBudget {
 
  private:
   static constexpr std::int32_t kWhole = 1 << 16;  // fixed point: kWhole is a share of 1
+  static constexpr std::ptrdiff_t kMostPollers = 1024;
   const std::chrono::nanoseconds cap_;
   std::atomic<std::int32_t> share_{kWhole};  // optimistic: the first calls find out
+  std::counting_semaphore<kMostPollers> pollers_;
 };
 
 }  // namespace hsm::client

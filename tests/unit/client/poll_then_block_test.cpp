@@ -142,21 +142,34 @@ TEST_CASE("the polling budget follows what answers take, never above its cap",
           "[client][poll_then_block]") {
   SECTION("a zero cap never polls") {
     SpinBudget budget(0us);
-    CHECK(budget.next() == 0ns);
+    CHECK(budget.lease().spin() == 0ns);
     budget.record(1us);
-    CHECK(budget.next() == 0ns);
+    CHECK(budget.lease().spin() == 0ns);
   }
   SECTION("fast answers keep the cap; a slow token switches polling off, and back on") {
     SpinBudget budget(100us);
-    CHECK(budget.next() == 100us);  // no sample yet: the first calls find out
+    CHECK(budget.lease().spin() == 100us);  // no sample yet: the first calls find out
     for (int i = 0; i < 20; ++i) budget.record(20us);
-    CHECK(budget.next() == 100us);
+    CHECK(budget.lease().spin() == 100us);
     budget.record(2ms);  // one slow answer does not switch it off ...
-    CHECK(budget.next() == 100us);
+    CHECK(budget.lease().spin() == 100us);
     for (int i = 0; i < 20; ++i) budget.record(2ms);  // ... a slow token does
     CHECK(budget.share_within_cap() < 0.5);
-    CHECK(budget.next() == 0ns);
+    CHECK(budget.lease().spin() == 0ns);
     for (int i = 0; i < 60; ++i) budget.record(20us);  // samples go on while it is off
-    CHECK(budget.next() == 100us);
+    CHECK(budget.lease().spin() == 100us);
+  }
+  SECTION("no more callers poll at once than allowed; a lease given back frees its place") {
+    SpinBudget budget(100us, 2);
+    {
+      const SpinBudget::Lease first = budget.lease();
+      const SpinBudget::Lease second = budget.lease();
+      const SpinBudget::Lease third = budget.lease();
+      CHECK(first.spin() == 100us);
+      CHECK(second.spin() == 100us);
+      CHECK(third.spin() == 0ns);  // waits for its answer without polling
+    }
+    const SpinBudget::Lease again = budget.lease();
+    CHECK(again.spin() == 100us);
   }
 }
