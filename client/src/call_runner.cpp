@@ -4,6 +4,8 @@
 #include <string>
 #include <utility>
 
+#include "hsm/common/preemptions.hpp"
+
 namespace hsm::client {
 namespace {
 
@@ -98,9 +100,14 @@ void CallRunner::read_answer_here(const std::shared_ptr<Call>& call) {
   }
   const auto started = Clock::now();
   const SpinBudget::Lease polling = spin_.lease();
+  const bool spins = polling.spin() > std::chrono::nanoseconds::zero();
+  const std::uint64_t preempted_before = spins ? common::thread_preemptions() : 0;
   if (!connection->read_until_answered(*call, in_flight->msgid, polling.spin(),
                                        deliver_on_caller_)) {
     return;  // another thread reads the connection: it wakes the caller
+  }
+  if (spins && common::thread_preemptions() != preempted_before) {
+    spin_.preempted();  // every core is busy: polling would take one from work
   }
   caller_reads_.fetch_add(1, std::memory_order_relaxed);
   if (call->finished()) {

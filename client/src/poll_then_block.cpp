@@ -74,18 +74,27 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
   }
 }
 
-SpinBudget::SpinBudget(std::chrono::microseconds cap, unsigned max_pollers) noexcept
+SpinBudget::SpinBudget(std::chrono::microseconds cap, unsigned max_pollers,
+                       Clock::duration pause) noexcept
     : cap_(cap),
+      pause_(pause),
       pollers_(std::clamp<std::ptrdiff_t>(
           max_pollers != 0 ? max_pollers : std::thread::hardware_concurrency() / 2, 1,
           kMostPollers)) {}
 
 SpinBudget::Lease SpinBudget::lease() noexcept {
   if (cap_ == std::chrono::nanoseconds::zero() ||
-      share_.load(std::memory_order_relaxed) < kWhole / 2 || !pollers_.try_acquire()) {
+      share_.load(std::memory_order_relaxed) < kWhole / 2 ||
+      Clock::now().time_since_epoch().count() < paused_until_.load(std::memory_order_relaxed) ||
+      !pollers_.try_acquire()) {
     return Lease(nullptr, std::chrono::nanoseconds::zero());
   }
   return Lease(this, cap_);
+}
+
+void SpinBudget::preempted() noexcept {
+  paused_until_.store((Clock::now() + pause_).time_since_epoch().count(),
+                      std::memory_order_relaxed);
 }
 
 void SpinBudget::record(Clock::duration answer_time) noexcept {

@@ -59,8 +59,10 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
 ///
 /// And at most half the machine's cores (at least one caller) poll at once: callers that spin
 /// on every core leave none for the agent and the app, and everybody is slower (measured in
-/// docs/performance.md, "Latency mode"). Thread-safe (samples of concurrent callers may
-/// overwrite each other, which only makes the average a little coarser).
+/// docs/performance.md, "Latency mode"). A caller that was preempted while it polled (the
+/// kernel took its core: every core is busy) stops everyone's polling for a pause (50 ms), for
+/// the same reason. Thread-safe (samples of concurrent callers may overwrite each other, which
+/// only makes the average a little coarser).
 class SpinBudget {
  public:
   /// The right to poll for one call, and for how long; given back when it goes.
@@ -82,14 +84,19 @@ class SpinBudget {
     std::chrono::nanoseconds spin_;
   };
 
+  static constexpr std::chrono::milliseconds kPauseAfterPreemption{50};
+
   /// `cap` zero: never polls. `max_pollers`: 0 for half the cores (at least 1).
-  explicit SpinBudget(std::chrono::microseconds cap, unsigned max_pollers = 0) noexcept;
+  explicit SpinBudget(std::chrono::microseconds cap, unsigned max_pollers = 0,
+                      Clock::duration pause = kPauseAfterPreemption) noexcept;
 
   /// The budget for the next call: the cap, or nothing while answers are slow or enough
   /// callers poll already.
   [[nodiscard]] Lease lease() noexcept;
   /// How long a call's answer took, from its request leaving to its answer read.
   void record(Clock::duration answer_time) noexcept;
+  /// A caller was preempted while it held a lease: nobody polls until the pause has passed.
+  void preempted() noexcept;
   /// The share of recent answers that came within the cap, 0 to 1.
   [[nodiscard]] double share_within_cap() const noexcept {
     return static_cast<double>(share_.load(std::memory_order_relaxed)) / kWhole;
@@ -99,7 +106,9 @@ class SpinBudget {
   static constexpr std::int32_t kWhole = 1 << 16;  // fixed point: kWhole is a share of 1
   static constexpr std::ptrdiff_t kMostPollers = 1024;
   const std::chrono::nanoseconds cap_;
+  const Clock::duration pause_;
   std::atomic<std::int32_t> share_{kWhole};  // optimistic: the first calls find out
+  std::atomic<Clock::rep> paused_until_{0};  // since the clock's epoch
   std::counting_semaphore<kMostPollers> pollers_;
 };
 

@@ -6,8 +6,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <functional>
 #include <thread>
 
 #include "server/uv_handle.hpp"
@@ -16,6 +18,12 @@ namespace {
 
 using namespace std::chrono_literals;
 using hsm::agent::BusyPollLoop;
+
+// A stand-in for the thread's preemption count, which the tests move themselves.
+std::atomic<std::uint64_t> fake_preemptions{0};
+std::uint64_t read_fake_preemptions() {
+  return fake_preemptions.load();
+}
 
 // A loop reading one end of a socket pair; each read is progress and stops the run.
 struct Reader {
@@ -55,20 +63,24 @@ struct Reader {
     CHECK(uv_loop_close(&loop) == 0);
   }
 
-  // Runs until the first read, with `writer` writing a byte after `delay`.
-  void run_until_read(BusyPollLoop& runner, std::chrono::milliseconds delay, bool may_poll = true) {
+  // Runs until the first read, with `writer` writing a byte after `delay` (and running
+  // `before_write` just before).
+  void run_until_read(BusyPollLoop& runner, std::chrono::milliseconds delay, bool may_poll = true,
+                      const std::function<void()>& before_write = {}) {
     bool written = false;  // Catch2's assertions are for the test's thread only
     std::thread writer([&] {
       std::this_thread::sleep_for(delay);
+      if (before_write) before_write();
       written = ::write(peer, "x", 1) == 1;
     });
     stop = false;
+    const std::uint64_t reads_before = reads;
     const int alive =
         runner.run([&] { return stop; }, [&] { return reads; }, [&] { return may_poll; });
     writer.join();
     REQUIRE(written);
     CHECK(alive != 0);
-    CHECK(reads == 1);
+    CHECK(reads == reads_before + 1);
   }
 };
 
@@ -116,4 +128,27 @@ TEST_CASE("busy poll: the loop's end returns 0 without polling on", "[busy_poll]
   BusyPollLoop runner(loop, 10s);
   CHECK(runner.run([] { return false; }, [] { return 0; }, [] { return true; }) == 0);
   CHECK(uv_loop_close(&loop) == 0);
+}
+
+TEST_CASE("busy poll: a thread preempted between two answers stops polling for a pause",
+          "[busy_poll]") {
+  Reader reader;
+  BusyPollLoop runner(reader.loop, 10s, &read_fake_preemptions, 1h);
+  SECTION("not preempted: the next wait polls again") {
+    reader.run_until_read(runner, 20ms);
+    CHECK(runner.pauses() == 0);
+    const auto polls = runner.polls();
+    reader.run_until_read(runner, 20ms);
+    CHECK(runner.polls() > polls);
+    CHECK(runner.blocks() == 0);
+  }
+  SECTION("preempted: the next wait blocks at once") {
+    // The kernel took the core while the first request was on its way.
+    reader.run_until_read(runner, 20ms, true, [] { ++fake_preemptions; });
+    CHECK(runner.pauses() == 1);
+    const auto polls = runner.polls();
+    reader.run_until_read(runner, 20ms);
+    CHECK(runner.polls() == polls);  // paused ...
+    CHECK(runner.blocks() >= 1);     // ... so it slept until the byte came
+  }
 }

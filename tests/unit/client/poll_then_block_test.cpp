@@ -172,4 +172,13 @@ TEST_CASE("the polling budget follows what answers take, never above its cap",
     const SpinBudget::Lease again = budget.lease();
     CHECK(again.spin() == 100us);
   }
+  SECTION("a caller preempted while it polled stops everyone's polling for a pause") {
+    SpinBudget paused(100us, 2, 1h);
+    CHECK(paused.lease().spin() == 100us);
+    paused.preempted();
+    CHECK(paused.lease().spin() == 0ns);
+    SpinBudget resumed(100us, 2, 0ns);
+    resumed.preempted();
+    CHECK(resumed.lease().spin() == 100us);  // a pause of 0 is over at once
+  }
 }
