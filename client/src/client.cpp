@@ -310,16 +310,6 @@ class Client::Impl {
 // ---- Client -------------------------------------------------------------------------------------
 
 namespace {
-ClientOptions with_socket_path(std::string socket_path) {
-  ClientOptions options;
-  options.socket_path = std::move(socket_path);
-  return options;
-}
-}  // namespace
-
-Client::Client(std::string socket_path) : Client(with_socket_path(std::move(socket_path))) {}
-namespace {
-
 /// ClientOptions::busy_poll resolved: the option, else HSM_CLIENT_BUSY_POLL_US, else 0; out of
 /// range is invalid_params (a typo in a pod spec must not pass silently).
 ClientOptions checked(ClientOptions options) {
@@ -350,8 +340,14 @@ ClientOptions checked(ClientOptions options) {
   return options;
 }
 
+ClientOptions with_socket_path(std::string socket_path) {
+  ClientOptions options;
+  options.socket_path = std::move(socket_path);
+  return options;
+}
 }  // namespace
 
+Client::Client(std::string socket_path) : Client(with_socket_path(std::move(socket_path))) {}
 Client::Client(ClientOptions options)
     : impl_(std::make_unique<Impl>(checked(std::move(options)))) {}
 Client::~Client() = default;

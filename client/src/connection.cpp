@@ -45,11 +45,6 @@ Error connection_error(const std::string& path, const std::string& what) {
 // call completed elsewhere (cancelled through its stop_token; its deadline is the poll's end).
 constexpr auto kCallerWaitSlice = std::chrono::milliseconds(10);
 
-int poll_timeout_ms(Clock::time_point deadline) {
-  const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
-  return static_cast<int>(std::clamp<std::chrono::milliseconds::rep>(left, 0, 60'000));
-}
-
 Answer to_answer(protocol::Response&& response) {
   if (auto* error = std::get_if<protocol::Error>(&response.body)) {
     return Error(std::string(protocol::to_string(error->code)), error->message,

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <optional>
 #include <thread>
 
 namespace hsm::client {
@@ -23,12 +24,21 @@ bool would_block(int error) {
   return error == EAGAIN || error == EWOULDBLOCK || error == EINTR;
 }
 
-int poll_timeout_ms(Clock::time_point until) {
-  const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()).count();
-  return static_cast<int>(std::clamp<std::chrono::milliseconds::rep>(left, 0, 60'000));
+/// A non-blocking recv(): nullopt when nothing is there yet.
+std::optional<Received> receive_now(int fd, std::span<char> space) {
+  const Received got = classify(::recv(fd, space.data(), space.size(), MSG_DONTWAIT));
+  if (got.kind == Received::Kind::kFailed && would_block(got.error)) {
+    return std::nullopt;
+  }
+  return got;
 }
 
 }  // namespace
+
+int poll_timeout_ms(Clock::time_point until) noexcept {
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - Clock::now()).count();
+  return static_cast<int>(std::clamp<std::chrono::milliseconds::rep>(left, 0, 60'000));
+}
 
 Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
                  Clock::time_point until, ReceiveProbe* probe) noexcept {
@@ -36,9 +46,8 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
     const auto spin_end = Clock::now() + spin;
     do {
       if (probe != nullptr) ++probe->polls;
-      const Received got = classify(::recv(fd, space.data(), space.size(), MSG_DONTWAIT));
-      if (got.kind != Received::Kind::kFailed || !would_block(got.error)) {
-        return got;
+      if (auto got = receive_now(fd, space)) {
+        return *got;
       }
     } while (Clock::now() < spin_end);
   }
@@ -63,9 +72,8 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
     }
     if (ready > 0) {
       // Readable, closed or failed: recv() says which (POLLHUP still lets buffered bytes out).
-      const Received got = classify(::recv(fd, space.data(), space.size(), MSG_DONTWAIT));
-      if (got.kind != Received::Kind::kFailed || !would_block(got.error)) {
-        return got;
+      if (auto got = receive_now(fd, space)) {
+        return *got;
       }
     }
     if (Clock::now() >= until) {

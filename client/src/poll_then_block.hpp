@@ -35,6 +35,10 @@ struct Received {
   int error = 0;
 };
 
+/// Milliseconds from now until `until`, rounded up, for poll(): 0 when it has passed, at most
+/// a minute (a longer wait just looks again).
+[[nodiscard]] int poll_timeout_ms(Clock::time_point until) noexcept;
+
 /// What receive() did, for tests and the benchmark: how often it asked the socket without
 /// waiting while it polled, and how often it went on to block. `before_block` (tests) runs each
 /// time the polling budget is spent, just before the thread blocks.

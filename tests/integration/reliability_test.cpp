@@ -53,10 +53,12 @@ hsm::protocol::Request sign_request(std::uint32_t msgid, const std::string& kid,
 
 // An agent behind the fault module, with one ES256 key and its public key.
 struct FaultyAgent {
-  /// `module_env`: extra environment of the agent, for the fault module (HSM_FAULT_*).
+  /// `checks`: how often the module re-reads its rules; `module_env`: more of the agent's
+  /// environment for the module (HSM_FAULT_*).
   FaultyAgent(std::vector<std::string> agent_args, const std::string& kid,
+              FaultModule::RuleChecks checks = FaultModule::RuleChecks::kEveryMillisecond,
               const std::map<std::string, std::string>& module_env = {})
-      : env([&] {
+      : faults(checks), env([&] {
           auto options = faults.agent_options(std::move(agent_args));
           options.env.insert(module_env.begin(), module_env.end());
           return options;
@@ -606,11 +608,9 @@ TEST_CASE("deadline_exceeded arrives at the deadline, idle and under load, queue
   // it is running in the token, waiting for a session or waiting for a worker.
   // The rule is in place before the agent starts (nothing at start signs), and the module
   // reads its rules on every call: no sign can slip through before the rule is seen.
-  FaultModule faults;
+  FaultModule faults(FaultModule::RuleChecks::kEveryCall);
   faults.set("C_Sign delay_ms=2500");
-  auto options = faults.agent_options({"--sessions", "2", "--max-sessions", "2"});
-  options.env["HSM_FAULT_POLL_US"] = "0";
-  RunningAgent env(std::move(options));
+  RunningAgent env(faults.agent_options({"--sessions", "2", "--max-sessions", "2"}));
   env.client.generate_key("slow");
 
   SECTION("idle: one request at a time, at several timeouts") {
@@ -775,7 +775,7 @@ TEST_CASE(
   // The fault module plays a token that allows 4 sessions and refuses a fifth, as real HSMs do:
   // one is the login's anchor, so the pool may open 3 and must learn that from C_GetTokenInfo.
   FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limited",
-                    {{"HSM_FAULT_MAX_SESSIONS", "4"}});
+                    FaultModule::RuleChecks::kEveryMillisecond, {{"HSM_FAULT_MAX_SESSIONS", "4"}});
   auto& [faults, env, pub] = agent;
   CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 3);
   faults.set("C_Sign delay_ms=100");
@@ -798,7 +798,7 @@ TEST_CASE(
   // re-reads, a C_OpenSession that raced the re-read of another thread still opened a third
   // session (seen in CI, and again with the agent's latency mode on a loaded machine).
   FaultyAgent agent({"--sessions", "2", "--max-sessions", "16"}, "limit",
-                    {{"HSM_FAULT_POLL_US", "0"}});
+                    FaultModule::RuleChecks::kEveryCall);
   auto& [faults, env, pub] = agent;
   CHECK(metric(env.agent, "hsm_agent_sessions_limit") == 16);
   faults.set("C_OpenSession rv=CKR_SESSION_COUNT\nC_Sign delay_ms=100");
