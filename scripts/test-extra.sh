@@ -42,7 +42,7 @@ if [[ "${HSM_TEST_SANITIZERS:-1}" == "1" ]]; then
   # against a real agent.
   build/tsan/tests/integration/integration_tests
   build/tsan/tests/integration/reliability_tests
-  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[blocking_pool],[uv_handle],[heap_trimmer],[busy_poll]"  # the agent's threads
+  build/tsan/tests/unit/agent/agent_unit_tests "[concurrency],[blocking_pool],[uv_handle],[heap_trimmer],[busy_poll],[object_changes]"  # the agent's threads
   build/tsan/tests/unit/policy/policy_unit_tests "[concurrency]"  # SIGHUP reload vs. requests
   build/tsan/tests/unit/client/client_unit_tests
   build/tsan/tests/unit/client/client_agent_tests  # 16 threads on one Client, agent restarts

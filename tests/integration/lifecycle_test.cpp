@@ -58,7 +58,7 @@ TEST_CASE("--help documents every flag", "[lifecycle]") {
   for (const char* flag :
        {"--module", "--token-label", "--slot-index", "--pin-file", "--socket", "--socket-mode",
         "--metrics-listen", "--read-only", "--sessions", "--max-sessions", "--session-idle-timeout",
-        "--max-message-bytes", "--log-level"}) {
+        "--max-message-bytes", "--log-level", "--object-changes"}) {
     CHECK(result.out.find(flag) != std::string::npos);
   }
   CHECK(result.out.find("HSM_AGENT_MODULE") != std::string::npos);
@@ -132,6 +132,11 @@ TEST_CASE("start-up failures are one clear line and a non-zero exit", "[lifecycl
   SECTION("--max-sessions below --sessions") {
     args.insert(args.end(), {"--sessions", "8", "--max-sessions", "4"});
     expect = "--max-sessions (4) is below --sessions (8)";
+    code = 2;
+  }
+  SECTION("--object-changes not one of its modes") {
+    args.insert(args.end(), {"--object-changes", "sometimes"});
+    expect = "--object-changes";
     code = 2;
   }
   SECTION("unknown flag") {

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
+#include <map>
 
 namespace hsm::agent {
 namespace {
@@ -70,7 +71,11 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   std::size_t request_timeout_ms = 5000;
   std::size_t idle_timeout_s = 300, shutdown_timeout_s = 10, probe_interval_s = 10;
   unsigned read_timeout_s = 10, busy_poll_us = 0;
-  std::string pin_file, policy, socket_group;
+  std::string pin_file, policy, socket_group, object_changes = "auto";
+  const std::map<std::string, ObjectChanges> object_change_modes = {
+      {"auto", ObjectChanges::kAuto},
+      {"serialized", ObjectChanges::kSerialized},
+      {"concurrent", ObjectChanges::kConcurrent}};
 
   add_option(app, "--module", module, "PKCS#11 module (shared library) to load")->required();
   auto* label_opt = add_option(app, "--token-label", token_label, "token to use, by label");
@@ -100,6 +105,11 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
       ->check(CLI::Range(std::size_t{1}, std::size_t{3600}));
   add_flag(app, "--read-only", config.hsm.read_only,
            "read-only sessions: generate_key and delete_key are refused");
+  add_option(app, "--object-changes", object_changes,
+             "whether key generation and deletion run alone, apart from signing and lookups; "
+             "auto: for tokens whose library needs it (SoftHSMv2)")
+      ->capture_default_str()
+      ->check(CLI::IsMember(object_change_modes));
   add_option(app, "--sessions", sessions,
              "PKCS#11 sessions opened at start and kept open when idle")
       ->capture_default_str()
@@ -222,6 +232,7 @@ ParsedCommandLine parse_config(int argc, const char* const* argv) {
   // Unless given, the ceiling is at least the idle minimum (--sessions 100 alone is valid).
   config.hsm.max_sessions = std::max(max_sessions, sessions);
   config.hsm.session_idle_timeout = std::chrono::seconds(session_idle_timeout_s);
+  config.hsm.object_changes = object_change_modes.at(object_changes);
   config.socket_mode = parse_socket_mode(socket_mode);
   if (!socket_group.empty()) config.socket_group = socket_group;
   if (!pin_file.empty()) config.pin_file = pin_file;

@@ -417,12 +417,21 @@ bool KeyStore::remove(pkcs11::Session& session, const std::string& kid) {
 std::vector<KeyEntryPtr> KeyStore::list(pkcs11::Session& session) {
   CK_OBJECT_CLASS private_class = CKO_PRIVATE_KEY;
   CK_ATTRIBUTE by_class = pkcs11::scalar_attribute(CKA_CLASS, private_class);
+  // A key deleted while the list is read is left out: its handle is then invalid
+  // (CKR_OBJECT_HANDLE_INVALID), which is an answer about that key, not a fault of the listing.
+  auto deleted_meanwhile = [](const pkcs11::Pkcs11Error& e) {
+    return e.rv() == CKR_OBJECT_HANDLE_INVALID;
+  };
   std::set<std::string> kids;
   for (const CK_OBJECT_HANDLE handle :
        session.find_objects(std::span(&by_class, 1), kMaxListedKeys)) {
-    auto label = attribute_bytes(session, handle, CKA_LABEL);
-    if (!label || !is_valid_kid(*label)) continue;
-    kids.emplace(label->begin(), label->end());
+    try {
+      auto label = attribute_bytes(session, handle, CKA_LABEL);
+      if (!label || !is_valid_kid(*label)) continue;
+      kids.emplace(label->begin(), label->end());
+    } catch (const pkcs11::Pkcs11Error& e) {
+      if (!deleted_meanwhile(e)) throw;
+    }
   }
   std::vector<KeyEntryPtr> keys;
   keys.reserve(kids.size());
@@ -433,6 +442,9 @@ std::vector<KeyEntryPtr> KeyStore::list(pkcs11::Session& session) {
       spdlog::debug("list_keys skips '{}': {}", kid, e.what());
     } catch (const std::invalid_argument& e) {
       spdlog::debug("list_keys skips '{}': {}", kid, e.what());
+    } catch (const pkcs11::Pkcs11Error& e) {
+      if (!deleted_meanwhile(e)) throw;
+      spdlog::debug("list_keys skips '{}': deleted while the list was read", kid);
     }
   }
   return keys;  // std::set iterated in order: sorted by kid

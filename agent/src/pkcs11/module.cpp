@@ -13,7 +13,7 @@ namespace hsm::agent::pkcs11 {
 namespace {
 
 constexpr std::array<std::string_view, kFunctionCount> kFunctionNames = {
-#define HSM_PKCS11_NAME(member, enumerator) #member,
+#define HSM_PKCS11_NAME(member, enumerator, access) #member,
     HSM_PKCS11_FUNCTIONS(HSM_PKCS11_NAME)
 #undef HSM_PKCS11_NAME
 };

@@ -32,6 +32,7 @@
 #include <string_view>
 
 #include "pkcs11/error.hpp"
+#include "pkcs11/object_change_gate.hpp"
 #include "pkcs11/stats.hpp"
 
 namespace prometheus {
@@ -41,39 +42,45 @@ class Histogram;
 
 namespace hsm::agent::pkcs11 {
 
-// The PKCS#11 functions the agent calls: (member of CK_FUNCTION_LIST, enumerator). One list
-// drives the enum, the metric label and the member lookup, so a new call is one line here.
-#define HSM_PKCS11_FUNCTIONS(X)              \
-  X(C_Initialize, kInitialize)               \
-  X(C_Finalize, kFinalize)                   \
-  X(C_GetSlotList, kGetSlotList)             \
-  X(C_GetTokenInfo, kGetTokenInfo)           \
-  X(C_GetMechanismList, kGetMechanismList)   \
-  X(C_GetMechanismInfo, kGetMechanismInfo)   \
-  X(C_OpenSession, kOpenSession)             \
-  X(C_CloseSession, kCloseSession)           \
-  X(C_GetSessionInfo, kGetSessionInfo)       \
-  X(C_Login, kLogin)                         \
-  X(C_Logout, kLogout)                       \
-  X(C_FindObjectsInit, kFindObjectsInit)     \
-  X(C_FindObjects, kFindObjects)             \
-  X(C_FindObjectsFinal, kFindObjectsFinal)   \
-  X(C_GetAttributeValue, kGetAttributeValue) \
-  X(C_GenerateKeyPair, kGenerateKeyPair)     \
-  X(C_DestroyObject, kDestroyObject)         \
-  X(C_SignInit, kSignInit)                   \
-  X(C_Sign, kSign)                           \
-  X(C_VerifyInit, kVerifyInit)               \
-  X(C_Verify, kVerify)
+/// What a PKCS#11 function does to token objects, for ObjectChangeGate: kNone (slot, session
+/// and mechanism calls), kReads (finds, attribute reads, sign and verify with a key) or
+/// kChanges (creates or destroys objects).
+enum class ObjectAccess : std::uint8_t { kNone, kReads, kChanges };
+
+// The PKCS#11 functions the agent calls: (member of CK_FUNCTION_LIST, enumerator, what it does
+// to token objects). One list drives the enum, the metric label, the member lookup and the
+// gate, so a new call is one line here.
+#define HSM_PKCS11_FUNCTIONS(X)                      \
+  X(C_Initialize, kInitialize, kNone)                \
+  X(C_Finalize, kFinalize, kNone)                    \
+  X(C_GetSlotList, kGetSlotList, kNone)              \
+  X(C_GetTokenInfo, kGetTokenInfo, kNone)            \
+  X(C_GetMechanismList, kGetMechanismList, kNone)    \
+  X(C_GetMechanismInfo, kGetMechanismInfo, kNone)    \
+  X(C_OpenSession, kOpenSession, kNone)              \
+  X(C_CloseSession, kCloseSession, kNone)            \
+  X(C_GetSessionInfo, kGetSessionInfo, kNone)        \
+  X(C_Login, kLogin, kNone)                          \
+  X(C_Logout, kLogout, kNone)                        \
+  X(C_FindObjectsInit, kFindObjectsInit, kReads)     \
+  X(C_FindObjects, kFindObjects, kReads)             \
+  X(C_FindObjectsFinal, kFindObjectsFinal, kReads)   \
+  X(C_GetAttributeValue, kGetAttributeValue, kReads) \
+  X(C_GenerateKeyPair, kGenerateKeyPair, kChanges)   \
+  X(C_DestroyObject, kDestroyObject, kChanges)       \
+  X(C_SignInit, kSignInit, kReads)                   \
+  X(C_Sign, kSign, kReads)                           \
+  X(C_VerifyInit, kVerifyInit, kReads)               \
+  X(C_Verify, kVerify, kReads)
 
 enum class Function : std::uint8_t {
-#define HSM_PKCS11_ENUM(member, enumerator) enumerator,
+#define HSM_PKCS11_ENUM(member, enumerator, access) enumerator,
   HSM_PKCS11_FUNCTIONS(HSM_PKCS11_ENUM)
 #undef HSM_PKCS11_ENUM
 };
 
 inline constexpr std::size_t kFunctionCount = 0
-#define HSM_PKCS11_COUNT(member, enumerator) +1
+#define HSM_PKCS11_COUNT(member, enumerator, access) +1
     HSM_PKCS11_FUNCTIONS(HSM_PKCS11_COUNT)
 #undef HSM_PKCS11_COUNT
     ;
@@ -88,10 +95,11 @@ inline constexpr std::array<Function, 2> kTimedFunctions = {Function::kSignInit,
 
 template <Function F>
 struct FunctionTraits;
-#define HSM_PKCS11_TRAITS(member, enumerator)                  \
-  template <>                                                  \
-  struct FunctionTraits<Function::enumerator> {                \
-    static constexpr auto kMember = &CK_FUNCTION_LIST::member; \
+#define HSM_PKCS11_TRAITS(member, enumerator, access)                   \
+  template <>                                                           \
+  struct FunctionTraits<Function::enumerator> {                         \
+    static constexpr auto kMember = &CK_FUNCTION_LIST::member;          \
+    static constexpr ObjectAccess kObjectAccess = ObjectAccess::access; \
   };
 HSM_PKCS11_FUNCTIONS(HSM_PKCS11_TRAITS)
 #undef HSM_PKCS11_TRAITS
@@ -151,6 +159,14 @@ class Module {
     fail(F, rv);
   }
 
+  /// Keeps calls that create or destroy token objects apart from those that read them
+  /// (ObjectChangeGate), for a library that is not safe there (SoftHSMv2). Off by default.
+  /// Only before the Module is used from more than one thread: the setting is not synchronised.
+  void serialize_object_changes(bool on) noexcept { serialize_object_changes_ = on; }
+  [[nodiscard]] bool serializes_object_changes() const noexcept {
+    return serialize_object_changes_;
+  }
+
   [[nodiscard]] const std::string& path() const noexcept { return library_->path(); }
   /// What this module's calls, and the Token and SessionPool over it, record.
   [[nodiscard]] Pkcs11Stats& stats() const noexcept { return stats_; }
@@ -159,8 +175,26 @@ class Module {
   // The single place a PKCS#11 function is entered: counts the call in
   // pkcs11_calls_total{function} and times it into pkcs11_call_duration_seconds{function} when
   // the function has a histogram. Counting errors and throwing happen in fail().
+  // When object changes are serialised, the call runs under the gate; the time it waited there
+  // is the agent's, not the token's, and is not in the histogram.
   template <Function F, typename... Args>
   [[nodiscard]] CK_RV invoke(Args... args) const {
+    constexpr ObjectAccess kAccess = FunctionTraits<F>::kObjectAccess;
+    if constexpr (kAccess == ObjectAccess::kChanges) {
+      if (serialize_object_changes_) {
+        const auto alone = gate_.change();
+        return timed<F>(args...);
+      }
+    } else if constexpr (kAccess == ObjectAccess::kReads) {
+      if (serialize_object_changes_) {
+        const auto shared = gate_.read();
+        return timed<F>(args...);
+      }
+    }
+    return timed<F>(args...);
+  }
+  template <Function F, typename... Args>
+  [[nodiscard]] CK_RV timed(Args... args) const {
     const auto start = std::chrono::steady_clock::now();
     const CK_RV rv = (functions_->*FunctionTraits<F>::kMember)(args...);
     observe(F, std::chrono::steady_clock::now() - start);
@@ -174,6 +208,8 @@ class Module {
   Pkcs11Stats& stats_;
   CK_FUNCTION_LIST_PTR functions_ = nullptr;
   bool finalize_on_destruction_ = false;
+  bool serialize_object_changes_ = false;
+  mutable ObjectChangeGate gate_;
   // Cached, one per function; a duration is nullptr for a function without a histogram.
   std::array<prometheus::Counter*, kFunctionCount> calls_{};
   std::array<prometheus::Histogram*, kFunctionCount> durations_{};

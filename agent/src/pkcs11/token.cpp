@@ -132,6 +132,10 @@ CK_SLOT_ID find_slot(const Module& module, const TokenSelector& selector) {
   throw StartupError("no token selected: give a token label or a slot index");
 }
 
+bool needs_serialized_object_changes(const protocol::TokenDescription& token) {
+  return token.model == "SoftHSM v2";
+}
+
 Token::Token(const Module& module, const TokenSelector& selector, const SecretString& pin,
              bool read_only)
     : module_(module),

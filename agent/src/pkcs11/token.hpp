@@ -55,6 +55,11 @@ struct TokenSelector {
 /// The slot chosen by `selector`. Throws StartupError listing the tokens that were found.
 [[nodiscard]] CK_SLOT_ID find_slot(const Module& module, const TokenSelector& selector);
 
+/// Whether the token's library is known to break when token objects are created while other
+/// threads read objects (ObjectChangeGate): SoftHSMv2 (model "SoftHSM v2"), every version so
+/// far (SoftHSMv2 issue 573).
+[[nodiscard]] bool needs_serialized_object_changes(const protocol::TokenDescription& token);
+
 /// A fixed-width, blank-padded PKCS#11 string field as a trimmed std::string.
 [[nodiscard]] std::string trim_field(const unsigned char* field, std::size_t size);
 

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -44,6 +45,8 @@ class Session;
 }  // namespace pkcs11
 
 /// Everything needed to open the token. The PIN is moved in and wiped by its owner.
+enum class ObjectChanges : std::uint8_t { kAuto, kSerialized, kConcurrent };
+
 struct HsmConfig {
   std::string module_path;                 // the vendor's PKCS#11 library (dlopen'ed)
   std::optional<std::string> token_label;  // matched against present tokens, trimmed
@@ -57,6 +60,10 @@ struct HsmConfig {
   unsigned sessions = 4;
   unsigned max_sessions = 64;
   std::chrono::milliseconds session_idle_timeout{30000};
+  /// Whether calls that create or destroy token objects (generate_key, delete_key) run alone,
+  /// apart from the calls that read objects (pkcs11/object_change_gate.hpp): kAuto does so for
+  /// the tokens known to need it (SoftHSMv2, pkcs11::needs_serialized_object_changes).
+  ObjectChanges object_changes = ObjectChanges::kAuto;
 };
 
 /// Startup failed in a way an operator must fix (module missing, token not found, PIN wrong).

@@ -10,6 +10,7 @@
 #include "metrics/agent_metrics.hpp"
 #include "pkcs11/error.hpp"
 #include "pkcs11/module.hpp"
+#include "pkcs11/token.hpp"
 
 namespace hsm::agent {
 namespace {
@@ -27,6 +28,7 @@ TokenState::TokenState(HsmConfig config, AgentMetrics& metrics)
       selector_{config.token_label, config.slot_index},
       pin_(std::move(config.pin)),
       read_only_(config.read_only),
+      object_changes_(config.object_changes),
       pool_options_{.min_sessions = config.sessions,
                     .max_sessions = config.max_sessions,
                     .idle_timeout = config.session_idle_timeout} {}
@@ -64,6 +66,19 @@ std::unique_ptr<TokenGeneration> TokenState::build_generation() {
   generation->module = std::make_unique<pkcs11::Module>(library_, metrics_.pkcs11);
   generation->token =
       std::make_unique<pkcs11::Token>(*generation->module, selector_, pin_, read_only_);
+  // Decided before any session is shared between threads (the setting is not synchronised).
+  const bool serialize =
+      object_changes_ == ObjectChanges::kSerialized ||
+      (object_changes_ == ObjectChanges::kAuto &&
+       pkcs11::needs_serialized_object_changes(generation->token->description()));
+  generation->module->serialize_object_changes(serialize);
+  if (serialize && generation->number == 1) {
+    spdlog::info(
+        "token '{}' ({}): key generation and deletion run alone, apart from signing and "
+        "lookups (--object-changes={})",
+        generation->token->description().label, generation->token->description().model,
+        object_changes_ == ObjectChanges::kAuto ? "auto" : "serialized");
+  }
   generation->pool =
       std::make_unique<pkcs11::SessionPool>(*generation->token, pool_options_, metrics_.pkcs11);
   // open() probes the mechanisms first and adds the KeyStore itself.

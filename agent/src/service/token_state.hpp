@@ -181,6 +181,7 @@ class TokenState {
   const pkcs11::TokenSelector selector_;
   const SecretString pin_;  // kept only to log in again after a re-initialisation
   const bool read_only_;
+  const ObjectChanges object_changes_;
   const pkcs11::SessionPoolOptions pool_options_;
   std::unique_ptr<keys::AlgorithmSupport> support_;  // set by open(), then immutable
   protocol::TokenDescription description_;           // set by open(), then immutable

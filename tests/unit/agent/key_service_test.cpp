@@ -6,10 +6,13 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <mutex>
 #include <thread>
 
 #include "fixtures/openssl_check.hpp"
 #include "keys/algorithm.hpp"
+#include "pkcs11/module.hpp"
+#include "pkcs11/token.hpp"
 #include "service_fixture.hpp"
 
 using namespace hsm::agent;
@@ -482,4 +485,89 @@ TEST_CASE("every alg: list_keys and get_jwks report the generated alg, also afte
   // A fresh agent reads the alg back from the token alone.
   OpenService restarted(token);
   check_listing(restarted);
+}
+
+TEST_CASE("keys made and deleted while other threads sign and look keys up: every call succeeds",
+          "[service][keys][object_changes]") {
+  // SoftHSMv2 2.6.1 (Debian bookworm) re-reads its token directory on object access and can
+  // pick up a key's object file while another thread is still creating it (SoftHSMv2 issue
+  // 573): C_GenerateKeyPair then fails with CKR_TEMPLATE_INCONSISTENT or CKR_GENERAL_ERROR.
+  // The agent serialises object changes on such a token; this is the load that shows it.
+  SoftHsmToken token("object-changes");
+  OpenService svc(token, {.read_only = false, .sessions = 4});
+  svc.generate("steady", "ES256");
+  const Bytes payload = bytes_of("payload");
+  constexpr int kKeys = 40;
+  std::atomic<bool> done{false};
+  std::atomic<int> made{0};
+  std::vector<std::string> failures;
+  std::mutex failures_mutex;
+  auto record = [&](const Outcome& outcome, const std::string& what) {
+    if (const auto* error = std::get_if<protocol::Error>(&outcome)) {
+      std::lock_guard lock(failures_mutex);
+      failures.push_back(what + ": " + error->message);
+    }
+  };
+  auto run = [&](protocol::Method method, protocol::Params params) {
+    protocol::Request request;
+    request.method = method;
+    request.params = std::move(params);
+    return svc.service().execute(request,
+                                 std::chrono::steady_clock::now() + std::chrono::seconds(30));
+  };
+  std::vector<std::thread> threads;
+  threads.emplace_back([&] {  // the key maker: generate, then delete every other one
+    for (int i = 0; i < kKeys; ++i) {
+      const std::string kid = "made-" + std::to_string(i);
+      record(run(Method::kGenerateKey, protocol::GenerateKeyParams{kid, "ES256", std::nullopt}),
+             "generate " + kid);
+      made.store(i + 1);
+      if (i % 2 == 1) {
+        record(run(Method::kDeleteKey, protocol::KidParams{kid}), "delete " + kid);
+      }
+    }
+    done.store(true);
+  });
+  for (int t = 0; t < 3; ++t) {
+    threads.emplace_back([&, t] {  // signers, and readers of the newest keys
+      while (!done.load()) {
+        record(run(Method::kSign, sign_params("steady", payload, std::nullopt)), "sign steady");
+        const int newest = made.load() - 1;
+        if (t == 0 && newest >= 0 && newest % 2 == 0) {
+          record(run(Method::kGetPublicKey, protocol::KidParams{"made-" + std::to_string(newest)}),
+                 "get_public_key");
+        }
+        if (t == 1) record(run(Method::kListKeys, protocol::EmptyParams{}), "list_keys");
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (const auto& failure : failures) UNSCOPED_INFO(failure);
+  CHECK(failures.empty());
+  // Every kept key is there exactly once, and no deleted one is left behind.
+  const auto listed = svc.ok<protocol::ListKeysResult>(Method::kListKeys, protocol::EmptyParams{});
+  CHECK(listed.keys.size() == 1 + kKeys / 2);
+}
+
+TEST_CASE("object changes run alone on SoftHSMv2 by default, and as configured",
+          "[service][object_changes]") {
+  protocol::TokenDescription softhsm{
+      .label = "t", .manufacturer = "SoftHSM project", .model = "SoftHSM v2", .serial = "1"};
+  protocol::TokenDescription other{
+      .label = "t", .manufacturer = "Vendor", .model = "HSM 7", .serial = "1"};
+  CHECK(pkcs11::needs_serialized_object_changes(softhsm));
+  CHECK_FALSE(pkcs11::needs_serialized_object_changes(other));
+
+  SoftHsmToken token("gate-setting");
+  const std::pair<ObjectChanges, bool> settings[] = {{ObjectChanges::kAuto, true},
+                                                     {ObjectChanges::kSerialized, true},
+                                                     {ObjectChanges::kConcurrent, false}};
+  for (const auto& [setting, serialized] : settings) {
+    OpenService svc(token, {.object_changes = setting});
+    const auto generation = svc.token_state().acquire();
+    REQUIRE(generation != nullptr);
+    CHECK(generation->module->serializes_object_changes() == serialized);
+    // Either way the service works.
+    svc.generate("k" + std::to_string(static_cast<int>(setting)), "ES256");
+  }
 }

@@ -24,6 +24,7 @@ HsmConfig config_for(const hsm::test::SoftHsmToken& token, const ServiceOptions&
   config.read_only = options.read_only;
   config.sessions = options.sessions;
   config.max_sessions = options.max_sessions != 0 ? options.max_sessions : options.sessions;
+  config.object_changes = options.object_changes;
   return config;
 }
 

@@ -23,6 +23,7 @@ struct ServiceOptions {
   unsigned sessions = 2;
   unsigned max_sessions = 0;                       // 0: same as sessions (a fixed pool)
   std::string module = hsm::test::kSoftHsmModule;  // or HSM_FAULT_MODULE (fault_fixture.hpp)
+  ObjectChanges object_changes = ObjectChanges::kAuto;
 };
 
 /// The HsmConfig that opens `token` by label with its user PIN.
