@@ -4,8 +4,6 @@
 #include <string>
 #include <utility>
 
-#include "hsm/common/preemptions.hpp"
-
 namespace hsm::client {
 namespace {
 
@@ -100,15 +98,11 @@ void CallRunner::read_answer_here(const std::shared_ptr<Call>& call) {
   }
   const auto started = Clock::now();
   const SpinBudget::Lease polling = spin_.lease();
-  const bool spins = polling.spin() > std::chrono::nanoseconds::zero();
-  const std::uint64_t preempted_before = spins ? common::thread_preemptions() : 0;
   if (!connection->read_until_answered(*call, in_flight->msgid, polling.spin(),
                                        deliver_on_caller_)) {
     return;  // another thread reads the connection: it wakes the caller
   }
-  if (spins && common::thread_preemptions() != preempted_before) {
-    spin_.preempted();  // every core is busy: polling would take one from work
-  }
+  polling.end_poll();
   caller_reads_.fetch_add(1, std::memory_order_relaxed);
   if (call->finished()) {
     spin_.record(Clock::now() - started);

@@ -90,6 +90,17 @@ SpinBudget::SpinBudget(std::chrono::microseconds cap, unsigned max_pollers,
           max_pollers != 0 ? max_pollers : std::thread::hardware_concurrency() / 2, 1,
           kMostPollers)) {}
 
+SpinBudget::Lease::Lease(SpinBudget* owner, std::chrono::nanoseconds spin) noexcept
+    : owner_(owner),
+      spin_(spin),
+      preemptions_before_(owner != nullptr ? common::thread_preemptions() : 0) {}
+
+void SpinBudget::Lease::end_poll() const noexcept {
+  if (owner_ != nullptr && common::thread_preemptions() != preemptions_before_) {
+    owner_->preempted();  // every core is busy: polling would take one from work
+  }
+}
+
 SpinBudget::Lease SpinBudget::lease() noexcept {
   if (cap_ == std::chrono::nanoseconds::zero() ||
       share_.load(std::memory_order_relaxed) < kWhole / 2 ||

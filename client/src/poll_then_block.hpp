@@ -18,6 +18,7 @@
 #include <semaphore>
 #include <span>
 
+#include "hsm/common/preemptions.hpp"
 #include "timer_queue.hpp"  // Clock
 
 namespace hsm::client {
@@ -64,9 +65,9 @@ Received receive(int fd, std::span<char> space, std::chrono::nanoseconds spin,
 /// And at most half the machine's cores (at least one caller) poll at once: callers that spin
 /// on every core leave none for the agent and the app, and everybody is slower (measured in
 /// docs/performance.md, "Latency mode"). A caller that was preempted while it polled (the
-/// kernel took its core: every core is busy) stops everyone's polling for a pause (50 ms), for
-/// the same reason. Thread-safe (samples of concurrent callers may overwrite each other, which
-/// only makes the average a little coarser).
+/// kernel took its core: every core is busy) stops everyone's polling for a pause
+/// (common::kPauseAfterPreemption), for the same reason. Thread-safe (samples of concurrent callers
+/// may overwrite each other, which only makes the average a little coarser).
 class SpinBudget {
  public:
   /// The right to poll for one call, and for how long; given back when it goes.
@@ -80,19 +81,21 @@ class SpinBudget {
     Lease(Lease&&) = delete;
     Lease& operator=(Lease&&) = delete;
     [[nodiscard]] std::chrono::nanoseconds spin() const noexcept { return spin_; }
+    /// The poll is over: when this thread was preempted since the lease began, nobody polls
+    /// for a pause (SpinBudget::preempted()). Nothing for a lease without a spin.
+    void end_poll() const noexcept;
 
    private:
     friend class SpinBudget;
-    Lease(SpinBudget* owner, std::chrono::nanoseconds spin) noexcept : owner_(owner), spin_(spin) {}
+    Lease(SpinBudget* owner, std::chrono::nanoseconds spin) noexcept;
     SpinBudget* owner_;
     std::chrono::nanoseconds spin_;
+    std::uint64_t preemptions_before_ = 0;  // the thread's count when the lease began
   };
-
-  static constexpr std::chrono::milliseconds kPauseAfterPreemption{50};
 
   /// `cap` zero: never polls. `max_pollers`: 0 for half the cores (at least 1).
   explicit SpinBudget(std::chrono::microseconds cap, unsigned max_pollers = 0,
-                      Clock::duration pause = kPauseAfterPreemption) noexcept;
+                      Clock::duration pause = common::kPauseAfterPreemption) noexcept;
 
   /// The budget for the next call: the cap, or nothing while answers are slow or enough
   /// callers poll already.

@@ -9,8 +9,8 @@
 // while `may_poll()` says no other work needs the CPU; each stretch of idle polling ends at the
 // budget, counted from the last progress, and then the loop blocks. And when the thread was
 // preempted between two answers (the kernel took its core: every core is busy), it does not
-// poll for a pause (50 ms): on a machine without an idle core, each microsecond spent polling
-// is taken from signing (measured: two busy connections on two cores lost 43 % at 200 µs).
+// poll for a pause (common::kPauseAfterPreemption): on a machine without an idle core, each
+// microsecond spent polling is taken from signing.
 #pragma once
 
 #include <uv.h>
@@ -27,11 +27,10 @@ class BusyPollLoop {
   using Clock = std::chrono::steady_clock;
   /// The calling thread's involuntary context switches (tests count their own).
   using Preemptions = std::uint64_t (*)();
-  static constexpr std::chrono::milliseconds kPauseAfterPreemption{50};
 
   BusyPollLoop(uv_loop_t& loop, std::chrono::microseconds budget,
                Preemptions preemptions = &common::thread_preemptions,
-               Clock::duration pause = kPauseAfterPreemption)
+               Clock::duration pause = common::kPauseAfterPreemption)
       : loop_(loop), budget_(budget), preemptions_(preemptions), pause_(pause) {}
 
   [[nodiscard]] std::chrono::microseconds budget() const noexcept { return budget_; }

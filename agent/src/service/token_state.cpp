@@ -75,9 +75,8 @@ std::unique_ptr<TokenGeneration> TokenState::build_generation() {
   if (serialize && generation->number == 1) {
     spdlog::info(
         "token '{}' ({}): key generation and deletion run alone, apart from signing and "
-        "lookups (--object-changes={})",
-        generation->token->description().label, generation->token->description().model,
-        object_changes_ == ObjectChanges::kAuto ? "auto" : "serialized");
+        "lookups (--object-changes)",
+        generation->token->description().label, generation->token->description().model);
   }
   generation->pool =
       std::make_unique<pkcs11::SessionPool>(*generation->token, pool_options_, metrics_.pkcs11);
